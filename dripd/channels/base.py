@@ -1,0 +1,84 @@
+"""The Channel protocol every provider implements, and the send error taxonomy.
+
+    ChannelError             the message was not sent (a DripdError)
+    ├── TransientError       retry later: network, timeouts, SMTP 4xx, HTTP 429/5xx, disk full
+    └── PermanentError       do not retry: SMTP 5xx, invalid recipient, bad configuration
+
+Providers translate their library's errors into these at the one place they call it,
+with `raise … from exc`. Messages never contain credentials.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from dripd.errors import DripdError
+
+__all__ = [
+    "Channel",
+    "ChannelError",
+    "Message",
+    "PermanentError",
+    "Receipt",
+    "TransientError",
+]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Message:
+    """One rendered message, ready for a channel to deliver."""
+
+    execution_id: uuid.UUID
+    idempotency_key: str
+    message_id: str
+    channel: str
+    to: str
+    subject: str | None = None
+    text: str | None = None
+    html: str | None = None
+    body: str | None = None
+    sender: str | None = None
+    headers: Mapping[str, str] = field(default_factory=dict)
+    metadata: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Receipt:
+    """What the provider acknowledged for one accepted message."""
+
+    provider_message_id: str | None = None
+
+
+class ChannelError(DripdError):
+    """The channel could not send the message."""
+
+    code = "channel"
+
+
+class TransientError(ChannelError):
+    """The channel failed for now; the send may succeed if retried later."""
+
+    code = "transient"
+
+
+class PermanentError(ChannelError):
+    """The channel refused the message; retrying will not help."""
+
+    code = "permanent"
+
+
+class Channel(Protocol):
+    """A connected provider that delivers messages of one or more channels."""
+
+    provider: str
+
+    async def send(self, message: Message) -> Receipt:
+        """Deliver `message`, or raise TransientError or PermanentError."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release connections and files; the channel is not used afterwards."""
+        ...

@@ -1,0 +1,1 @@
+"""Conditions: the `when` predicate language on transitions (`expr`) and the hooks it reads."""

@@ -1,0 +1,191 @@
+"""The TOML configuration: msgspec Structs, defaults built in, unknown keys refused."""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+
+from dripd.errors import ConfigError
+from dripd.model import parse_duration
+
+DEFAULT_PATH = Path("/etc/dripd/dripd.toml")
+
+
+class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    def _duration(self, name: str) -> timedelta:
+        return parse_duration(getattr(self, name), where=f"{type(self).__name__.lower()}.{name}")
+
+
+class Database(_Section):
+    dsn: str = ""
+    pool_min: int = 2
+    pool_max: int = 10
+    connect_timeout: str = "10s"
+
+
+class Worker(_Section):
+    batch_size: int = 500
+    concurrency: int = 200
+    lease: str = "5m"
+    poll_interval: str = "30s"
+    max_attempts: int = 5
+    retry_base: str = "30s"
+    retry_max: str = "1h"
+    record_linger: str = "20ms"
+    shutdown_timeout: str = "30s"
+    stats_interval: str = "10s"
+
+
+class Control(_Section):
+    socket: str = "/run/dripd/control.sock"
+    mode: str = "0660"
+
+
+class Http(_Section):
+    listen: str = "127.0.0.1:8025"
+    enabled: bool = True
+
+
+class Log(_Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["json", "console"] = "json"
+
+
+class Email(_Section):
+    message_id_domain: str = "dripd.local"
+
+
+class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    database: Database = msgspec.field(default_factory=Database)
+    worker: Worker = msgspec.field(default_factory=Worker)
+    control: Control = msgspec.field(default_factory=Control)
+    http: Http = msgspec.field(default_factory=Http)
+    log: Log = msgspec.field(default_factory=Log)
+    email: Email = msgspec.field(default_factory=Email)
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    # Durations, parsed once.
+    @property
+    def lease(self) -> timedelta:
+        return self.worker._duration("lease")
+
+    @property
+    def poll_interval(self) -> timedelta:
+        return self.worker._duration("poll_interval")
+
+    @property
+    def retry_base(self) -> timedelta:
+        return self.worker._duration("retry_base")
+
+    @property
+    def retry_max(self) -> timedelta:
+        return self.worker._duration("retry_max")
+
+    @property
+    def record_linger(self) -> timedelta:
+        return self.worker._duration("record_linger")
+
+    @property
+    def shutdown_timeout(self) -> timedelta:
+        return self.worker._duration("shutdown_timeout")
+
+    @property
+    def stats_interval(self) -> timedelta:
+        return self.worker._duration("stats_interval")
+
+    @property
+    def connect_timeout(self) -> timedelta:
+        return self.database._duration("connect_timeout")
+
+    @property
+    def http_host_port(self) -> tuple[str, int]:
+        return parse_listen(self.http.listen, where="http.listen")
+
+
+def _positive(value: int, where: str) -> None:
+    if value <= 0:
+        raise ConfigError(f"{where}: must be a positive integer, got {value}")
+
+
+def _validate(cfg: Config) -> None:
+    _positive(cfg.database.pool_min, "database.pool_min")
+    _positive(cfg.database.pool_max, "database.pool_max")
+    if cfg.database.pool_min > cfg.database.pool_max:
+        raise ConfigError("database.pool_min: must not exceed database.pool_max")
+    _positive(cfg.worker.batch_size, "worker.batch_size")
+    _positive(cfg.worker.concurrency, "worker.concurrency")
+    _positive(cfg.worker.max_attempts, "worker.max_attempts")
+    for name in ("lease", "poll_interval", "retry_base", "retry_max", "record_linger",
+                 "shutdown_timeout", "stats_interval"):
+        cfg.worker._duration(name)
+    cfg.database._duration("connect_timeout")
+    if cfg.lease < timedelta(seconds=1):
+        raise ConfigError("worker.lease: must be at least 1s")
+    if not re.fullmatch(r"0?[0-7]{3}", cfg.control.mode):
+        raise ConfigError(f"control.mode: {cfg.control.mode!r} is not an octal file mode like \"0660\"")
+    if cfg.http.enabled:
+        parse_listen(cfg.http.listen, where="http.listen")
+    if not re.fullmatch(r"[A-Za-z0-9.-]+", cfg.email.message_id_domain):
+        raise ConfigError("email.message_id_domain: must be a host name")
+
+
+def parse_listen(text: str, *, where: str) -> tuple[str, int]:
+    """Split `"127.0.0.1:8025"` (or `"[::1]:8025"`) into host and port."""
+    match = re.fullmatch(r"\[?([^\]]*?)\]?:(\d{1,5})", text)
+    if match is None or not 0 <= int(match.group(2)) <= 65535:
+        raise ConfigError(f"{where}: {text!r} is not a \"host:port\" address")
+    return match.group(1), int(match.group(2))
+
+
+def _path_of(error: msgspec.ValidationError) -> str:
+    message = str(error)
+    match = re.search(r"at `\$\.?(.*)`$", message)
+    return match.group(1) if match else ""
+
+
+def load(path: Path | None = None, *, env: dict[str, str] | None = None) -> Config:
+    """Load the configuration: `path`, else `$DRIPD_CONFIG`, else /etc/dripd/dripd.toml, else defaults.
+
+    `DRIPD_DSN` from the environment overrides `database.dsn`.
+    """
+    env = dict(os.environ) if env is None else env
+    explicit = path is not None or bool(env.get("DRIPD_CONFIG"))
+    source = path or (Path(env["DRIPD_CONFIG"]) if env.get("DRIPD_CONFIG") else DEFAULT_PATH)
+    raw: dict[str, Any] = {}
+    if source.exists():
+        try:
+            raw = tomllib.loads(source.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{source}: not valid TOML: {exc}") from exc
+        except OSError as exc:
+            raise ConfigError(f"{source}: cannot read: {exc.strerror}") from exc
+    elif explicit:
+        raise ConfigError(f"{source}: config file does not exist")
+    cfg = from_dict(raw, source=str(source))
+    if env.get("DRIPD_DSN"):
+        cfg.database.dsn = env["DRIPD_DSN"]
+    return cfg
+
+
+def from_dict(raw: dict[str, Any], *, source: str = "config") -> Config:
+    """Build a Config from parsed TOML, naming the key path of any error."""
+    try:
+        return msgspec.convert(raw, Config)
+    except msgspec.ValidationError as exc:
+        key = _path_of(exc)
+        text = re.sub(r" - at `\$.*`$", "", str(exc))
+        unknown = re.fullmatch(r"Object contains unknown field `(.*)`", text)
+        if unknown:
+            key = f"{key}.{unknown.group(1)}" if key else unknown.group(1)
+            text = "unknown key"
+        raise ConfigError(f"{source}: {key or 'top level'}: {text}") from exc
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc.message}") from exc

@@ -1,0 +1,1 @@
+"""Message content: Liquid templates and the headers that go with them."""

@@ -1,0 +1,242 @@
+"""The Unix control socket: newline-delimited JSON requests to the running daemon, and its client.
+
+A request is `{"cmd": "...", "args": {...}}`; the answer is `{"ok": true, "result": ...}` or
+`{"ok": false, "error": {"code": "...", "message": "..."}}`. One connection may carry many.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import stat
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from dripd import logs
+from dripd.errors import ConfigError, DripdError
+
+Handler = Callable[[str, dict[str, Any]], Awaitable[Any]]
+
+MAX_LINE = 1 << 20
+"""The longest request line the server reads (1 MiB); a longer one ends the connection."""
+
+# Answers (e.g. listings) may be larger than requests.
+_CLIENT_LIMIT = 64 << 20
+# How long start() waits for an existing socket to answer before calling it stale.
+_PROBE_TIMEOUT = 1.0
+_INTERNAL_MESSAGE = "internal error; see the daemon log"
+
+_log = logs.get("dripd.control")
+
+
+class ControlError(DripdError):
+    """The daemon refused the control request."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        if code in {"bad_input", "bad_request", "credentials"}:
+            self.exit_code = 2
+
+
+class _Request(msgspec.Struct, forbid_unknown_fields=True):
+    cmd: str
+    args: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+class _ErrorBody(msgspec.Struct):
+    code: str
+    message: str
+
+
+class _Response(msgspec.Struct):
+    ok: bool
+    result: Any = None
+    error: _ErrorBody | None = None
+
+
+_decode_request = msgspec.json.Decoder(_Request).decode
+_decode_response = msgspec.json.Decoder(_Response).decode
+_encoder = msgspec.json.Encoder()
+
+
+def _error_line(code: str, message: str) -> bytes:
+    return _encoder.encode({"ok": False, "error": {"code": code, "message": message}}) + b"\n"
+
+
+class ControlServer:
+    """Serves control requests on a Unix socket, handing each to `handler(cmd, args)`."""
+
+    def __init__(self, path: str, mode: int, handler: Handler) -> None:
+        self.path = path
+        self.mode = mode
+        self._handler = handler
+        self._server: asyncio.Server | None = None
+        self._inode: int | None = None
+        self._connections: set[asyncio.Task[Any]] = set()
+
+    async def start(self) -> None:
+        """Listen on the socket; refuse if a live daemon already does, replace a stale file."""
+        path = Path(self.path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(
+                f"control.socket: cannot create directory {path.parent}: {exc.strerror}"
+            ) from exc
+        await self._remove_stale()
+        try:
+            self._server = await asyncio.start_unix_server(
+                self._serve_connection, path=self.path, limit=MAX_LINE
+            )
+            os.chmod(self.path, self.mode)
+            self._inode = os.stat(self.path).st_ino
+        except OSError as exc:
+            await self.close()
+            raise ConfigError(f"control.socket: cannot listen on {self.path}: {exc}") from exc
+        _log.debug("control_listening", path=self.path)
+
+    async def _remove_stale(self) -> None:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return
+        if not stat.S_ISSOCK(st.st_mode):
+            raise ConfigError(f"control.socket: {self.path} exists and is not a socket")
+        try:
+            # A connect that hangs means a listener with a full backlog: alive, not stale.
+            async with asyncio.timeout(_PROBE_TIMEOUT):
+                _, writer = await asyncio.open_unix_connection(self.path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            # Nobody accepts: a daemon died without cleaning up.
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+            return
+        except TimeoutError:
+            pass
+        else:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+        raise ConfigError(f"control.socket: another daemon already listens on {self.path}")
+
+    async def close(self) -> None:
+        """Stop listening, end open connections and remove the socket file if it is still ours."""
+        server, self._server = self._server, None
+        if server is not None:
+            server.close()
+        for task in list(self._connections):
+            task.cancel()
+        if self._connections:
+            await asyncio.gather(*self._connections, return_exceptions=True)
+        if server is not None:
+            await server.wait_closed()
+        if self._inode is not None:
+            with contextlib.suppress(FileNotFoundError):
+                if os.stat(self.path).st_ino == self._inode:
+                    os.unlink(self.path)
+            self._inode = None
+
+    async def _serve_connection(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._connections.add(task)
+        try:
+            await self._answer_lines(reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass  # The client went away; nothing to answer.
+        finally:
+            self._connections.discard(task)
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+
+    async def _answer_lines(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        while True:
+            try:
+                line = await reader.readline()
+            except ValueError:
+                # readline() turns a line over `limit` into ValueError.
+                writer.write(_error_line("bad_request", f"request line exceeds {MAX_LINE} bytes"))
+                await writer.drain()
+                return
+            if not line:
+                return
+            if not line.strip():
+                continue
+            writer.write(await self._answer(line))
+            await writer.drain()
+
+    async def _answer(self, line: bytes) -> bytes:
+        try:
+            request = _decode_request(line)
+        except msgspec.DecodeError as exc:
+            return _error_line("bad_request", f"malformed request: {exc}")
+        try:
+            result = await self._handler(request.cmd, request.args)
+            return _encoder.encode({"ok": True, "result": result}) + b"\n"
+        except DripdError as exc:
+            return _error_line(exc.code, exc.message)
+        except Exception:  # noqa: BLE001 - the client gets a generic error, the log the traceback
+            _log.exception("control_command_failed", cmd=request.cmd)
+            return _error_line("internal", _INTERNAL_MESSAGE)
+
+
+async def request(
+    path: str, cmd: str, args: dict[str, Any] | None = None, *, timeout: float = 10.0
+) -> Any:
+    """Send one command to the daemon listening on `path` and return its result.
+
+    Raises ControlError when the daemon answers with an error, DripdError when no daemon
+    answers.
+    """
+    payload = _encoder.encode({"cmd": cmd, "args": args or {}}) + b"\n"
+    try:
+        async with asyncio.timeout(timeout):
+            reader, writer = await _connect(path)
+            try:
+                writer.write(payload)
+                await writer.drain()
+                line = await reader.readline()
+            finally:
+                writer.close()
+                with contextlib.suppress(OSError):
+                    await writer.wait_closed()
+    except TimeoutError as exc:
+        raise DripdError(f"the daemon on {path} did not answer within {timeout:g}s") from exc
+    except ValueError as exc:
+        raise DripdError(f"the answer from {path} is too long") from exc
+    except OSError as exc:
+        raise DripdError(f"control socket {path}: {exc.strerror or exc}") from exc
+    if not line:
+        raise DripdError(f"the daemon on {path} closed the connection without answering")
+    try:
+        response = _decode_response(line)
+    except msgspec.DecodeError as exc:
+        raise DripdError(f"malformed answer from {path}: {exc}") from exc
+    if response.ok:
+        return response.result
+    if response.error is None:
+        raise DripdError(f"malformed answer from {path}: error without details")
+    raise ControlError(response.error.code, response.error.message)
+
+
+async def _connect(path: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    try:
+        return await asyncio.open_unix_connection(path, limit=_CLIENT_LIMIT)
+    except (FileNotFoundError, ConnectionRefusedError) as exc:
+        raise DripdError(
+            f"no daemon is listening on {path} (is `dripd run` running? check control.socket)"
+        ) from exc
+    except PermissionError as exc:
+        raise DripdError(
+            f"permission denied on {path} (check control.mode and your user's groups)"
+        ) from exc

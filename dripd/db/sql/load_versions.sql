@@ -1,0 +1,14 @@
+-- Every step and transition of the versions that own the given steps (cache misses only).
+-- $1 step ids
+SELECT s.id, s.version_id, s.key, s.position, s.channel, s.delay, s.template, s.adapter,
+       s.on_failure, s.max_attempts, q.key AS sequence_key,
+       (SELECT coalesce(jsonb_agg(jsonb_build_object(
+                   'from', t.from_step_id, 'to', t.to_step_id,
+                   'priority', t.priority, 'when', t.when_expr)
+                   ORDER BY t.priority, t.id), '[]')
+        FROM dripd.transitions AS t WHERE t.from_step_id = s.id) AS transitions
+FROM dripd.steps AS s
+JOIN dripd.sequence_versions AS v ON v.id = s.version_id
+JOIN dripd.sequences AS q ON q.id = v.sequence_id
+WHERE s.version_id IN (SELECT version_id FROM dripd.steps WHERE id = ANY($1::uuid[]))
+ORDER BY s.version_id, s.position

@@ -1,0 +1,62 @@
+-- Record a batch of outcomes in one statement. Each row is guarded by its claim token:
+-- a late worker whose lease expired and whose row was claimed again changes nothing.
+-- Terminal outcomes write a message event, schedule the next execution and end the
+-- enrollment as told; a retry or a defer puts the row back to 'scheduled'.
+WITH input AS (
+    SELECT *
+    FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::timestamptz[], $5::int[],
+                $6::text[], $7::text[], $8::uuid[], $9::text[], $10::text[], $11::text[],
+                $12::text[], $13::timestamptz[], $14::text[], $15::uuid[],
+                $16::timestamptz[], $17::text[], $18::text[])
+         AS i(id, token, status, due_at, spent, channel, provider, adapter_id, recipient,
+              reason, error, provider_message_id, finished_at, event_type, next_step_id,
+              next_due_at, enrollment_status, enrollment_reason)
+), updated AS (
+    UPDATE dripd.step_executions AS e
+    SET status = i.status,
+        due_at = coalesce(i.due_at, e.due_at),
+        attempt = e.attempt + i.spent,
+        claim_token = NULL,
+        lease_until = NULL,
+        claimed_by = NULL,
+        channel = coalesce(i.channel, e.channel),
+        provider = coalesce(i.provider, e.provider),
+        adapter_id = coalesce(i.adapter_id, e.adapter_id),
+        recipient = coalesce(i.recipient, e.recipient),
+        reason = i.reason,
+        last_error = coalesce(i.error, e.last_error),
+        provider_message_id = coalesce(i.provider_message_id, e.provider_message_id),
+        finished_at = CASE WHEN i.status = 'scheduled' THEN NULL ELSE i.finished_at END
+    FROM input AS i
+    WHERE e.id = i.id AND e.claim_token = i.token AND e.status = 'claimed'
+    RETURNING e.id, e.tenant_key, e.enrollment_id, e.advance
+), events AS (
+    INSERT INTO dripd.message_events
+        (tenant_key, execution_id, enrollment_id, type, channel, provider, adapter_id,
+         recipient, reason, provider_message_id, occurred_at)
+    SELECT u.tenant_key, u.id, u.enrollment_id, i.event_type, i.channel, i.provider,
+           i.adapter_id, i.recipient, coalesce(i.error, i.reason), i.provider_message_id,
+           i.finished_at
+    FROM updated AS u JOIN input AS i USING (id)
+    WHERE i.event_type IS NOT NULL
+), nexts AS (
+    -- A paused enrollment gets its next row held (due 'infinity') until resume.
+    INSERT INTO dripd.step_executions (tenant_key, enrollment_id, step_id, due_at, held_due_at)
+    SELECT u.tenant_key, u.enrollment_id, i.next_step_id,
+           CASE WHEN en.status = 'paused' THEN 'infinity' ELSE i.next_due_at END,
+           CASE WHEN en.status = 'paused' THEN i.next_due_at END
+    FROM updated AS u
+    JOIN input AS i USING (id)
+    JOIN dripd.enrollments AS en ON en.id = u.enrollment_id
+    WHERE i.next_step_id IS NOT NULL AND u.advance AND en.status IN ('active', 'paused')
+), ended AS (
+    UPDATE dripd.enrollments AS en
+    SET status = i.enrollment_status,
+        status_reason = i.enrollment_reason,
+        ended_at = i.finished_at,
+        updated_at = i.finished_at
+    FROM updated AS u JOIN input AS i USING (id)
+    WHERE en.id = u.enrollment_id AND i.enrollment_status IS NOT NULL AND u.advance
+      AND en.status IN ('active', 'paused')
+)
+SELECT id FROM updated

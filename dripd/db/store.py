@@ -1,0 +1,499 @@
+"""The only code that runs SQL: named statements from sql/*.sql, asyncpg errors translated here."""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, fields
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import msgspec
+
+from dripd.errors import Conflict, DatabaseError, DripdError
+
+Connection = asyncpg.Connection
+Pool = asyncpg.Pool
+Executor = asyncpg.Connection | asyncpg.Pool
+
+_SQL_DIR = Path(__file__).with_name("sql")
+
+
+@dataclass(frozen=True, slots=True)
+class Queries:
+    """Every statement dripd runs, one file each, loaded once at import."""
+
+    active_version: str
+    archive_versions: str
+    backlog: str
+    claim: str
+    clear_default_adapter: str
+    disable_adapter: str
+    execution_status: str
+    find_event: str
+    find_sequence: str
+    get_enrollment: str
+    hold_pending: str
+    insert_adapter: str
+    insert_enrollment: str
+    insert_event: str
+    insert_execution: str
+    insert_steps: str
+    insert_suppression: str
+    insert_transitions: str
+    insert_version: str
+    latest_enrollment: str
+    list_adapters: str
+    load_adapters: str
+    load_versions: str
+    lock_sequence: str
+    next_due: str
+    record: str
+    release: str
+    release_held: str
+    replay: str
+    set_enrollment_status: str
+    skip_pending: str
+    suppressed: str
+    upsert_sequence: str
+
+    @classmethod
+    def load(cls) -> Queries:
+        return cls(**{f.name: (_SQL_DIR / f"{f.name}.sql").read_text() for f in fields(cls)})
+
+
+Q = Queries.load()
+
+_json_encode = msgspec.json.Encoder().encode
+_json_decode = msgspec.json.Decoder().decode
+
+
+def _encode_json(value: Any) -> str:
+    return _json_encode(value).decode()
+
+
+def json_value(value: Any) -> Any:
+    """A jsonb column's value, whether or not the connection has dripd's codec (host apps')."""
+    return _json_decode(value) if isinstance(value, str | bytes) else value
+
+
+async def init_connection(conn: Connection) -> None:
+    """Teach a connection to move jsonb as Python values through msgspec."""
+    await conn.set_type_codec(
+        "jsonb", encoder=_encode_json, decoder=_json_decode, schema="pg_catalog", format="text"
+    )
+    await conn.set_type_codec(
+        "json", encoder=_encode_json, decoder=_json_decode, schema="pg_catalog", format="text"
+    )
+
+
+async def connect(dsn: str, *, timeout: float = 10.0) -> Connection:
+    """One connection with dripd's codecs; errors become DatabaseError."""
+    try:
+        conn = await asyncpg.connect(dsn, timeout=timeout)
+    except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+        raise DatabaseError(f"cannot connect to Postgres: {_describe(exc)}") from exc
+    await init_connection(conn)
+    return conn
+
+
+async def create_pool(dsn: str, *, min_size: int, max_size: int, timeout: float = 10.0) -> Pool:
+    """A pool with dripd's codecs; errors become DatabaseError."""
+    try:
+        pool = await asyncpg.create_pool(
+            dsn, min_size=min_size, max_size=max_size, timeout=timeout, init=init_connection
+        )
+    except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+        raise DatabaseError(f"cannot connect to Postgres: {_describe(exc)}") from exc
+    assert pool is not None
+    return pool
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    # A DSN may carry a password; asyncpg does not echo it, but be sure.
+    return text.splitlines()[0]
+
+
+@contextlib.asynccontextmanager
+async def acquire(db: Executor) -> AsyncIterator[Connection]:
+    """A connection from a pool, or the connection itself (the caller's transaction applies)."""
+    if isinstance(db, asyncpg.Pool):
+        async with db.acquire() as conn:
+            yield conn
+    else:
+        yield db
+
+
+@contextlib.asynccontextmanager
+async def transaction(db: Executor) -> AsyncIterator[Connection]:
+    """A transaction, or a savepoint inside the caller's; asyncpg errors become dripd errors."""
+    async with acquire(db) as conn:
+        try:
+            async with conn.transaction():
+                yield conn
+        except asyncpg.UniqueViolationError as exc:
+            raise Conflict(f"conflicts with an existing row ({exc.constraint_name})") from exc
+        except asyncpg.PostgresError as exc:
+            raise DatabaseError(f"Postgres refused: {_describe(exc)}") from exc
+        except (OSError, asyncpg.InterfaceError) as exc:
+            raise DatabaseError(f"lost the database connection: {_describe(exc)}") from exc
+
+
+@contextlib.contextmanager
+def translated() -> Any:
+    """Translate driver errors raised inside the block."""
+    try:
+        yield
+    except DripdError:
+        raise
+    except asyncpg.UniqueViolationError as exc:
+        raise Conflict(f"conflicts with an existing row ({exc.constraint_name})") from exc
+    except asyncpg.PostgresError as exc:
+        raise DatabaseError(f"Postgres refused: {_describe(exc)}") from exc
+    except (OSError, asyncpg.InterfaceError, TimeoutError) as exc:
+        raise DatabaseError(f"lost the database connection: {_describe(exc)}") from exc
+
+
+# --- the worker's statements -------------------------------------------------------------
+
+
+async def claim(
+    db: Executor, *, now: datetime, limit: int, token: uuid.UUID, lease_until: datetime, daemon: str
+) -> list[asyncpg.Record]:
+    with translated():
+        async with acquire(db) as conn:
+            rows: list[asyncpg.Record] = await conn.fetch(
+                Q.claim, now, limit, token, lease_until, daemon
+            )
+            return rows
+
+
+@dataclass(slots=True, kw_only=True)
+class RecordRow:
+    """One outcome as the record statement takes it."""
+
+    id: uuid.UUID
+    token: uuid.UUID
+    status: str
+    due_at: datetime | None = None
+    spent: int = 0
+    channel: str | None = None
+    provider: str | None = None
+    adapter_id: uuid.UUID | None = None
+    recipient: str | None = None
+    reason: str | None = None
+    error: str | None = None
+    provider_message_id: str | None = None
+    finished_at: datetime
+    event_type: str | None = None
+    next_step_id: uuid.UUID | None = None
+    next_due_at: datetime | None = None
+    enrollment_status: str | None = None
+    enrollment_reason: str | None = None
+
+
+_RECORD_COLUMNS = tuple(f.name for f in fields(RecordRow))
+
+
+async def record(
+    db: Executor, rows: Sequence[RecordRow], *, notify_before: datetime | None
+) -> set[uuid.UUID]:
+    """Record outcomes in one transaction; returns the ids this daemon still owned.
+
+    NOTIFY dripd_due is sent with the commit when a next execution falls due before
+    `notify_before`, so that idle daemons wake for it.
+    """
+    columns = [[getattr(r, name) for r in rows] for name in _RECORD_COLUMNS]
+    with translated():
+        async with acquire(db) as conn, conn.transaction():
+            owned = await conn.fetch(Q.record, *columns)
+            soonest = min((r.next_due_at for r in rows if r.next_due_at is not None), default=None)
+            if notify_before is not None and soonest is not None and soonest <= notify_before:
+                await conn.execute("SELECT pg_notify('dripd_due', $1)", soonest.isoformat())
+    return {r["id"] for r in owned}
+
+
+async def release(db: Executor, ids: Sequence[uuid.UUID], token: uuid.UUID) -> int:
+    with translated():
+        async with acquire(db) as conn:
+            status: str = await conn.execute(Q.release, list(ids), token)
+    return int(status.rsplit(" ", 1)[-1])
+
+
+async def next_due(db: Executor) -> datetime | None:
+    with translated():
+        async with acquire(db) as conn:
+            at: datetime | None = await conn.fetchval(Q.next_due)
+            return at
+
+
+async def backlog(db: Executor, now: datetime) -> tuple[int, datetime | None]:
+    with translated():
+        async with acquire(db) as conn:
+            row = await conn.fetchrow(Q.backlog, now)
+    return int(row["due"]), row["oldest_due_at"]
+
+
+async def load_versions(db: Executor, step_ids: Sequence[uuid.UUID]) -> list[asyncpg.Record]:
+    with translated():
+        async with acquire(db) as conn:
+            rows: list[asyncpg.Record] = await conn.fetch(Q.load_versions, list(step_ids))
+            return rows
+
+
+async def suppressed(
+    db: Executor, keys: Sequence[tuple[str | None, str, str]]
+) -> set[int]:
+    """Indexes (0-based) of the (tenant, channel, address) keys that are suppressed."""
+    if not keys:
+        return set()
+    tenants, channels, addresses = (list(col) for col in zip(*keys, strict=True))
+    with translated():
+        async with acquire(db) as conn:
+            rows = await conn.fetch(Q.suppressed, tenants, channels, addresses)
+    return {int(r["n"]) - 1 for r in rows}
+
+
+async def load_adapters(db: Executor) -> list[asyncpg.Record]:
+    with translated():
+        async with acquire(db) as conn:
+            rows: list[asyncpg.Record] = await conn.fetch(Q.load_adapters)
+            return rows
+
+
+async def ping(db: Executor) -> None:
+    with translated():
+        async with acquire(db) as conn:
+            await conn.fetchval("SELECT 1")
+
+
+# --- authoring ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StepRow:
+    key: str
+    position: int
+    channel: str | None
+    delay: timedelta
+    template: dict[str, str]
+    adapter: str | None
+    on_failure: str
+    max_attempts: int | None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TransitionRow:
+    from_key: str
+    to_key: str | None
+    priority: int
+    when: str | None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class VersionRow:
+    tenant_key: str | None
+    key: str
+    name: str | None
+    mode: str
+    timezone: str | None
+    reenroll: str
+    entry_events: list[str]
+    exit_events: list[str]
+    content_hash: str
+    source: dict[str, Any]
+    steps: list[StepRow]
+    transitions: list[TransitionRow]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Applied:
+    key: str
+    tenant_key: str | None
+    version: int
+    created: bool
+
+
+async def apply_version(conn: Connection, spec: VersionRow, *, now: datetime) -> Applied:
+    """Create and activate a new version unless the active one has the same content."""
+    sequence_id = await conn.fetchval(Q.upsert_sequence, spec.tenant_key, spec.key)
+    await conn.fetchval(Q.lock_sequence, sequence_id)
+    active = await conn.fetchrow(Q.active_version, sequence_id)
+    if active is not None and active["content_hash"] == spec.content_hash:
+        return Applied(key=spec.key, tenant_key=spec.tenant_key, version=active["version"],
+                       created=False)
+    await conn.execute(Q.archive_versions, sequence_id)
+    version = await conn.fetchrow(
+        Q.insert_version, sequence_id, spec.name, spec.mode, spec.timezone, spec.reenroll,
+        spec.entry_events, spec.exit_events, spec.content_hash, spec.source, now,
+    )
+    steps = spec.steps
+    inserted = await conn.fetch(
+        Q.insert_steps, version["id"],
+        [s.key for s in steps], [s.position for s in steps], [s.channel for s in steps],
+        [s.delay for s in steps], [s.template for s in steps], [s.adapter for s in steps],
+        [s.on_failure for s in steps], [s.max_attempts for s in steps],
+    )
+    ids = {r["key"]: r["id"] for r in inserted}
+    if spec.transitions:
+        ts = spec.transitions
+        await conn.execute(
+            Q.insert_transitions, version["id"],
+            [ids[t.from_key] for t in ts], [ids[t.to_key] if t.to_key else None for t in ts],
+            [t.priority for t in ts], [t.when for t in ts],
+        )
+    return Applied(key=spec.key, tenant_key=spec.tenant_key, version=version["version"],
+                   created=True)
+
+
+# --- enrollments, events, suppressions ---------------------------------------------------
+
+
+async def find_sequence(conn: Connection, tenant: str | None, key: str) -> asyncpg.Record | None:
+    row: asyncpg.Record | None = await conn.fetchrow(Q.find_sequence, tenant, key)
+    return row
+
+
+async def insert_enrollment(
+    conn: Connection, *, tenant: str | None, sequence_id: uuid.UUID, version_id: uuid.UUID,
+    subscriber_type: str, subscriber_id: str, data: dict[str, Any], timezone: str | None,
+    now: datetime,
+) -> asyncpg.Record | None:
+    row: asyncpg.Record | None = await conn.fetchrow(
+        Q.insert_enrollment, tenant, sequence_id, version_id, subscriber_type, subscriber_id,
+        _encode_json(data), timezone, now,
+    )
+    return row
+
+
+async def latest_enrollment(
+    conn: Connection, tenant: str | None, sequence_id: uuid.UUID, subscriber_type: str,
+    subscriber_id: str,
+) -> asyncpg.Record | None:
+    row: asyncpg.Record | None = await conn.fetchrow(
+        Q.latest_enrollment, tenant, sequence_id, subscriber_type, subscriber_id
+    )
+    return row
+
+
+async def insert_execution(
+    conn: Connection, tenant: str | None, enrollment_id: uuid.UUID, step_id: uuid.UUID,
+    due_at: datetime,
+) -> uuid.UUID:
+    new_id: uuid.UUID = await conn.fetchval(Q.insert_execution, tenant, enrollment_id, step_id,
+                                            due_at)
+    return new_id
+
+
+async def notify_due(conn: Connection, due_at: datetime) -> None:
+    await conn.execute("SELECT pg_notify('dripd_due', $1)", due_at.isoformat())
+
+
+async def notify_adapters(conn: Connection) -> None:
+    await conn.execute("SELECT pg_notify('dripd_adapters', '')")
+
+
+async def get_enrollment(
+    conn: Connection, tenant: str | None, enrollment_id: uuid.UUID
+) -> asyncpg.Record | None:
+    row: asyncpg.Record | None = await conn.fetchrow(Q.get_enrollment, tenant, enrollment_id)
+    return row
+
+
+async def set_enrollment_status(
+    conn: Connection, tenant: str | None, enrollment_id: uuid.UUID, status: str,
+    allowed_from: Sequence[str], reason: str | None, now: datetime,
+) -> asyncpg.Record | None:
+    row: asyncpg.Record | None = await conn.fetchrow(
+        Q.set_enrollment_status, tenant, enrollment_id, status, list(allowed_from), reason, now
+    )
+    return row
+
+
+async def hold_pending(conn: Connection, enrollment_id: uuid.UUID) -> None:
+    await conn.execute(Q.hold_pending, enrollment_id)
+
+
+async def release_held(conn: Connection, enrollment_id: uuid.UUID) -> datetime | None:
+    at: datetime | None = await conn.fetchval(Q.release_held, enrollment_id)
+    return at
+
+
+async def skip_pending(conn: Connection, enrollment_id: uuid.UUID, reason: str,
+                       now: datetime) -> None:
+    await conn.execute(Q.skip_pending, enrollment_id, reason, now)
+
+
+async def insert_event(
+    conn: Connection, *, tenant: str | None, subscriber_type: str, subscriber_id: str, key: str,
+    data: dict[str, Any], idempotency_id: str | None, now: datetime,
+) -> tuple[int, bool]:
+    """Returns (event id, created); a repeated idempotency id returns the first event."""
+    new_id = await conn.fetchval(
+        Q.insert_event, tenant, subscriber_type, subscriber_id, key, _encode_json(data),
+        idempotency_id, now,
+    )
+    if new_id is not None:
+        return int(new_id), True
+    old_id = await conn.fetchval(Q.find_event, tenant, subscriber_type, subscriber_id,
+                                 idempotency_id)
+    return int(old_id), False
+
+
+async def insert_suppression(
+    conn: Connection, *, tenant: str | None, channel: str, address: str, reason: str,
+    source: str | None, now: datetime,
+) -> asyncpg.Record:
+    row: asyncpg.Record = await conn.fetchrow(
+        Q.insert_suppression, tenant, channel, address, reason, source, now
+    )
+    return row
+
+
+async def replay(
+    conn: Connection, execution_id: uuid.UUID, *, tenant: str | None, any_tenant: bool,
+    now: datetime,
+) -> asyncpg.Record | None:
+    row: asyncpg.Record | None = await conn.fetchrow(Q.replay, tenant, execution_id, any_tenant,
+                                                     now)
+    return row
+
+
+async def execution_status(conn: Connection, execution_id: uuid.UUID) -> asyncpg.Record | None:
+    row: asyncpg.Record | None = await conn.fetchrow(Q.execution_status, execution_id)
+    return row
+
+
+# --- adapters ----------------------------------------------------------------------------
+
+
+async def insert_adapter(
+    conn: Connection, *, adapter_id: uuid.UUID, tenant: str | None, name: str, channel: str,
+    provider: str, config: dict[str, Any], credentials: bytes | None, is_default: bool,
+    now: datetime,
+) -> asyncpg.Record:
+    if is_default:
+        await conn.execute(Q.clear_default_adapter, tenant, channel)
+    row: asyncpg.Record = await conn.fetchrow(
+        Q.insert_adapter, adapter_id, tenant, name, channel, provider, config, credentials,
+        is_default, now,
+    )
+    return row
+
+
+async def list_adapters(
+    conn: Connection, tenant: str | None, *, all_tenants: bool
+) -> list[asyncpg.Record]:
+    rows: list[asyncpg.Record] = await conn.fetch(Q.list_adapters, tenant, all_tenants)
+    return rows
+
+
+async def disable_adapter(
+    conn: Connection, tenant: str | None, name: str, now: datetime
+) -> asyncpg.Record | None:
+    row: asyncpg.Record | None = await conn.fetchrow(Q.disable_adapter, tenant, name, now)
+    return row

@@ -1,0 +1,133 @@
+"""Prometheus metrics of one daemon, on its own registry, with cached children for the hot path."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+from dripd import __version__
+from dripd.model import Verdict
+
+OUTCOMES = ("sent", "skipped", "deferred", "retried", "failed")
+
+OUTCOME_OF_VERDICT: dict[Verdict, str] = {
+    Verdict.SENT: "sent",
+    Verdict.SKIPPED: "skipped",
+    Verdict.DEFERRED: "deferred",
+    Verdict.RETRY: "retried",
+    Verdict.FAILED: "failed",
+}
+
+# Label value for an outcome that never reached a channel or provider.
+NONE_LABEL = "none"
+
+_DB_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+)  # fmt: skip
+_SEND_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+)  # fmt: skip
+_END_TO_END_BUCKETS = (
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+)  # fmt: skip
+
+
+class Metrics:
+    """Every `dripd_*` metric of one daemon. Tests create their own; nothing is global."""
+
+    def __init__(self, *, version: str = __version__) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.executions_claimed = Counter(
+            "dripd_executions_claimed_total",
+            "Executions claimed by this daemon.",
+            ["channel"],
+            registry=r,
+        )
+        self.executions = Counter(
+            "dripd_executions_total",
+            "Claimed executions by outcome (sent, skipped, deferred, retried, failed).",
+            ["outcome", "channel", "provider"],
+            registry=r,
+        )
+        self.claim_duration = Histogram(
+            "dripd_claim_duration_seconds",
+            "Time of one claim query.",
+            buckets=_DB_BUCKETS,
+            registry=r,
+        )
+        self.send_duration = Histogram(
+            "dripd_send_duration_seconds",
+            "Time of one provider send call.",
+            ["channel", "provider"],
+            buckets=_SEND_BUCKETS,
+            registry=r,
+        )
+        self.record_duration = Histogram(
+            "dripd_record_duration_seconds",
+            "Time of one batched record write.",
+            buckets=_DB_BUCKETS,
+            registry=r,
+        )
+        self.claim_to_record = Histogram(
+            "dripd_claim_to_record_seconds",
+            "Time from claiming one execution to recording its outcome, in this daemon.",
+            buckets=_END_TO_END_BUCKETS,
+            registry=r,
+        )
+        self.due_backlog = Gauge(
+            "dripd_due_backlog", "Executions due now and not yet claimed.", registry=r
+        )
+        self.oldest_due_age = Gauge(
+            "dripd_oldest_due_age_seconds",
+            "Age of the oldest due, unclaimed execution.",
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "dripd_in_flight", "Executions claimed and not yet recorded.", registry=r
+        )
+        self.listen_reconnects = Counter(
+            "dripd_listen_reconnects_total",
+            "Reconnections of the LISTEN connection.",
+            registry=r,
+        )
+        self.info = Gauge("dripd_info", "Build information; always 1.", ["version"], registry=r)
+        self.info.labels(version=version).set(1)
+
+        self._claimed: dict[str, Counter] = {}
+        self._outcomes: dict[tuple[str, str, str], Counter] = {}
+        self._sends: dict[tuple[str, str], Histogram] = {}
+
+    def claimed(self, channel: str | None, n: int = 1) -> None:
+        """Count `n` executions claimed for `channel`."""
+        key = channel or NONE_LABEL
+        child = self._claimed.get(key)
+        if child is None:
+            child = self._claimed[key] = self.executions_claimed.labels(channel=key)
+        child.inc(n)
+
+    def outcome(self, outcome: str, channel: str | None, provider: str | None, n: int = 1) -> None:
+        """Count `n` executions that ended in `outcome` (one of OUTCOMES)."""
+        key = (outcome, channel or NONE_LABEL, provider or NONE_LABEL)
+        child = self._outcomes.get(key)
+        if child is None:
+            if outcome not in OUTCOMES:
+                raise ValueError(f"unknown outcome {outcome!r}; expected one of {OUTCOMES}")
+            child = self._outcomes[key] = self.executions.labels(*key)
+        child.inc(n)
+
+    def verdict(self, verdict: Verdict, channel: str | None, provider: str | None) -> None:
+        """Count one execution by the pipeline's verdict."""
+        self.outcome(OUTCOME_OF_VERDICT[verdict], channel, provider)
+
+    def observe_send(self, channel: str | None, provider: str | None, seconds: float) -> None:
+        """Record the duration of one send call."""
+        key = (channel or NONE_LABEL, provider or NONE_LABEL)
+        child = self._sends.get(key)
+        if child is None:
+            child = self._sends[key] = self.send_duration.labels(*key)
+        child.observe(seconds)
+
+    def render(self) -> tuple[bytes, str]:
+        """The Prometheus text exposition and its content type."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -1,0 +1,161 @@
+"""Domain values shared by every layer: states, steps, claimed work and outcomes."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from enum import StrEnum
+from typing import Any
+
+from dripd.errors import ConfigError
+
+
+class EnrollmentStatus(StrEnum):
+    ACTIVE = "active"
+    PAUSED = "paused"
+    COMPLETED = "completed"
+    EXITED = "exited"
+    CANCELLED = "cancelled"
+    FAILED = "failed"
+
+
+class ExecutionStatus(StrEnum):
+    SCHEDULED = "scheduled"
+    CLAIMED = "claimed"
+    SENT = "sent"
+    SKIPPED = "skipped"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class MessageEventType(StrEnum):
+    SENT = "sent"
+    DELIVERED = "delivered"
+    BOUNCED = "bounced"
+    COMPLAINED = "complained"
+    OPENED = "opened"
+    CLICKED = "clicked"
+    REPLIED = "replied"
+    UNSUBSCRIBED = "unsubscribed"
+    DEFERRED = "deferred"
+    SKIPPED = "skipped"
+    FAILED = "failed"
+
+
+class OnFailure(StrEnum):
+    """What a step's permanent failure does to its enrollment."""
+
+    FAIL = "fail"
+    CONTINUE = "continue"
+
+
+class Verdict(StrEnum):
+    """What the pipeline decided for one claimed execution."""
+
+    SENT = "sent"
+    SKIPPED = "skipped"
+    DEFERRED = "deferred"
+    RETRY = "retry"
+    FAILED = "failed"
+
+
+_DURATION = re.compile(r"^\s*(\d+)\s*(ms|s|m|h|d|w)\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(text: str, *, where: str = "duration") -> timedelta:
+    """Parse `"90s"`, `"15m"`, `"2h"`, `"3d"`, `"1w"` (and `"250ms"`) into a timedelta."""
+    match = _DURATION.match(text) if isinstance(text, str) else None
+    if match is None:
+        raise ConfigError(
+            f"{where}: {text!r} is not a duration; use a whole number and a unit "
+            "(ms, s, m, h, d, w), e.g. \"90s\" or \"3d\""
+        )
+    return timedelta(seconds=int(match.group(1)) * _UNIT_SECONDS[match.group(2)])
+
+
+def format_duration(delta: timedelta) -> str:
+    """The shortest exact duration string for `delta`."""
+    ms = round(delta.total_seconds() * 1000)
+    for unit, seconds in (("w", 604800), ("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if ms % (seconds * 1000) == 0:
+            return f"{ms // (seconds * 1000)}{unit}"
+    return f"{ms}ms"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Step:
+    """One step of a sequence version, as stored; immutable once its version exists."""
+
+    id: uuid.UUID
+    version_id: uuid.UUID
+    sequence_key: str
+    key: str
+    position: int
+    channel: str | None
+    delay: timedelta
+    template: dict[str, str]
+    adapter: str | None
+    on_failure: OnFailure
+    max_attempts: int | None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Transition:
+    from_step_id: uuid.UUID
+    to_step_id: uuid.UUID | None
+    priority: int
+    when: str | None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Adapter:
+    """A channel adapter with its credentials decrypted (held in memory only)."""
+
+    id: uuid.UUID
+    tenant_key: str | None
+    name: str
+    channel: str
+    provider: str
+    config: dict[str, Any]
+    credentials: dict[str, Any] = field(repr=False)
+    is_default: bool
+    enabled: bool
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ClaimedExecution:
+    """A step execution claimed by this daemon, with what the pipeline needs to run it."""
+
+    id: uuid.UUID
+    claim_token: uuid.UUID
+    enrollment_id: uuid.UUID
+    step_id: uuid.UUID
+    tenant_key: str | None
+    due_at: datetime
+    attempt: int
+    replay: int
+    advance: bool
+    enrollment_status: EnrollmentStatus
+    subscriber_type: str
+    subscriber_id: str
+    data: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Outcome:
+    """What happened to one claimed execution; the recorder turns it into rows."""
+
+    execution: ClaimedExecution
+    verdict: Verdict
+    channel: str | None = None
+    provider: str | None = None
+    adapter_id: uuid.UUID | None = None
+    recipient: str | None = None
+    reason: str | None = None
+    error: str | None = None
+    provider_message_id: str | None = None
+    retry_at: datetime | None = None
+    finished_at: datetime

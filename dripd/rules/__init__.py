@@ -1,0 +1,1 @@
+"""Sending rules: pure decisions fed by facts the claim already loaded."""

@@ -1,0 +1,138 @@
+"""The test harness: a real Postgres, and a fresh database cloned from a migrated template per test.
+
+The server, found once per session, is the first that answers of:
+  1. `DRIPD_TEST_DSN` (a postgresql:// URI of a superuser or a role with CREATEDB);
+  2. `postgresql://postgres@127.0.0.1:5432/postgres`, skipped when `DRIPD_TEST_NO_LOCAL=1`
+     (set it to prove the suite runs on a machine without a local server);
+  3. a `ThrowawayCluster` started for the session and removed at its end.
+Tests only ever touch databases they created (`dripd_tpl_*`, `dripd_t_*`) and drop them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+from collections.abc import AsyncIterator, Iterator
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import pytest
+
+from dripd.db.cluster import ThrowawayCluster
+from dripd.db.migrate import migrate
+
+LOCAL_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+def with_database(dsn: str, name: str) -> str:
+    """`dsn` pointing at database `name` instead."""
+    parts = urlsplit(dsn)
+    return urlunsplit(parts._replace(path=f"/{name}"))
+
+
+def _unique(prefix: str) -> str:
+    return f"{prefix}_{secrets.token_hex(6)}"
+
+
+async def _answers(dsn: str) -> bool:
+    try:
+        conn = await asyncpg.connect(dsn, timeout=2)
+    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
+        return False
+    await conn.close()
+    return True
+
+
+async def _create_database(admin_dsn: str, name: str, template: str) -> None:
+    conn = await asyncpg.connect(admin_dsn)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+    finally:
+        await conn.close()
+
+
+async def _drop_database(admin_dsn: str, name: str) -> None:
+    conn = await asyncpg.connect(admin_dsn)
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
+async def _migrate_database(dsn: str) -> None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        await migrate(conn)
+    finally:
+        await conn.close()
+
+
+# Session fixtures are sync and run their own short event loops: pytest-asyncio
+# gives each test its own loop, and asyncpg connections must not outlive theirs.
+@pytest.fixture(scope="session")
+def admin_dsn() -> Iterator[str]:
+    """A DSN of the server's maintenance database, used only to create and drop ours."""
+    configured = os.environ.get("DRIPD_TEST_DSN")
+    if configured:
+        if not asyncio.run(_answers(configured)):
+            pytest.fail(f"DRIPD_TEST_DSN is set but nothing answers at {configured}")
+        yield configured
+        return
+    if os.environ.get("DRIPD_TEST_NO_LOCAL") != "1" and asyncio.run(_answers(LOCAL_DSN)):
+        yield LOCAL_DSN
+        return
+    with ThrowawayCluster() as cluster:
+        yield cluster.dsn
+
+
+@pytest.fixture(scope="session")
+def template_db(admin_dsn: str) -> Iterator[str]:
+    """Name of a database migrated once per session, cloned by every `dsn`."""
+    name = _unique("dripd_tpl")
+    asyncio.run(_create_database(admin_dsn, name, "template0"))
+    try:
+        asyncio.run(_migrate_database(with_database(admin_dsn, name)))
+        yield name
+    finally:
+        asyncio.run(_drop_database(admin_dsn, name))
+
+
+@pytest.fixture
+async def dsn(admin_dsn: str, template_db: str) -> AsyncIterator[str]:
+    """DSN of a fresh, migrated database of this test's own."""
+    name = _unique("dripd_t")
+    await _create_database(admin_dsn, name, template_db)
+    try:
+        yield with_database(admin_dsn, name)
+    finally:
+        await _drop_database(admin_dsn, name)
+
+
+@pytest.fixture
+async def server_dsn(admin_dsn: str) -> AsyncIterator[str]:
+    """DSN of a fresh, empty database (no dripd schema) of this test's own."""
+    name = _unique("dripd_t")
+    await _create_database(admin_dsn, name, "template0")
+    try:
+        yield with_database(admin_dsn, name)
+    finally:
+        await _drop_database(admin_dsn, name)
+
+
+@pytest.fixture
+async def pool(dsn: str) -> AsyncIterator[asyncpg.Pool]:
+    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=5)
+    try:
+        yield pool
+    finally:
+        await pool.close()
+
+
+@pytest.fixture
+async def conn(dsn: str) -> AsyncIterator[asyncpg.Connection]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        yield conn
+    finally:
+        await conn.close()

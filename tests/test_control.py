@@ -1,0 +1,226 @@
+"""The control socket over real Unix sockets: protocol, errors, stale and live socket files."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import stat
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+from structlog.testing import capture_logs
+
+from dripd.control import MAX_LINE, ControlError, ControlServer, request
+from dripd.errors import ConfigError, DripdError, NotFound
+
+
+async def handler(cmd: str, args: dict[str, Any]) -> Any:
+    if cmd == "echo":
+        return {"cmd": cmd, "args": args}
+    if cmd == "status":
+        return {"version": "0.1.0", "in_flight": 0, "paused": False}
+    if cmd == "bad":
+        raise ConfigError("args.limit: must be positive")
+    if cmd == "boom":
+        raise RuntimeError("password=hunter2 leaked through a bug")
+    if cmd == "hang":
+        await asyncio.sleep(3600)
+    raise NotFound(f"unknown command {cmd!r}")
+
+
+@pytest.fixture
+def sock_path() -> Iterator[str]:
+    # pytest's tmp_path can exceed the ~107-byte limit of AF_UNIX paths.
+    with tempfile.TemporaryDirectory(prefix="dripd-") as tmp:
+        yield os.path.join(tmp, "run", "control.sock")
+
+
+@pytest.fixture
+async def server(sock_path: str) -> AsyncIterator[ControlServer]:
+    srv = ControlServer(sock_path, 0o660, handler)
+    await srv.start()
+    try:
+        yield srv
+    finally:
+        await srv.close()
+
+
+async def exchange(path: str, *lines: bytes) -> list[dict[str, Any]]:
+    """Send raw lines on one connection and read one answer per line."""
+    reader, writer = await asyncio.open_unix_connection(path)
+    try:
+        answers = []
+        for line in lines:
+            writer.write(line)
+            await writer.drain()
+            answers.append(msgspec.json.decode(await reader.readline()))
+        return answers
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+
+async def test_request_returns_the_result(server: ControlServer) -> None:
+    result = await request(server.path, "echo", {"n": 1, "s": "é"})
+    assert result == {"cmd": "echo", "args": {"n": 1, "s": "é"}}
+    assert await request(server.path, "echo") == {"cmd": "echo", "args": {}}
+
+
+async def test_several_requests_on_one_connection(server: ControlServer) -> None:
+    answers = await exchange(
+        server.path,
+        b'{"cmd": "status"}\n',
+        b'{"cmd": "echo", "args": {"x": [1, 2]}}\n',
+    )
+    assert answers == [
+        {"ok": True, "result": {"version": "0.1.0", "in_flight": 0, "paused": False}},
+        {"ok": True, "result": {"cmd": "echo", "args": {"x": [1, 2]}}},
+    ]
+
+
+async def test_malformed_requests_are_bad_request_and_keep_the_connection(
+    server: ControlServer,
+) -> None:
+    answers = await exchange(
+        server.path,
+        b"{not json\n",
+        b'["status"]\n',
+        b'{"args": {}}\n',
+        b'{"cmd": "status", "args": [1]}\n',
+        b'{"cmd": "status"}\n',
+    )
+    assert [a["ok"] for a in answers] == [False, False, False, False, True]
+    assert {a["error"]["code"] for a in answers[:4]} == {"bad_request"}
+    assert all(a["error"]["message"] for a in answers[:4])
+
+
+async def test_an_oversized_line_is_refused_and_closes(server: ControlServer) -> None:
+    reader, writer = await asyncio.open_unix_connection(server.path, limit=MAX_LINE * 4)
+    writer.write(b'{"cmd": "echo", "args": {"x": "' + b"a" * (MAX_LINE + 10) + b'"}}\n')
+    with contextlib.suppress(ConnectionError):
+        await writer.drain()  # the server may hang up before reading everything
+    answer = msgspec.json.decode(await reader.readline())
+    assert answer["ok"] is False
+    assert answer["error"]["code"] == "bad_request"
+    assert await reader.read() == b""
+    writer.close()
+
+
+async def test_dripd_errors_keep_their_code(server: ControlServer) -> None:
+    with pytest.raises(ControlError) as info:
+        await request(server.path, "nope")
+    assert info.value.code == "not_found"
+    assert info.value.message == "unknown command 'nope'"
+    assert info.value.exit_code == 1
+
+    with pytest.raises(ControlError) as info:
+        await request(server.path, "bad")
+    assert info.value.code == "bad_input"
+    assert info.value.message == "args.limit: must be positive"
+    assert info.value.exit_code == 2
+
+
+async def test_unexpected_errors_are_internal_and_logged_not_leaked(
+    server: ControlServer,
+) -> None:
+    with capture_logs() as events:
+        answers = await exchange(server.path, b'{"cmd": "boom"}\n', b'{"cmd": "status"}\n')
+    error = answers[0]["error"]
+    assert error["code"] == "internal"
+    assert "hunter2" not in error["message"]
+    assert "Traceback" not in error["message"]
+    assert answers[1]["ok"] is True
+    [event] = [e for e in events if e["event"] == "control_command_failed"]
+    assert event["cmd"] == "boom"
+    assert event["log_level"] == "error"
+
+
+async def test_start_creates_the_directory_and_sets_the_mode(sock_path: str) -> None:
+    assert not os.path.exists(os.path.dirname(sock_path))
+    srv = ControlServer(sock_path, 0o600, handler)
+    await srv.start()
+    try:
+        st = os.stat(sock_path)
+        assert stat.S_ISSOCK(st.st_mode)
+        assert stat.S_IMODE(st.st_mode) == 0o600
+    finally:
+        await srv.close()
+    assert not os.path.exists(sock_path)
+
+
+async def test_a_stale_socket_file_is_replaced(sock_path: str) -> None:
+    os.makedirs(os.path.dirname(sock_path))
+    dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    dead.bind(sock_path)
+    dead.close()  # leaves the file behind with nobody listening
+    assert stat.S_ISSOCK(os.stat(sock_path).st_mode)
+
+    srv = ControlServer(sock_path, 0o660, handler)
+    await srv.start()
+    try:
+        assert await request(sock_path, "echo") == {"cmd": "echo", "args": {}}
+    finally:
+        await srv.close()
+
+
+async def test_a_live_socket_is_refused(server: ControlServer) -> None:
+    second = ControlServer(server.path, 0o660, handler)
+    with pytest.raises(ConfigError, match="another daemon already listens on") as info:
+        await second.start()
+    assert server.path in info.value.message
+    # The first daemon keeps its socket.
+    assert await request(server.path, "echo") == {"cmd": "echo", "args": {}}
+
+
+async def test_a_regular_file_in_the_way_is_left_alone(sock_path: str) -> None:
+    os.makedirs(os.path.dirname(sock_path))
+    Path(sock_path).write_text("not mine")
+    with pytest.raises(ConfigError, match="is not a socket"):
+        await ControlServer(sock_path, 0o660, handler).start()
+    assert Path(sock_path).read_text() == "not mine"
+
+
+async def test_close_ends_open_connections_and_unlinks(sock_path: str) -> None:
+    srv = ControlServer(sock_path, 0o660, handler)
+    await srv.start()
+    reader, writer = await asyncio.open_unix_connection(sock_path)
+    writer.write(b'{"cmd": "hang"}\n')
+    await writer.drain()
+    await asyncio.sleep(0.05)
+    async with asyncio.timeout(5):
+        await srv.close()
+    assert await reader.read() == b""
+    writer.close()
+    assert not os.path.exists(sock_path)
+
+
+async def test_close_leaves_a_successors_socket(sock_path: str) -> None:
+    first = ControlServer(sock_path, 0o660, handler)
+    await first.start()
+    os.unlink(sock_path)  # e.g. removed by an operator, then a new daemon starts
+    second = ControlServer(sock_path, 0o660, handler)
+    await second.start()
+    try:
+        await first.close()
+        assert await request(sock_path, "echo") == {"cmd": "echo", "args": {}}
+    finally:
+        await second.close()
+
+
+async def test_no_daemon_listening(sock_path: str) -> None:
+    with pytest.raises(DripdError, match="no daemon is listening on") as info:
+        await request(sock_path, "status")
+    assert not isinstance(info.value, ControlError)
+    assert sock_path in info.value.message
+    assert "control.socket" in info.value.message
+
+
+async def test_request_times_out(server: ControlServer) -> None:
+    with pytest.raises(DripdError, match="did not answer within 0.2s"):
+        await request(server.path, "hang", timeout=0.2)

@@ -1,0 +1,192 @@
+"""Migrations: applied once, in order, under a lock, and never silently over an edited past."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import AsyncIterator
+
+import asyncpg
+import pytest
+
+from dripd.db.migrate import (
+    LOCK_KEY,
+    Migration,
+    migrate,
+    migrations,
+    require_current,
+    schema_dir,
+    status,
+    teardown_sql,
+)
+from dripd.errors import DatabaseError, SchemaError
+
+
+@pytest.fixture
+async def empty(server_dsn: str) -> AsyncIterator[asyncpg.Connection]:
+    conn = await asyncpg.connect(server_dsn)
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+def fake(version: int, slug: str, sql: str) -> Migration:
+    return Migration(
+        version=version,
+        name=f"{version:04d}_{slug}.sql",
+        sql=sql,
+        checksum=hashlib.sha256(sql.encode()).hexdigest(),
+    )
+
+
+def with_extra(*extra: Migration) -> list[Migration]:
+    return [*migrations(), *extra]
+
+
+async def ledger(conn: asyncpg.Connection) -> list[tuple[int, str]]:
+    rows = await conn.fetch("SELECT version, name FROM dripd.schema_migrations ORDER BY version")
+    return [(row["version"], row["name"]) for row in rows]
+
+
+def test_migrations_are_the_schema_files_in_order() -> None:
+    found = migrations()
+    assert found[0].name == "0001_init.sql"
+    assert [m.version for m in found] == sorted({m.version for m in found})
+    first = (schema_dir() / "0001_init.sql").read_bytes()
+    assert found[0].checksum == hashlib.sha256(first).hexdigest()
+
+
+async def test_migrate_applies_pending_once(empty: asyncpg.Connection) -> None:
+    names = [m.name for m in migrations()]
+
+    assert await migrate(empty) == names
+    assert await migrate(empty) == []
+    assert [name for _, name in await ledger(empty)] == names
+    assert await empty.fetchval("SELECT to_regclass('dripd.enrollments') IS NOT NULL")
+
+
+async def test_concurrent_migrates_apply_once(server_dsn: str) -> None:
+    conns = [await asyncpg.connect(server_dsn) for _ in range(4)]
+    try:
+        results = await asyncio.gather(*(migrate(conn) for conn in conns))
+        assert sorted(map(len, results)) == [0, 0, 0, len(migrations())]
+        assert len(await ledger(conns[0])) == len(migrations())
+    finally:
+        for conn in conns:
+            await conn.close()
+
+
+async def test_migrate_waits_for_the_lock_holder(server_dsn: str) -> None:
+    holder = await asyncpg.connect(server_dsn)
+    waiter = await asyncpg.connect(server_dsn)
+    try:
+        async with holder.transaction():
+            # Hold the ledger's lock the way a concurrent migrate would.
+            await holder.execute("SELECT pg_advisory_lock($1)", LOCK_KEY)
+            task = asyncio.create_task(migrate(waiter))
+            waiting_pid = waiter.get_server_pid()
+            while not await holder.fetchval(
+                "SELECT count(*) FROM pg_locks WHERE pid = $1 AND locktype = 'advisory'"
+                " AND NOT granted",
+                waiting_pid,
+            ):
+                assert not task.done()
+                await asyncio.sleep(0.01)
+            await holder.execute("SELECT pg_advisory_unlock($1)", LOCK_KEY)
+        assert await task == [m.name for m in migrations()]
+    finally:
+        await holder.close()
+        await waiter.close()
+
+
+async def test_failed_migration_leaves_no_trace(empty: asyncpg.Connection, server_dsn: str) -> None:
+    broken = fake(9001, "broken", "CREATE TABLE dripd.half_done (id int); SELECT 1/0;")
+
+    with pytest.raises(DatabaseError, match=r"migration 9001_broken\.sql failed"):
+        await migrate(empty, available=with_extra(broken))
+
+    assert [name for _, name in await ledger(empty)] == [m.name for m in migrations()]
+    assert await empty.fetchval("SELECT to_regclass('dripd.half_done')") is None
+    # The lock was released: another session can take it at once.
+    other = await asyncpg.connect(server_dsn)
+    try:
+        assert await other.fetchval("SELECT pg_try_advisory_lock($1)", LOCK_KEY)
+    finally:
+        await other.close()
+
+
+async def test_edited_migration_is_refused(empty: asyncpg.Connection) -> None:
+    await migrate(empty)
+    await empty.execute("UPDATE dripd.schema_migrations SET checksum = 'f00d' WHERE version = 1")
+
+    with pytest.raises(SchemaError, match=r"migration 0001_init\.sql was edited .*f00d≠"):
+        await migrate(empty)
+    with pytest.raises(SchemaError, match=r"0001_init\.sql was edited"):
+        await require_current(empty)
+    assert (await status(empty)).edited == ["0001_init.sql"]
+
+
+async def test_applied_migration_without_file_is_refused(empty: asyncpg.Connection) -> None:
+    await migrate(empty)
+    await empty.execute(
+        "INSERT INTO dripd.schema_migrations (version, name, checksum)"
+        " VALUES (9999, '9999_from_the_future.sql', 'abc')"
+    )
+
+    with pytest.raises(SchemaError, match=r"9999_from_the_future\.sql .* file is missing"):
+        await migrate(empty)
+    with pytest.raises(SchemaError, match=r"9999_from_the_future\.sql"):
+        await require_current(empty)
+    found = await status(empty)
+    assert found.unknown == ["9999_from_the_future.sql"]
+    assert not found.current
+
+
+async def test_status_before_and_after_migrate(empty: asyncpg.Connection) -> None:
+    names = [m.name for m in migrations()]
+
+    before = await status(empty)
+    assert (before.applied, before.pending, before.current) == ([], names, False)
+    with pytest.raises(SchemaError, match=r"migration 0001_init\.sql is not applied"):
+        await require_current(empty)
+
+    await migrate(empty)
+
+    after = await status(empty)
+    assert (after.applied, after.pending, after.edited, after.unknown) == (names, [], [], [])
+    assert after.current
+    await require_current(empty)
+
+
+async def test_require_current_names_the_first_pending(empty: asyncpg.Connection) -> None:
+    await migrate(empty)
+    newer = with_extra(fake(9002, "x", "SELECT 1"), fake(9003, "y", "SELECT 1"))
+
+    with pytest.raises(SchemaError, match=r"migration 9002_x\.sql is not applied; run `dripd"):
+        await require_current(empty, available=newer)
+    assert await migrate(empty, available=newer) == ["9002_x.sql", "9003_y.sql"]
+    await require_current(empty, available=newer)
+
+
+async def test_teardown_removes_the_schema(empty: asyncpg.Connection) -> None:
+    await migrate(empty)
+
+    await empty.execute(teardown_sql())
+
+    assert not await empty.fetchval("SELECT count(*) FROM pg_namespace WHERE nspname = 'dripd'")
+    assert (await status(empty)).pending == [m.name for m in migrations()]
+
+
+async def test_driver_errors_become_database_errors(server_dsn: str) -> None:
+    conn = await asyncpg.connect(server_dsn)
+    await conn.close()
+
+    with pytest.raises(DatabaseError, match="could not take the lock"):
+        await migrate(conn)
+    with pytest.raises(DatabaseError):
+        await status(conn)
+
+
+async def test_template_clones_are_current(conn: asyncpg.Connection) -> None:
+    await require_current(conn)
