@@ -12,6 +12,11 @@ from typing import Any
 from dripd.errors import ConfigError
 
 
+# Channels, and the subscriber data key each takes its recipient from when a step has no `to`.
+CHANNELS = frozenset({"email", "sms", "whatsapp", "chat", "webhook"})
+DEFAULT_RECIPIENT = {"email": "email", "sms": "phone", "whatsapp": "phone"}
+
+
 class EnrollmentStatus(StrEnum):
     ACTIVE = "active"
     PAUSED = "paused"

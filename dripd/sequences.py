@@ -15,11 +15,8 @@ from dripd.conditions.expr import ExprSyntaxError, parse
 from dripd.content.liquid import TemplateError, compile_template
 from dripd.db.store import StepRow, TransitionRow, VersionRow
 from dripd.errors import ConfigError, SequenceFileError
-from dripd.model import parse_duration
+from dripd.model import CHANNELS, DEFAULT_RECIPIENT, parse_duration
 
-# Channels and where each finds its recipient when a step has no `to`.
-DEFAULT_RECIPIENT = {"email": "email", "sms": "phone", "whatsapp": "phone"}
-CHANNELS = frozenset({"email", "sms", "whatsapp", "chat", "webhook"})
 _CONTENT = {
     "email": ({"subject", "text", "html"}, "subject and text or html"),
     "sms": ({"body"}, "body"),

@@ -51,6 +51,18 @@ async def server(sock_path: str) -> AsyncIterator[ControlServer]:
         await srv.close()
 
 
+def exists(path: str) -> bool:
+    return os.path.exists(path)
+
+
+def write(path: str, text: str) -> None:
+    Path(path).write_text(text)
+
+
+def read(path: str) -> str:
+    return Path(path).read_text()
+
+
 async def exchange(path: str, *lines: bytes) -> list[dict[str, Any]]:
     """Send raw lines on one connection and read one answer per line."""
     reader, writer = await asyncio.open_unix_connection(path)
@@ -142,7 +154,7 @@ async def test_unexpected_errors_are_internal_and_logged_not_leaked(
 
 
 async def test_start_creates_the_directory_and_sets_the_mode(sock_path: str) -> None:
-    assert not os.path.exists(os.path.dirname(sock_path))
+    assert not exists(os.path.dirname(sock_path))
     srv = ControlServer(sock_path, 0o600, handler)
     await srv.start()
     try:
@@ -151,7 +163,7 @@ async def test_start_creates_the_directory_and_sets_the_mode(sock_path: str) -> 
         assert stat.S_IMODE(st.st_mode) == 0o600
     finally:
         await srv.close()
-    assert not os.path.exists(sock_path)
+    assert not exists(sock_path)
 
 
 async def test_a_stale_socket_file_is_replaced(sock_path: str) -> None:
@@ -180,10 +192,10 @@ async def test_a_live_socket_is_refused(server: ControlServer) -> None:
 
 async def test_a_regular_file_in_the_way_is_left_alone(sock_path: str) -> None:
     os.makedirs(os.path.dirname(sock_path))
-    Path(sock_path).write_text("not mine")
+    write(sock_path, "not mine")
     with pytest.raises(ConfigError, match="is not a socket"):
         await ControlServer(sock_path, 0o660, handler).start()
-    assert Path(sock_path).read_text() == "not mine"
+    assert read(sock_path) == "not mine"
 
 
 async def test_close_ends_open_connections_and_unlinks(sock_path: str) -> None:
@@ -197,7 +209,7 @@ async def test_close_ends_open_connections_and_unlinks(sock_path: str) -> None:
         await srv.close()
     assert await reader.read() == b""
     writer.close()
-    assert not os.path.exists(sock_path)
+    assert not exists(sock_path)
 
 
 async def test_close_leaves_a_successors_socket(sock_path: str) -> None:
@@ -222,5 +234,5 @@ async def test_no_daemon_listening(sock_path: str) -> None:
 
 
 async def test_request_times_out(server: ControlServer) -> None:
-    with pytest.raises(DripdError, match="did not answer within 0.2s"):
+    with pytest.raises(DripdError, match=r"did not answer within 0\.2s"):
         await request(server.path, "hang", timeout=0.2)

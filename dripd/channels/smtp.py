@@ -244,9 +244,9 @@ class SmtpChannel:
                     return PermanentError(f"{where}: authentication failed: {reply}")
                 return TransientError(f"{where}: authentication temporarily failed: {reply}")
             case aiosmtplib.SMTPRecipientsRefused(recipients=[refused, *_]):
-                return self._by_code(refused.code, f"recipient refused: {refused.message}")
+                return self._by_code(refused.code, refused.message, "recipient refused, ")
             case aiosmtplib.SMTPResponseException(code=code, message=text):
-                return self._by_code(code, text)
+                return self._by_code(code, text, "")
             case aiosmtplib.SMTPNotSupported():
                 return PermanentError(f"{where}: {self._redact(str(exc))}")
             case aiosmtplib.SMTPTimeoutError() | TimeoutError():
@@ -261,8 +261,8 @@ class SmtpChannel:
             case _:
                 return TransientError(f"{where}: {type(exc).__name__}")
 
-    def _by_code(self, code: int, text: str) -> ChannelError:
-        reply = f"{self._where}: server replied {code} {self._redact(text)}".rstrip()
+    def _by_code(self, code: int, text: str, what: str) -> ChannelError:
+        reply = f"{self._where}: {what}server replied {code} {self._redact(text)}".rstrip()
         if 500 <= code < 600:
             return PermanentError(reply)
         return TransientError(reply)

@@ -142,7 +142,7 @@ class HttpServer:
         """Bind `host:port` (port 0 picks a free one, see `.port`) and return once listening."""
         if self._task is not None:
             raise RuntimeError("HttpServer already started")
-        sock = _bind(host, port)
+        sock = await _bind(host, port)
         self.host, self.port = host, sock.getsockname()[1]
         config = uvicorn.Config(
             self.app,
@@ -160,12 +160,14 @@ class HttpServer:
         listening = asyncio.create_task(server.listening.wait())
         try:
             await asyncio.wait({task, listening}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            await self.stop(timeout=1.0)
+            raise
         finally:
             listening.cancel()
         if not server.listening.is_set():
             self._server = self._task = None
             sock.close()
-            # serve() ended before listening: surface its error (uvicorn exits via SystemExit).
             exc = task.exception() if not task.cancelled() else None
             raise ConfigError(f"http.listen: the HTTP server did not start: {exc!r}") from exc
 
@@ -184,13 +186,17 @@ class HttpServer:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        except asyncio.CancelledError:
+            server.force_exit = True
+            task.cancel()
+            raise
 
 
-def _bind(host: str, port: int) -> socket.socket:
+async def _bind(host: str, port: int) -> socket.socket:
     """Bind a listening socket ourselves, so a taken port is a clear ConfigError."""
     where = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
     try:
-        infos = socket.getaddrinfo(
+        infos = await asyncio.get_running_loop().getaddrinfo(
             host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
         )
     except socket.gaierror as exc:

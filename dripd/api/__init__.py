@@ -1,0 +1,337 @@
+"""The Python API for host applications: enroll, track events, suppress, pause, resume.
+
+Every function takes an asyncpg connection or pool and an explicit tenant scope
+(`tenant=None` is the global scope, never "every tenant"). Given a connection inside
+the caller's transaction, the work commits or rolls back with it.
+"""
+
+from __future__ import annotations
+
+import uuid
+import zoneinfo
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from enum import Enum
+from typing import Any, Final
+
+import asyncpg
+
+from dripd.db import store
+from dripd.errors import ConfigError, Conflict, NotFound
+from dripd.model import EnrollmentStatus
+from dripd.rules.suppression import normalize
+
+__all__ = [
+    "ALL_TENANTS",
+    "Enrollment",
+    "Event",
+    "Replayed",
+    "Suppression",
+    "enroll",
+    "get_enrollment",
+    "pause",
+    "replay",
+    "resume",
+    "suppress",
+    "track_event",
+    "unenroll",
+]
+
+Db = asyncpg.Connection | asyncpg.Pool
+
+
+class _AllTenants(Enum):
+    ALL = "all"
+
+
+#: Operator scope for `replay` from the control socket: any tenant's execution.
+ALL_TENANTS: Final = _AllTenants.ALL
+
+SUPPRESSION_REASONS = frozenset({"manual", "unsubscribe", "bounce", "complaint", "provider_block"})
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Enrollment:
+    id: uuid.UUID
+    tenant_key: str | None
+    sequence_key: str
+    version: int
+    subscriber_type: str
+    subscriber_id: str
+    status: EnrollmentStatus
+    status_reason: str | None
+    data: dict[str, Any]
+    timezone: str | None
+    created_at: datetime
+    ended_at: datetime | None
+    next_step: str | None
+    next_due_at: datetime | None
+    created: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return _jsonable(asdict(self))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Event:
+    id: int
+    created: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Suppression:
+    tenant_key: str | None
+    channel: str
+    address: str
+    reason: str
+    created: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Replayed:
+    execution_id: uuid.UUID
+    replay: int
+    advances: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return _jsonable(asdict(self))
+
+
+def _jsonable(value: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, item in value.items():
+        if isinstance(item, uuid.UUID):
+            item = str(item)
+        elif isinstance(item, datetime):
+            item = item.isoformat()
+        elif isinstance(item, Enum):
+            item = item.value
+        out[key] = item
+    return out
+
+
+def _now(now: datetime | None) -> datetime:
+    return now if now is not None else datetime.now(UTC)
+
+
+def _subscriber(subscriber_id: str, subscriber_type: str) -> None:
+    if not isinstance(subscriber_id, str) or not subscriber_id.strip():
+        raise ConfigError("subscriber_id: must be a non-empty string")
+    if not isinstance(subscriber_type, str) or not subscriber_type.strip():
+        raise ConfigError("subscriber_type: must be a non-empty string")
+
+
+async def enroll(
+    db: Db, *, tenant: str | None, sequence_key: str, subscriber_id: str,
+    subscriber_type: str = "user", data: Mapping[str, Any] | None = None,
+    now: datetime | None = None,
+) -> Enrollment:
+    """Enroll a subscriber in the active version of a sequence and schedule its first step.
+
+    Enrolling a subscriber who already has an active or paused enrollment returns that
+    enrollment (`created=False`). A sequence of the tenant wins over a global one of the
+    same key; either way the enrollment belongs to `tenant`.
+    """
+    _subscriber(subscriber_id, subscriber_type)
+    data = dict(data or {})
+    timezone = data.get("timezone")
+    if timezone is not None:
+        if not isinstance(timezone, str):
+            raise ConfigError("data.timezone: must be an IANA timezone name")
+        try:
+            zoneinfo.ZoneInfo(timezone)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError) as exc:
+            raise ConfigError(f"data.timezone: {timezone!r} is not a known IANA timezone") from exc
+    at = _now(now)
+    async with store.transaction(db) as conn:
+        seq = await store.find_sequence(conn, tenant, sequence_key)
+        if seq is None:
+            raise NotFound(f"no sequence {sequence_key!r} for tenant {tenant or '(global)'}")
+        if seq["version_id"] is None or seq["first_step_id"] is None:
+            raise Conflict(f"sequence {sequence_key!r} has no active version; run `dripd apply`")
+        row = await store.insert_enrollment(
+            conn, tenant=tenant, sequence_id=seq["sequence_id"], version_id=seq["version_id"],
+            subscriber_type=subscriber_type, subscriber_id=subscriber_id, data=data,
+            timezone=timezone, now=at,
+        )
+        if row is None:
+            existing = await store.latest_enrollment(conn, tenant, seq["sequence_id"],
+                                                     subscriber_type, subscriber_id)
+            assert existing is not None
+            return await _load(conn, tenant, existing["id"], created=False)
+        previous = await _previous(conn, tenant, seq["sequence_id"], subscriber_type,
+                                   subscriber_id, row["id"])
+        if previous is not None:
+            _check_reenroll(seq["reenroll"], previous, sequence_key)
+        due = at + seq["first_delay"]
+        await store.insert_execution(conn, tenant, row["id"], seq["first_step_id"], due)
+        await store.notify_due(conn, due)
+        return await _load(conn, tenant, row["id"], created=True)
+
+
+async def _previous(
+    conn: asyncpg.Connection, tenant: str | None, sequence_id: uuid.UUID, subscriber_type: str,
+    subscriber_id: str, new_id: uuid.UUID,
+) -> str | None:
+    status: str | None = await conn.fetchval(
+        store.Q.latest_enrollment.replace("SELECT *", "SELECT status", 1).replace(
+            "WHERE ", "WHERE id <> $5 AND ", 1),
+        tenant, sequence_id, subscriber_type, subscriber_id, new_id,
+    )
+    return status
+
+
+def _check_reenroll(policy: str, previous: str, sequence_key: str) -> None:
+    if policy == "always":
+        return
+    if policy == "after_exit" and previous == EnrollmentStatus.EXITED:
+        return
+    raise Conflict(
+        f"subscriber was enrolled in {sequence_key!r} before (status {previous}) and the "
+        f"sequence's reenroll policy is {policy!r}"
+    )
+
+
+async def _load(
+    conn: asyncpg.Connection, tenant: str | None, enrollment_id: uuid.UUID, *, created: bool
+) -> Enrollment:
+    row = await store.get_enrollment(conn, tenant, enrollment_id)
+    if row is None:
+        raise NotFound(f"no enrollment {enrollment_id} for tenant {tenant or '(global)'}")
+    return Enrollment(
+        id=row["id"], tenant_key=row["tenant_key"], sequence_key=row["sequence_key"],
+        version=row["version"], subscriber_type=row["subscriber_type"],
+        subscriber_id=row["subscriber_id"], status=EnrollmentStatus(row["status"]),
+        status_reason=row["status_reason"], data=store.json_value(row["data"]),
+        timezone=row["timezone"], created_at=row["created_at"], ended_at=row["ended_at"],
+        next_step=row["pending_step_key"], next_due_at=row["pending_due_at"], created=created,
+    )
+
+
+async def get_enrollment(db: Db, *, tenant: str | None, enrollment_id: uuid.UUID) -> Enrollment:
+    """One enrollment in the tenant scope, with its next step; NotFound otherwise."""
+    with store.translated():
+        async with store.acquire(db) as conn:
+            return await _load(conn, tenant, enrollment_id, created=False)
+
+
+async def _move(
+    conn: asyncpg.Connection, tenant: str | None, enrollment_id: uuid.UUID,
+    to: EnrollmentStatus, allowed: tuple[EnrollmentStatus, ...], reason: str | None,
+    at: datetime,
+) -> None:
+    row = await store.set_enrollment_status(conn, tenant, enrollment_id, to.value,
+                                            [a.value for a in allowed], reason, at)
+    if row is not None:
+        return
+    current = await store.get_enrollment(conn, tenant, enrollment_id)
+    if current is None:
+        raise NotFound(f"no enrollment {enrollment_id} for tenant {tenant or '(global)'}")
+    raise Conflict(f"enrollment {enrollment_id} is {current['status']}; cannot move it to {to}")
+
+
+async def pause(
+    db: Db, *, tenant: str | None, enrollment_id: uuid.UUID, now: datetime | None = None
+) -> Enrollment:
+    """Hold an active enrollment: its pending step waits, nothing is cancelled."""
+    async with store.transaction(db) as conn:
+        await _move(conn, tenant, enrollment_id, EnrollmentStatus.PAUSED,
+                    (EnrollmentStatus.ACTIVE,), "paused", _now(now))
+        await store.hold_pending(conn, enrollment_id)
+        return await _load(conn, tenant, enrollment_id, created=False)
+
+
+async def resume(
+    db: Db, *, tenant: str | None, enrollment_id: uuid.UUID, now: datetime | None = None
+) -> Enrollment:
+    """Continue a paused enrollment where it stopped; a delay that ran out meanwhile is due now."""
+    async with store.transaction(db) as conn:
+        await _move(conn, tenant, enrollment_id, EnrollmentStatus.ACTIVE,
+                    (EnrollmentStatus.PAUSED,), None, _now(now))
+        due = await store.release_held(conn, enrollment_id)
+        if due is not None:
+            await store.notify_due(conn, due)
+        return await _load(conn, tenant, enrollment_id, created=False)
+
+
+async def unenroll(
+    db: Db, *, tenant: str | None, enrollment_id: uuid.UUID, reason: str = "unenrolled",
+    now: datetime | None = None,
+) -> Enrollment:
+    """Cancel an active or paused enrollment; its pending step is skipped with `reason`."""
+    at = _now(now)
+    async with store.transaction(db) as conn:
+        await _move(conn, tenant, enrollment_id, EnrollmentStatus.CANCELLED,
+                    (EnrollmentStatus.ACTIVE, EnrollmentStatus.PAUSED), reason, at)
+        await store.skip_pending(conn, enrollment_id, reason, at)
+        return await _load(conn, tenant, enrollment_id, created=False)
+
+
+async def track_event(
+    db: Db, *, tenant: str | None, subscriber_id: str, key: str,
+    subscriber_type: str = "user", data: Mapping[str, Any] | None = None,
+    idempotency_id: str | None = None, now: datetime | None = None,
+) -> Event:
+    """Record an event of a subscriber; the same idempotency id twice records one event."""
+    _subscriber(subscriber_id, subscriber_type)
+    if not isinstance(key, str) or not key.strip():
+        raise ConfigError("key: an event needs a non-empty key")
+    if idempotency_id is not None and not idempotency_id:
+        raise ConfigError("idempotency_id: must not be empty")
+    async with store.transaction(db) as conn:
+        event_id, created = await store.insert_event(
+            conn, tenant=tenant, subscriber_type=subscriber_type, subscriber_id=subscriber_id,
+            key=key, data=dict(data or {}), idempotency_id=idempotency_id, now=_now(now),
+        )
+    return Event(id=event_id, created=created)
+
+
+async def suppress(
+    db: Db, *, tenant: str | None, channel: str, address: str, reason: str = "manual",
+    source: str | None = None, now: datetime | None = None,
+) -> Suppression:
+    """Stop every send to `address` on `channel` (in this tenant, or everywhere if global)."""
+    if not isinstance(channel, str) or not channel.strip():
+        raise ConfigError("channel: must be a channel name such as email or sms")
+    if not isinstance(address, str) or not address.strip():
+        raise ConfigError("address: must not be empty")
+    if reason not in SUPPRESSION_REASONS:
+        raise ConfigError(f"reason: {reason!r} is not one of {', '.join(sorted(SUPPRESSION_REASONS))}")
+    normalized = normalize(channel, address)
+    async with store.transaction(db) as conn:
+        row = await store.insert_suppression(conn, tenant=tenant, channel=channel,
+                                             address=normalized, reason=reason, source=source,
+                                             now=_now(now))
+    return Suppression(tenant_key=row["tenant_key"], channel=row["channel"],
+                       address=row["address"], reason=row["reason"], created=row["created"])
+
+
+async def replay(
+    db: Db, *, tenant: str | None | _AllTenants, execution_id: uuid.UUID,
+    now: datetime | None = None,
+) -> Replayed:
+    """Send a failed execution again, with a new idempotency key and Message-ID.
+
+    If its failure ended the enrollment, the enrollment is reactivated and the flow
+    continues after it; otherwise the replay sends once and does not advance.
+    """
+    any_tenant = tenant is ALL_TENANTS
+    scope = None if isinstance(tenant, _AllTenants) else tenant
+    at = _now(now)
+    async with store.transaction(db) as conn:
+        row = await store.replay(conn, execution_id, tenant=scope, any_tenant=any_tenant, now=at)
+        if row is None:
+            current = await store.execution_status(conn, execution_id)
+            if current is None or (not any_tenant and current["tenant_key"] != scope):
+                raise NotFound(f"no execution {execution_id}")
+            raise Conflict(f"execution {execution_id} is {current['status']}; only a failed "
+                           "execution can be replayed")
+        await store.notify_due(conn, at)
+    return Replayed(execution_id=row["id"], replay=row["replay"], advances=row["advance"])

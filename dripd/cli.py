@@ -1,0 +1,402 @@
+"""The `dripd` command line: thin wrappers over the daemon, the store and the Python API."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from dripd import __version__, api, config as config_mod, logs
+from dripd.channels import registry
+from dripd.channels.credentials import ENV_VAR, Vault, generate_key
+from dripd.config import Config
+from dripd.control import request as control_request
+from dripd.db import migrate as migrate_mod, store
+from dripd.engine.adapters import adapter_aad
+from dripd.errors import ConfigError, DripdError
+from dripd.sequences import load_file
+
+Handler = Callable[[argparse.Namespace, Config], Awaitable[Any]]
+
+
+def _print(args: argparse.Namespace, result: Any, human: Callable[[Any], str] | None = None) -> None:
+    if getattr(args, "json", False) or human is None:
+        sys.stdout.write(msgspec.json.encode(result).decode() + "\n")
+    else:
+        sys.stdout.write(human(result) + "\n")
+
+
+def _dsn(args: argparse.Namespace, cfg: Config) -> str:
+    dsn = getattr(args, "dsn", None) or os.environ.get("DRIPD_DSN") or cfg.database.dsn
+    if not dsn:
+        raise ConfigError("no database: pass --dsn, set DRIPD_DSN, or set database.dsn in the config")
+    return dsn
+
+
+def _json_arg(text: str | None, name: str) -> dict[str, Any]:
+    if text is None:
+        return {}
+    try:
+        value = msgspec.json.decode(text)
+    except msgspec.DecodeError as exc:
+        raise ConfigError(f"{name}: not valid JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise ConfigError(f"{name}: must be a JSON object")
+    return value
+
+
+async def _with_conn(args: argparse.Namespace, cfg: Config,
+                     body: Callable[[store.Connection], Awaitable[Any]]) -> Any:
+    conn = await store.connect(_dsn(args, cfg), timeout=cfg.connect_timeout.total_seconds())
+    try:
+        return await body(conn)
+    finally:
+        await conn.close()
+
+
+# --- schema ------------------------------------------------------------------------------
+
+
+async def cmd_migrate(args: argparse.Namespace, cfg: Config) -> None:
+    applied = await _with_conn(args, cfg, migrate_mod.migrate)
+    _print(args, {"applied": applied},
+           lambda r: "\n".join(f"applied {n}" for n in r["applied"]) or "schema is current")
+
+
+async def cmd_check_schema(args: argparse.Namespace, cfg: Config) -> int:
+    status = await _with_conn(args, cfg, migrate_mod.status)
+    result = {"current": status.current, "applied": status.applied, "pending": status.pending,
+              "edited": status.edited, "unknown": status.unknown}
+
+    def human(r: dict[str, Any]) -> str:
+        if r["current"]:
+            return f"schema is current ({len(r['applied'])} migrations applied)"
+        parts = [f"{k}: {', '.join(r[k])}" for k in ("pending", "edited", "unknown") if r[k]]
+        return "schema is NOT current: " + "; ".join(parts)
+
+    _print(args, result, human)
+    return 0 if status.current else 1
+
+
+async def cmd_uninstall(args: argparse.Namespace, cfg: Config) -> None:
+    sql = migrate_mod.teardown_sql()
+    if not args.execute:
+        _print(args, {"sql": sql, "executed": False}, lambda r: r["sql"].rstrip())
+        return
+
+    async def run(conn: store.Connection) -> None:
+        with store.translated():
+            await conn.execute(sql)
+
+    await _with_conn(args, cfg, run)
+    _print(args, {"sql": sql, "executed": True}, lambda _: "dripd schema dropped")
+
+
+# --- authoring ---------------------------------------------------------------------------
+
+
+async def cmd_apply(args: argparse.Namespace, cfg: Config) -> None:
+    specs = [load_file(Path(p)) for p in args.files]  # all validated before anything is written
+    now = datetime.now(UTC)
+
+    async def run(conn: store.Connection) -> list[store.Applied]:
+        async with store.transaction(conn) as tx:
+            return [await store.apply_version(tx, spec, now=now) for spec in specs]
+
+    applied = await _with_conn(args, cfg, run)
+    result = [{"file": f, "key": a.key, "tenant": a.tenant_key, "version": a.version,
+               "created": a.created} for f, a in zip(args.files, applied, strict=True)]
+    _print(args, result, lambda rs: "\n".join(
+        f"{r['file']}: {r['key']} v{r['version']} " + ("created and activated" if r["created"]
+                                                        else "unchanged") for r in rs))
+
+
+# --- the Python API, wrapped -------------------------------------------------------------
+
+
+async def cmd_enroll(args: argparse.Namespace, cfg: Config) -> None:
+    data = _json_arg(args.data, "--data")
+    enrollment = await _with_conn(args, cfg, lambda c: api.enroll(
+        c, tenant=args.tenant, sequence_key=args.sequence, subscriber_id=args.subscriber,
+        subscriber_type=args.type, data=data))
+    _print(args, enrollment.to_dict(), lambda r: (
+        f"enrollment {r['id']} {r['status']}" + ("" if r["created"] else " (already enrolled)")))
+
+
+async def cmd_event(args: argparse.Namespace, cfg: Config) -> None:
+    data = _json_arg(args.data, "--data")
+    event = await _with_conn(args, cfg, lambda c: api.track_event(
+        c, tenant=args.tenant, subscriber_id=args.subscriber, key=args.key,
+        subscriber_type=args.type, data=data, idempotency_id=args.id))
+    _print(args, event.to_dict(), lambda r: f"event {r['id']} " + (
+        "recorded" if r["created"] else "already recorded (same --id)"))
+
+
+async def cmd_suppress(args: argparse.Namespace, cfg: Config) -> None:
+    result = await _with_conn(args, cfg, lambda c: api.suppress(
+        c, tenant=args.tenant, channel=args.channel, address=args.address, reason=args.reason,
+        source="cli"))
+    _print(args, result.to_dict(), lambda r: f"suppressed {r['channel']} {r['address']}")
+
+
+async def cmd_replay(args: argparse.Namespace, cfg: Config) -> None:
+    execution_id = _uuid(args.execution_id, "EXECUTION_ID")
+    result = await _with_conn(args, cfg, lambda c: api.replay(
+        c, tenant=api.ALL_TENANTS if args.tenant is None else args.tenant,
+        execution_id=execution_id))
+    _print(args, result.to_dict(), lambda r: f"execution {r['execution_id']} replay {r['replay']} scheduled")
+
+
+def _uuid(text: str, name: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(text)
+    except ValueError as exc:
+        raise ConfigError(f"{name}: {text!r} is not a UUID") from exc
+
+
+# --- adapters ----------------------------------------------------------------------------
+
+
+def _read_credentials(source: str | None) -> dict[str, Any]:
+    if source is None:
+        return {}
+    try:
+        text = sys.stdin.read() if source == "-" else Path(source).read_text()
+    except OSError as exc:
+        raise ConfigError(f"--credentials-file: cannot read {source}: {exc.strerror}") from exc
+    try:
+        value = msgspec.json.decode(text)
+    except msgspec.DecodeError as exc:
+        # Never echo the content: it is a secret.
+        raise ConfigError("--credentials-file: not a JSON object") from exc
+    if not isinstance(value, dict):
+        raise ConfigError("--credentials-file: not a JSON object")
+    return value
+
+
+async def cmd_adapter_add(args: argparse.Namespace, cfg: Config) -> None:
+    config = _json_arg(args.config, "--config")
+    credentials = _read_credentials(args.credentials_file)
+    registry.validate(args.channel, args.provider, config, credentials)
+    adapter_id = uuid.uuid4()
+    blob = None
+    if credentials:
+        blob = Vault.from_env().encrypt(credentials, aad=adapter_aad(adapter_id))
+
+    async def run(conn: store.Connection) -> Any:
+        async with store.transaction(conn) as tx:
+            row = await store.insert_adapter(
+                tx, adapter_id=adapter_id, tenant=args.tenant, name=args.name,
+                channel=args.channel, provider=args.provider, config=config, credentials=blob,
+                is_default=args.default, now=datetime.now(UTC))
+            await store.notify_adapters(tx)
+            return row
+
+    row = await _with_conn(args, cfg, run)
+    _print(args, _adapter_dict(row), lambda r: f"adapter {r['name']} added ({r['id']})")
+
+
+def _adapter_dict(row: Any) -> dict[str, Any]:
+    return {"id": str(row["id"]), "tenant": row["tenant_key"], "name": row["name"],
+            "channel": row["channel"], "provider": row["provider"],
+            "config": store.json_value(row["config"]), "default": row["is_default"],
+            "enabled": row["enabled"]}
+
+
+async def cmd_adapter_list(args: argparse.Namespace, cfg: Config) -> None:
+    rows = await _with_conn(args, cfg, lambda c: store.list_adapters(
+        c, args.tenant, all_tenants=args.all_tenants))
+    result = [_adapter_dict(r) for r in rows]
+    _print(args, result, lambda rs: "\n".join(
+        f"{r['name']:<20} {r['channel']:<8} {r['provider']:<8} tenant={r['tenant'] or '-'}"
+        f"{' default' if r['default'] else ''}{'' if r['enabled'] else ' disabled'}"
+        for r in rs) or "no adapters")
+
+
+async def cmd_adapter_disable(args: argparse.Namespace, cfg: Config) -> None:
+    async def run(conn: store.Connection) -> Any:
+        async with store.transaction(conn) as tx:
+            row = await store.disable_adapter(tx, args.tenant, args.name, datetime.now(UTC))
+            if row is None:
+                from dripd.errors import NotFound
+                raise NotFound(f"no adapter {args.name!r} for tenant {args.tenant or '(global)'}")
+            await store.notify_adapters(tx)
+            return row
+
+    row = await _with_conn(args, cfg, run)
+    _print(args, _adapter_dict(row), lambda r: f"adapter {r['name']} disabled")
+
+
+async def cmd_keygen(args: argparse.Namespace, cfg: Config) -> None:
+    key = generate_key()
+    _print(args, {"key": key, "env": ENV_VAR}, lambda r: r["key"])
+
+
+# --- the daemon --------------------------------------------------------------------------
+
+
+async def cmd_run(args: argparse.Namespace, cfg: Config) -> None:
+    from dripd.engine.daemon import Daemon
+
+    if args.dsn:
+        cfg.database.dsn = args.dsn
+    await Daemon(cfg).run()
+
+
+async def cmd_ctl(args: argparse.Namespace, cfg: Config) -> None:
+    socket_path = args.socket or cfg.control.socket
+    command, rest = args.command, args.args
+    payload: dict[str, Any] = {}
+    if command == "replay":
+        if len(rest) != 1:
+            raise ConfigError("ctl replay: takes exactly one EXECUTION_ID")
+        payload = {"execution_id": rest[0]}
+    elif rest:
+        raise ConfigError(f"ctl {command}: takes no arguments")
+    result = await control_request(socket_path, command, payload,
+                                   timeout=args.timeout)
+    _print(args, result, lambda r: "\n".join(f"{k}: {v}" for k, v in r.items())
+           if isinstance(r, dict) else str(r))
+
+
+async def cmd_dev(args: argparse.Namespace, cfg: Config) -> None:
+    from dripd.dev import run_dev
+
+    await run_dev(args, cfg)
+
+
+# --- parser ------------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    config_help = ("config file (default: $DRIPD_CONFIG, else /etc/dripd/dripd.toml, else "
+                   "built-in defaults)")
+    # `adapter add` owns `--config JSON` (a fixed point of the CLI), so its config file can
+    # only be given before the command: `dripd --config PATH adapter add ...`.
+    output = argparse.ArgumentParser(add_help=False)
+    output.add_argument("--json", action="store_true", help="print one JSON document")
+    output.add_argument("-v", "--verbose", action="store_true", help="tracebacks on errors")
+    output.add_argument("--dsn", help="Postgres DSN (default: $DRIPD_DSN, else database.dsn)")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", dest="config_path", type=Path, default=argparse.SUPPRESS,
+                        help=config_help)
+    common.add_argument("--json", action="store_true", help="print one JSON document")
+    common.add_argument("-v", "--verbose", action="store_true", help="tracebacks on errors")
+    db = argparse.ArgumentParser(add_help=False, parents=[common])
+    db.add_argument("--dsn", help="Postgres DSN (default: $DRIPD_DSN, else database.dsn)")
+    tenant = argparse.ArgumentParser(add_help=False)
+    tenant.add_argument("--tenant", default=None, help="tenant key (absent: global)")
+
+    p = argparse.ArgumentParser(prog="dripd", description="Drip and sequence messaging daemon.")
+    p.add_argument("--version", action="version", version=f"dripd {__version__}")
+    p.add_argument("--config", dest="config_path", type=Path, default=None, help=config_help)
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    def add(name: str, handler: Handler, help_: str, parents: Sequence[argparse.ArgumentParser]
+            ) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help_, parents=list(parents), description=help_)
+        sp.set_defaults(handler=handler)
+        return sp
+
+    add("run", cmd_run, "run the daemon until SIGTERM/SIGINT", [db])
+    dev = add("dev", cmd_dev, "a throwaway Postgres, the examples, outbox adapters and the daemon",
+              [db])
+    dev.add_argument("--examples", type=Path, default=None, help="sequence files directory")
+    dev.add_argument("--subscribers", type=int, default=3, help="demo subscribers to enroll")
+    dev.add_argument("--http", default="127.0.0.1:8025", help="HTTP listen address")
+    add("migrate", cmd_migrate, "apply pending schema migrations", [db])
+    add("check-schema", cmd_check_schema, "exit 1 unless the schema is current", [db])
+    un = add("uninstall", cmd_uninstall, "print the teardown SQL (run it with --execute)", [db])
+    un.add_argument("--execute", action="store_true", help="drop the dripd schema and all its data")
+    ap = add("apply", cmd_apply, "create or update sequences from sequence files", [db])
+    ap.add_argument("files", nargs="+", metavar="FILE")
+    en = add("enroll", cmd_enroll, "enroll a subscriber in a sequence", [db, tenant])
+    en.add_argument("sequence", metavar="SEQUENCE_KEY")
+    en.add_argument("subscriber", metavar="SUBSCRIBER_ID")
+    en.add_argument("--type", default="user", help="subscriber type (default user)")
+    en.add_argument("--data", help="subscriber data as a JSON object")
+    ev = add("event", cmd_event, "record an event of a subscriber", [db, tenant])
+    ev.add_argument("subscriber", metavar="SUBSCRIBER_ID")
+    ev.add_argument("key", metavar="EVENT_KEY")
+    ev.add_argument("--type", default="user", help="subscriber type (default user)")
+    ev.add_argument("--data", help="event data as a JSON object")
+    ev.add_argument("--id", help="idempotency id: the same id twice records one event")
+    su = add("suppress", cmd_suppress, "stop all sends to an address on a channel", [db, tenant])
+    su.add_argument("channel", metavar="CHANNEL")
+    su.add_argument("address", metavar="ADDRESS")
+    su.add_argument("--reason", default="manual",
+                    choices=sorted(api.SUPPRESSION_REASONS), help="why (default manual)")
+    rp = add("replay", cmd_replay, "send a failed execution again", [db])
+    rp.add_argument("execution_id", metavar="EXECUTION_ID")
+    rp.add_argument("--tenant", default=None, help="only within this tenant")
+
+    ad = sub.add_parser("adapter", help="channel adapters: add, list, disable")
+    ad_sub = ad.add_subparsers(dest="adapter_cmd", required=True, metavar="ACTION")
+    aa = ad_sub.add_parser("add", parents=[output, tenant], help="add a channel adapter")
+    aa.set_defaults(handler=cmd_adapter_add)
+    aa.add_argument("name", metavar="NAME")
+    aa.add_argument("--channel", required=True)
+    aa.add_argument("--provider", required=True)
+    aa.add_argument("--default", action="store_true", help="the default for its channel/tenant")
+    aa.add_argument("--config", help="adapter config as a JSON object")
+    aa.add_argument("--credentials-file", metavar="PATH|-",
+                    help="credentials as a JSON object, from a file or - for stdin")
+    al = ad_sub.add_parser("list", parents=[db, tenant], help="list adapters")
+    al.set_defaults(handler=cmd_adapter_list)
+    al.add_argument("--all-tenants", action="store_true")
+    adis = ad_sub.add_parser("disable", parents=[db, tenant], help="disable an adapter")
+    adis.set_defaults(handler=cmd_adapter_disable)
+    adis.add_argument("name", metavar="NAME")
+
+    add("keygen", cmd_keygen, f"print a new {ENV_VAR}", [common])
+    ctl = add("ctl", cmd_ctl, "talk to a running daemon over its control socket", [common])
+    ctl.add_argument("--socket", help="control socket (default: control.socket)")
+    ctl.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for an answer")
+    ctl.add_argument("command", choices=["status", "pause", "resume", "drain", "replay"])
+    ctl.add_argument("args", nargs="*")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: exit 0 ok, 1 error, 2 bad configuration or input."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    verbose = getattr(args, "verbose", False)
+    try:
+        cfg = config_mod.load(args.config_path)
+        logs.configure(cfg.log.level, cfg.log.format, stream=sys.stderr)
+        result = asyncio.run(args.handler(args, cfg))
+    except DripdError as exc:
+        if verbose:
+            import traceback
+
+            traceback.print_exc()
+        print(f"dripd: {_chain(exc)}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+    return int(result) if isinstance(result, int) else 0
+
+
+def _chain(exc: BaseException) -> str:
+    """The error and its causes, in one or two readable lines."""
+    parts = [str(exc) or type(exc).__name__]
+    cause = exc.__cause__
+    while cause is not None and len(parts) < 3:
+        text = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
+        if text not in parts[-1]:
+            parts.append(text)
+        cause = cause.__cause__
+    return parts[0] + ("\n  caused by: " + "; ".join(parts[1:]) if len(parts) > 1 else "")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

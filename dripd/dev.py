@@ -1,0 +1,138 @@
+"""`dripd dev`: a throwaway Postgres, the example sequences, outbox adapters and the real daemon."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib.resources
+import os
+import sys
+import tempfile
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from dripd import api, logs
+from dripd.config import Config
+from dripd.db import migrate, store
+from dripd.db.cluster import ThrowawayCluster
+from dripd.engine.daemon import Daemon
+from dripd.errors import ConfigError
+from dripd.sequences import load_file
+
+_DEMO = [
+    {"first_name": "Ada", "plan": "pro"},
+    {"first_name": "Grace", "plan": "free"},
+    {"first_name": "Linus"},
+]
+
+
+def examples_dir() -> Path:
+    packaged = importlib.resources.files("dripd") / "_examples"
+    if packaged.is_dir():
+        return Path(str(packaged))
+    return Path(__file__).resolve().parents[1] / "examples"
+
+
+async def run_dev(args: argparse.Namespace, cfg: Config) -> None:
+    """Set everything up, run the daemon, print each message as it is sent, clean up on Ctrl-C."""
+    workdir = Path(tempfile.mkdtemp(prefix="dripd-dev-"))
+    cluster: ThrowawayCluster | None = None
+    dsn = args.dsn or os.environ.get("DRIPD_DSN") or ""
+    try:
+        if not dsn:
+            _say("starting a throwaway Postgres cluster (initdb/pg_ctl)…")
+            cluster = ThrowawayCluster()
+            dsn = await cluster.start()
+            _say(f"Postgres ready at {dsn}" + (f" (running as {cluster.run_as})"
+                                                if cluster.run_as else ""))
+        outbox = workdir / "outbox.jsonl"
+        outbox.touch()
+        await _prepare(dsn, args, outbox)
+        cfg.database.dsn = dsn
+        cfg.control.socket = str(workdir / "control.sock")
+        cfg.http.listen = args.http
+        cfg.worker.poll_interval = "5s"
+        logs.configure(cfg.log.level, "console", stream=sys.stderr)
+        daemon = Daemon(cfg)
+        _say(f"control socket {cfg.control.socket}; http://{args.http}/metrics; "
+             f"outbox {outbox}")
+        _say("sending (Ctrl-C stops and removes everything)…")
+        tail = asyncio.create_task(_tail(outbox))
+        try:
+            await daemon.run()
+        finally:
+            tail.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await tail
+    finally:
+        if cluster is not None:
+            _say("stopping the throwaway cluster")
+            await cluster.stop()
+        for path in sorted(workdir.glob("*"), reverse=True):
+            with contextlib.suppress(OSError):
+                path.unlink()
+        with contextlib.suppress(OSError):
+            workdir.rmdir()
+
+
+async def _prepare(dsn: str, args: argparse.Namespace, outbox: Path) -> None:
+    folder = args.examples or examples_dir()
+    files = sorted(folder.glob("*.toml"))
+    if not files:
+        raise ConfigError(f"--examples: no *.toml sequence files in {folder}")
+    specs = [load_file(f) for f in files]
+    conn = await store.connect(dsn)
+    now = datetime.now(UTC)
+    try:
+        for name in await migrate.migrate(conn):
+            _say(f"applied migration {name}")
+        async with store.transaction(conn) as tx:
+            for spec in specs:
+                applied = await store.apply_version(tx, spec, now=now)
+                _say(f"sequence {applied.key} v{applied.version}")
+            existing = {r["name"] for r in await store.list_adapters(tx, None, all_tenants=True)}
+            for channel in ("email", "sms", "whatsapp", "chat", "webhook"):
+                name = f"dev-{channel}"
+                if name in existing:
+                    continue
+                await store.insert_adapter(
+                    tx, adapter_id=uuid.uuid4(), tenant=None, name=name, channel=channel,
+                    provider="outbox", config={"path": str(outbox), "from": "dev@dripd.local"},
+                    credentials=None, is_default=True, now=now)
+        for n in range(args.subscribers):
+            data: dict[str, Any] = dict(_DEMO[n % len(_DEMO)])
+            data["email"] = f"demo{n + 1}@example.com"
+            data["phone"] = f"+1555010{n + 1:04d}"[:12]
+            for spec in specs:
+                enrollment = await api.enroll(conn, tenant=spec.tenant_key,
+                                              sequence_key=spec.key,
+                                              subscriber_id=f"demo-{n + 1}", data=data)
+                _say(f"enrolled demo-{n + 1} in {spec.key} ({enrollment.id})")
+    finally:
+        await conn.close()
+
+
+async def _tail(path: Path) -> None:
+    with path.open("rb") as handle:
+        while True:
+            line = handle.readline()
+            if not line:
+                await asyncio.sleep(0.2)
+                continue
+            try:
+                msg = msgspec.json.decode(line)
+            except msgspec.DecodeError:
+                continue
+            what = msg.get("subject") or msg.get("body") or ""
+            sys.stdout.write(f"→ {msg.get('channel')} to {msg.get('to')}: {what}\n")
+            sys.stdout.flush()
+
+
+def _say(text: str) -> None:
+    sys.stderr.write(f"dripd dev: {text}\n")
+    sys.stderr.flush()

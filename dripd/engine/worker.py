@@ -1,0 +1,414 @@
+"""The worker: claim a batch → prepare and send with bounded concurrency → record in batches."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+import structlog
+
+from dripd.clock import Clock
+from dripd.db import store
+from dripd.engine.advance import CompiledStep, choose_next, compile_version
+from dripd.engine.pipeline import Pipeline, Prepared, condition_context
+from dripd.errors import DripdError
+from dripd.metrics import Metrics
+from dripd.model import ClaimedExecution, EnrollmentStatus, OnFailure, Outcome, Verdict
+
+log = structlog.get_logger("dripd.worker")
+
+# How long to wait before trying the database again after it failed us.
+_DB_BACKOFF = (0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Settings:
+    daemon_id: str
+    batch_size: int
+    concurrency: int
+    lease: timedelta
+    poll_interval: timedelta
+    record_linger: timedelta
+
+
+@dataclass(slots=True)
+class _Held:
+    """Claimed rows not yet recorded, by claim token, so they can be released on stop."""
+
+    rows: dict[uuid.UUID, tuple[uuid.UUID, float]] = field(default_factory=dict)  # id -> token, t0
+
+    def add(self, items: Iterable[ClaimedExecution], claimed_at: float) -> None:
+        for item in items:
+            self.rows[item.id] = (item.claim_token, claimed_at)
+
+    def by_token(self) -> dict[uuid.UUID, list[uuid.UUID]]:
+        grouped: dict[uuid.UUID, list[uuid.UUID]] = {}
+        for row_id, (token, _) in self.rows.items():
+            grouped.setdefault(token, []).append(row_id)
+        return grouped
+
+
+class Worker:
+    """Runs until stopped; see Daemon for how it is started and stopped."""
+
+    def __init__(
+        self, *, pool: store.Pool, clock: Clock, metrics: Metrics, pipeline: Pipeline,
+        settings: Settings,
+    ) -> None:
+        self._pool = pool
+        self._clock = clock
+        self._metrics = metrics
+        self._pipeline = pipeline
+        self._s = settings
+        self._steps: dict[uuid.UUID, CompiledStep] = {}
+        self._queue: asyncio.Queue[Prepared] = asyncio.Queue()
+        self._held = _Held()
+        self._wake = asyncio.Event()
+        self._room = asyncio.Event()
+        self._stopped = asyncio.Event()
+        self._stopping = False
+        self.paused = False
+        self._resumed = asyncio.Event()
+        self._resumed.set()
+        self._recorder = Recorder(self)
+        self._senders: list[asyncio.Task[None]] = []
+        self._sending = 0
+
+    # --- state for status and metrics ---------------------------------------------------
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._held.rows)
+
+    def wake(self) -> None:
+        """A hint that work may be due (NOTIFY, a control command)."""
+        self._wake.set()
+
+    def pause(self) -> None:
+        self.paused = True
+        self._resumed.clear()
+
+    def resume(self) -> None:
+        self.paused = False
+        self._resumed.set()
+        self.wake()
+
+    async def drained(self) -> None:
+        """Wait until nothing is in flight."""
+        while self.in_flight:
+            self._room.clear()
+            await self._room.wait()
+
+    # --- the loop --------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Claim and dispatch until stop() is called."""
+        self._senders = [asyncio.create_task(self._sender(), name=f"sender-{n}")
+                         for n in range(self._s.concurrency)]
+        recorder = asyncio.create_task(self._recorder.run(), name="recorder")
+        failures = 0
+        try:
+            while not self._stopping:
+                if self.paused:
+                    await self._until(self._resumed.wait())
+                    continue
+                room = self._s.concurrency - self.in_flight
+                if room <= 0:
+                    self._room.clear()
+                    await self._until(self._room.wait())
+                    continue
+                want = min(self._s.batch_size, room)
+                self._wake.clear()
+                try:
+                    got = await self._claim(want)
+                    failures = 0
+                except DripdError as exc:
+                    delay = _DB_BACKOFF[min(failures, len(_DB_BACKOFF) - 1)]
+                    failures += 1
+                    log.warning("claim failed; retrying", error=exc.message, retry_in_s=delay)
+                    await self._until(asyncio.sleep(delay))
+                    continue
+                if got < want:
+                    await self._idle()
+        finally:
+            self._recorder.closing = True
+            self._recorder.kick()
+            await recorder
+
+    async def _until(self, waiter: Awaitable[Any]) -> None:
+        """Wait for `waiter`, or for stop()."""
+        task = asyncio.ensure_future(waiter)
+        stop = asyncio.ensure_future(self._stopped.wait())
+        try:
+            await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in (task, stop):
+                if not t.done():
+                    t.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await t
+
+    async def _idle(self) -> None:
+        """Sleep until the next known due time, a wake hint, or the slow poll."""
+        timeout = self._s.poll_interval.total_seconds()
+        try:
+            at = await store.next_due(self._pool)
+        except DripdError:
+            at = None
+        if at is not None:
+            timeout = min(timeout, max((at - self._clock.now()).total_seconds(), 0.0))
+        if timeout <= 0:
+            return
+        await self._until(_first(self._wake.wait(), self._clock.sleep(timeout)))
+
+    async def _claim(self, limit: int) -> int:
+        token = uuid.uuid4()
+        now = self._clock.now()
+        started = time.perf_counter()
+        rows = await store.claim(self._pool, now=now, limit=limit, token=token,
+                                 lease_until=now + self._s.lease, daemon=self._s.daemon_id)
+        claimed_at = time.perf_counter()
+        self._metrics.claim_duration.observe(claimed_at - started)
+        if not rows:
+            return 0
+        items = [
+            ClaimedExecution(
+                id=r["id"], claim_token=token, enrollment_id=r["enrollment_id"],
+                step_id=r["step_id"], tenant_key=r["tenant_key"], due_at=r["due_at"],
+                attempt=r["attempt"], replay=r["replay"], advance=r["advance"],
+                enrollment_status=EnrollmentStatus(r["enrollment_status"]),
+                subscriber_type=r["subscriber_type"], subscriber_id=r["subscriber_id"],
+                data=r["data"],
+            )
+            for r in rows
+        ]
+        self._held.add(items, claimed_at)
+        self._metrics.in_flight.set(self.in_flight)
+        try:
+            await self._dispatch(items)
+        except DripdError as exc:
+            # Could not even look the steps up: give the batch back untouched.
+            log.warning("dispatch failed; releasing the batch", error=exc.message)
+            await self._release({token: [i.id for i in items]})
+            raise
+        return len(items)
+
+    async def _dispatch(self, items: list[ClaimedExecution]) -> None:
+        missing = {i.step_id for i in items if i.step_id not in self._steps}
+        if missing:
+            self._steps.update(compile_version(await store.load_versions(self._pool, list(missing))))
+        prepared: list[Prepared] = []
+        for item in items:
+            step = self._steps[item.step_id]
+            self._metrics.claimed(step.step.channel or "none")
+            try:
+                result = self._pipeline.prepare(item, step)
+            except Exception as exc:  # noqa: BLE001 - the per-step guard
+                log.exception("prepare failed", execution_id=str(item.id))
+                result = Outcome(execution=item, verdict=Verdict.FAILED, channel=step.step.channel,
+                                 error=f"internal error: {type(exc).__name__}: {exc}",
+                                 finished_at=self._clock.now())
+            if isinstance(result, Outcome):
+                self._recorder.add(result)
+            else:
+                prepared.append(result)
+        if not prepared:
+            return
+        keys = [(p.execution.tenant_key, p.message.channel, p.address) for p in prepared]
+        blocked = await store.suppressed(self._pool, keys)
+        for n, p in enumerate(prepared):
+            if n in blocked:
+                self._recorder.add(self._pipeline.suppressed(p))
+            else:
+                self._queue.put_nowait(p)
+
+    async def _sender(self) -> None:
+        while True:
+            p = await self._queue.get()
+            self._sending += 1
+            try:
+                outcome = await self._pipeline.send(p)
+            finally:
+                self._sending -= 1
+            self._recorder.add(outcome)
+
+    # --- recording ---------------------------------------------------------------------------
+
+    def _recorded(self, outcomes: list[Outcome], owned: set[uuid.UUID]) -> None:
+        now = time.perf_counter()
+        for o in outcomes:
+            held = self._held.rows.pop(o.execution.id, None)
+            if held is not None:
+                self._metrics.claim_to_record.observe(now - held[1])
+            provider = o.provider or "dripd"
+            self._metrics.verdict(o.verdict, o.channel, provider)
+            if o.execution.id not in owned:
+                log.warning("outcome not recorded: the lease was lost to another claim",
+                            execution_id=str(o.execution.id), verdict=o.verdict.value)
+        self._metrics.in_flight.set(self.in_flight)
+        self._room.set()
+
+    def plan(self, outcome: Outcome) -> store.RecordRow:
+        """The rows one outcome writes: its own status, a message event, what comes next."""
+        item, verdict = outcome.execution, outcome.verdict
+        step = self._steps[item.step_id]
+        row = store.RecordRow(
+            id=item.id, token=item.claim_token, status=verdict.value, channel=outcome.channel,
+            provider=outcome.provider, adapter_id=outcome.adapter_id,
+            recipient=outcome.recipient, reason=outcome.reason, error=outcome.error,
+            provider_message_id=outcome.provider_message_id, finished_at=outcome.finished_at,
+            event_type=verdict.value,
+        )
+        if verdict in (Verdict.DEFERRED, Verdict.RETRY):
+            row.status = "scheduled"
+            row.due_at = outcome.retry_at
+            row.event_type = "deferred"
+            if verdict is Verdict.RETRY:
+                row.spent = 1
+                row.reason = "retry"
+            return row
+        if verdict is Verdict.FAILED and outcome.provider is not None:
+            row.spent = 1
+        if verdict is Verdict.SKIPPED and outcome.reason and outcome.reason.startswith("enrollment_"):
+            return row  # the enrollment has ended; nothing follows
+        if verdict is Verdict.FAILED and step.step.on_failure is OnFailure.FAIL:
+            row.enrollment_status = EnrollmentStatus.FAILED.value
+            row.enrollment_reason = f"step {step.step.key!r} failed"
+            return row
+        nxt = choose_next(step, self._steps, condition_context(item), self._condition_error(item))
+        if nxt.step_id is None:
+            row.enrollment_status = EnrollmentStatus.COMPLETED.value
+            row.enrollment_reason = nxt.reason
+        else:
+            row.next_step_id = nxt.step_id
+            row.next_due_at = outcome.finished_at + nxt.delay
+        return row
+
+    def _condition_error(self, item: ClaimedExecution) -> Callable[[str, str], None]:
+        def report(expression: str, error: str) -> None:
+            self._metrics.condition_errors.inc()
+            log.warning("condition failed closed", execution_id=str(item.id),
+                        expression=expression, error=error)
+        return report
+
+    async def _release(self, by_token: dict[uuid.UUID, list[uuid.UUID]]) -> None:
+        for token, ids in by_token.items():
+            try:
+                await store.release(self._pool, ids, token)
+            except DripdError as exc:
+                log.warning("release failed; the lease will expire instead", error=exc.message)
+            for row_id in ids:
+                self._held.rows.pop(row_id, None)
+        self._metrics.in_flight.set(self.in_flight)
+        self._room.set()
+
+    # --- stopping ----------------------------------------------------------------------------
+
+    async def stop(self, deadline: float) -> None:
+        """Stop claiming; let in-flight sends finish until `deadline` (loop time), record them,
+        release the rest."""
+        self._stopping = True
+        self._stopped.set()
+        loop = asyncio.get_running_loop()
+        while (self._sending or not self._queue.empty()) and loop.time() < deadline:
+            await asyncio.sleep(0.01)
+        for task in self._senders:
+            task.cancel()
+        await asyncio.gather(*self._senders, return_exceptions=True)
+        self._recorder.closing = True
+        await self._recorder.flush_all()
+        await self._release(self._held.by_token())
+
+
+class Recorder:
+    """Buffers outcomes and writes them in batches: one transaction per batch."""
+
+    def __init__(self, worker: Worker) -> None:
+        self._w = worker
+        self._buffer: list[tuple[Outcome, store.RecordRow]] = []
+        self._kick = asyncio.Event()
+        self.closing = False
+        self._lock = asyncio.Lock()
+
+    def add(self, outcome: Outcome) -> None:
+        try:
+            row = self._w.plan(outcome)
+        except Exception as exc:  # noqa: BLE001 - the per-step guard: never lose an outcome
+            log.exception("planning the next step failed", execution_id=str(outcome.execution.id))
+            row = store.RecordRow(
+                id=outcome.execution.id, token=outcome.execution.claim_token, status="failed",
+                error=f"internal error planning the next step: {type(exc).__name__}: {exc}",
+                finished_at=outcome.finished_at, event_type="failed",
+                enrollment_status=EnrollmentStatus.FAILED.value,
+                enrollment_reason="internal error",
+            )
+        self._buffer.append((outcome, row))
+        if len(self._buffer) >= self._w._s.batch_size:
+            self._kick.set()
+
+    def kick(self) -> None:
+        self._kick.set()
+
+    async def run(self) -> None:
+        linger = self._w._s.record_linger.total_seconds()
+        while not self.closing:
+            if not self._buffer:
+                self._kick.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._kick.wait(), timeout=0.5)
+                continue
+            if len(self._buffer) < self._w._s.batch_size:
+                with contextlib.suppress(TimeoutError):
+                    self._kick.clear()
+                    await asyncio.wait_for(self._kick.wait(), timeout=linger)
+            await self._flush_once()
+
+    async def flush_all(self) -> None:
+        attempts = 0
+        while self._buffer and attempts < 20:
+            if not await self._flush_once():
+                attempts += 1
+                await asyncio.sleep(min(0.1 * attempts, 1.0))
+
+    async def _flush_once(self) -> bool:
+        async with self._lock:
+            batch, self._buffer = (self._buffer[: self._w._s.batch_size],
+                                   self._buffer[self._w._s.batch_size:])
+            if not batch:
+                return True
+            started = time.perf_counter()
+            horizon = self._w._clock.now() + self._w._s.poll_interval
+            try:
+                owned = await store.record(self._w._pool, [row for _, row in batch],
+                                           notify_before=horizon)
+            except DripdError as exc:
+                log.warning("record failed; will retry", error=exc.message, rows=len(batch))
+                self._buffer[:0] = batch
+                if not self.closing:
+                    await asyncio.sleep(0.5)
+                return False
+            elapsed = time.perf_counter() - started
+            self._w._metrics.record_duration.observe(elapsed)
+            self._w._recorded([o for o, _ in batch], owned)
+            if any(row.next_due_at is not None and row.next_due_at <= self._w._clock.now()
+                   for _, row in batch):
+                self._w.wake()
+            return True
+
+
+async def _first(*aws: Awaitable[Any]) -> None:
+    """Wait for the first of `aws`, cancel the rest."""
+    tasks = [asyncio.ensure_future(a) for a in aws]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in tasks:
+            if not t.done():
+                t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
