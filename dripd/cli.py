@@ -14,12 +14,14 @@ from typing import Any
 
 import msgspec
 
-from dripd import __version__, api, config as config_mod, logs
+from dripd import __version__, api, logs
+from dripd import config as config_mod
 from dripd.channels import registry
 from dripd.channels.credentials import ENV_VAR, Vault, generate_key
 from dripd.config import Config
 from dripd.control import request as control_request
-from dripd.db import migrate as migrate_mod, store
+from dripd.db import migrate as migrate_mod
+from dripd.db import store
 from dripd.engine.adapters import adapter_aad
 from dripd.errors import ConfigError, DripdError
 from dripd.sequences import load_file
@@ -27,7 +29,9 @@ from dripd.sequences import load_file
 Handler = Callable[[argparse.Namespace, Config], Awaitable[Any]]
 
 
-def _print(args: argparse.Namespace, result: Any, human: Callable[[Any], str] | None = None) -> None:
+def _print(
+    args: argparse.Namespace, result: Any, human: Callable[[Any], str] | None = None
+) -> None:
     if getattr(args, "json", False) or human is None:
         sys.stdout.write(msgspec.json.encode(result).decode() + "\n")
     else:
@@ -37,7 +41,9 @@ def _print(args: argparse.Namespace, result: Any, human: Callable[[Any], str] | 
 def _dsn(args: argparse.Namespace, cfg: Config) -> str:
     dsn = getattr(args, "dsn", None) or os.environ.get("DRIPD_DSN") or cfg.database.dsn
     if not dsn:
-        raise ConfigError("no database: pass --dsn, set DRIPD_DSN, or set database.dsn in the config")
+        raise ConfigError(
+            "no database: pass --dsn, set DRIPD_DSN, or set database.dsn in the config"
+        )
     return dsn
 
 
@@ -53,8 +59,9 @@ def _json_arg(text: str | None, name: str) -> dict[str, Any]:
     return value
 
 
-async def _with_conn(args: argparse.Namespace, cfg: Config,
-                     body: Callable[[store.Connection], Awaitable[Any]]) -> Any:
+async def _with_conn(
+    args: argparse.Namespace, cfg: Config, body: Callable[[store.Connection], Awaitable[Any]]
+) -> Any:
     conn = await store.connect(_dsn(args, cfg), timeout=cfg.connect_timeout.total_seconds())
     try:
         return await body(conn)
@@ -67,14 +74,22 @@ async def _with_conn(args: argparse.Namespace, cfg: Config,
 
 async def cmd_migrate(args: argparse.Namespace, cfg: Config) -> None:
     applied = await _with_conn(args, cfg, migrate_mod.migrate)
-    _print(args, {"applied": applied},
-           lambda r: "\n".join(f"applied {n}" for n in r["applied"]) or "schema is current")
+    _print(
+        args,
+        {"applied": applied},
+        lambda r: "\n".join(f"applied {n}" for n in r["applied"]) or "schema is current",
+    )
 
 
 async def cmd_check_schema(args: argparse.Namespace, cfg: Config) -> int:
     status = await _with_conn(args, cfg, migrate_mod.status)
-    result = {"current": status.current, "applied": status.applied, "pending": status.pending,
-              "edited": status.edited, "unknown": status.unknown}
+    result = {
+        "current": status.current,
+        "applied": status.applied,
+        "pending": status.pending,
+        "edited": status.edited,
+        "unknown": status.unknown,
+    }
 
     def human(r: dict[str, Any]) -> str:
         if r["current"]:
@@ -112,11 +127,25 @@ async def cmd_apply(args: argparse.Namespace, cfg: Config) -> None:
             return [await store.apply_version(tx, spec, now=now) for spec in specs]
 
     applied = await _with_conn(args, cfg, run)
-    result = [{"file": f, "key": a.key, "tenant": a.tenant_key, "version": a.version,
-               "created": a.created} for f, a in zip(args.files, applied, strict=True)]
-    _print(args, result, lambda rs: "\n".join(
-        f"{r['file']}: {r['key']} v{r['version']} " + ("created and activated" if r["created"]
-                                                        else "unchanged") for r in rs))
+    result = [
+        {
+            "file": f,
+            "key": a.key,
+            "tenant": a.tenant_key,
+            "version": a.version,
+            "created": a.created,
+        }
+        for f, a in zip(args.files, applied, strict=True)
+    ]
+    _print(
+        args,
+        result,
+        lambda rs: "\n".join(
+            f"{r['file']}: {r['key']} v{r['version']} "
+            + ("created and activated" if r["created"] else "unchanged")
+            for r in rs
+        ),
+    )
 
 
 # --- the Python API, wrapped -------------------------------------------------------------
@@ -124,35 +153,83 @@ async def cmd_apply(args: argparse.Namespace, cfg: Config) -> None:
 
 async def cmd_enroll(args: argparse.Namespace, cfg: Config) -> None:
     data = _json_arg(args.data, "--data")
-    enrollment = await _with_conn(args, cfg, lambda c: api.enroll(
-        c, tenant=args.tenant, sequence_key=args.sequence, subscriber_id=args.subscriber,
-        subscriber_type=args.type, data=data))
-    _print(args, enrollment.to_dict(), lambda r: (
-        f"enrollment {r['id']} {r['status']}" + ("" if r["created"] else " (already enrolled)")))
+    enrollment = await _with_conn(
+        args,
+        cfg,
+        lambda c: api.enroll(
+            c,
+            tenant=args.tenant,
+            sequence_key=args.sequence,
+            subscriber_id=args.subscriber,
+            subscriber_type=args.type,
+            data=data,
+        ),
+    )
+    _print(
+        args,
+        enrollment.to_dict(),
+        lambda r: (
+            f"enrollment {r['id']} {r['status']}" + ("" if r["created"] else " (already enrolled)")
+        ),
+    )
 
 
 async def cmd_event(args: argparse.Namespace, cfg: Config) -> None:
     data = _json_arg(args.data, "--data")
-    event = await _with_conn(args, cfg, lambda c: api.track_event(
-        c, tenant=args.tenant, subscriber_id=args.subscriber, key=args.key,
-        subscriber_type=args.type, data=data, idempotency_id=args.id))
-    _print(args, event.to_dict(), lambda r: f"event {r['id']} " + (
-        "recorded" if r["created"] else "already recorded (same --id)"))
+    event = await _with_conn(
+        args,
+        cfg,
+        lambda c: api.track_event(
+            c,
+            tenant=args.tenant,
+            subscriber_id=args.subscriber,
+            key=args.key,
+            subscriber_type=args.type,
+            data=data,
+            idempotency_id=args.id,
+        ),
+    )
+    _print(
+        args,
+        event.to_dict(),
+        lambda r: (
+            f"event {r['id']} " + ("recorded" if r["created"] else "already recorded (same --id)")
+        ),
+    )
 
 
 async def cmd_suppress(args: argparse.Namespace, cfg: Config) -> None:
-    result = await _with_conn(args, cfg, lambda c: api.suppress(
-        c, tenant=args.tenant, channel=args.channel, address=args.address, reason=args.reason,
-        source="cli"))
+    result = await _with_conn(
+        args,
+        cfg,
+        lambda c: api.suppress(
+            c,
+            tenant=args.tenant,
+            channel=args.channel,
+            address=args.address,
+            reason=args.reason,
+            source="cli",
+        ),
+    )
     _print(args, result.to_dict(), lambda r: f"suppressed {r['channel']} {r['address']}")
 
 
 async def cmd_replay(args: argparse.Namespace, cfg: Config) -> None:
     execution_id = _uuid(args.execution_id, "EXECUTION_ID")
-    result = await _with_conn(args, cfg, lambda c: api.replay(
-        c, tenant=api.ALL_TENANTS if args.tenant is None else args.tenant,
-        execution_id=execution_id))
-    _print(args, result.to_dict(), lambda r: f"execution {r['execution_id']} replay {r['replay']} scheduled")
+    result = await _with_conn(
+        args,
+        cfg,
+        lambda c: api.replay(
+            c,
+            tenant=api.ALL_TENANTS if args.tenant is None else args.tenant,
+            execution_id=execution_id,
+        ),
+    )
+    _print(
+        args,
+        result.to_dict(),
+        lambda r: f"execution {r['execution_id']} replay {r['replay']} scheduled",
+    )
 
 
 def _uuid(text: str, name: str) -> uuid.UUID:
@@ -194,9 +271,17 @@ async def cmd_adapter_add(args: argparse.Namespace, cfg: Config) -> None:
     async def run(conn: store.Connection) -> Any:
         async with store.transaction(conn) as tx:
             row = await store.insert_adapter(
-                tx, adapter_id=adapter_id, tenant=args.tenant, name=args.name,
-                channel=args.channel, provider=args.provider, config=config, credentials=blob,
-                is_default=args.default, now=datetime.now(UTC))
+                tx,
+                adapter_id=adapter_id,
+                tenant=args.tenant,
+                name=args.name,
+                channel=args.channel,
+                provider=args.provider,
+                config=config,
+                credentials=blob,
+                is_default=args.default,
+                now=datetime.now(UTC),
+            )
             await store.notify_adapters(tx)
             return row
 
@@ -205,20 +290,35 @@ async def cmd_adapter_add(args: argparse.Namespace, cfg: Config) -> None:
 
 
 def _adapter_dict(row: Any) -> dict[str, Any]:
-    return {"id": str(row["id"]), "tenant": row["tenant_key"], "name": row["name"],
-            "channel": row["channel"], "provider": row["provider"],
-            "config": store.json_value(row["config"]), "default": row["is_default"],
-            "enabled": row["enabled"]}
+    return {
+        "id": str(row["id"]),
+        "tenant": row["tenant_key"],
+        "name": row["name"],
+        "channel": row["channel"],
+        "provider": row["provider"],
+        "config": store.json_value(row["config"]),
+        "default": row["is_default"],
+        "enabled": row["enabled"],
+    }
 
 
 async def cmd_adapter_list(args: argparse.Namespace, cfg: Config) -> None:
-    rows = await _with_conn(args, cfg, lambda c: store.list_adapters(
-        c, args.tenant, all_tenants=args.all_tenants))
+    rows = await _with_conn(
+        args, cfg, lambda c: store.list_adapters(c, args.tenant, all_tenants=args.all_tenants)
+    )
     result = [_adapter_dict(r) for r in rows]
-    _print(args, result, lambda rs: "\n".join(
-        f"{r['name']:<20} {r['channel']:<8} {r['provider']:<8} tenant={r['tenant'] or '-'}"
-        f"{' default' if r['default'] else ''}{'' if r['enabled'] else ' disabled'}"
-        for r in rs) or "no adapters")
+    _print(
+        args,
+        result,
+        lambda rs: (
+            "\n".join(
+                f"{r['name']:<20} {r['channel']:<8} {r['provider']:<8} tenant={r['tenant'] or '-'}"
+                f"{' default' if r['default'] else ''}{'' if r['enabled'] else ' disabled'}"
+                for r in rs
+            )
+            or "no adapters"
+        ),
+    )
 
 
 async def cmd_adapter_disable(args: argparse.Namespace, cfg: Config) -> None:
@@ -227,6 +327,7 @@ async def cmd_adapter_disable(args: argparse.Namespace, cfg: Config) -> None:
             row = await store.disable_adapter(tx, args.tenant, args.name, datetime.now(UTC))
             if row is None:
                 from dripd.errors import NotFound
+
                 raise NotFound(f"no adapter {args.name!r} for tenant {args.tenant or '(global)'}")
             await store.notify_adapters(tx)
             return row
@@ -261,10 +362,12 @@ async def cmd_ctl(args: argparse.Namespace, cfg: Config) -> None:
         payload = {"execution_id": rest[0]}
     elif rest:
         raise ConfigError(f"ctl {command}: takes no arguments")
-    result = await control_request(socket_path, command, payload,
-                                   timeout=args.timeout)
-    _print(args, result, lambda r: "\n".join(f"{k}: {v}" for k, v in r.items())
-           if isinstance(r, dict) else str(r))
+    result = await control_request(socket_path, command, payload, timeout=args.timeout)
+    _print(
+        args,
+        result,
+        lambda r: "\n".join(f"{k}: {v}" for k, v in r.items()) if isinstance(r, dict) else str(r),
+    )
 
 
 async def cmd_dev(args: argparse.Namespace, cfg: Config) -> None:
@@ -277,8 +380,9 @@ async def cmd_dev(args: argparse.Namespace, cfg: Config) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    config_help = ("config file (default: $DRIPD_CONFIG, else /etc/dripd/dripd.toml, else "
-                   "built-in defaults)")
+    config_help = (
+        "config file (default: $DRIPD_CONFIG, else /etc/dripd/dripd.toml, else built-in defaults)"
+    )
     # `adapter add` owns `--config JSON` (a fixed point of the CLI), so its config file can
     # only be given before the command: `dripd --config PATH adapter add ...`.
     output = argparse.ArgumentParser(add_help=False)
@@ -286,8 +390,9 @@ def _parser() -> argparse.ArgumentParser:
     output.add_argument("-v", "--verbose", action="store_true", help="tracebacks on errors")
     output.add_argument("--dsn", help="Postgres DSN (default: $DRIPD_DSN, else database.dsn)")
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", dest="config_path", type=Path, default=argparse.SUPPRESS,
-                        help=config_help)
+    common.add_argument(
+        "--config", dest="config_path", type=Path, default=argparse.SUPPRESS, help=config_help
+    )
     common.add_argument("--json", action="store_true", help="print one JSON document")
     common.add_argument("-v", "--verbose", action="store_true", help="tracebacks on errors")
     db = argparse.ArgumentParser(add_help=False, parents=[common])
@@ -300,15 +405,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--config", dest="config_path", type=Path, default=None, help=config_help)
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
-    def add(name: str, handler: Handler, help_: str, parents: Sequence[argparse.ArgumentParser]
-            ) -> argparse.ArgumentParser:
+    def add(
+        name: str, handler: Handler, help_: str, parents: Sequence[argparse.ArgumentParser]
+    ) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help_, parents=list(parents), description=help_)
         sp.set_defaults(handler=handler)
         return sp
 
     add("run", cmd_run, "run the daemon until SIGTERM/SIGINT", [db])
-    dev = add("dev", cmd_dev, "a throwaway Postgres, the examples, outbox adapters and the daemon",
-              [db])
+    dev = add(
+        "dev", cmd_dev, "a throwaway Postgres, the examples, outbox adapters and the daemon", [db]
+    )
     dev.add_argument("--examples", type=Path, default=None, help="sequence files directory")
     dev.add_argument("--subscribers", type=int, default=3, help="demo subscribers to enroll")
     dev.add_argument("--http", default="127.0.0.1:8025", help="HTTP listen address")
@@ -332,8 +439,12 @@ def _parser() -> argparse.ArgumentParser:
     su = add("suppress", cmd_suppress, "stop all sends to an address on a channel", [db, tenant])
     su.add_argument("channel", metavar="CHANNEL")
     su.add_argument("address", metavar="ADDRESS")
-    su.add_argument("--reason", default="manual",
-                    choices=sorted(api.SUPPRESSION_REASONS), help="why (default manual)")
+    su.add_argument(
+        "--reason",
+        default="manual",
+        choices=sorted(api.SUPPRESSION_REASONS),
+        help="why (default manual)",
+    )
     rp = add("replay", cmd_replay, "send a failed execution again", [db])
     rp.add_argument("execution_id", metavar="EXECUTION_ID")
     rp.add_argument("--tenant", default=None, help="only within this tenant")
@@ -347,8 +458,11 @@ def _parser() -> argparse.ArgumentParser:
     aa.add_argument("--provider", required=True)
     aa.add_argument("--default", action="store_true", help="the default for its channel/tenant")
     aa.add_argument("--config", help="adapter config as a JSON object")
-    aa.add_argument("--credentials-file", metavar="PATH|-",
-                    help="credentials as a JSON object, from a file or - for stdin")
+    aa.add_argument(
+        "--credentials-file",
+        metavar="PATH|-",
+        help="credentials as a JSON object, from a file or - for stdin",
+    )
     al = ad_sub.add_parser("list", parents=[db, tenant], help="list adapters")
     al.set_defaults(handler=cmd_adapter_list)
     al.add_argument("--all-tenants", action="store_true")

@@ -123,14 +123,23 @@ def _validate(cfg: Config) -> None:
     _positive(cfg.worker.batch_size, "worker.batch_size")
     _positive(cfg.worker.concurrency, "worker.concurrency")
     _positive(cfg.worker.max_attempts, "worker.max_attempts")
-    for name in ("lease", "poll_interval", "retry_base", "retry_max", "record_linger",
-                 "shutdown_timeout", "stats_interval"):
+    for name in (
+        "lease",
+        "poll_interval",
+        "retry_base",
+        "retry_max",
+        "record_linger",
+        "shutdown_timeout",
+        "stats_interval",
+    ):
         cfg.worker._duration(name)
     cfg.database._duration("connect_timeout")
     if cfg.lease < timedelta(seconds=1):
         raise ConfigError("worker.lease: must be at least 1s")
     if not re.fullmatch(r"0?[0-7]{3}", cfg.control.mode):
-        raise ConfigError(f"control.mode: {cfg.control.mode!r} is not an octal file mode like \"0660\"")
+        raise ConfigError(
+            f'control.mode: {cfg.control.mode!r} is not an octal file mode like "0660"'
+        )
     if cfg.http.enabled:
         parse_listen(cfg.http.listen, where="http.listen")
     if not re.fullmatch(r"[A-Za-z0-9.-]+", cfg.email.message_id_domain):
@@ -141,7 +150,7 @@ def parse_listen(text: str, *, where: str) -> tuple[str, int]:
     """Split `"127.0.0.1:8025"` (or `"[::1]:8025"`) into host and port."""
     match = re.fullmatch(r"\[?([^\]]*?)\]?:(\d{1,5})", text)
     if match is None or not 0 <= int(match.group(2)) <= 65535:
-        raise ConfigError(f"{where}: {text!r} is not a \"host:port\" address")
+        raise ConfigError(f'{where}: {text!r} is not a "host:port" address')
     return match.group(1), int(match.group(2))
 
 
@@ -152,7 +161,8 @@ def _path_of(error: msgspec.ValidationError) -> str:
 
 
 def load(path: Path | None = None, *, env: dict[str, str] | None = None) -> Config:
-    """Load the configuration: `path`, else `$DRIPD_CONFIG`, else /etc/dripd/dripd.toml, else defaults.
+    """Load the configuration: `path`, else `$DRIPD_CONFIG`, else /etc/dripd/dripd.toml,
+    else the built-in defaults.
 
     `DRIPD_DSN` from the environment overrides `database.dsn`.
     """

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import importlib.resources
 import os
+import shutil
 import sys
 import tempfile
 import uuid
@@ -48,8 +49,10 @@ async def run_dev(args: argparse.Namespace, cfg: Config) -> None:
             _say("starting a throwaway Postgres cluster (initdb/pg_ctl)…")
             cluster = ThrowawayCluster()
             dsn = await cluster.start()
-            _say(f"Postgres ready at {dsn}" + (f" (running as {cluster.run_as})"
-                                                if cluster.run_as else ""))
+            _say(
+                f"Postgres ready at {dsn}"
+                + (f" (running as {cluster.run_as})" if cluster.run_as else "")
+            )
         outbox = workdir / "outbox.jsonl"
         outbox.touch()
         await _prepare(dsn, args, outbox)
@@ -59,8 +62,7 @@ async def run_dev(args: argparse.Namespace, cfg: Config) -> None:
         cfg.worker.poll_interval = "5s"
         logs.configure(cfg.log.level, "console", stream=sys.stderr)
         daemon = Daemon(cfg)
-        _say(f"control socket {cfg.control.socket}; http://{args.http}/metrics; "
-             f"outbox {outbox}")
+        _say(f"control socket {cfg.control.socket}; http://{args.http}/metrics; outbox {outbox}")
         _say("sending (Ctrl-C stops and removes everything)…")
         tail = asyncio.create_task(_tail(outbox))
         try:
@@ -73,11 +75,7 @@ async def run_dev(args: argparse.Namespace, cfg: Config) -> None:
         if cluster is not None:
             _say("stopping the throwaway cluster")
             await cluster.stop()
-        for path in sorted(workdir.glob("*"), reverse=True):
-            with contextlib.suppress(OSError):
-                path.unlink()
-        with contextlib.suppress(OSError):
-            workdir.rmdir()
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 async def _prepare(dsn: str, args: argparse.Namespace, outbox: Path) -> None:
@@ -101,17 +99,29 @@ async def _prepare(dsn: str, args: argparse.Namespace, outbox: Path) -> None:
                 if name in existing:
                     continue
                 await store.insert_adapter(
-                    tx, adapter_id=uuid.uuid4(), tenant=None, name=name, channel=channel,
-                    provider="outbox", config={"path": str(outbox), "from": "dev@dripd.local"},
-                    credentials=None, is_default=True, now=now)
+                    tx,
+                    adapter_id=uuid.uuid4(),
+                    tenant=None,
+                    name=name,
+                    channel=channel,
+                    provider="outbox",
+                    config={"path": str(outbox), "from": "dev@dripd.local"},
+                    credentials=None,
+                    is_default=True,
+                    now=now,
+                )
         for n in range(args.subscribers):
             data: dict[str, Any] = dict(_DEMO[n % len(_DEMO)])
             data["email"] = f"demo{n + 1}@example.com"
             data["phone"] = f"+1555010{n + 1:04d}"[:12]
             for spec in specs:
-                enrollment = await api.enroll(conn, tenant=spec.tenant_key,
-                                              sequence_key=spec.key,
-                                              subscriber_id=f"demo-{n + 1}", data=data)
+                enrollment = await api.enroll(
+                    conn,
+                    tenant=spec.tenant_key,
+                    sequence_key=spec.key,
+                    subscriber_id=f"demo-{n + 1}",
+                    data=data,
+                )
                 _say(f"enrolled demo-{n + 1} in {spec.key} ({enrollment.id})")
     finally:
         await conn.close()

@@ -91,6 +91,11 @@ class Metrics:
             "Reconnections of the LISTEN connection.",
             registry=r,
         )
+        self.condition_errors = Counter(
+            "dripd_condition_errors_total",
+            "Conditions that could not be evaluated and failed closed (counted false).",
+            registry=r,
+        )
         self.info = Gauge("dripd_info", "Build information; always 1.", ["version"], registry=r)
         self.info.labels(version=version).set(1)
 

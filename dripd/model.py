@@ -11,7 +11,6 @@ from typing import Any
 
 from dripd.errors import ConfigError
 
-
 # Channels, and the subscriber data key each takes its recipient from when a step has no `to`.
 CHANNELS = frozenset({"email", "sms", "whatsapp", "chat", "webhook"})
 DEFAULT_RECIPIENT = {"email": "email", "sms": "phone", "whatsapp": "phone"}
@@ -76,7 +75,7 @@ def parse_duration(text: str, *, where: str = "duration") -> timedelta:
     if match is None:
         raise ConfigError(
             f"{where}: {text!r} is not a duration; use a whole number and a unit "
-            "(ms, s, m, h, d, w), e.g. \"90s\" or \"3d\""
+            '(ms, s, m, h, d, w), e.g. "90s" or "3d"'
         )
     return timedelta(seconds=int(match.group(1)) * _UNIT_SECONDS[match.group(2)])
 

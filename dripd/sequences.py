@@ -106,13 +106,17 @@ def _where(exc: msgspec.ValidationError, raw: dict[str, Any]) -> str:
     if step:
         index = int(step.group(1))
         steps = raw.get("steps") or []
-        key = steps[index].get("key") if index < len(steps) and isinstance(steps[index], dict) else None
+        key = (
+            steps[index].get("key")
+            if index < len(steps) and isinstance(steps[index], dict)
+            else None
+        )
         label = f"step {key!r}" if isinstance(key, str) else f"step #{index + 1}"
-        rest = path[step.end():].lstrip(".")
+        rest = path[step.end() :].lstrip(".")
         return f"{label}: key {rest!r}: {text}" if rest else f"{label}: {text}"
     transition = re.match(r"\.transitions\[(\d+)\]", path)
     if transition:
-        rest = path[transition.end():].lstrip(".")
+        rest = path[transition.end() :].lstrip(".")
         label = f"transition #{int(transition.group(1)) + 1}"
         return f"{label}: key {rest!r}: {text}" if rest else f"{label}: {text}"
     return f"key {path.lstrip('.')!r}: {text}" if path else text
@@ -131,7 +135,7 @@ def _validate(spec: SequenceFile, source: str) -> VersionRow:
     if head.timezone is not None:
         _timezone(head.timezone, fail, "key 'sequence.timezone'")
     if head.mode == "outbound":
-        raise fail("key 'sequence.mode': \"outbound\" is not supported yet; use \"lifecycle\"")
+        raise fail('key \'sequence.mode\': "outbound" is not supported yet; use "lifecycle"')
     for name in ("entry_events", "exit_events"):
         if getattr(head, name):
             raise fail(f"key 'sequence.{name}': event triggers are not supported yet")
@@ -161,15 +165,24 @@ def _validate(spec: SequenceFile, source: str) -> VersionRow:
                 parse(t.when, roots=CONDITION_ROOTS)
             except ExprSyntaxError as exc:
                 raise fail(f"{label}: key 'when': {exc.message}") from exc
-        transitions.append(TransitionRow(from_key=t.from_, to_key=t.to, priority=t.priority,
-                                         when=t.when))
+        transitions.append(
+            TransitionRow(from_key=t.from_, to_key=t.to, priority=t.priority, when=t.when)
+        )
 
     source_doc = msgspec.to_builtins(spec)
     digest = hashlib.sha256(msgspec.json.encode(source_doc, order="sorted")).hexdigest()
     return VersionRow(
-        tenant_key=head.tenant, key=head.key, name=head.name, mode=head.mode,
-        timezone=head.timezone, reenroll=head.reenroll, entry_events=head.entry_events,
-        exit_events=head.exit_events, content_hash=digest, source=source_doc, steps=steps,
+        tenant_key=head.tenant,
+        key=head.key,
+        name=head.name,
+        mode=head.mode,
+        timezone=head.timezone,
+        reenroll=head.reenroll,
+        entry_events=head.entry_events,
+        exit_events=head.exit_events,
+        content_hash=digest,
+        source=source_doc,
+        steps=steps,
         transitions=transitions,
     )
 
@@ -213,6 +226,12 @@ def _step(step: StepSpec, position: int, fail: Any) -> StepRow:
     if step.max_attempts is not None and step.max_attempts <= 0:
         raise fail("key 'max_attempts': must be a positive integer")
     return StepRow(
-        key=step.key, position=position, channel=step.channel, delay=delay, template=template,
-        adapter=step.adapter, on_failure=step.on_failure, max_attempts=step.max_attempts,
+        key=step.key,
+        position=position,
+        channel=step.channel,
+        delay=delay,
+        template=template,
+        adapter=step.adapter,
+        on_failure=step.on_failure,
+        max_attempts=step.max_attempts,
     )

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from enum import Enum
-from typing import Any, Final
+from typing import Any, Final, TypeAlias
 
 import asyncpg
 
@@ -38,7 +38,7 @@ __all__ = [
     "unenroll",
 ]
 
-Db = asyncpg.Connection | asyncpg.Pool
+Db: TypeAlias = asyncpg.Connection | asyncpg.Pool
 
 
 class _AllTenants(Enum):
@@ -129,8 +129,13 @@ def _subscriber(subscriber_id: str, subscriber_type: str) -> None:
 
 
 async def enroll(
-    db: Db, *, tenant: str | None, sequence_key: str, subscriber_id: str,
-    subscriber_type: str = "user", data: Mapping[str, Any] | None = None,
+    db: Db,
+    *,
+    tenant: str | None,
+    sequence_key: str,
+    subscriber_id: str,
+    subscriber_type: str = "user",
+    data: Mapping[str, Any] | None = None,
     now: datetime | None = None,
 ) -> Enrollment:
     """Enroll a subscriber in the active version of a sequence and schedule its first step.
@@ -157,17 +162,25 @@ async def enroll(
         if seq["version_id"] is None or seq["first_step_id"] is None:
             raise Conflict(f"sequence {sequence_key!r} has no active version; run `dripd apply`")
         row = await store.insert_enrollment(
-            conn, tenant=tenant, sequence_id=seq["sequence_id"], version_id=seq["version_id"],
-            subscriber_type=subscriber_type, subscriber_id=subscriber_id, data=data,
-            timezone=timezone, now=at,
+            conn,
+            tenant=tenant,
+            sequence_id=seq["sequence_id"],
+            version_id=seq["version_id"],
+            subscriber_type=subscriber_type,
+            subscriber_id=subscriber_id,
+            data=data,
+            timezone=timezone,
+            now=at,
         )
         if row is None:
-            existing = await store.latest_enrollment(conn, tenant, seq["sequence_id"],
-                                                     subscriber_type, subscriber_id)
+            existing = await store.latest_enrollment(
+                conn, tenant, seq["sequence_id"], subscriber_type, subscriber_id
+            )
             assert existing is not None
             return await _load(conn, tenant, existing["id"], created=False)
-        previous = await _previous(conn, tenant, seq["sequence_id"], subscriber_type,
-                                   subscriber_id, row["id"])
+        previous = await _previous(
+            conn, tenant, seq["sequence_id"], subscriber_type, subscriber_id, row["id"]
+        )
         if previous is not None:
             _check_reenroll(seq["reenroll"], previous, sequence_key)
         due = at + seq["first_delay"]
@@ -177,13 +190,22 @@ async def enroll(
 
 
 async def _previous(
-    conn: asyncpg.Connection, tenant: str | None, sequence_id: uuid.UUID, subscriber_type: str,
-    subscriber_id: str, new_id: uuid.UUID,
+    conn: asyncpg.Connection,
+    tenant: str | None,
+    sequence_id: uuid.UUID,
+    subscriber_type: str,
+    subscriber_id: str,
+    new_id: uuid.UUID,
 ) -> str | None:
     status: str | None = await conn.fetchval(
         store.Q.latest_enrollment.replace("SELECT *", "SELECT status", 1).replace(
-            "WHERE ", "WHERE id <> $5 AND ", 1),
-        tenant, sequence_id, subscriber_type, subscriber_id, new_id,
+            "WHERE ", "WHERE id <> $5 AND ", 1
+        ),
+        tenant,
+        sequence_id,
+        subscriber_type,
+        subscriber_id,
+        new_id,
     )
     return status
 
@@ -206,12 +228,21 @@ async def _load(
     if row is None:
         raise NotFound(f"no enrollment {enrollment_id} for tenant {tenant or '(global)'}")
     return Enrollment(
-        id=row["id"], tenant_key=row["tenant_key"], sequence_key=row["sequence_key"],
-        version=row["version"], subscriber_type=row["subscriber_type"],
-        subscriber_id=row["subscriber_id"], status=EnrollmentStatus(row["status"]),
-        status_reason=row["status_reason"], data=store.json_value(row["data"]),
-        timezone=row["timezone"], created_at=row["created_at"], ended_at=row["ended_at"],
-        next_step=row["pending_step_key"], next_due_at=row["pending_due_at"], created=created,
+        id=row["id"],
+        tenant_key=row["tenant_key"],
+        sequence_key=row["sequence_key"],
+        version=row["version"],
+        subscriber_type=row["subscriber_type"],
+        subscriber_id=row["subscriber_id"],
+        status=EnrollmentStatus(row["status"]),
+        status_reason=row["status_reason"],
+        data=store.json_value(row["data"]),
+        timezone=row["timezone"],
+        created_at=row["created_at"],
+        ended_at=row["ended_at"],
+        next_step=row["pending_step_key"],
+        next_due_at=row["pending_due_at"],
+        created=created,
     )
 
 
@@ -223,12 +254,17 @@ async def get_enrollment(db: Db, *, tenant: str | None, enrollment_id: uuid.UUID
 
 
 async def _move(
-    conn: asyncpg.Connection, tenant: str | None, enrollment_id: uuid.UUID,
-    to: EnrollmentStatus, allowed: tuple[EnrollmentStatus, ...], reason: str | None,
+    conn: asyncpg.Connection,
+    tenant: str | None,
+    enrollment_id: uuid.UUID,
+    to: EnrollmentStatus,
+    allowed: tuple[EnrollmentStatus, ...],
+    reason: str | None,
     at: datetime,
 ) -> None:
-    row = await store.set_enrollment_status(conn, tenant, enrollment_id, to.value,
-                                            [a.value for a in allowed], reason, at)
+    row = await store.set_enrollment_status(
+        conn, tenant, enrollment_id, to.value, [a.value for a in allowed], reason, at
+    )
     if row is not None:
         return
     current = await store.get_enrollment(conn, tenant, enrollment_id)
@@ -242,8 +278,15 @@ async def pause(
 ) -> Enrollment:
     """Hold an active enrollment: its pending step waits, nothing is cancelled."""
     async with store.transaction(db) as conn:
-        await _move(conn, tenant, enrollment_id, EnrollmentStatus.PAUSED,
-                    (EnrollmentStatus.ACTIVE,), "paused", _now(now))
+        await _move(
+            conn,
+            tenant,
+            enrollment_id,
+            EnrollmentStatus.PAUSED,
+            (EnrollmentStatus.ACTIVE,),
+            "paused",
+            _now(now),
+        )
         await store.hold_pending(conn, enrollment_id)
         return await _load(conn, tenant, enrollment_id, created=False)
 
@@ -253,8 +296,15 @@ async def resume(
 ) -> Enrollment:
     """Continue a paused enrollment where it stopped; a delay that ran out meanwhile is due now."""
     async with store.transaction(db) as conn:
-        await _move(conn, tenant, enrollment_id, EnrollmentStatus.ACTIVE,
-                    (EnrollmentStatus.PAUSED,), None, _now(now))
+        await _move(
+            conn,
+            tenant,
+            enrollment_id,
+            EnrollmentStatus.ACTIVE,
+            (EnrollmentStatus.PAUSED,),
+            None,
+            _now(now),
+        )
         due = await store.release_held(conn, enrollment_id)
         if due is not None:
             await store.notify_due(conn, due)
@@ -262,22 +312,39 @@ async def resume(
 
 
 async def unenroll(
-    db: Db, *, tenant: str | None, enrollment_id: uuid.UUID, reason: str = "unenrolled",
+    db: Db,
+    *,
+    tenant: str | None,
+    enrollment_id: uuid.UUID,
+    reason: str = "unenrolled",
     now: datetime | None = None,
 ) -> Enrollment:
     """Cancel an active or paused enrollment; its pending step is skipped with `reason`."""
     at = _now(now)
     async with store.transaction(db) as conn:
-        await _move(conn, tenant, enrollment_id, EnrollmentStatus.CANCELLED,
-                    (EnrollmentStatus.ACTIVE, EnrollmentStatus.PAUSED), reason, at)
+        await _move(
+            conn,
+            tenant,
+            enrollment_id,
+            EnrollmentStatus.CANCELLED,
+            (EnrollmentStatus.ACTIVE, EnrollmentStatus.PAUSED),
+            reason,
+            at,
+        )
         await store.skip_pending(conn, enrollment_id, reason, at)
         return await _load(conn, tenant, enrollment_id, created=False)
 
 
 async def track_event(
-    db: Db, *, tenant: str | None, subscriber_id: str, key: str,
-    subscriber_type: str = "user", data: Mapping[str, Any] | None = None,
-    idempotency_id: str | None = None, now: datetime | None = None,
+    db: Db,
+    *,
+    tenant: str | None,
+    subscriber_id: str,
+    key: str,
+    subscriber_type: str = "user",
+    data: Mapping[str, Any] | None = None,
+    idempotency_id: str | None = None,
+    now: datetime | None = None,
 ) -> Event:
     """Record an event of a subscriber; the same idempotency id twice records one event."""
     _subscriber(subscriber_id, subscriber_type)
@@ -287,15 +354,27 @@ async def track_event(
         raise ConfigError("idempotency_id: must not be empty")
     async with store.transaction(db) as conn:
         event_id, created = await store.insert_event(
-            conn, tenant=tenant, subscriber_type=subscriber_type, subscriber_id=subscriber_id,
-            key=key, data=dict(data or {}), idempotency_id=idempotency_id, now=_now(now),
+            conn,
+            tenant=tenant,
+            subscriber_type=subscriber_type,
+            subscriber_id=subscriber_id,
+            key=key,
+            data=dict(data or {}),
+            idempotency_id=idempotency_id,
+            now=_now(now),
         )
     return Event(id=event_id, created=created)
 
 
 async def suppress(
-    db: Db, *, tenant: str | None, channel: str, address: str, reason: str = "manual",
-    source: str | None = None, now: datetime | None = None,
+    db: Db,
+    *,
+    tenant: str | None,
+    channel: str,
+    address: str,
+    reason: str = "manual",
+    source: str | None = None,
+    now: datetime | None = None,
 ) -> Suppression:
     """Stop every send to `address` on `channel` (in this tenant, or everywhere if global)."""
     if not isinstance(channel, str) or not channel.strip():
@@ -303,18 +382,34 @@ async def suppress(
     if not isinstance(address, str) or not address.strip():
         raise ConfigError("address: must not be empty")
     if reason not in SUPPRESSION_REASONS:
-        raise ConfigError(f"reason: {reason!r} is not one of {', '.join(sorted(SUPPRESSION_REASONS))}")
+        raise ConfigError(
+            f"reason: {reason!r} is not one of {', '.join(sorted(SUPPRESSION_REASONS))}"
+        )
     normalized = normalize(channel, address)
     async with store.transaction(db) as conn:
-        row = await store.insert_suppression(conn, tenant=tenant, channel=channel,
-                                             address=normalized, reason=reason, source=source,
-                                             now=_now(now))
-    return Suppression(tenant_key=row["tenant_key"], channel=row["channel"],
-                       address=row["address"], reason=row["reason"], created=row["created"])
+        row = await store.insert_suppression(
+            conn,
+            tenant=tenant,
+            channel=channel,
+            address=normalized,
+            reason=reason,
+            source=source,
+            now=_now(now),
+        )
+    return Suppression(
+        tenant_key=row["tenant_key"],
+        channel=row["channel"],
+        address=row["address"],
+        reason=row["reason"],
+        created=row["created"],
+    )
 
 
 async def replay(
-    db: Db, *, tenant: str | None | _AllTenants, execution_id: uuid.UUID,
+    db: Db,
+    *,
+    tenant: str | _AllTenants | None,
+    execution_id: uuid.UUID,
     now: datetime | None = None,
 ) -> Replayed:
     """Send a failed execution again, with a new idempotency key and Message-ID.
@@ -331,7 +426,9 @@ async def replay(
             current = await store.execution_status(conn, execution_id)
             if current is None or (not any_tenant and current["tenant_key"] != scope):
                 raise NotFound(f"no execution {execution_id}")
-            raise Conflict(f"execution {execution_id} is {current['status']}; only a failed "
-                           "execution can be replayed")
+            raise Conflict(
+                f"execution {execution_id} is {current['status']}; only a failed "
+                "execution can be replayed"
+            )
         await store.notify_due(conn, at)
     return Replayed(execution_id=row["id"], replay=row["replay"], advances=row["advance"])

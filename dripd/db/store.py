@@ -8,16 +8,17 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, fields
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import asyncpg
 import msgspec
 
 from dripd.errors import Conflict, DatabaseError, DripdError
 
-Connection = asyncpg.Connection
-Pool = asyncpg.Pool
-Executor = asyncpg.Connection | asyncpg.Pool
+# asyncpg ships no type information, so these are Any to mypy; they document intent.
+Connection: TypeAlias = asyncpg.Connection
+Pool: TypeAlias = asyncpg.Pool
+Executor: TypeAlias = asyncpg.Connection | asyncpg.Pool
 
 _SQL_DIR = Path(__file__).with_name("sql")
 
@@ -245,9 +246,7 @@ async def load_versions(db: Executor, step_ids: Sequence[uuid.UUID]) -> list[asy
             return rows
 
 
-async def suppressed(
-    db: Executor, keys: Sequence[tuple[str | None, str, str]]
-) -> set[int]:
+async def suppressed(db: Executor, keys: Sequence[tuple[str | None, str, str]]) -> set[int]:
     """Indexes (0-based) of the (tenant, channel, address) keys that are suppressed."""
     if not keys:
         return set()
@@ -324,30 +323,50 @@ async def apply_version(conn: Connection, spec: VersionRow, *, now: datetime) ->
     await conn.fetchval(Q.lock_sequence, sequence_id)
     active = await conn.fetchrow(Q.active_version, sequence_id)
     if active is not None and active["content_hash"] == spec.content_hash:
-        return Applied(key=spec.key, tenant_key=spec.tenant_key, version=active["version"],
-                       created=False)
+        return Applied(
+            key=spec.key, tenant_key=spec.tenant_key, version=active["version"], created=False
+        )
     await conn.execute(Q.archive_versions, sequence_id)
     version = await conn.fetchrow(
-        Q.insert_version, sequence_id, spec.name, spec.mode, spec.timezone, spec.reenroll,
-        spec.entry_events, spec.exit_events, spec.content_hash, spec.source, now,
+        Q.insert_version,
+        sequence_id,
+        spec.name,
+        spec.mode,
+        spec.timezone,
+        spec.reenroll,
+        spec.entry_events,
+        spec.exit_events,
+        spec.content_hash,
+        spec.source,
+        now,
     )
     steps = spec.steps
     inserted = await conn.fetch(
-        Q.insert_steps, version["id"],
-        [s.key for s in steps], [s.position for s in steps], [s.channel for s in steps],
-        [s.delay for s in steps], [s.template for s in steps], [s.adapter for s in steps],
-        [s.on_failure for s in steps], [s.max_attempts for s in steps],
+        Q.insert_steps,
+        version["id"],
+        [s.key for s in steps],
+        [s.position for s in steps],
+        [s.channel for s in steps],
+        [s.delay for s in steps],
+        [s.template for s in steps],
+        [s.adapter for s in steps],
+        [s.on_failure for s in steps],
+        [s.max_attempts for s in steps],
     )
     ids = {r["key"]: r["id"] for r in inserted}
     if spec.transitions:
         ts = spec.transitions
         await conn.execute(
-            Q.insert_transitions, version["id"],
-            [ids[t.from_key] for t in ts], [ids[t.to_key] if t.to_key else None for t in ts],
-            [t.priority for t in ts], [t.when for t in ts],
+            Q.insert_transitions,
+            version["id"],
+            [ids[t.from_key] for t in ts],
+            [ids[t.to_key] if t.to_key else None for t in ts],
+            [t.priority for t in ts],
+            [t.when for t in ts],
         )
-    return Applied(key=spec.key, tenant_key=spec.tenant_key, version=version["version"],
-                   created=True)
+    return Applied(
+        key=spec.key, tenant_key=spec.tenant_key, version=version["version"], created=True
+    )
 
 
 # --- enrollments, events, suppressions ---------------------------------------------------
@@ -359,19 +378,36 @@ async def find_sequence(conn: Connection, tenant: str | None, key: str) -> async
 
 
 async def insert_enrollment(
-    conn: Connection, *, tenant: str | None, sequence_id: uuid.UUID, version_id: uuid.UUID,
-    subscriber_type: str, subscriber_id: str, data: dict[str, Any], timezone: str | None,
+    conn: Connection,
+    *,
+    tenant: str | None,
+    sequence_id: uuid.UUID,
+    version_id: uuid.UUID,
+    subscriber_type: str,
+    subscriber_id: str,
+    data: dict[str, Any],
+    timezone: str | None,
     now: datetime,
 ) -> asyncpg.Record | None:
     row: asyncpg.Record | None = await conn.fetchrow(
-        Q.insert_enrollment, tenant, sequence_id, version_id, subscriber_type, subscriber_id,
-        _encode_json(data), timezone, now,
+        Q.insert_enrollment,
+        tenant,
+        sequence_id,
+        version_id,
+        subscriber_type,
+        subscriber_id,
+        _encode_json(data),
+        timezone,
+        now,
     )
     return row
 
 
 async def latest_enrollment(
-    conn: Connection, tenant: str | None, sequence_id: uuid.UUID, subscriber_type: str,
+    conn: Connection,
+    tenant: str | None,
+    sequence_id: uuid.UUID,
+    subscriber_type: str,
     subscriber_id: str,
 ) -> asyncpg.Record | None:
     row: asyncpg.Record | None = await conn.fetchrow(
@@ -381,11 +417,15 @@ async def latest_enrollment(
 
 
 async def insert_execution(
-    conn: Connection, tenant: str | None, enrollment_id: uuid.UUID, step_id: uuid.UUID,
+    conn: Connection,
+    tenant: str | None,
+    enrollment_id: uuid.UUID,
+    step_id: uuid.UUID,
     due_at: datetime,
 ) -> uuid.UUID:
-    new_id: uuid.UUID = await conn.fetchval(Q.insert_execution, tenant, enrollment_id, step_id,
-                                            due_at)
+    new_id: uuid.UUID = await conn.fetchval(
+        Q.insert_execution, tenant, enrollment_id, step_id, due_at
+    )
     return new_id
 
 
@@ -405,8 +445,13 @@ async def get_enrollment(
 
 
 async def set_enrollment_status(
-    conn: Connection, tenant: str | None, enrollment_id: uuid.UUID, status: str,
-    allowed_from: Sequence[str], reason: str | None, now: datetime,
+    conn: Connection,
+    tenant: str | None,
+    enrollment_id: uuid.UUID,
+    status: str,
+    allowed_from: Sequence[str],
+    reason: str | None,
+    now: datetime,
 ) -> asyncpg.Record | None:
     row: asyncpg.Record | None = await conn.fetchrow(
         Q.set_enrollment_status, tenant, enrollment_id, status, list(allowed_from), reason, now
@@ -423,30 +468,51 @@ async def release_held(conn: Connection, enrollment_id: uuid.UUID) -> datetime |
     return at
 
 
-async def skip_pending(conn: Connection, enrollment_id: uuid.UUID, reason: str,
-                       now: datetime) -> None:
+async def skip_pending(
+    conn: Connection, enrollment_id: uuid.UUID, reason: str, now: datetime
+) -> None:
     await conn.execute(Q.skip_pending, enrollment_id, reason, now)
 
 
 async def insert_event(
-    conn: Connection, *, tenant: str | None, subscriber_type: str, subscriber_id: str, key: str,
-    data: dict[str, Any], idempotency_id: str | None, now: datetime,
+    conn: Connection,
+    *,
+    tenant: str | None,
+    subscriber_type: str,
+    subscriber_id: str,
+    key: str,
+    data: dict[str, Any],
+    idempotency_id: str | None,
+    now: datetime,
 ) -> tuple[int, bool]:
     """Returns (event id, created); a repeated idempotency id returns the first event."""
     new_id = await conn.fetchval(
-        Q.insert_event, tenant, subscriber_type, subscriber_id, key, _encode_json(data),
-        idempotency_id, now,
+        Q.insert_event,
+        tenant,
+        subscriber_type,
+        subscriber_id,
+        key,
+        _encode_json(data),
+        idempotency_id,
+        now,
     )
     if new_id is not None:
         return int(new_id), True
-    old_id = await conn.fetchval(Q.find_event, tenant, subscriber_type, subscriber_id,
-                                 idempotency_id)
+    old_id = await conn.fetchval(
+        Q.find_event, tenant, subscriber_type, subscriber_id, idempotency_id
+    )
     return int(old_id), False
 
 
 async def insert_suppression(
-    conn: Connection, *, tenant: str | None, channel: str, address: str, reason: str,
-    source: str | None, now: datetime,
+    conn: Connection,
+    *,
+    tenant: str | None,
+    channel: str,
+    address: str,
+    reason: str,
+    source: str | None,
+    now: datetime,
 ) -> asyncpg.Record:
     row: asyncpg.Record = await conn.fetchrow(
         Q.insert_suppression, tenant, channel, address, reason, source, now
@@ -455,11 +521,16 @@ async def insert_suppression(
 
 
 async def replay(
-    conn: Connection, execution_id: uuid.UUID, *, tenant: str | None, any_tenant: bool,
+    conn: Connection,
+    execution_id: uuid.UUID,
+    *,
+    tenant: str | None,
+    any_tenant: bool,
     now: datetime,
 ) -> asyncpg.Record | None:
-    row: asyncpg.Record | None = await conn.fetchrow(Q.replay, tenant, execution_id, any_tenant,
-                                                     now)
+    row: asyncpg.Record | None = await conn.fetchrow(
+        Q.replay, tenant, execution_id, any_tenant, now
+    )
     return row
 
 
@@ -472,15 +543,31 @@ async def execution_status(conn: Connection, execution_id: uuid.UUID) -> asyncpg
 
 
 async def insert_adapter(
-    conn: Connection, *, adapter_id: uuid.UUID, tenant: str | None, name: str, channel: str,
-    provider: str, config: dict[str, Any], credentials: bytes | None, is_default: bool,
+    conn: Connection,
+    *,
+    adapter_id: uuid.UUID,
+    tenant: str | None,
+    name: str,
+    channel: str,
+    provider: str,
+    config: dict[str, Any],
+    credentials: bytes | None,
+    is_default: bool,
     now: datetime,
 ) -> asyncpg.Record:
     if is_default:
         await conn.execute(Q.clear_default_adapter, tenant, channel)
     row: asyncpg.Record = await conn.fetchrow(
-        Q.insert_adapter, adapter_id, tenant, name, channel, provider, config, credentials,
-        is_default, now,
+        Q.insert_adapter,
+        adapter_id,
+        tenant,
+        name,
+        channel,
+        provider,
+        config,
+        credentials,
+        is_default,
+        now,
     )
     return row
 

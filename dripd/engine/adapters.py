@@ -36,13 +36,20 @@ class AdapterSet:
         return len(self._by_id)
 
     async def load(self, rows: Iterable[Mapping[str, Any]]) -> None:
-        """Replace the set with `rows` (load_adapters.sql); unchanged adapters keep their channel."""
+        """Replace the set with `rows` (load_adapters.sql); unchanged ones keep their channel."""
         fresh: dict[uuid.UUID, tuple[Adapter, Channel | str]] = {}
         signatures: dict[uuid.UUID, Any] = {}
         stale: list[Channel] = []
         for row in rows:
-            signature = (row["config"], row["credentials"], row["channel"], row["provider"],
-                         row["name"], row["tenant_key"], row["is_default"])
+            signature = (
+                row["config"],
+                row["credentials"],
+                row["channel"],
+                row["provider"],
+                row["name"],
+                row["tenant_key"],
+                row["is_default"],
+            )
             old = self._by_id.get(row["id"])
             if old is not None and self._signature.get(row["id"]) == signature:
                 fresh[row["id"]] = old
@@ -65,18 +72,26 @@ class AdapterSet:
         problem: str | None = None
         if row["credentials"] is not None:
             if self._vault is None:
-                problem = (f"adapter {row['name']!r} has credentials but DRIPD_ENCRYPTION_KEY "
-                           "is not set")
+                problem = (
+                    f"adapter {row['name']!r} has credentials but DRIPD_ENCRYPTION_KEY is not set"
+                )
             else:
                 try:
-                    credentials = self._vault.decrypt(row["credentials"],
-                                                      aad=adapter_aad(row["id"]))
+                    credentials = self._vault.decrypt(
+                        row["credentials"], aad=adapter_aad(row["id"])
+                    )
                 except CredentialsError as exc:
                     problem = f"adapter {row['name']!r}: {exc.message}"
         adapter = Adapter(
-            id=row["id"], tenant_key=row["tenant_key"], name=row["name"], channel=row["channel"],
-            provider=row["provider"], config=dict(row["config"]), credentials=credentials,
-            is_default=row["is_default"], enabled=True,
+            id=row["id"],
+            tenant_key=row["tenant_key"],
+            name=row["name"],
+            channel=row["channel"],
+            provider=row["provider"],
+            config=dict(row["config"]),
+            credentials=credentials,
+            is_default=row["is_default"],
+            enabled=True,
         )
         if problem is None:
             try:
@@ -99,8 +114,10 @@ class AdapterSet:
         else:
             adapter_id = self._default.get((tenant, channel)) or self._default.get((None, channel))
             if adapter_id is None:
-                return (f"no enabled default adapter for channel {channel!r} "
-                        f"in tenant {tenant or '(global)'}")
+                return (
+                    f"no enabled default adapter for channel {channel!r} "
+                    f"in tenant {tenant or '(global)'}"
+                )
         adapter, impl = self._by_id[adapter_id]
         if isinstance(impl, str):
             return impl
@@ -118,5 +135,5 @@ class AdapterSet:
 async def _close(channel: Channel) -> None:
     try:
         await channel.aclose()
-    except Exception:  # noqa: BLE001 - closing a broken connection must not stop a reload
+    except Exception:
         log.warning("closing an adapter failed", provider=channel.provider, exc_info=True)

@@ -47,10 +47,17 @@ def compile_version(rows: list[Mapping[str, Any]]) -> dict[uuid.UUID, CompiledSt
         version_rows.sort(key=lambda r: r["position"])
         for index, row in enumerate(version_rows):
             step = Step(
-                id=row["id"], version_id=row["version_id"], sequence_key=row["sequence_key"],
-                key=row["key"], position=row["position"], channel=row["channel"],
-                delay=row["delay"], template=dict(row["template"]), adapter=row["adapter"],
-                on_failure=OnFailure(row["on_failure"]), max_attempts=row["max_attempts"],
+                id=row["id"],
+                version_id=row["version_id"],
+                sequence_key=row["sequence_key"],
+                key=row["key"],
+                position=row["position"],
+                channel=row["channel"],
+                delay=row["delay"],
+                template=dict(row["template"]),
+                adapter=row["adapter"],
+                on_failure=OnFailure(row["on_failure"]),
+                max_attempts=row["max_attempts"],
             )
             following = version_rows[index + 1]["id"] if index + 1 < len(version_rows) else None
             edges = tuple(

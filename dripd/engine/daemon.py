@@ -34,8 +34,9 @@ log = structlog.get_logger("dripd.daemon")
 class Listener:
     """The dedicated LISTEN connection; it reconnects with backoff, and NOTIFY stays a hint."""
 
-    def __init__(self, dsn: str, channels: Mapping[str, Any], metrics: Metrics,
-                 on_reconnect: Any) -> None:
+    def __init__(
+        self, dsn: str, channels: Mapping[str, Any], metrics: Metrics, on_reconnect: Any
+    ) -> None:
         self._dsn = dsn
         self._channels = channels
         self._metrics = metrics
@@ -60,8 +61,9 @@ class Listener:
                     delay = 0.2
                     self._on_reconnect()
                 except DripdError as exc:
-                    log.warning("LISTEN connection failed; retrying", error=exc.message,
-                                retry_in_s=delay)
+                    log.warning(
+                        "LISTEN connection failed; retrying", error=exc.message, retry_in_s=delay
+                    )
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 10.0)
                     continue
@@ -72,8 +74,8 @@ class Listener:
                 try:
                     await asyncio.wait_for(self._conn.fetchval("SELECT 1"), timeout=2.0)
                     continue
-                except (Exception, asyncio.TimeoutError):  # noqa: BLE001 - any failure means reconnect
-                    pass
+                except Exception as exc:  # noqa: BLE001 - any failure of the probe means reconnect
+                    log.warning("LISTEN connection probe failed", error=str(exc) or repr(exc))
             self._metrics.listen_reconnects.inc()
             log.warning("LISTEN connection lost; reconnecting")
             await self.close()
@@ -90,8 +92,9 @@ class Listener:
 class Daemon:
     """`dripd run`: one process, one pool, one listener, one worker, control socket and HTTP."""
 
-    def __init__(self, config: Config, *, clock: Clock | None = None,
-                 env: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self, config: Config, *, clock: Clock | None = None, env: Mapping[str, str] | None = None
+    ) -> None:
         if not config.database.dsn:
             raise ConfigError("database.dsn: no database; set DRIPD_DSN or database.dsn")
         self.config = config
@@ -114,9 +117,12 @@ class Daemon:
         """Run until request_stop() (or SIGTERM/SIGINT), then stop cleanly."""
         cfg = self.config
         vault = Vault.from_env(self._env) if self._env.get(ENV_VAR) else None
-        pool = await store.create_pool(cfg.database.dsn, min_size=cfg.database.pool_min,
-                                       max_size=cfg.database.pool_max,
-                                       timeout=cfg.connect_timeout.total_seconds())
+        pool = await store.create_pool(
+            cfg.database.dsn,
+            min_size=cfg.database.pool_min,
+            max_size=cfg.database.pool_max,
+            timeout=cfg.connect_timeout.total_seconds(),
+        )
         self.pool = pool
         adapters = AdapterSet(vault)
         tasks: list[asyncio.Task[Any]] = []
@@ -130,17 +136,29 @@ class Daemon:
                     await migrate.require_current(conn)
             await adapters.load(await store.load_adapters(pool))
             pipeline = Pipeline(
-                clock=self.clock, metrics=self.metrics, resolve=adapters.resolve,
-                policy=Policy(max_attempts=cfg.worker.max_attempts, retry_base=cfg.retry_base,
-                              retry_max=cfg.retry_max,
-                              message_id_domain=cfg.email.message_id_domain),
+                clock=self.clock,
+                metrics=self.metrics,
+                resolve=adapters.resolve,
+                policy=Policy(
+                    max_attempts=cfg.worker.max_attempts,
+                    retry_base=cfg.retry_base,
+                    retry_max=cfg.retry_max,
+                    message_id_domain=cfg.email.message_id_domain,
+                ),
             )
             worker = Worker(
-                pool=pool, clock=self.clock, metrics=self.metrics, pipeline=pipeline,
-                settings=Settings(daemon_id=self.daemon_id, batch_size=cfg.worker.batch_size,
-                                  concurrency=cfg.worker.concurrency, lease=cfg.lease,
-                                  poll_interval=cfg.poll_interval,
-                                  record_linger=cfg.record_linger),
+                pool=pool,
+                clock=self.clock,
+                metrics=self.metrics,
+                pipeline=pipeline,
+                settings=Settings(
+                    daemon_id=self.daemon_id,
+                    batch_size=cfg.worker.batch_size,
+                    concurrency=cfg.worker.concurrency,
+                    lease=cfg.lease,
+                    poll_interval=cfg.poll_interval,
+                    record_linger=cfg.record_linger,
+                ),
             )
             self.worker = worker
 
@@ -154,9 +172,12 @@ class Daemon:
             def on_adapters(_payload: str) -> None:
                 tasks.append(asyncio.create_task(reload_adapters()))
 
-            listener = Listener(cfg.database.dsn,
-                                {"dripd_due": lambda _p: worker.wake(), "dripd_adapters": on_adapters},
-                                self.metrics, on_reconnect=worker.wake)
+            listener = Listener(
+                cfg.database.dsn,
+                {"dripd_due": lambda _p: worker.wake(), "dripd_adapters": on_adapters},
+                self.metrics,
+                on_reconnect=worker.wake,
+            )
             control = ControlServer(cfg.control.socket, int(cfg.control.mode, 8), self.handle)
             await control.start()
             if cfg.http.enabled:
@@ -172,8 +193,13 @@ class Daemon:
                 asyncio.create_task(self._poll_adapters(reload_adapters), name="adapters"),
             ]
             work = asyncio.create_task(worker.run(), name="worker")
-            log.info("dripd running", daemon=self.daemon_id, version=__version__,
-                     control=cfg.control.socket, http=cfg.http.listen if http else None)
+            log.info(
+                "dripd running",
+                daemon=self.daemon_id,
+                version=__version__,
+                control=cfg.control.socket,
+                http=cfg.http.listen if http else None,
+            )
             self.ready.set()
             stop = asyncio.create_task(self._stop.wait())
             await asyncio.wait({work, stop}, return_when=asyncio.FIRST_COMPLETED)
@@ -212,7 +238,8 @@ class Daemon:
                 self._due_backlog = due
                 self.metrics.due_backlog.set(due)
                 self.metrics.oldest_due_age.set(
-                    max((now - oldest).total_seconds(), 0.0) if oldest else 0.0)
+                    max((now - oldest).total_seconds(), 0.0) if oldest else 0.0
+                )
             await asyncio.sleep(interval)
 
     async def _poll_adapters(self, reload: Any) -> None:
@@ -249,7 +276,8 @@ class Daemon:
     async def handle(self, cmd: str, args: dict[str, Any]) -> Any:
         """The control socket's commands."""
         worker = self.worker
-        assert worker is not None and self.pool is not None
+        assert worker is not None
+        assert self.pool is not None
         if cmd == "status":
             return self.status()
         if cmd == "pause":
@@ -270,8 +298,9 @@ class Daemon:
                 execution_id = uuid.UUID(str(raw))
             except ValueError as exc:
                 raise ConfigError(f"execution_id: {raw!r} is not a UUID") from exc
-            result = await replay(self.pool, tenant=ALL_TENANTS, execution_id=execution_id,
-                                  now=self.clock.now())
+            result = await replay(
+                self.pool, tenant=ALL_TENANTS, execution_id=execution_id, now=self.clock.now()
+            )
             worker.wake()
             return result.to_dict()
         raise NotFound(f"unknown command {cmd!r}; commands: status, pause, resume, drain, replay")

@@ -95,23 +95,38 @@ class Pipeline:
         assert channel is not None
         if item.enrollment_status is EnrollmentStatus.PAUSED:
             # The record statement holds the row until the enrollment resumes.
-            return self._outcome(item, Verdict.DEFERRED, channel=channel,
-                                 reason="enrollment_paused", retry_at=self._clock.now())
+            return self._outcome(
+                item,
+                Verdict.DEFERRED,
+                channel=channel,
+                reason="enrollment_paused",
+                retry_at=self._clock.now(),
+            )
         if item.enrollment_status is not EnrollmentStatus.ACTIVE:
-            return self._outcome(item, Verdict.SKIPPED, channel=channel,
-                                 reason=f"enrollment_{item.enrollment_status.value}")
+            return self._outcome(
+                item,
+                Verdict.SKIPPED,
+                channel=channel,
+                reason=f"enrollment_{item.enrollment_status.value}",
+            )
         limit = self.max_attempts(step)
         if item.attempt >= limit:
             return self._outcome(
-                item, Verdict.FAILED, channel=channel,
+                item,
+                Verdict.FAILED,
+                channel=channel,
                 error=f"gave up after {item.attempt} attempts (leases expired without a record)",
             )
         context = template_context(item, step)
         try:
             rendered = {name: t.render(context) for name, t in step.templates.items()}
         except TemplateError as exc:
-            return self._outcome(item, Verdict.FAILED, channel=channel,
-                                 error=f"template error in step {step.step.key!r}: {exc}")
+            return self._outcome(
+                item,
+                Verdict.FAILED,
+                channel=channel,
+                error=f"template error in step {step.step.key!r}: {exc}",
+            )
         to = rendered.pop("to", None) or _default_recipient(channel, item.data)
         if not to or not to.strip():
             return self._outcome(item, Verdict.SKIPPED, channel=channel, reason="no_recipient")
@@ -131,13 +146,25 @@ class Pipeline:
             body=rendered.get("body"),
             metadata=_metadata(item, step),
         )
-        return Prepared(execution=item, step=step, adapter=adapter, channel=impl, message=message,
-                        address=normalize(channel, to))
+        return Prepared(
+            execution=item,
+            step=step,
+            adapter=adapter,
+            channel=impl,
+            message=message,
+            address=normalize(channel, to),
+        )
 
     def suppressed(self, p: Prepared) -> Outcome:
-        return self._outcome(p.execution, Verdict.SKIPPED, channel=p.message.channel,
-                             provider=p.adapter.provider, adapter_id=p.adapter.id,
-                             recipient=p.address, reason="suppressed")
+        return self._outcome(
+            p.execution,
+            Verdict.SKIPPED,
+            channel=p.message.channel,
+            provider=p.adapter.provider,
+            adapter_id=p.adapter.id,
+            recipient=p.address,
+            reason="suppressed",
+        )
 
     async def send(self, p: Prepared) -> Outcome:
         """Send through the adapter; errors become a retry, a failure or a give-up."""
@@ -147,23 +174,38 @@ class Pipeline:
             receipt = await p.channel.send(p.message)
         except (TransientError, PermanentError) as exc:
             return self._failure(item, p.step, channel, adapter, p.address, exc)
-        except Exception as exc:  # noqa: BLE001 - the per-step guard: one bad send never stops the batch
-            log.exception("adapter raised an unexpected error", execution_id=str(item.id),
-                          provider=adapter.provider)
+        except Exception as exc:
+            log.exception(
+                "adapter raised an unexpected error",
+                execution_id=str(item.id),
+                provider=adapter.provider,
+            )
             error = TransientError(f"{adapter.provider} adapter error: {type(exc).__name__}: {exc}")
             return self._failure(item, p.step, channel, adapter, p.address, error)
         finally:
             self._metrics.observe_send(channel, adapter.provider, time.perf_counter() - started)
-        return self._outcome(item, Verdict.SENT, channel=channel, provider=adapter.provider,
-                             adapter_id=adapter.id, recipient=p.address,
-                             provider_message_id=receipt.provider_message_id)
+        return self._outcome(
+            item,
+            Verdict.SENT,
+            channel=channel,
+            provider=adapter.provider,
+            adapter_id=adapter.id,
+            recipient=p.address,
+            provider_message_id=receipt.provider_message_id,
+        )
 
     def _failure(
-        self, item: ClaimedExecution, step: CompiledStep, channel: str, adapter: Adapter | None,
-        address: str | None, exc: TransientError | PermanentError,
+        self,
+        item: ClaimedExecution,
+        step: CompiledStep,
+        channel: str,
+        adapter: Adapter | None,
+        address: str | None,
+        exc: TransientError | PermanentError,
     ) -> Outcome:
         common: dict[str, Any] = {
-            "channel": channel, "recipient": address,
+            "channel": channel,
+            "recipient": address,
             "provider": adapter.provider if adapter else None,
             "adapter_id": adapter.id if adapter else None,
         }
@@ -172,10 +214,16 @@ class Pipeline:
         spent = item.attempt + 1
         limit = self.max_attempts(step)
         if spent >= limit:
-            return self._outcome(item, Verdict.FAILED,
-                                 error=f"gave up after {spent} attempts: {exc}", **common)
-        return self._outcome(item, Verdict.RETRY, error=str(exc),
-                             retry_at=self._clock.now() + self.backoff(spent), **common)
+            return self._outcome(
+                item, Verdict.FAILED, error=f"gave up after {spent} attempts: {exc}", **common
+            )
+        return self._outcome(
+            item,
+            Verdict.RETRY,
+            error=str(exc),
+            retry_at=self._clock.now() + self.backoff(spent),
+            **common,
+        )
 
     def backoff(self, attempts_spent: int) -> timedelta:
         """Exponential backoff with jitter: base·2^(n-1), capped, then 50–100 % of it."""

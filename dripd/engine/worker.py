@@ -58,7 +58,12 @@ class Worker:
     """Runs until stopped; see Daemon for how it is started and stopped."""
 
     def __init__(
-        self, *, pool: store.Pool, clock: Clock, metrics: Metrics, pipeline: Pipeline,
+        self,
+        *,
+        pool: store.Pool,
+        clock: Clock,
+        metrics: Metrics,
+        pipeline: Pipeline,
         settings: Settings,
     ) -> None:
         self._pool = pool
@@ -72,6 +77,7 @@ class Worker:
         self._wake = asyncio.Event()
         self._room = asyncio.Event()
         self._stopped = asyncio.Event()
+        self._no_sends = asyncio.Event()
         self._stopping = False
         self.paused = False
         self._resumed = asyncio.Event()
@@ -109,8 +115,10 @@ class Worker:
 
     async def run(self) -> None:
         """Claim and dispatch until stop() is called."""
-        self._senders = [asyncio.create_task(self._sender(), name=f"sender-{n}")
-                         for n in range(self._s.concurrency)]
+        self._senders = [
+            asyncio.create_task(self._sender(), name=f"sender-{n}")
+            for n in range(self._s.concurrency)
+        ]
         recorder = asyncio.create_task(self._recorder.run(), name="recorder")
         failures = 0
         try:
@@ -171,19 +179,32 @@ class Worker:
         token = uuid.uuid4()
         now = self._clock.now()
         started = time.perf_counter()
-        rows = await store.claim(self._pool, now=now, limit=limit, token=token,
-                                 lease_until=now + self._s.lease, daemon=self._s.daemon_id)
+        rows = await store.claim(
+            self._pool,
+            now=now,
+            limit=limit,
+            token=token,
+            lease_until=now + self._s.lease,
+            daemon=self._s.daemon_id,
+        )
         claimed_at = time.perf_counter()
         self._metrics.claim_duration.observe(claimed_at - started)
         if not rows:
             return 0
         items = [
             ClaimedExecution(
-                id=r["id"], claim_token=token, enrollment_id=r["enrollment_id"],
-                step_id=r["step_id"], tenant_key=r["tenant_key"], due_at=r["due_at"],
-                attempt=r["attempt"], replay=r["replay"], advance=r["advance"],
+                id=r["id"],
+                claim_token=token,
+                enrollment_id=r["enrollment_id"],
+                step_id=r["step_id"],
+                tenant_key=r["tenant_key"],
+                due_at=r["due_at"],
+                attempt=r["attempt"],
+                replay=r["replay"],
+                advance=r["advance"],
                 enrollment_status=EnrollmentStatus(r["enrollment_status"]),
-                subscriber_type=r["subscriber_type"], subscriber_id=r["subscriber_id"],
+                subscriber_type=r["subscriber_type"],
+                subscriber_id=r["subscriber_id"],
                 data=r["data"],
             )
             for r in rows
@@ -202,18 +223,24 @@ class Worker:
     async def _dispatch(self, items: list[ClaimedExecution]) -> None:
         missing = {i.step_id for i in items if i.step_id not in self._steps}
         if missing:
-            self._steps.update(compile_version(await store.load_versions(self._pool, list(missing))))
+            self._steps.update(
+                compile_version(await store.load_versions(self._pool, list(missing)))
+            )
         prepared: list[Prepared] = []
         for item in items:
             step = self._steps[item.step_id]
             self._metrics.claimed(step.step.channel or "none")
             try:
                 result = self._pipeline.prepare(item, step)
-            except Exception as exc:  # noqa: BLE001 - the per-step guard
+            except Exception as exc:
                 log.exception("prepare failed", execution_id=str(item.id))
-                result = Outcome(execution=item, verdict=Verdict.FAILED, channel=step.step.channel,
-                                 error=f"internal error: {type(exc).__name__}: {exc}",
-                                 finished_at=self._clock.now())
+                result = Outcome(
+                    execution=item,
+                    verdict=Verdict.FAILED,
+                    channel=step.step.channel,
+                    error=f"internal error: {type(exc).__name__}: {exc}",
+                    finished_at=self._clock.now(),
+                )
             if isinstance(result, Outcome):
                 self._recorder.add(result)
             else:
@@ -232,10 +259,13 @@ class Worker:
         while True:
             p = await self._queue.get()
             self._sending += 1
+            self._no_sends.clear()
             try:
                 outcome = await self._pipeline.send(p)
             finally:
                 self._sending -= 1
+                if not self._sending:
+                    self._no_sends.set()
             self._recorder.add(outcome)
 
     # --- recording ---------------------------------------------------------------------------
@@ -249,8 +279,11 @@ class Worker:
             provider = o.provider or "dripd"
             self._metrics.verdict(o.verdict, o.channel, provider)
             if o.execution.id not in owned:
-                log.warning("outcome not recorded: the lease was lost to another claim",
-                            execution_id=str(o.execution.id), verdict=o.verdict.value)
+                log.warning(
+                    "outcome not recorded: the lease was lost to another claim",
+                    execution_id=str(o.execution.id),
+                    verdict=o.verdict.value,
+                )
         self._metrics.in_flight.set(self.in_flight)
         self._room.set()
 
@@ -259,10 +292,17 @@ class Worker:
         item, verdict = outcome.execution, outcome.verdict
         step = self._steps[item.step_id]
         row = store.RecordRow(
-            id=item.id, token=item.claim_token, status=verdict.value, channel=outcome.channel,
-            provider=outcome.provider, adapter_id=outcome.adapter_id,
-            recipient=outcome.recipient, reason=outcome.reason, error=outcome.error,
-            provider_message_id=outcome.provider_message_id, finished_at=outcome.finished_at,
+            id=item.id,
+            token=item.claim_token,
+            status=verdict.value,
+            channel=outcome.channel,
+            provider=outcome.provider,
+            adapter_id=outcome.adapter_id,
+            recipient=outcome.recipient,
+            reason=outcome.reason,
+            error=outcome.error,
+            provider_message_id=outcome.provider_message_id,
+            finished_at=outcome.finished_at,
             event_type=verdict.value,
         )
         if verdict in (Verdict.DEFERRED, Verdict.RETRY):
@@ -275,7 +315,11 @@ class Worker:
             return row
         if verdict is Verdict.FAILED and outcome.provider is not None:
             row.spent = 1
-        if verdict is Verdict.SKIPPED and outcome.reason and outcome.reason.startswith("enrollment_"):
+        if (
+            verdict is Verdict.SKIPPED
+            and outcome.reason
+            and outcome.reason.startswith("enrollment_")
+        ):
             return row  # the enrollment has ended; nothing follows
         if verdict is Verdict.FAILED and step.step.on_failure is OnFailure.FAIL:
             row.enrollment_status = EnrollmentStatus.FAILED.value
@@ -293,8 +337,13 @@ class Worker:
     def _condition_error(self, item: ClaimedExecution) -> Callable[[str, str], None]:
         def report(expression: str, error: str) -> None:
             self._metrics.condition_errors.inc()
-            log.warning("condition failed closed", execution_id=str(item.id),
-                        expression=expression, error=error)
+            log.warning(
+                "condition failed closed",
+                execution_id=str(item.id),
+                expression=expression,
+                error=error,
+            )
+
         return report
 
     async def _release(self, by_token: dict[uuid.UUID, list[uuid.UUID]]) -> None:
@@ -315,9 +364,12 @@ class Worker:
         release the rest."""
         self._stopping = True
         self._stopped.set()
-        loop = asyncio.get_running_loop()
-        while (self._sending or not self._queue.empty()) and loop.time() < deadline:
-            await asyncio.sleep(0.01)
+        while not self._queue.empty():  # not started: released below, untouched
+            self._queue.get_nowait()
+        if self._sending:
+            remaining = deadline - asyncio.get_running_loop().time()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._no_sends.wait(), timeout=max(remaining, 0.0))
         for task in self._senders:
             task.cancel()
         await asyncio.gather(*self._senders, return_exceptions=True)
@@ -339,12 +391,15 @@ class Recorder:
     def add(self, outcome: Outcome) -> None:
         try:
             row = self._w.plan(outcome)
-        except Exception as exc:  # noqa: BLE001 - the per-step guard: never lose an outcome
+        except Exception as exc:
             log.exception("planning the next step failed", execution_id=str(outcome.execution.id))
             row = store.RecordRow(
-                id=outcome.execution.id, token=outcome.execution.claim_token, status="failed",
+                id=outcome.execution.id,
+                token=outcome.execution.claim_token,
+                status="failed",
                 error=f"internal error planning the next step: {type(exc).__name__}: {exc}",
-                finished_at=outcome.finished_at, event_type="failed",
+                finished_at=outcome.finished_at,
+                event_type="failed",
                 enrollment_status=EnrollmentStatus.FAILED.value,
                 enrollment_reason="internal error",
             )
@@ -378,15 +433,18 @@ class Recorder:
 
     async def _flush_once(self) -> bool:
         async with self._lock:
-            batch, self._buffer = (self._buffer[: self._w._s.batch_size],
-                                   self._buffer[self._w._s.batch_size:])
+            batch, self._buffer = (
+                self._buffer[: self._w._s.batch_size],
+                self._buffer[self._w._s.batch_size :],
+            )
             if not batch:
                 return True
             started = time.perf_counter()
             horizon = self._w._clock.now() + self._w._s.poll_interval
             try:
-                owned = await store.record(self._w._pool, [row for _, row in batch],
-                                           notify_before=horizon)
+                owned = await store.record(
+                    self._w._pool, [row for _, row in batch], notify_before=horizon
+                )
             except DripdError as exc:
                 log.warning("record failed; will retry", error=exc.message, rows=len(batch))
                 self._buffer[:0] = batch
@@ -396,8 +454,10 @@ class Recorder:
             elapsed = time.perf_counter() - started
             self._w._metrics.record_duration.observe(elapsed)
             self._w._recorded([o for o, _ in batch], owned)
-            if any(row.next_due_at is not None and row.next_due_at <= self._w._clock.now()
-                   for _, row in batch):
+            if any(
+                row.next_due_at is not None and row.next_due_at <= self._w._clock.now()
+                for _, row in batch
+            ):
                 self._w.wake()
             return True
 

@@ -1,0 +1,143 @@
+"""Shared test helpers: an SMTP sink on loopback, sequences, adapters and daemon configs."""
+
+from __future__ import annotations
+
+import asyncio
+import email
+import socket
+import threading
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from email.message import EmailMessage
+from email.policy import default as default_policy
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+from aiosmtpd.controller import Controller
+
+from dripd.channels.credentials import Vault
+from dripd.db import store
+from dripd.engine.adapters import adapter_aad
+from dripd.sequences import load_text
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@dataclass
+class SmtpSink:
+    """An aiosmtpd server that keeps every message it accepts (thread-safe)."""
+
+    messages: list[EmailMessage] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    reply: str | None = None  # e.g. "451 try later" to refuse DATA
+    controller: Controller | None = None
+    port: int = 0
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        if self.reply:
+            return self.reply
+        raw = envelope.content if isinstance(envelope.content, bytes) else envelope.content.encode()
+        msg = email.message_from_bytes(raw, policy=default_policy)
+        assert isinstance(msg, EmailMessage)
+        with self.lock:
+            self.messages.append(msg)
+        return "250 OK"
+
+    def start(self, port: int | None = None) -> SmtpSink:
+        self.port = port or self.port or free_port()
+        self.controller = Controller(self, hostname="127.0.0.1", port=self.port)
+        self.controller.start()
+        return self
+
+    def stop(self) -> None:
+        if self.controller is not None:
+            self.controller.stop()
+            self.controller = None
+
+    def message_ids(self) -> list[str]:
+        with self.lock:
+            return [str(m["Message-ID"]) for m in self.messages]
+
+    def count(self) -> int:
+        with self.lock:
+            return len(self.messages)
+
+
+async def apply_text(db: asyncpg.Connection | asyncpg.Pool, text: str) -> store.Applied:
+    """Apply one sequence file's text, as `dripd apply` does."""
+    spec = load_text(text, source="test.toml")
+    async with store.transaction(db) as conn:
+        return await store.apply_version(conn, spec, now=datetime.now(UTC))
+
+
+async def add_adapter(
+    db: asyncpg.Connection | asyncpg.Pool, *, name: str, channel: str, provider: str,
+    config: dict[str, Any], credentials: dict[str, Any] | None = None,
+    vault: Vault | None = None, tenant: str | None = None, default: bool = True,
+) -> uuid.UUID:
+    adapter_id = uuid.uuid4()
+    blob = vault.encrypt(credentials, aad=adapter_aad(adapter_id)) if credentials else None
+    async with store.transaction(db) as conn:
+        await store.insert_adapter(conn, adapter_id=adapter_id, tenant=tenant, name=name,
+                                   channel=channel, provider=provider, config=config,
+                                   credentials=blob, is_default=default, now=datetime.now(UTC))
+    return adapter_id
+
+
+def smtp_config(port: int) -> dict[str, Any]:
+    return {"host": "127.0.0.1", "port": port, "tls": "none", "timeout": 5,
+            "from": "drip@example.com"}
+
+
+ONE_EMAIL = """
+[sequence]
+key = "{key}"
+
+[[steps]]
+key = "hello"
+channel = "email"
+subject = "Hello {{{{ first_name }}}}"
+text = "Hi {{{{ first_name }}}}"
+"""
+
+
+def one_email(key: str = "hello") -> str:
+    return ONE_EMAIL.format(key=key)
+
+
+def write_config(path: Path, *, dsn: str, socket_path: Path, http_port: int | None = None,
+                 **worker: Any) -> Path:
+    """A daemon config file for subprocess tests."""
+    lines = ["[database]", f'dsn = "{dsn}"', "pool_min = 1", "pool_max = 4", "",
+             "[control]", f'socket = "{socket_path}"', "", "[http]"]
+    if http_port is None:
+        lines.append("enabled = false")
+    else:
+        lines.append(f'listen = "127.0.0.1:{http_port}"')
+    lines += ["", "[worker]"]
+    for key, value in worker.items():
+        lines.append(f"{key} = {value!r}".replace("'", '"'))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+async def wait_for(predicate: Any, *, timeout: float = 30.0, interval: float = 0.05) -> Any:
+    """Poll `predicate` (sync or async) until it returns something truthy."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        value = predicate()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        if loop.time() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        await asyncio.sleep(interval)
