@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email
 import socket
 import threading
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.message import EmailMessage
@@ -18,8 +20,10 @@ import asyncpg
 from aiosmtpd.controller import Controller
 
 from dripd.channels.credentials import Vault
+from dripd.config import from_dict
 from dripd.db import store
 from dripd.engine.adapters import adapter_aad
+from dripd.engine.daemon import Daemon
 from dripd.sequences import load_text
 
 
@@ -78,22 +82,43 @@ async def apply_text(db: asyncpg.Connection | asyncpg.Pool, text: str) -> store.
 
 
 async def add_adapter(
-    db: asyncpg.Connection | asyncpg.Pool, *, name: str, channel: str, provider: str,
-    config: dict[str, Any], credentials: dict[str, Any] | None = None,
-    vault: Vault | None = None, tenant: str | None = None, default: bool = True,
+    db: asyncpg.Connection | asyncpg.Pool,
+    *,
+    name: str,
+    channel: str,
+    provider: str,
+    config: dict[str, Any],
+    credentials: dict[str, Any] | None = None,
+    vault: Vault | None = None,
+    tenant: str | None = None,
+    default: bool = True,
 ) -> uuid.UUID:
     adapter_id = uuid.uuid4()
     blob = vault.encrypt(credentials, aad=adapter_aad(adapter_id)) if credentials else None
     async with store.transaction(db) as conn:
-        await store.insert_adapter(conn, adapter_id=adapter_id, tenant=tenant, name=name,
-                                   channel=channel, provider=provider, config=config,
-                                   credentials=blob, is_default=default, now=datetime.now(UTC))
+        await store.insert_adapter(
+            conn,
+            adapter_id=adapter_id,
+            tenant=tenant,
+            name=name,
+            channel=channel,
+            provider=provider,
+            config=config,
+            credentials=blob,
+            is_default=default,
+            now=datetime.now(UTC),
+        )
     return adapter_id
 
 
 def smtp_config(port: int) -> dict[str, Any]:
-    return {"host": "127.0.0.1", "port": port, "tls": "none", "timeout": 5,
-            "from": "drip@example.com"}
+    return {
+        "host": "127.0.0.1",
+        "port": port,
+        "tls": "none",
+        "timeout": 5,
+        "from": "drip@example.com",
+    }
 
 
 ONE_EMAIL = """
@@ -112,11 +137,21 @@ def one_email(key: str = "hello") -> str:
     return ONE_EMAIL.format(key=key)
 
 
-def write_config(path: Path, *, dsn: str, socket_path: Path, http_port: int | None = None,
-                 **worker: Any) -> Path:
+def write_config(
+    path: Path, *, dsn: str, socket_path: Path, http_port: int | None = None, **worker: Any
+) -> Path:
     """A daemon config file for subprocess tests."""
-    lines = ["[database]", f'dsn = "{dsn}"', "pool_min = 1", "pool_max = 4", "",
-             "[control]", f'socket = "{socket_path}"', "", "[http]"]
+    lines = [
+        "[database]",
+        f'dsn = "{dsn}"',
+        "pool_min = 1",
+        "pool_max = 4",
+        "",
+        "[control]",
+        f'socket = "{socket_path}"',
+        "",
+        "[http]",
+    ]
     if http_port is None:
         lines.append("enabled = false")
     else:
@@ -141,3 +176,45 @@ async def wait_for(predicate: Any, *, timeout: float = 30.0, interval: float = 0
         if loop.time() > deadline:
             raise AssertionError(f"condition not met within {timeout}s")
         await asyncio.sleep(interval)
+
+
+@contextlib.asynccontextmanager
+async def running_daemon(
+    dsn: str,
+    tmp_path: Path,
+    *,
+    clock: Any = None,
+    env: dict[str, str] | None = None,
+    **worker: Any,
+) -> AsyncIterator[Daemon]:
+    """`dripd run` in this event loop (no signal handlers), stopped and awaited on exit."""
+    cfg = from_dict(
+        {
+            "database": {"dsn": dsn, "pool_min": 1, "pool_max": 4},
+            "control": {"socket": str(tmp_path / "control.sock")},
+            "http": {"enabled": False},
+            "worker": {"poll_interval": "1h", **worker},
+        }
+    )
+    daemon = Daemon(cfg, clock=clock, env=env or {})
+    task = asyncio.create_task(daemon.run(install_signals=False))
+    ready = asyncio.create_task(daemon.ready.wait())
+    await asyncio.wait({task, ready}, return_when=asyncio.FIRST_COMPLETED)
+    if task.done():
+        ready.cancel()
+        task.result()
+    try:
+        yield daemon
+    finally:
+        daemon.request_stop()
+        await asyncio.wait_for(task, timeout=30)
+
+
+async def executions(db: asyncpg.Connection | asyncpg.Pool) -> list[asyncpg.Record]:
+    """Every execution with its step key, oldest first."""
+    async with store.acquire(db) as conn:
+        rows: list[asyncpg.Record] = await conn.fetch(
+            "SELECT e.*, s.key AS step_key FROM dripd.step_executions e "
+            "JOIN dripd.steps s ON s.id = e.step_id ORDER BY e.created_at, s.position"
+        )
+        return rows

@@ -130,6 +130,7 @@ def smtp_server() -> Iterator[ServerFactory]:
             **kwargs,
         )
         controller.start()
+        print("SERVER PORT", port)
         controllers.append(controller)
         collector.loop = controller.loop
         return collector, port

@@ -155,10 +155,12 @@ class SmtpChannel:
         return Receipt(provider_message_id=message.message_id)
 
     async def aclose(self) -> None:
-        """Quit every idle connection; connections still sending close when they finish."""
+        """Quit every idle connection; connections still sending are dropped when they finish."""
         self._closed = True
         idle, self._idle = self._idle, []
         await asyncio.gather(*(_quit(client, self._settings.timeout) for client in idle))
+        # One loop turn runs the transports' close callbacks, so every socket is shut on return.
+        await asyncio.sleep(0)
 
     def _compose(self, message: Message) -> EmailMessage:
         mail = EmailMessage()
@@ -194,17 +196,17 @@ class SmtpChannel:
         while self._idle:
             client = self._idle.pop()
             if not client.is_connected:
-                client.close()
+                _discard(client)
                 continue
             try:
                 # Proves a pooled connection still works before a message goes into it;
                 # the server may have dropped it while it sat idle.
                 await client.rset()
             except (aiosmtplib.SMTPException, OSError):
-                client.close()
+                _discard(client)
                 continue
             except BaseException:
-                client.close()
+                _discard(client)
                 raise
             return client
         return await self._connect()
@@ -233,7 +235,7 @@ class SmtpChannel:
         if reusable and client.is_connected and not self._closed:
             self._idle.append(client)
         else:
-            client.close()
+            _discard(client)
 
     def _translate(self, exc: BaseException) -> ChannelError:
         where = self._where
@@ -281,7 +283,17 @@ async def _quit(client: aiosmtplib.SMTP, timeout: float) -> None:
     except (aiosmtplib.SMTPException, OSError):
         pass
     finally:
-        client.close()
+        _discard(client)
+
+
+def _discard(client: aiosmtplib.SMTP) -> None:
+    transport = client.transport
+    client.close()
+    if transport is not None:
+        # The session is over (QUIT answered, or the connection is unusable): aborting
+        # skips the TLS close_notify exchange, so the socket closes on the next loop turn
+        # instead of outliving the channel.
+        transport.abort()  # type: ignore[attr-defined]
 
 
 def _envelope_address(address: str, role: str) -> str:

@@ -73,6 +73,8 @@ _json_decode = msgspec.json.Decoder().decode
 
 
 def _encode_json(value: Any) -> str:
+    # Writes pass JSON as text cast in SQL (`$n::text::jsonb`) so they work on any
+    # connection, including a host application's that lacks dripd's jsonb codec.
     return _json_encode(value).decode()
 
 
@@ -337,7 +339,7 @@ async def apply_version(conn: Connection, spec: VersionRow, *, now: datetime) ->
         spec.entry_events,
         spec.exit_events,
         spec.content_hash,
-        spec.source,
+        _encode_json(spec.source),
         now,
     )
     steps = spec.steps
@@ -348,7 +350,7 @@ async def apply_version(conn: Connection, spec: VersionRow, *, now: datetime) ->
         [s.position for s in steps],
         [s.channel for s in steps],
         [s.delay for s in steps],
-        [s.template for s in steps],
+        [_encode_json(s.template) for s in steps],
         [s.adapter for s in steps],
         [s.on_failure for s in steps],
         [s.max_attempts for s in steps],
@@ -564,7 +566,7 @@ async def insert_adapter(
         name,
         channel,
         provider,
-        config,
+        _encode_json(config),
         credentials,
         is_default,
         now,

@@ -8,7 +8,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import structlog
@@ -17,7 +17,7 @@ from dripd.clock import Clock
 from dripd.db import store
 from dripd.engine.advance import CompiledStep, choose_next, compile_version
 from dripd.engine.pipeline import Pipeline, Prepared, condition_context
-from dripd.errors import DripdError
+from dripd.errors import Conflict, DripdError
 from dripd.metrics import Metrics
 from dripd.model import ClaimedExecution, EnrollmentStatus, OnFailure, Outcome, Verdict
 
@@ -78,6 +78,7 @@ class Worker:
         self._room = asyncio.Event()
         self._stopped = asyncio.Event()
         self._no_sends = asyncio.Event()
+        self._sleep_until: datetime | None = None
         self._stopping = False
         self.paused = False
         self._resumed = asyncio.Event()
@@ -95,6 +96,11 @@ class Worker:
     def wake(self) -> None:
         """A hint that work may be due (NOTIFY, a control command)."""
         self._wake.set()
+
+    def due_by(self, at: datetime) -> None:
+        """Work falls due at `at`: wake the idle loop if it meant to sleep past that."""
+        if self._sleep_until is None or at < self._sleep_until:
+            self._wake.set()
 
     def pause(self) -> None:
         self.paused = True
@@ -173,7 +179,11 @@ class Worker:
             timeout = min(timeout, max((at - self._clock.now()).total_seconds(), 0.0))
         if timeout <= 0:
             return
-        await self._until(_first(self._wake.wait(), self._clock.sleep(timeout)))
+        self._sleep_until = self._clock.now() + timedelta(seconds=timeout)
+        try:
+            await self._until(_first(self._wake.wait(), self._clock.sleep(timeout)))
+        finally:
+            self._sleep_until = None
 
     async def _claim(self, limit: int) -> int:
         token = uuid.uuid4()
@@ -433,33 +443,51 @@ class Recorder:
 
     async def _flush_once(self) -> bool:
         async with self._lock:
-            batch, self._buffer = (
-                self._buffer[: self._w._s.batch_size],
-                self._buffer[self._w._s.batch_size :],
-            )
+            size = self._w._s.batch_size
+            batch, self._buffer = self._buffer[:size], self._buffer[size:]
             if not batch:
                 return True
-            started = time.perf_counter()
-            horizon = self._w._clock.now() + self._w._s.poll_interval
             try:
-                owned = await store.record(
-                    self._w._pool, [row for _, row in batch], notify_before=horizon
-                )
+                await self._write(batch)
+            except Conflict as exc:
+                # A row the database refuses (not a lost connection) must not block the
+                # others: write them one by one and give up only on the row that fails.
+                log.warning("record refused; isolating the bad row", error=exc.message)
+                for one in batch:
+                    try:
+                        await self._write([one])
+                    except Conflict as single:
+                        self._abandon(one[0], single.message)
+                    except DripdError:
+                        self._buffer.append(one)
             except DripdError as exc:
                 log.warning("record failed; will retry", error=exc.message, rows=len(batch))
                 self._buffer[:0] = batch
                 if not self.closing:
                     await asyncio.sleep(0.5)
                 return False
-            elapsed = time.perf_counter() - started
-            self._w._metrics.record_duration.observe(elapsed)
-            self._w._recorded([o for o, _ in batch], owned)
-            if any(
-                row.next_due_at is not None and row.next_due_at <= self._w._clock.now()
-                for _, row in batch
-            ):
-                self._w.wake()
             return True
+
+    async def _write(self, batch: list[tuple[Outcome, store.RecordRow]]) -> None:
+        started = time.perf_counter()
+        horizon = self._w._clock.now() + self._w._s.poll_interval
+        owned = await store.record(self._w._pool, [row for _, row in batch], notify_before=horizon)
+        self._w._metrics.record_duration.observe(time.perf_counter() - started)
+        self._w._recorded([o for o, _ in batch], owned)
+        dues = [t for _, row in batch for t in (row.due_at, row.next_due_at) if t is not None]
+        if dues:
+            self._w.due_by(min(dues))
+
+    def _abandon(self, outcome: Outcome, error: str) -> None:
+        # The row stays claimed in the database; its lease runs out and it runs again.
+        log.error(
+            "cannot record an outcome; the execution will run again after its lease",
+            execution_id=str(outcome.execution.id),
+            verdict=outcome.verdict.value,
+            error=error,
+        )
+        self._w._held.rows.pop(outcome.execution.id, None)
+        self._w._recorded([], set())
 
 
 async def _first(*aws: Awaitable[Any]) -> None:

@@ -1,4 +1,3 @@
--- Host connections may lack dripd's jsonb codec, so data travels as text.
 -- $1 tenant, $2 sequence, $3 version, $4 subscriber type, $5 subscriber id, $6 data (json text),
 -- $7 timezone, $8 now
 INSERT INTO dripd.enrollments

@@ -3,6 +3,6 @@
 INSERT INTO dripd.sequence_versions
     (sequence_id, version, state, name, mode, timezone, reenroll, entry_events, exit_events,
      content_hash, source, created_at, activated_at)
-SELECT $1, coalesce(max(version), 0) + 1, 'active', $2, $3, $4, $5, $6, $7, $8, $9, $10, $10
+SELECT $1, coalesce(max(version), 0) + 1, 'active', $2, $3, $4, $5, $6, $7, $8, $9::text::jsonb, $10, $10
 FROM dripd.sequence_versions WHERE sequence_id = $1
 RETURNING id, version

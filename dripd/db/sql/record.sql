@@ -1,7 +1,8 @@
 -- Record a batch of outcomes in one statement. Each row is guarded by its claim token:
 -- a late worker whose lease expired and whose row was claimed again changes nothing.
 -- Terminal outcomes write a message event, schedule the next execution and end the
--- enrollment as told; a retry or a defer puts the row back to 'scheduled'.
+-- enrollment as told; a retry or a defer puts the row back to 'scheduled'. Joins on
+-- (id, token): a batch may also hold a stale outcome of the same row from a lost lease.
 WITH input AS (
     SELECT *
     FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::timestamptz[], $5::int[],
@@ -29,15 +30,16 @@ WITH input AS (
         finished_at = CASE WHEN i.status = 'scheduled' THEN NULL ELSE i.finished_at END
     FROM input AS i
     WHERE e.id = i.id AND e.claim_token = i.token AND e.status = 'claimed'
-    RETURNING e.id, e.tenant_key, e.enrollment_id, e.advance
+    RETURNING e.id, i.token, e.tenant_key, e.enrollment_id, e.advance
 ), events AS (
     INSERT INTO dripd.message_events
         (tenant_key, execution_id, enrollment_id, type, channel, provider, adapter_id,
-         recipient, reason, provider_message_id, occurred_at)
+         recipient, reason, provider_message_id, data, occurred_at)
     SELECT u.tenant_key, u.id, u.enrollment_id, i.event_type, i.channel, i.provider,
-           i.adapter_id, i.recipient, coalesce(i.error, i.reason), i.provider_message_id,
+           i.adapter_id, i.recipient, i.reason, i.provider_message_id,
+           CASE WHEN i.error IS NULL THEN '{}'::jsonb ELSE jsonb_build_object('error', i.error) END,
            i.finished_at
-    FROM updated AS u JOIN input AS i USING (id)
+    FROM updated AS u JOIN input AS i USING (id, token)
     WHERE i.event_type IS NOT NULL
 ), nexts AS (
     -- A paused enrollment gets its next row held (due 'infinity') until resume.
@@ -46,7 +48,7 @@ WITH input AS (
            CASE WHEN en.status = 'paused' THEN 'infinity' ELSE i.next_due_at END,
            CASE WHEN en.status = 'paused' THEN i.next_due_at END
     FROM updated AS u
-    JOIN input AS i USING (id)
+    JOIN input AS i USING (id, token)
     JOIN dripd.enrollments AS en ON en.id = u.enrollment_id
     WHERE i.next_step_id IS NOT NULL AND u.advance AND en.status IN ('active', 'paused')
 ), ended AS (
@@ -55,7 +57,7 @@ WITH input AS (
         status_reason = i.enrollment_reason,
         ended_at = i.finished_at,
         updated_at = i.finished_at
-    FROM updated AS u JOIN input AS i USING (id)
+    FROM updated AS u JOIN input AS i USING (id, token)
     WHERE en.id = u.enrollment_id AND i.enrollment_status IS NOT NULL AND u.advance
       AND en.status IN ('active', 'paused')
 )

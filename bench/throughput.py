@@ -1,0 +1,687 @@
+"""Throughput bench: dripd's full path against a raw asyncpg claim→record loop.
+
+    .venv/bin/python bench/throughput.py            # N = 100 000 (BENCH_N overrides)
+    .venv/bin/python bench/throughput.py --json     # a JSON summary on stdout instead
+
+Each phase gets a fresh database (created, migrated, seeded with N due executions of a
+two-step email sequence, ANALYZEd) on the server named by BENCH_DSN, dropped afterwards:
+
+  raw   one asyncpg connection: claim 500 with dripd's own claim statement, mark them
+        sent and insert each enrollment's next row, one transaction per batch; no rendering.
+  one   one daemon (`dripd.engine.daemon.Daemon`, in a child process) with an in-process
+        null channel: the full path (claim, Liquid render, suppression check, send,
+        batched record with message events and the next step).
+  two   two such daemons on one backlog.
+
+Claim-to-record latency is exact: the bench tees `claim_to_record.observe` into an array.
+Peak RSS is each daemon child's own `ru_maxrss`, seeding excluded (the parent seeds).
+The last line is `ratio <full/raw>` (one daemon against the raw loop).
+"""
+
+from __future__ import annotations
+
+import argparse
+import array
+import asyncio
+import contextlib
+import json
+import os
+import resource
+import secrets
+import sys
+import threading
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+
+from dripd.db import store
+from dripd.db.migrate import migrate
+from dripd.sequences import load_text
+
+DEFAULT_ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+SEQUENCE = '''
+[sequence]
+key = "bench"
+name = "Bench drip"
+
+[[steps]]
+key = "hello"
+channel = "email"
+after = "0s"
+subject = "Welcome aboard, {{ first_name | capitalize }}"
+text = """
+Hi {{ first_name | capitalize }},
+
+Thanks for signing up{% if plan == "pro" %} for the Pro plan: your priority support
+line is open from today{% endif %}.
+
+Here is what to do first: import your contacts, then build your first sequence.
+Reply to this message if you need anything, we read every reply.
+
+-- The team
+"""
+
+[[steps]]
+key = "tips"
+channel = "email"
+after = "1d"
+subject = "Three tips for your first week"
+text = "Import, build, watch it run, {{ first_name | capitalize }}."
+'''
+
+# Tried on the reference machine (2 vCPU, Postgres on the same host); see bench/README.md.
+DEFAULT_WORKER = {
+    "batch_size": 500,
+    "concurrency": 1000,
+    "record_linger": "5ms",
+}
+DEFAULT_POOL_MAX = 8
+
+RAW_BATCH = 500
+
+_MARK_SENT = """
+UPDATE dripd.step_executions
+SET status = 'sent', finished_at = now(), claim_token = NULL, lease_until = NULL
+WHERE id = ANY($1::uuid[])
+"""
+
+_INSERT_NEXT = """
+INSERT INTO dripd.step_executions (tenant_key, enrollment_id, step_id, due_at)
+SELECT t, e, $3, now() + interval '1 day'
+FROM unnest($1::text[], $2::uuid[]) AS i(t, e)
+"""
+
+
+# --- databases -----------------------------------------------------------------------------
+
+
+def with_database(dsn: str, name: str) -> str:
+    return urlunsplit(urlsplit(dsn)._replace(path=f"/{name}"))
+
+
+class Databases:
+    """Creates bench databases on the admin DSN's server and drops every one it created."""
+
+    def __init__(self, admin_dsn: str) -> None:
+        self.admin_dsn = admin_dsn
+        self.prefix = f"dripd_bench_{secrets.token_hex(4)}"
+        self.created: list[str] = []
+
+    async def create(self, phase: str) -> str:
+        name = f"{self.prefix}_{phase}"
+        conn = await asyncpg.connect(self.admin_dsn)
+        try:
+            await conn.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            await conn.close()
+        self.created.append(name)
+        return with_database(self.admin_dsn, name)
+
+    async def drop(self, dsn: str) -> None:
+        name = urlsplit(dsn).path.lstrip("/")
+        conn = await asyncpg.connect(self.admin_dsn)
+        try:
+            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await conn.close()
+        if name in self.created:
+            self.created.remove(name)
+
+    async def drop_all(self) -> None:
+        for name in list(self.created):
+            with contextlib.suppress(Exception):
+                await self.drop(with_database(self.admin_dsn, name))
+
+
+async def seed(dsn: str, n: int) -> dict[str, Any]:
+    """Migrate, apply the sequence, add the null adapter, insert N due executions, ANALYZE."""
+    conn = await store.connect(dsn)
+    try:
+        await migrate(conn)
+        now = datetime.now(UTC)
+        async with store.transaction(conn) as tx:
+            await store.apply_version(tx, load_text(SEQUENCE, source="bench"), now=now)
+            await store.insert_adapter(
+                tx,
+                adapter_id=uuid.uuid4(),
+                tenant=None,
+                name="null-email",
+                channel="email",
+                provider="null",
+                config={},
+                credentials=None,
+                is_default=True,
+                now=now,
+            )
+        ids = await conn.fetchrow(
+            """
+            SELECT v.id AS version_id, v.sequence_id,
+                   (SELECT id FROM dripd.steps WHERE version_id = v.id AND key = 'hello') AS s1,
+                   (SELECT id FROM dripd.steps WHERE version_id = v.id AND key = 'tips') AS s2
+            FROM dripd.sequence_versions AS v
+            JOIN dripd.sequences AS q ON q.id = v.sequence_id
+            WHERE q.key = 'bench' AND v.state = 'active'
+            """
+        )
+        started = time.perf_counter()
+        async with conn.transaction():
+            await conn.execute(
+                """
+                INSERT INTO dripd.enrollments
+                    (sequence_id, version_id, subscriber_type, subscriber_id, data,
+                     created_at, updated_at)
+                SELECT $1, $2, 'user', 'u' || g,
+                       jsonb_build_object('email', 'u' || g || '@example.com',
+                                          'first_name', 'ada',
+                                          'plan', CASE WHEN g % 2 = 0 THEN 'pro' ELSE 'free' END),
+                       $3, $3
+                FROM generate_series(1, $4::int) AS g
+                """,
+                ids["sequence_id"],
+                ids["version_id"],
+                now,
+                n,
+            )
+            # Due over the last N ms, in subscriber order, so the claim order is realistic.
+            await conn.execute(
+                """
+                INSERT INTO dripd.step_executions (enrollment_id, step_id, due_at, created_at)
+                SELECT id, $1, $2::timestamptz - make_interval(secs => (($3::int
+                           - substr(subscriber_id, 2)::int) / 1000.0)), $2
+                FROM dripd.enrollments
+                """,
+                ids["s1"],
+                now,
+                n,
+            )
+        await conn.execute("ANALYZE")
+        with contextlib.suppress(asyncpg.PostgresError):
+            await conn.execute("CHECKPOINT")  # so that no checkpoint lands mid-phase
+        return {"seconds": time.perf_counter() - started, "next_step": ids["s2"]}
+    finally:
+        await conn.close()
+
+
+async def check(dsn: str, n: int) -> None:
+    """Every seeded execution was sent exactly once and got its next row."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        row = await conn.fetchrow(
+            """
+            SELECT count(*) FILTER (WHERE status = 'sent') AS sent,
+                   count(*) FILTER (WHERE status = 'scheduled') AS scheduled,
+                   count(*) FILTER (WHERE status NOT IN ('sent', 'scheduled')) AS other
+            FROM dripd.step_executions
+            """
+        )
+    finally:
+        await conn.close()
+    if (row["sent"], row["scheduled"], row["other"]) != (n, n, 0):
+        raise SystemExit(f"bench: unexpected end state {dict(row)} (expected {n} sent/scheduled)")
+
+
+class ServerCpu:
+    """CPU seconds of the Postgres backends serving one database (server on this host only).
+
+    Samples pg_stat_activity and /proc/<pid>/stat every 0.2 s and keeps each backend's
+    last reading, so a backend's final < 0.2 s may be missed.
+    """
+
+    def __init__(self, admin_dsn: str, database: str) -> None:
+        self._admin_dsn = admin_dsn
+        self._database = database
+        self._seen: dict[int, float] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._tick = os.sysconf("SC_CLK_TCK")
+
+    def _read(self, pid: int) -> float | None:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return None
+        return (int(fields[11]) + int(fields[12])) / self._tick
+
+    async def _run(self, conn: asyncpg.Connection) -> None:
+        while True:
+            for row in await conn.fetch(
+                "SELECT pid FROM pg_stat_activity WHERE datname = $1", self._database
+            ):
+                cpu = self._read(row["pid"])
+                if cpu is not None:
+                    self._seen[row["pid"]] = cpu
+            await asyncio.sleep(0.2)
+
+    @contextlib.asynccontextmanager
+    async def measure(self) -> Any:
+        conn = await asyncpg.connect(self._admin_dsn)
+        self._task = asyncio.create_task(self._run(conn))
+        try:
+            yield self
+        finally:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            await conn.close()
+
+    @property
+    def seconds(self) -> float | None:
+        if not self._seen or not Path("/proc/self/stat").exists():
+            return None
+        return sum(self._seen.values())
+
+
+# --- the raw loop --------------------------------------------------------------------------
+
+
+async def raw_loop(dsn: str, next_step: uuid.UUID) -> dict[str, Any]:
+    conn = await store.connect(dsn)
+    daemon = f"raw:{os.getpid()}"
+    done = 0
+    try:
+        before = resource.getrusage(resource.RUSAGE_SELF)
+        started = time.perf_counter()
+        while True:
+            now = datetime.now(UTC)
+            async with conn.transaction():
+                rows = await conn.fetch(
+                    store.Q.claim, now, RAW_BATCH, uuid.uuid4(), now + timedelta(minutes=5), daemon
+                )
+                if not rows:
+                    break
+                await conn.execute(_MARK_SENT, [r["id"] for r in rows])
+                await conn.execute(
+                    _INSERT_NEXT,
+                    [r["tenant_key"] for r in rows],
+                    [r["enrollment_id"] for r in rows],
+                    next_step,
+                )
+            done += len(rows)
+        elapsed = time.perf_counter() - started
+        after = resource.getrusage(resource.RUSAGE_SELF)
+    finally:
+        await conn.close()
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    return {
+        "executions": done,
+        "seconds": elapsed,
+        "rate": done / elapsed,
+        "client_cpu_us": cpu / done * 1e6,
+    }
+
+
+# --- the daemon child ----------------------------------------------------------------------
+
+
+class _Tee:
+    """Forwards observe() to the real histogram and keeps every value for exact quantiles."""
+
+    def __init__(self, histogram: Any) -> None:
+        self._histogram = histogram
+        self.values = array.array("d")
+
+    def observe(self, value: float) -> None:
+        self.values.append(value)
+        self._histogram.observe(value)
+
+
+def _quantile(sorted_values: list[float], q: float) -> float:
+    if not sorted_values:
+        return float("nan")
+    return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
+
+
+def register_null_provider() -> None:
+    from dripd.channels import registry
+    from dripd.channels.base import Message, Receipt
+    from dripd.channels.registry import ProviderSpec
+
+    class NullChannel:
+        provider = "null"
+
+        async def send(self, message: Message) -> Receipt:
+            return Receipt(provider_message_id=None)
+
+        async def aclose(self) -> None:
+            return None
+
+    registry.register(
+        ProviderSpec(
+            name="null",
+            channels=None,
+            config_keys=frozenset(),
+            required_config=frozenset(),
+            credential_keys=frozenset(),
+            required_credentials=frozenset(),
+            factory=lambda adapter: NullChannel(),
+        ),
+        replace=True,
+    )
+
+
+def _emit(kind: str, payload: Any) -> None:
+    sys.stdout.write(f"{kind} {json.dumps(payload)}\n")
+    sys.stdout.flush()
+
+
+async def child_main(dsn: str, worker: dict[str, Any], pool_max: int, profile: str | None) -> None:
+    """One daemon: 'ready' → wait for 'go' → run → report progress → on 'stop', the result."""
+    from dripd import logs
+    from dripd.config import from_dict
+    from dripd.engine.daemon import Daemon
+
+    logs.configure("warning")
+    register_null_provider()
+    socket_dir = Path(f"/tmp/dripd-bench-{os.getpid()}")
+    socket_dir.mkdir(exist_ok=True)
+    cfg = from_dict(
+        {
+            "database": {"dsn": dsn, "pool_min": 2, "pool_max": pool_max},
+            "control": {"socket": str(socket_dir / "c.sock")},
+            "http": {"enabled": False},
+            "worker": worker,
+            "log": {"level": "warning"},
+        }
+    )
+    daemon = Daemon(cfg)
+    tee = _Tee(daemon.metrics.claim_to_record)
+    daemon.metrics.claim_to_record = tee  # type: ignore[assignment]
+
+    loop = asyncio.get_running_loop()
+    go, stop = asyncio.Event(), asyncio.Event()
+
+    def read_commands() -> None:
+        for line in sys.stdin:
+            word = line.strip()
+            if word == "go":
+                loop.call_soon_threadsafe(go.set)
+            elif word == "stop":
+                loop.call_soon_threadsafe(stop.set)
+                return
+        loop.call_soon_threadsafe(stop.set)  # the parent went away
+
+    threading.Thread(target=read_commands, daemon=True).start()
+    _emit("ready", {"pid": os.getpid()})
+    await go.wait()
+
+    profiler = None
+    if profile:
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.enable()
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    cpu_before = before.ru_utime + before.ru_stime
+    started = time.time()
+    task = asyncio.create_task(daemon.run(install_signals=False))
+    await daemon.ready.wait()
+    seen, last_at = 0, started
+    while not stop.is_set():
+        count = len(tee.values)
+        if count != seen:
+            seen, last_at = count, time.time()
+            _emit("progress", {"recorded": seen, "at": last_at})
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=0.02)
+        if task.done():
+            break
+    if profiler is not None:
+        profiler.disable()
+        profiler.dump_stats(profile)
+    daemon.request_stop()
+    await task
+    values = sorted(tee.values)
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    _emit(
+        "result",
+        {
+            "recorded": len(values),
+            "started": started,
+            "last_record_at": last_at,
+            "p50_ms": _quantile(values, 0.50) * 1000,
+            "p99_ms": _quantile(values, 0.99) * 1000,
+            "peak_rss_mib": usage.ru_maxrss / 1024,
+            "cpu_seconds": usage.ru_utime + usage.ru_stime - cpu_before,
+        },
+    )
+    with contextlib.suppress(OSError):
+        socket_dir.rmdir()
+
+
+async def run_daemons(
+    dsn: str,
+    n: int,
+    count: int,
+    worker: dict[str, Any],
+    pool_max: int,
+    profile: str | None = None,
+    timeout: float = 600.0,
+) -> dict[str, Any]:
+    """Start `count` daemon children on one backlog; stop them once N are recorded."""
+    argv = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--child",
+        "--dsn",
+        dsn,
+        "--worker",
+        json.dumps(worker),
+        "--pool-max",
+        str(pool_max),
+    ]
+    children = []
+    for index in range(count):
+        extra = ["--profile", profile] if profile and index == 0 else []
+        children.append(
+            await asyncio.create_subprocess_exec(
+                *argv, *extra, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE
+            )
+        )
+    try:
+        for child in children:
+            line = await child.stdout.readline()  # type: ignore[union-attr]
+            if not line.startswith(b"ready "):
+                raise SystemExit(f"bench: a daemon child failed to start: {line!r}")
+        recorded = [0] * count
+        results: list[dict[str, Any] | None] = [None] * count
+        all_done = asyncio.Event()
+        stopped = False
+
+        async def stop_all() -> None:
+            nonlocal stopped
+            if stopped:
+                return
+            stopped = True
+            for c in children:
+                c.stdin.write(b"stop\n")  # type: ignore[union-attr]
+                with contextlib.suppress(ConnectionError):
+                    await c.stdin.drain()  # type: ignore[union-attr]
+
+        async def follow(index: int) -> None:
+            stream = children[index].stdout
+            assert stream is not None
+            while line := await stream.readline():
+                kind, _, payload = line.decode().partition(" ")
+                if kind == "progress":
+                    recorded[index] = json.loads(payload)["recorded"]
+                    if sum(recorded) >= n:
+                        all_done.set()
+                elif kind == "result":
+                    results[index] = json.loads(payload)
+            all_done.set()  # a child that exits early ends the run
+
+        followers = [asyncio.create_task(follow(i)) for i in range(count)]
+        go_at = time.time()
+        for child in children:
+            child.stdin.write(b"go\n")  # type: ignore[union-attr]
+            await child.stdin.drain()  # type: ignore[union-attr]
+        await asyncio.wait_for(all_done.wait(), timeout=timeout)
+        await stop_all()
+        await asyncio.gather(*followers)
+        for child in children:
+            await child.wait()
+    finally:
+        for child in children:
+            if child.returncode is None:
+                child.kill()
+                await child.wait()
+    if any(r is None for r in results):
+        raise SystemExit("bench: a daemon child exited without a result (see its stderr)")
+    done = [r for r in results if r is not None]
+    elapsed = max(r["last_record_at"] for r in done) - go_at
+    return {
+        "daemons": count,
+        "executions": sum(r["recorded"] for r in done),
+        "seconds": elapsed,
+        "rate": sum(r["recorded"] for r in done) / elapsed,
+        "per_daemon": done,
+        "p50_ms": max(r["p50_ms"] for r in done),
+        "p99_ms": max(r["p99_ms"] for r in done),
+        "peak_rss_mib": max(r["peak_rss_mib"] for r in done),
+        "client_cpu_us": sum(r["cpu_seconds"] for r in done)
+        / max(1, sum(r["recorded"] for r in done))
+        * 1e6,
+    }
+
+
+# --- the phases ----------------------------------------------------------------------------
+
+
+async def phase(dbs: Databases, name: str, n: int, body: Any, *, quiet: bool) -> dict[str, Any]:
+    dsn = await dbs.create(name)
+    try:
+        seeded = await seed(dsn, n)
+        if not quiet:
+            print(f"[{name}] seeded {n} due executions in {seeded['seconds']:.1f}s", flush=True)
+        server = ServerCpu(dbs.admin_dsn, urlsplit(dsn).path.lstrip("/"))
+        async with server.measure():
+            result: dict[str, Any] = await body(dsn, seeded)
+        await check(dsn, n)
+        if server.seconds is not None and _local(dsn):
+            result["server_cpu_us"] = server.seconds / n * 1e6
+        return result
+    finally:
+        await dbs.drop(dsn)
+
+
+def _local(dsn: str) -> bool:
+    host = urlsplit(dsn).hostname or ""
+    return host in ("", "localhost", "127.0.0.1", "::1") or host.startswith("/")
+
+
+def _describe(result: dict[str, Any]) -> str:
+    return (
+        f"{result['executions']} executions in {result['seconds']:.2f}s = "
+        f"{result['rate']:,.0f}/s, claim-to-record p50 {result['p50_ms']:.0f} ms "
+        f"p99 {result['p99_ms']:.0f} ms, peak RSS {result['peak_rss_mib']:.0f} MiB"
+    )
+
+
+def _cpu(result: dict[str, Any]) -> str:
+    server = result.get("server_cpu_us")
+    return f"  CPU per execution: client {result['client_cpu_us']:.0f} us" + (
+        f", Postgres backends {server:.0f} us" if server is not None else ""
+    )
+
+
+async def main(args: argparse.Namespace) -> int:
+    n = args.n
+    admin = os.environ.get("BENCH_DSN") or DEFAULT_ADMIN_DSN
+    worker = dict(DEFAULT_WORKER)
+    if args.batch_size:
+        worker["batch_size"] = args.batch_size
+    if args.concurrency:
+        worker["concurrency"] = args.concurrency
+    if args.record_linger:
+        worker["record_linger"] = args.record_linger
+    pool_max = args.pool_max or DEFAULT_POOL_MAX
+    phases = args.phases.split(",")
+    quiet = args.json
+    say = (lambda *_: None) if quiet else (lambda *a: print(*a, flush=True))
+    summary: dict[str, Any] = {
+        "n": n,
+        "worker": worker,
+        "pool_max": pool_max,
+        "date": datetime.now(UTC).date().isoformat(),
+    }
+    say(f"dripd throughput bench: N={n}, worker {worker}, pool_max {pool_max}")
+    say("latency is claim-to-record per execution, exact (tee on the histogram's observe)")
+    dbs = Databases(admin)
+    try:
+        if "raw" in phases:
+
+            async def raw(dsn: str, seeded: dict[str, Any]) -> dict[str, Any]:
+                return await raw_loop(dsn, seeded["next_step"])
+
+            summary["raw"] = r = await phase(dbs, "raw", n, raw, quiet=quiet)
+            say(
+                f"raw asyncpg loop: {r['executions']} rows in {r['seconds']:.2f}s = "
+                f"{r['rate']:,.0f} rows/s"
+            )
+            say(_cpu(r))
+        for key, count in (("one", 1), ("two", 2)):
+            if key not in phases:
+                continue
+
+            async def full(dsn: str, _seeded: dict[str, Any], count: int = count) -> dict[str, Any]:
+                return await run_daemons(
+                    dsn, n, count, worker, pool_max, profile=args.profile if count == 1 else None
+                )
+
+            summary[key] = r = await phase(dbs, key, n, full, quiet=quiet)
+            label = "full path, 1 daemon" if count == 1 else f"full path, {count} daemons"
+            say(f"{label}: {_describe(r)}")
+            say(_cpu(r))
+            if count > 1:
+                shares = ", ".join(f"{d['recorded']}" for d in r["per_daemon"])
+                say(f"  per daemon: {shares}")
+    finally:
+        await dbs.drop_all()
+    if "raw" in summary and "one" in summary:
+        summary["ratio"] = summary["one"]["rate"] / summary["raw"]["rate"]
+        if "two" in summary:
+            summary["ratio_two"] = summary["two"]["rate"] / summary["raw"]["rate"]
+            say(f"two daemons / raw: {summary['ratio_two']:.2f}")
+    if args.json:
+        print(json.dumps(summary, indent=2, default=str))
+    elif "ratio" in summary:
+        print(f"ratio {summary['ratio']:.2f}")
+    return 0
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--json", action="store_true", help="print a JSON summary only")
+    p.add_argument(
+        "--n", type=int, default=int(os.environ.get("BENCH_N", "100000")), help="executions"
+    )
+    p.add_argument("--phases", default="raw,one,two", help="comma-separated subset of raw,one,two")
+    p.add_argument("--batch-size", type=int, help=f"default {DEFAULT_WORKER['batch_size']}")
+    p.add_argument("--concurrency", type=int, help=f"default {DEFAULT_WORKER['concurrency']}")
+    p.add_argument("--record-linger", help=f"default {DEFAULT_WORKER['record_linger']}")
+    p.add_argument("--pool-max", type=int, help=f"default {DEFAULT_POOL_MAX}")
+    p.add_argument("--profile", help="cProfile the one-daemon child into this pstats file")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--dsn", help=argparse.SUPPRESS)
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    arguments = parse_args()
+    if arguments.child:
+        asyncio.run(
+            child_main(
+                arguments.dsn,
+                json.loads(arguments.worker),
+                arguments.pool_max or DEFAULT_POOL_MAX,
+                arguments.profile,
+            )
+        )
+        sys.exit(0)
+    sys.exit(asyncio.run(main(arguments)))

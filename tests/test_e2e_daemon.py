@@ -1,0 +1,691 @@
+"""End to end: `dripd run` as real subprocesses, a real Postgres and a real SMTP sink on loopback.
+
+The daemons are started, signalled (SIGTERM, SIGKILL) and driven through the control socket,
+the CLI and HTTP; the database and the sink are the only witnesses. Time is real here (the
+daemon is another process), so delays are kept to a second or two and every wait polls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import asyncpg
+import httpx
+import pytest
+from support import (
+    SmtpSink,
+    add_adapter,
+    apply_text,
+    free_port,
+    one_email,
+    smtp_config,
+    wait_for,
+    write_config,
+)
+
+from dripd import api
+from dripd.control import request
+from dripd.errors import DripdError
+
+pytestmark = pytest.mark.slow
+
+KEY = "hello"
+DOMAIN = "dripd.local"
+
+
+# --- the daemon as a subprocess ---------------------------------------------------------------
+
+
+def _daemon_env() -> dict[str, str]:
+    """The test's environment minus what would point the daemon elsewhere."""
+    env = dict(os.environ)
+    for name in ("DRIPD_DSN", "DRIPD_CONFIG", "DRIPD_ENCRYPTION_KEY"):
+        env.pop(name, None)
+    return env
+
+
+@dataclass
+class DaemonProc:
+    """One `dripd run --config …` subprocess; restartable, its stderr appended to one file."""
+
+    name: str
+    config: Path
+    log: Path
+    socket: str
+    http_port: int | None = None
+    proc: asyncio.subprocess.Process | None = None
+    starts: int = 0
+    _stderr: IO[bytes] | None = field(default=None, repr=False)
+
+    async def start(self, *, ready: bool = True) -> DaemonProc:
+        assert self.proc is None or self.proc.returncode is not None, "already running"
+        if self._stderr is None:
+            self._stderr = self.log.open("ab")
+        self.starts += 1
+        self._stderr.write(f"--- start #{self.starts} ---\n".encode())
+        self._stderr.flush()
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "dripd.cli", "run", "--config", str(self.config),
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+            stderr=self._stderr, env=_daemon_env(),
+        )  # fmt: skip
+        if ready:
+            await self.wait_ready()
+        return self
+
+    async def wait_ready(self, timeout: float = 20.0) -> dict[str, Any]:
+        async def answers() -> dict[str, Any] | None:
+            assert self.proc is not None
+            if self.proc.returncode is not None:
+                raise AssertionError(
+                    f"{self.name} exited with {self.proc.returncode} while starting\n{self.tail()}"
+                )
+            try:
+                status: dict[str, Any] = await request(self.socket, "status", timeout=2.0)
+            except DripdError:
+                return None
+            return status
+
+        try:
+            status: dict[str, Any] = await wait_for(answers, timeout=timeout)
+        except AssertionError as exc:
+            raise AssertionError(f"{self.name} not ready: {exc}\n{self.tail()}") from None
+        return status
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.returncode is None
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    async def wait(self, timeout: float) -> int:
+        assert self.proc is not None
+        try:
+            return await asyncio.wait_for(self.proc.wait(), timeout)
+        except TimeoutError:
+            raise AssertionError(
+                f"{self.name} still running after {timeout}s\n{self.tail()}"
+            ) from None
+
+    async def kill(self) -> int:
+        """SIGKILL and reap."""
+        assert self.proc is not None
+        if self.proc.returncode is None:
+            self.proc.kill()
+        return await self.proc.wait()
+
+    def tail(self, lines: int = 40) -> str:
+        if self._stderr is not None:
+            self._stderr.flush()
+        try:
+            text = self.log.read_text(errors="replace")
+        except FileNotFoundError:
+            return f"[{self.name}: no log]"
+        return f"--- {self.name} stderr (last {lines} lines) ---\n" + "\n".join(
+            text.splitlines()[-lines:]
+        )
+
+    async def metrics(self) -> dict[str, float]:
+        """`/metrics`, as {'name{labels}': value}."""
+        assert self.http_port is not None
+        async with httpx.AsyncClient(timeout=5.0) as client:
+            response = await client.get(f"http://127.0.0.1:{self.http_port}/metrics")
+        response.raise_for_status()
+        values: dict[str, float] = {}
+        for line in response.text.splitlines():
+            if line and not line.startswith("#"):
+                name, _, value = line.rpartition(" ")
+                values[name] = float(value)
+        return values
+
+    async def close(self) -> None:
+        if self.running:
+            await self.kill()
+        if self._stderr is not None:
+            self._stderr.close()
+            self._stderr = None
+
+
+Launch = Callable[..., DaemonProc]
+
+
+@pytest.fixture
+def sockdir() -> Iterator[Path]:
+    # pytest's tmp_path can exceed the ~107-byte limit of AF_UNIX paths.
+    with tempfile.TemporaryDirectory(prefix="dripd-e2e-") as tmp:
+        yield Path(tmp)
+
+
+@pytest.fixture
+async def launch(dsn: str, tmp_path: Path, sockdir: Path) -> AsyncIterator[Launch]:
+    """A factory of daemon subprocesses on this test's database; all are killed at the end."""
+    made: list[DaemonProc] = []
+
+    def make(name: str = "d", *, http: bool = False, **worker: Any) -> DaemonProc:
+        socket_path = sockdir / f"{name}.sock"
+        http_port = free_port() if http else None
+        config = write_config(
+            tmp_path / f"{name}.toml", dsn=dsn, socket_path=socket_path, http_port=http_port,
+            **worker,
+        )  # fmt: skip
+        proc = DaemonProc(
+            name=name, config=config, log=tmp_path / f"{name}.stderr",
+            socket=str(socket_path), http_port=http_port,
+        )  # fmt: skip
+        made.append(proc)
+        return proc
+
+    try:
+        yield make
+    finally:
+        for proc in made:
+            await proc.close()
+
+
+@pytest.fixture
+def sink() -> Iterator[SmtpSink]:
+    s = SmtpSink().start()
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+def tails(*procs: DaemonProc) -> str:
+    return "\n".join(p.tail() for p in procs)
+
+
+# --- the database side ------------------------------------------------------------------------
+
+
+async def setup_sequence(pool: asyncpg.Pool, smtp_port: int) -> None:
+    await apply_text(pool, one_email(KEY))
+    await add_adapter(pool, name="smtp", channel="email", provider="smtp",
+                      config=smtp_config(smtp_port))  # fmt: skip
+
+
+def subscriber(n: int) -> dict[str, Any]:
+    return {"email": f"s{n}@example.com", "first_name": f"S{n}"}
+
+
+async def enroll_many(pool: asyncpg.Pool, count: int, *, start: int = 0) -> None:
+    """Enroll subscribers s{start}…s{start+count-1}, a few at a time over the pool."""
+    gate = asyncio.Semaphore(4)
+
+    async def one(n: int) -> None:
+        async with gate:
+            await api.enroll(pool, tenant=None, sequence_key=KEY, subscriber_id=f"s{n}",
+                             data=subscriber(n))  # fmt: skip
+
+    await asyncio.gather(*(one(n) for n in range(start, start + count)))
+
+
+async def statuses(pool: asyncpg.Pool) -> dict[str, int]:
+    rows = await pool.fetch("SELECT status, count(*) AS n FROM dripd.step_executions GROUP BY 1")
+    return {r["status"]: r["n"] for r in rows}
+
+
+async def enrollment_statuses(pool: asyncpg.Pool) -> dict[str, int]:
+    rows = await pool.fetch("SELECT status, count(*) AS n FROM dripd.enrollments GROUP BY 1")
+    return {r["status"]: r["n"] for r in rows}
+
+
+async def all_sent(pool: asyncpg.Pool, count: int) -> bool:
+    return await statuses(pool) == {"sent": count}
+
+
+async def expected_message_ids(pool: asyncpg.Pool) -> dict[str, str]:
+    """Recipient → the Message-ID its (only) execution must carry."""
+    rows = await pool.fetch(
+        """SELECT en.data->>'email' AS email, e.id, e.replay
+           FROM dripd.step_executions e JOIN dripd.enrollments en ON en.id = e.enrollment_id"""
+    )
+    return {r["email"]: f"<{r['id']}.{r['replay']}@{DOMAIN}>" for r in rows}
+
+
+def duplicates(sink: SmtpSink) -> int:
+    ids = sink.message_ids()
+    return len(ids) - len(set(ids))
+
+
+def check_sink_against(sink: SmtpSink, expected: dict[str, str]) -> None:
+    """Every recipient got at least one message, and every copy carries its execution's ids."""
+    with sink.lock:
+        seen = [(str(m["To"]), str(m["Message-ID"]), str(m["X-Dripd-Idempotency-Key"]))
+                for m in sink.messages]  # fmt: skip
+    got = {to for to, _, _ in seen}
+    assert got == set(expected), f"missing: {sorted(set(expected) - got)[:10]}"
+    for to, message_id, key in seen:
+        assert message_id == expected[to], (to, message_id, expected[to])
+        execution_id, replay = message_id.strip("<>").split("@")[0].split(".")
+        assert key == f"{execution_id}:{replay}"
+
+
+def sent_by(metrics: dict[str, float]) -> float:
+    return sum(
+        v for k, v in metrics.items()
+        if k.startswith("dripd_executions_total{") and 'outcome="sent"' in k
+    )  # fmt: skip
+
+
+# --- 1. two daemons, one backlog --------------------------------------------------------------
+
+
+@pytest.mark.timeout(120)
+async def test_two_daemons_share_one_backlog_exactly_once(
+    pool: asyncpg.Pool, sink: SmtpSink, launch: Launch
+) -> None:
+    n = 2000
+    await setup_sequence(pool, sink.port)
+    await enroll_many(pool, n)
+    a, b = launch("a", http=True), launch("b", http=True)
+    await asyncio.gather(a.start(ready=False), b.start(ready=False))
+    await asyncio.gather(a.wait_ready(), b.wait_ready())
+
+    try:
+        await wait_for(lambda: all_sent(pool, n), timeout=60, interval=0.2)
+    except AssertionError:
+        raise AssertionError(f"not all sent: {await statuses(pool)}\n{tails(a, b)}") from None
+    assert await enrollment_statuses(pool) == {"completed": n}
+    by_a, by_b = sent_by(await a.metrics()), sent_by(await b.metrics())
+    events = await pool.fetchval("SELECT count(*) FROM dripd.message_events WHERE type = 'sent'")
+
+    a.signal(signal.SIGTERM)
+    b.signal(signal.SIGTERM)
+    codes = await asyncio.gather(a.wait(20), b.wait(20))
+    assert codes == [0, 0], tails(a, b)
+
+    # Both have exited: nothing more can arrive.
+    ids = sink.message_ids()
+    assert len(ids) == n, f"{len(ids) - len(set(ids))} duplicates"
+    assert set(ids) == set((await expected_message_ids(pool)).values())
+    assert events == n
+    assert by_a + by_b == n
+    print(f"\ntwo daemons: a sent {by_a:.0f}, b sent {by_b:.0f}")
+    assert by_a > 0, tails(a)
+    assert by_b > 0, tails(b)
+
+
+# --- 2. SIGKILL mid-run, restart, repeat ------------------------------------------------------
+
+
+@pytest.mark.timeout(120)
+async def test_sigkill_mid_run_and_restart_loses_nothing(
+    pool: asyncpg.Pool, sink: SmtpSink, launch: Launch
+) -> None:
+    n = 1500
+    rng = random.Random()
+    await setup_sequence(pool, sink.port)
+    await enroll_many(pool, n)
+    d = launch("d", lease="2s")
+    await d.start(ready=False)
+
+    orphaned: list[int] = []
+    for low, high in ((0.05, 0.25), (0.35, 0.55), (0.65, 0.8)):
+        at = rng.randint(int(n * low), int(n * high))
+        try:
+            await wait_for(lambda at=at: sink.count() >= at, timeout=30, interval=0.01)
+        except AssertionError:
+            raise AssertionError(
+                f"stalled before {at} messages: {await statuses(pool)}\n{d.tail()}"
+            ) from None
+        await d.kill()
+        assert sink.count() < n, "the kill came after everything was sent; raise n"
+        orphaned.append((await statuses(pool)).get("claimed", 0))
+        await d.start(ready=False)
+
+    try:
+        await wait_for(lambda: all_sent(pool, n), timeout=60, interval=0.2)
+    except AssertionError:
+        raise AssertionError(f"not all sent: {await statuses(pool)}\n{d.tail()}") from None
+    d.signal(signal.SIGTERM)
+    assert await d.wait(20) == 0, d.tail()
+
+    assert await enrollment_statuses(pool) == {"completed": n}
+    check_sink_against(sink, await expected_message_ids(pool))
+    dups = duplicates(sink)
+    attempts = await pool.fetchval("SELECT max(attempt) FROM dripd.step_executions")
+    print(
+        f"\nSIGKILL x3: rows left claimed at each kill {orphaned}, {dups} duplicate deliveries "
+        f"(same Message-ID), max attempt {attempts}"
+    )
+
+
+# --- 3. SIGTERM mid-run -----------------------------------------------------------------------
+
+
+@pytest.mark.timeout(90)
+async def test_sigterm_mid_run_exits_cleanly_and_loses_nothing(
+    pool: asyncpg.Pool, sink: SmtpSink, launch: Launch
+) -> None:
+    n = 1000
+    await setup_sequence(pool, sink.port)
+    await enroll_many(pool, n)
+    d = launch("d", shutdown_timeout="3s")
+    await d.start(ready=False)
+    await wait_for(lambda: sink.count() >= n // 5, timeout=30, interval=0.01)
+
+    d.signal(signal.SIGTERM)
+    started = time.monotonic()
+    code = await d.wait(15)
+    elapsed = time.monotonic() - started
+    assert code == 0, d.tail()
+    assert elapsed < 3 + 2, f"took {elapsed:.1f}s\n{d.tail()}"
+    print(f"\nSIGTERM mid-run: exited 0 in {elapsed:.2f}s")
+    left = await statuses(pool)
+    assert "claimed" not in left, f"{left}\n{d.tail()}"
+    assert left.get("scheduled", 0) > 0, "SIGTERM came after everything was sent; raise n"
+    assert left.get("sent", 0) >= sink.count() - duplicates(sink)
+    assert '"stopped"' in d.log.read_text() or "stopped" in d.tail(), d.tail()
+
+    # A second daemon finishes the rest.
+    e = launch("e")
+    await e.start(ready=False)
+    try:
+        await wait_for(lambda: all_sent(pool, n), timeout=30, interval=0.2)
+    except AssertionError:
+        raise AssertionError(f"not all sent: {await statuses(pool)}\n{e.tail()}") from None
+    e.signal(signal.SIGTERM)
+    assert await e.wait(20) == 0, e.tail()
+    check_sink_against(sink, await expected_message_ids(pool))
+    # A clean stop finishes or releases every send it holds: no resend, no duplicate.
+    assert duplicates(sink) == 0
+
+
+class HeldSink(SmtpSink):
+    """A sink that, while `hold` is set, keeps each DATA waiting and then refuses it."""
+
+    hold: bool = False
+    waiting: int = 0
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        if not self.hold:
+            return await super().handle_DATA(server, session, envelope)
+        self.waiting += 1
+        try:
+            # `hold` is flipped from the test's thread: no asyncio.Event across loops.
+            while self.hold:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        finally:
+            self.waiting -= 1
+        return "451 held and refused"
+
+
+@pytest.mark.timeout(90)
+async def test_sigterm_with_hung_sends_exits_by_shutdown_timeout_and_releases(
+    pool: asyncpg.Pool, launch: Launch
+) -> None:
+    held = HeldSink()
+    held.hold = True
+    held.start()
+    try:
+        n = 50
+        await setup_sequence(pool, held.port)
+        await enroll_many(pool, n)
+        d = launch("d", shutdown_timeout="2s")
+        await d.start()
+        await wait_for(lambda: held.waiting >= 1, timeout=20)
+        claimed = (await statuses(pool)).get("claimed", 0)
+        assert claimed > 0
+
+        d.signal(signal.SIGTERM)
+        started = time.monotonic()
+        code = await d.wait(15)
+        elapsed = time.monotonic() - started
+        assert code == 0, d.tail()
+        assert 1.5 < elapsed < 2 + 2, f"took {elapsed:.1f}s\n{d.tail()}"
+        print(f"\nSIGTERM with {claimed} hung sends: exited 0 in {elapsed:.2f}s")
+        # The sends it gave up on were released, not left for the lease to expire.
+        left = await statuses(pool)
+        assert left == {"scheduled": n}, f"{left}\n{d.tail()}"
+        assert await pool.fetchval("SELECT max(attempt) FROM dripd.step_executions") == 0
+
+        held.hold = False
+        await d.start(ready=False)
+        try:
+            await wait_for(lambda: all_sent(pool, n), timeout=30, interval=0.2)
+        except AssertionError:
+            raise AssertionError(f"not all sent: {await statuses(pool)}\n{d.tail()}") from None
+        d.signal(signal.SIGTERM)
+        assert await d.wait(20) == 0, d.tail()
+        check_sink_against(held, await expected_message_ids(pool))
+        assert duplicates(held) == 0
+    finally:
+        held.hold = False
+        held.stop()
+
+
+# --- 4. the LISTEN connection is killed -------------------------------------------------------
+
+
+async def listen_backends(pool: asyncpg.Pool) -> list[int]:
+    """Backends of this database that are a daemon's LISTEN connection.
+
+    Without an application_name, the listener is told apart by its last statement: `LISTEN …`
+    right after connecting, then the `SELECT 1` liveness probe it runs every 2 s. Pool
+    connections end each use with asyncpg's reset (`… UNLISTEN *; RESET ALL;`).
+    """
+    rows = await pool.fetch(
+        """SELECT pid FROM pg_stat_activity
+           WHERE datname = current_database() AND pid <> pg_backend_pid()
+             AND backend_type = 'client backend' AND state = 'idle'
+             AND (query LIKE 'LISTEN %' OR query = 'SELECT 1')"""
+    )
+    return [r["pid"] for r in rows]
+
+
+@pytest.mark.timeout(60)
+async def test_listen_connection_killed_reconnects_and_notify_still_wakes(
+    pool: asyncpg.Pool, sink: SmtpSink, launch: Launch
+) -> None:
+    await setup_sequence(pool, sink.port)
+    # Only NOTIFY (and the timer to a known due time) can wake this daemon.
+    d = launch("d", http=True, poll_interval="1h")
+    await d.start()
+    first = await wait_for(lambda: listen_backends(pool), timeout=10)
+    assert len(first) == 1, first
+    print(
+        "\nLISTEN backend:",
+        dict(
+            await pool.fetchrow(
+                "SELECT pid, backend_type, state, query FROM pg_stat_activity WHERE pid = $1",
+                first[0],
+            )
+        ),
+    )
+    await enroll_many(pool, 1, start=0)
+    await wait_for(lambda: sink.count() >= 1, timeout=10)
+
+    killed = await pool.fetchval("SELECT pg_terminate_backend($1)", first[0])
+    assert killed
+
+    async def reconnected() -> bool:
+        m = await d.metrics()
+        pids = await listen_backends(pool)
+        return m.get("dripd_listen_reconnects_total", 0) >= 1 and bool(pids) and pids != first
+
+    try:
+        await wait_for(reconnected, timeout=15, interval=0.1)
+    except AssertionError:
+        raise AssertionError(f"the listener did not come back\n{d.tail()}") from None
+
+    await enroll_many(pool, 1, start=1)
+    try:
+        await wait_for(lambda: sink.count() >= 2, timeout=10)
+    except AssertionError:
+        raise AssertionError(f"NOTIFY after reconnect did not wake\n{d.tail()}") from None
+    await wait_for(lambda: all_sent(pool, 2), timeout=5)
+    assert (await d.metrics())["dripd_listen_reconnects_total"] >= 1
+    d.signal(signal.SIGTERM)
+    assert await d.wait(20) == 0, d.tail()
+
+
+# --- 5. the SMTP server is down ----------------------------------------------------------------
+
+
+async def one_execution(pool: asyncpg.Pool) -> asyncpg.Record:
+    row = await pool.fetchrow(
+        """SELECT e.*, en.status AS enrollment_status
+           FROM dripd.step_executions e JOIN dripd.enrollments en ON en.id = e.enrollment_id"""
+    )
+    assert row is not None
+    return row
+
+
+@pytest.mark.timeout(60)
+async def test_smtp_down_then_up_retries_and_delivers(pool: asyncpg.Pool, launch: Launch) -> None:
+    port = free_port()  # nothing listens here yet
+    await setup_sequence(pool, port)
+    # No slow poll: only the daemon's timer to the retry's due time may bring the retry back.
+    d = launch("d", retry_base="1s", max_attempts=3, poll_interval="1h")
+    await d.start()
+    await enroll_many(pool, 1)
+
+    async def retrying() -> asyncpg.Record | None:
+        row = await one_execution(pool)
+        return row if row["attempt"] >= 1 and row["status"] == "scheduled" else None
+
+    try:
+        row = await wait_for(retrying, timeout=10, interval=0.02)
+    except AssertionError:
+        raise AssertionError(f"{dict(await one_execution(pool))}\n{d.tail()}") from None
+    assert row["attempt"] == 1, dict(row)
+    assert row["last_error"] is not None
+    assert "connection failed" in row["last_error"], dict(row)
+    assert row["reason"] == "retry"
+
+    sink = SmtpSink().start(port)
+    try:
+        try:
+            await wait_for(lambda: sink.count() >= 1, timeout=10)
+        except AssertionError:
+            raise AssertionError(f"{dict(await one_execution(pool))}\n{d.tail()}") from None
+        await wait_for(lambda: all_sent(pool, 1), timeout=5)
+        row = await one_execution(pool)
+        assert row["attempt"] <= 2, dict(row)  # at most 3 tries: attempt counts the failed ones
+        assert row["enrollment_status"] == "completed"
+        assert sink.count() == 1
+        kinds = await pool.fetch("SELECT type FROM dripd.message_events ORDER BY id")
+        assert [k["type"] for k in kinds][-1] == "sent"
+        assert "deferred" in [k["type"] for k in kinds]
+        d.signal(signal.SIGTERM)
+        assert await d.wait(20) == 0, d.tail()
+    finally:
+        sink.stop()
+
+
+@pytest.mark.timeout(60)
+async def test_smtp_never_up_fails_after_max_attempts(pool: asyncpg.Pool, launch: Launch) -> None:
+    await setup_sequence(pool, free_port())  # nothing ever listens here
+    # No slow poll: only the daemon's timer to the retry's due time may bring the retry back.
+    d = launch("d", retry_base="1s", max_attempts=3, poll_interval="1h")
+    await d.start()
+    await enroll_many(pool, 1)
+
+    async def failed() -> asyncpg.Record | None:
+        row = await one_execution(pool)
+        return row if row["status"] == "failed" else None
+
+    try:
+        row = await wait_for(failed, timeout=15, interval=0.05)
+    except AssertionError:
+        raise AssertionError(f"{dict(await one_execution(pool))}\n{d.tail()}") from None
+    assert row["attempt"] == 3, dict(row)
+    assert "gave up after 3 attempts" in row["last_error"], dict(row)
+    assert await enrollment_statuses(pool) == {"failed": 1}
+    events = await pool.fetch("SELECT type FROM dripd.message_events ORDER BY id")
+    assert [e["type"] for e in events] == ["deferred", "deferred", "failed"], events
+    d.signal(signal.SIGTERM)
+    assert await d.wait(20) == 0, d.tail()
+
+
+# --- 6. the control socket and `dripd ctl` ----------------------------------------------------
+
+
+async def ctl(d: DaemonProc, *command: str) -> dict[str, Any]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "dripd.cli", "ctl", "--socket", d.socket, *command, "--json",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=_daemon_env(),
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 0, f"ctl {command}: {proc.returncode} {err.decode()}\n{d.tail()}"
+    result: dict[str, Any] = json.loads(out)
+    return result
+
+
+@pytest.mark.timeout(90)
+async def test_ctl_status_pause_resume_drain(
+    pool: asyncpg.Pool, sink: SmtpSink, launch: Launch
+) -> None:
+    await setup_sequence(pool, sink.port)
+    d = launch("d", stats_interval="100ms")
+    await d.start()
+
+    status = await ctl(d, "status")
+    assert {"version", "uptime_s", "in_flight", "due_backlog", "paused"} <= set(status), status
+    assert status["paused"] is False
+    assert status["in_flight"] == 0
+    assert status["uptime_s"] >= 0
+
+    assert (await ctl(d, "pause"))["paused"] is True
+    await enroll_many(pool, 3)
+    # The daemon sees the backlog (its stats loop counts it) and still claims nothing.
+    try:
+        seen = await wait_for(lambda: _backlog_at_least(d, 3), timeout=10)
+    except AssertionError:
+        raise AssertionError(d.tail()) from None
+    assert seen["paused"] is True
+    assert seen["in_flight"] == 0
+    assert sink.count() == 0
+    assert await statuses(pool) == {"scheduled": 3}
+
+    resumed = await ctl(d, "resume")
+    assert resumed["paused"] is False
+    await wait_for(lambda: all_sent(pool, 3), timeout=10)
+    assert sink.count() == 3
+
+    # Drain while a batch is flowing: it returns once nothing is in flight.
+    n = 600
+    await enroll_many(pool, n, start=3)
+    await wait_for(lambda: sink.count() >= 3 + 1, timeout=10, interval=0.01)
+    drained = await ctl(d, "drain")
+    assert drained["in_flight"] == 0, drained
+    assert drained["paused"] is True
+    left = await statuses(pool)
+    assert "claimed" not in left, left
+    # Drained means paused: what is left stays scheduled.
+    count = sink.count()
+    print(f"\ndrain: returned after {count - 3} of {n} sends; left {left}")
+    after = await ctl(d, "status")
+    assert (after["paused"], after["in_flight"]) == (True, 0), after
+    assert sink.count() == count
+
+    await ctl(d, "resume")
+    await wait_for(lambda: all_sent(pool, n + 3), timeout=30, interval=0.2)
+    assert duplicates(sink) == 0
+    assert sink.count() == n + 3
+    d.signal(signal.SIGTERM)
+    assert await d.wait(20) == 0, d.tail()
+
+
+async def _backlog_at_least(d: DaemonProc, n: int) -> dict[str, Any] | None:
+    status: dict[str, Any] = await request(d.socket, "status")
+    return status if status["due_backlog"] >= n else None
