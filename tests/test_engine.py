@@ -10,12 +10,6 @@ from pathlib import Path
 import asyncpg
 import msgspec
 import pytest
-
-from dripd import api
-from dripd.channels.credentials import Vault, generate_key
-from dripd.clock import ManualClock
-from dripd.control import request
-from dripd.engine.daemon import Daemon
 from support import (
     SmtpSink,
     add_adapter,
@@ -26,6 +20,12 @@ from support import (
     smtp_config,
     wait_for,
 )
+
+from dripd import api
+from dripd.channels.credentials import Vault, generate_key
+from dripd.clock import ManualClock
+from dripd.control import request
+from dripd.engine.daemon import Daemon
 
 DRIP = """
 [sequence]

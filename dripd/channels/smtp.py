@@ -278,22 +278,23 @@ class SmtpChannel:
 
 
 async def _quit(client: aiosmtplib.SMTP, timeout: float) -> None:
+    transport = client.transport
     try:
         await client.quit(timeout=timeout)
     except (aiosmtplib.SMTPException, OSError):
         pass
     finally:
-        _discard(client)
+        _discard(client, transport)
 
 
-def _discard(client: aiosmtplib.SMTP) -> None:
-    transport = client.transport
+def _discard(client: aiosmtplib.SMTP, transport: asyncio.BaseTransport | None = None) -> None:
+    transport = transport or client.transport
     client.close()
-    if transport is not None:
+    if isinstance(transport, asyncio.Transport):
         # The session is over (QUIT answered, or the connection is unusable): aborting
         # skips the TLS close_notify exchange, so the socket closes on the next loop turn
         # instead of outliving the channel.
-        transport.abort()  # type: ignore[attr-defined]
+        transport.abort()
 
 
 def _envelope_address(address: str, role: str) -> str:

@@ -1,0 +1,196 @@
+"""The CLI: exit codes, --json, and adapters whose credentials are stored encrypted."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from dripd.channels.credentials import generate_key
+from dripd.cli import main
+
+SEQ = """
+[sequence]
+key = "welcome"
+
+[[steps]]
+key = "hello"
+channel = "email"
+subject = "Hi"
+text = "Hello {{ first_name | default: 'you' }}"
+"""
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def seq_file(tmp_path: Path) -> Path:
+    path = tmp_path / "welcome.toml"
+    path.write_text(SEQ)
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _no_ambient_config(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("DRIPD_DSN", raising=False)
+    monkeypatch.delenv("DRIPD_ENCRYPTION_KEY", raising=False)
+    monkeypatch.setenv("DRIPD_CONFIG", str(tmp_path / "none.toml"))
+    (tmp_path / "none.toml").write_text("")
+
+
+def test_apply_enroll_event_suppress_print_json(
+    capsys: pytest.CaptureFixture[str], dsn: str, seq_file: Path
+) -> None:
+    code, out, _ = run(capsys, "apply", "--dsn", dsn, "--json", str(seq_file))
+    assert code == 0
+    assert json.loads(out) == [{"file": str(seq_file), "key": "welcome", "tenant": None,
+                                "version": 1, "created": True}]
+    code, out, _ = run(capsys, "apply", "--dsn", dsn, str(seq_file))
+    assert (code, out.strip()) == (0, f"{seq_file}: welcome v1 unchanged")
+
+    code, out, _ = run(capsys, "enroll", "welcome", "u1", "--dsn", dsn, "--json",
+                       "--data", '{"email": "a@example.com"}')
+    enrollment = json.loads(out)
+    assert code == 0
+    assert enrollment["status"] == "active"
+    assert enrollment["id"]
+    code, out, _ = run(capsys, "event", "u1", "activated", "--dsn", dsn, "--json", "--id", "e1")
+    assert (code, json.loads(out)["created"]) == (0, True)
+    code, out, _ = run(capsys, "event", "u1", "activated", "--dsn", dsn, "--json", "--id", "e1")
+    assert (code, json.loads(out)["created"]) == (0, False)
+    code, out, _ = run(capsys, "suppress", "email", "A@Example.com", "--dsn", dsn, "--json")
+    assert (code, json.loads(out)["address"]) == (0, "a@example.com")
+
+
+def test_bad_input_exits_2_and_names_the_problem(
+    capsys: pytest.CaptureFixture[str], dsn: str, tmp_path: Path
+) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text(SEQ.replace('after = "0s"', "").replace('channel = "email"',
+                                                            'channel = "email"\nafter = "soon"'))
+    code, _, err = run(capsys, "apply", "--dsn", dsn, str(bad))
+    assert code == 2
+    assert f"{bad}: step 'hello': key 'after'" in err
+    code, _, err = run(capsys, "enroll", "welcome", "u1", "--dsn", dsn, "--data", "[1]")
+    assert (code, "--data: must be a JSON object" in err) == (2, True)
+    config = tmp_path / "c.toml"
+    config.write_text("[worker]\nbatch_sise = 5\n")
+    code, _, err = run(capsys, "check-schema", "--dsn", dsn, "--config", str(config))
+    assert code == 2
+    assert "worker.batch_sise: unknown key" in err
+    code, _, err = run(capsys, "enroll", "nope", "u1", "--dsn", dsn)
+    assert code == 1
+    assert "no sequence 'nope'" in err
+
+
+def test_migrate_check_schema_and_uninstall(
+    capsys: pytest.CaptureFixture[str], server_dsn: str
+) -> None:
+    code, out, _ = run(capsys, "check-schema", "--dsn", server_dsn, "--json")
+    assert code == 1
+    assert json.loads(out)["pending"] == ["0001_init.sql"]
+    code, out, _ = run(capsys, "migrate", "--dsn", server_dsn, "--json")
+    assert (code, json.loads(out)) == (0, {"applied": ["0001_init.sql"]})
+    code, out, _ = run(capsys, "check-schema", "--dsn", server_dsn)
+    assert code == 0
+    assert "current" in out
+    code, out, _ = run(capsys, "uninstall", "--dsn", server_dsn)
+    assert code == 0
+    assert "DROP SCHEMA IF EXISTS dripd CASCADE;" in out
+    code, out, _ = run(capsys, "check-schema", "--dsn", server_dsn)
+    assert code == 0  # printing the SQL dropped nothing
+    code, out, _ = run(capsys, "uninstall", "--dsn", server_dsn, "--execute", "--json")
+    assert (code, json.loads(out)["executed"]) == (0, True)
+    code, out, _ = run(capsys, "check-schema", "--dsn", server_dsn)
+    assert code == 1
+
+
+async def _raw_credentials(dsn: str) -> bytes:
+    conn = await asyncpg.connect(dsn)
+    try:
+        raw: bytes = await conn.fetchval("SELECT credentials FROM dripd.channel_adapters")
+        return raw
+    finally:
+        await conn.close()
+
+
+def test_adapter_credentials_are_stored_encrypted(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, dsn: str,
+    tmp_path: Path,
+) -> None:
+    import asyncio
+
+    creds = tmp_path / "creds.json"
+    creds.write_text('{"username": "mailer", "password": "hunter2-very-secret"}')
+    config = '{"host": "smtp.example.com", "port": 587, "tls": "starttls", "from": "a@b.co"}'
+    code, _, err = run(capsys, "adapter", "add", "mail", "--channel", "email", "--provider",
+                       "smtp", "--dsn", dsn, "--config", config, "--credentials-file", str(creds))
+    assert code == 2
+    assert "DRIPD_ENCRYPTION_KEY is not set" in err
+    monkeypatch.setenv("DRIPD_ENCRYPTION_KEY", generate_key())
+    code, out, err = run(capsys, "adapter", "add", "mail", "--channel", "email", "--provider",
+                         "smtp", "--dsn", dsn, "--config", config, "--default", "--json",
+                         "--credentials-file", str(creds))
+    assert code == 0, err
+    added = json.loads(out)
+    assert added["default"] is True
+    assert "password" not in out and "hunter2" not in out
+    raw = asyncio.run(_raw_credentials(dsn))
+    assert b"hunter2-very-secret" not in raw
+    assert b"mailer" not in raw
+    assert b"password" not in raw
+
+    monkeypatch.setattr("sys.stdin", io.StringIO('{"username": "x", "password": "y"}'))
+    code, _, err = run(capsys, "adapter", "add", "mail2", "--channel", "email", "--provider",
+                       "smtp", "--dsn", dsn, "--config", '{"host": "h", "from": "a@b.co", '
+                       '"tls": "sometimes"}', "--credentials-file", "-")
+    assert code == 2
+    assert "tls" in err
+
+    code, out, _ = run(capsys, "adapter", "list", "--dsn", dsn, "--json")
+    assert [a["name"] for a in json.loads(out)] == ["mail"]
+    code, out, _ = run(capsys, "adapter", "disable", "mail", "--dsn", dsn, "--json")
+    assert (code, json.loads(out)["enabled"]) == (0, False)
+    code, _, err = run(capsys, "adapter", "disable", "nope", "--dsn", dsn)
+    assert code == 1
+    assert "no adapter 'nope'" in err
+
+
+def test_keygen_prints_a_usable_key(capsys: pytest.CaptureFixture[str]) -> None:
+    from dripd.channels.credentials import Vault
+
+    code, out, _ = run(capsys, "keygen")
+    assert code == 0
+    vault = Vault.from_text(out.strip())
+    assert vault.decrypt(vault.encrypt({"a": 1}, aad=b"x"), aad=b"x") == {"a": 1}
+    code, out, _ = run(capsys, "keygen", "--json")
+    assert json.loads(out)["env"] == "DRIPD_ENCRYPTION_KEY"
+
+
+def test_no_database_is_a_configuration_error(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(capsys, "migrate")
+    assert code == 2
+    assert "no database: pass --dsn, set DRIPD_DSN" in err
+
+
+def test_the_example_config_loads_and_lists_every_key() -> None:
+    import tomllib
+
+    import msgspec
+
+    from dripd.config import Config, from_dict
+
+    path = Path(__file__).resolve().parents[1] / "config" / "dripd.example.toml"
+    raw = tomllib.loads(path.read_text())
+    assert from_dict(raw) == Config()  # every value shown is the default
+    defaults = msgspec.to_builtins(Config())
+    assert set(raw) == set(defaults)
+    for section, keys in defaults.items():
+        assert set(raw[section]) == set(keys), section
