@@ -200,12 +200,36 @@ async def launch(dsn: str, tmp_path: Path, sockdir: Path) -> AsyncIterator[Launc
             await proc.close()
 
 
+class GatedSink(SmtpSink):
+    """A sink that, while `hold` is set, keeps each DATA waiting; once let go, a held message
+    is refused (`refuse_held`, as when its sender has given up) or accepted."""
+
+    hold: bool = False
+    refuse_held: bool = True
+    waiting: int = 0
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        if not self.hold:
+            return await super().handle_DATA(server, session, envelope)
+        self.waiting += 1
+        try:
+            # `hold` is flipped from the test's thread: no asyncio.Event across loops.
+            while self.hold:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        finally:
+            self.waiting -= 1
+        if self.refuse_held:
+            return "451 held and refused"
+        return await super().handle_DATA(server, session, envelope)
+
+
 @pytest.fixture
-def sink() -> Iterator[SmtpSink]:
-    s = SmtpSink().start()
+def sink() -> Iterator[GatedSink]:
+    s = GatedSink().start()
     try:
         yield s
     finally:
+        s.hold = False
         s.stop()
 
 
@@ -417,30 +441,11 @@ async def test_sigterm_mid_run_exits_cleanly_and_loses_nothing(
     assert duplicates(sink) == 0
 
 
-class HeldSink(SmtpSink):
-    """A sink that, while `hold` is set, keeps each DATA waiting and then refuses it."""
-
-    hold: bool = False
-    waiting: int = 0
-
-    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
-        if not self.hold:
-            return await super().handle_DATA(server, session, envelope)
-        self.waiting += 1
-        try:
-            # `hold` is flipped from the test's thread: no asyncio.Event across loops.
-            while self.hold:  # noqa: ASYNC110
-                await asyncio.sleep(0.01)
-        finally:
-            self.waiting -= 1
-        return "451 held and refused"
-
-
 @pytest.mark.timeout(90)
 async def test_sigterm_with_hung_sends_exits_by_shutdown_timeout_and_releases(
     pool: asyncpg.Pool, launch: Launch
 ) -> None:
-    held = HeldSink()
+    held = GatedSink()
     held.hold = True
     held.start()
     try:
@@ -643,7 +648,7 @@ async def test_ctl_status_pause_resume_drain(
     pool: asyncpg.Pool, sink: SmtpSink, launch: Launch
 ) -> None:
     await setup_sequence(pool, sink.port)
-    d = launch("d", stats_interval="100ms")
+    d = launch("d", stats_interval="100ms", concurrency=8)
     await d.start()
 
     status = await ctl(d, "status")
@@ -669,28 +674,43 @@ async def test_ctl_status_pause_resume_drain(
     await wait_for(lambda: all_sent(pool, 3), timeout=10)
     assert sink.count() == 3
 
-    # Drain while a batch is flowing: it returns once nothing is in flight.
-    n = 600
+    # Drain while sends are in flight: it waits for them, then nothing more is claimed.
+    sink.hold, sink.refuse_held = True, False
+    n = 20
     await enroll_many(pool, n, start=3)
-    await wait_for(lambda: sink.count() >= 3 + 1, timeout=10, interval=0.01)
-    drained = await ctl(d, "drain")
+    await wait_for(lambda: sink.waiting >= 1, timeout=10)
+    draining = asyncio.create_task(ctl(d, "drain"))
+    try:
+        # The daemon is draining (paused, work in flight) and `ctl drain` has not returned.
+        pending = await wait_for(lambda: _status_if(d, paused=True), timeout=15)
+        assert pending["in_flight"] == 8, pending  # concurrency
+        assert not draining.done()
+        sink.hold = False
+        drained = await asyncio.wait_for(draining, 15)
+    finally:
+        sink.hold = False
+        if not draining.done():
+            draining.cancel()
     assert drained["in_flight"] == 0, drained
     assert drained["paused"] is True
-    left = await statuses(pool)
-    assert "claimed" not in left, left
-    # Drained means paused: what is left stays scheduled.
-    count = sink.count()
-    print(f"\ndrain: returned after {count - 3} of {n} sends; left {left}")
-    after = await ctl(d, "status")
-    assert (after["paused"], after["in_flight"]) == (True, 0), after
-    assert sink.count() == count
+    # What was in flight is recorded, the rest still waits, unclaimed.
+    assert await statuses(pool) == {"sent": 3 + 8, "scheduled": n - 8}
+    assert sink.count() == 3 + 8
+    seen = await wait_for(lambda: _backlog_at_least(d, n - 8), timeout=10)
+    assert (seen["paused"], seen["in_flight"]) == (True, 0), seen
+    assert sink.count() == 3 + 8
 
-    await ctl(d, "resume")
-    await wait_for(lambda: all_sent(pool, n + 3), timeout=30, interval=0.2)
-    assert duplicates(sink) == 0
+    assert (await ctl(d, "resume"))["paused"] is False
+    await wait_for(lambda: all_sent(pool, n + 3), timeout=15)
     assert sink.count() == n + 3
+    assert duplicates(sink) == 0
     d.signal(signal.SIGTERM)
     assert await d.wait(20) == 0, d.tail()
+
+
+async def _status_if(d: DaemonProc, **want: Any) -> dict[str, Any] | None:
+    status: dict[str, Any] = await request(d.socket, "status")
+    return status if all(status[k] == v for k, v in want.items()) else None
 
 
 async def _backlog_at_least(d: DaemonProc, n: int) -> dict[str, Any] | None:
