@@ -486,7 +486,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     verbose = getattr(args, "verbose", False)
     try:
         cfg = config_mod.load(args.config_path)
-        logs.configure(cfg.log.level, cfg.log.format, stream=sys.stderr)
+        logs.configure(cfg.log.level, cfg.log.format)
         result = asyncio.run(args.handler(args, cfg))
     except DripdError as exc:
         if verbose:

@@ -60,7 +60,7 @@ async def run_dev(args: argparse.Namespace, cfg: Config) -> None:
         cfg.control.socket = str(workdir / "control.sock")
         cfg.http.listen = args.http
         cfg.worker.poll_interval = "5s"
-        logs.configure(cfg.log.level, "console", stream=sys.stderr)
+        logs.configure(cfg.log.level, "console")
         daemon = Daemon(cfg)
         _say(f"control socket {cfg.control.socket}; http://{args.http}/metrics; outbox {outbox}")
         _say("sending (Ctrl-C stops and removes everything)…")

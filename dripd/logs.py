@@ -45,6 +45,19 @@ def redact(_logger: WrappedLogger, _method: str, event_dict: EventDict) -> Event
     return event_dict
 
 
+class _CurrentStderr:
+    """Whatever `sys.stderr` is when a line is written (loggers are cached; streams change)."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+    def isatty(self) -> bool:
+        return sys.stderr.isatty()
+
+
 class _NamedWriteLogger(structlog.WriteLogger):
     def __init__(self, file: TextIO, name: str) -> None:
         super().__init__(file)
@@ -82,7 +95,7 @@ def configure(
         numeric = _LEVELS[level.lower()]
     except KeyError:
         raise ValueError(f"unknown log level {level!r}") from None
-    out = stream if stream is not None else sys.stderr
+    out: TextIO = stream if stream is not None else cast(TextIO, _CurrentStderr())
 
     shared: list[Processor] = [
         structlog.contextvars.merge_contextvars,

@@ -645,7 +645,7 @@ async def ctl(d: DaemonProc, *command: str) -> dict[str, Any]:
 
 @pytest.mark.timeout(90)
 async def test_ctl_status_pause_resume_drain(
-    pool: asyncpg.Pool, sink: SmtpSink, launch: Launch
+    pool: asyncpg.Pool, sink: GatedSink, launch: Launch
 ) -> None:
     await setup_sequence(pool, sink.port)
     d = launch("d", stats_interval="100ms", concurrency=8)
