@@ -50,8 +50,8 @@ async def run_dev(args: argparse.Namespace, cfg: Config) -> None:
             cluster = ThrowawayCluster()
             dsn = await cluster.start()
             _say(
-                f"Postgres ready at {dsn}"
-                + (f" (running as {cluster.run_as})" if cluster.run_as else "")
+                f"Postgres ready at {dsn} (data in {cluster.dir}"
+                + (f", running as {cluster.run_as})" if cluster.run_as else ")")
             )
         outbox = workdir / "outbox.jsonl"
         outbox.touch()

@@ -6,44 +6,72 @@ from pathlib import Path
 
 import asyncpg
 import pytest
+from support import apply_text, one_email
 
 from dripd import api
 from dripd.errors import SequenceFileError
 from dripd.sequences import load_file, load_text
-from support import apply_text, one_email
 
 
 @pytest.mark.parametrize(
     ("text", "message"),
     [
         ("[sequence]\nkey = 'x'\n", "needs at least one [[steps]]"),
-        ("[sequence]\nkey='x'\nbogus=1\n[[steps]]\nkey='a'\nchannel='sms'\nbody='b'\n",
-         "key 'sequence.bogus': unknown key"),
-        ("[sequence]\nkey='x'\n[[steps]]\nkey='a'\nchannel='sms'\nbody='b'\nafter='2 days'\n",
-         "step 'a': key 'after': '2 days' is not a duration"),
-        ("[sequence]\nkey='x'\n[[steps]]\nkey='a'\nchannel='pigeon'\nbody='b'\n",
-         "step 'a': key 'channel': 'pigeon' is not one of"),
-        ("[sequence]\nkey='x'\n[[steps]]\nkey='a'\nchannel='email'\ntext='hi'\n",
-         "step 'a': an email step needs 'subject' and 'text' or 'html'"),
-        ("[sequence]\nkey='x'\n[[steps]]\nkey='a'\nchannel='sms'\nbody='{% if %}'\n",
-         "step 'a': key 'body': body: missing expression"),
-        ("[sequence]\nkey='x'\n[[steps]]\nkey='a'\nchannel='sms'\nbody='b'\nsubject='s'\n",
-         "step 'a': key 'subject': not used by channel 'sms'"),
-        ("[sequence]\nkey='x'\n[[steps]]\nkey='a'\nchannel='webhook'\nbody='b'\n",
-         "step 'a': key 'to': required for channel 'webhook'"),
-        ("[sequence]\nkey='x'\n[[steps]]\nkey='a'\nchannel='sms'\nbody='b'\n"
-         "[[steps]]\nkey='a'\nchannel='sms'\nbody='c'\n", "step 'a': key 'key': duplicate"),
-        ("[sequence]\nkey='x'\n[[steps]]\nkey='a'\nchannel='sms'\nbody='b'\n"
-         "[[transitions]]\nfrom='a'\nto='zzz'\n", "transition #1 (from 'a'): key 'to': no step 'zzz'"),
-        ("[sequence]\nkey='x'\n[[steps]]\nkey='a'\nchannel='sms'\nbody='b'\n"
-         "[[transitions]]\nfrom='a'\nwhen=\"data.plan == \"\n",
-         "transition #1 (from 'a'): key 'when': column"),
-        ("[sequence]\nkey='x'\n[[steps]]\nkey='a'\nchannel='sms'\nbody='b'\nmax_attempts='3'\n",
-         "step 'a': key 'max_attempts': Expected `int | null`, got `str`"),
-        ("[sequence]\nkey='x'\ntimezone='Mars/Base'\n[[steps]]\nkey='a'\nchannel='sms'\nbody='b'\n",
-         "key 'sequence.timezone': 'Mars/Base' is not a known IANA timezone"),
-        ("[sequence]\nname='x'\n[[steps]]\nkey='a'\nchannel='sms'\nbody='b'\n",
-         "key 'sequence.key': required key is missing"),
+        (
+            "[sequence]\nkey='x'\nbogus=1\n[[steps]]\nkey='a'\nchannel='sms'\nbody='b'\n",
+            "key 'sequence.bogus': unknown key",
+        ),
+        (
+            "[sequence]\nkey='x'\n[[steps]]\nkey='a'\nchannel='sms'\nbody='b'\nafter='2 days'\n",
+            "step 'a': key 'after': '2 days' is not a duration",
+        ),
+        (
+            "[sequence]\nkey='x'\n[[steps]]\nkey='a'\nchannel='pigeon'\nbody='b'\n",
+            "step 'a': key 'channel': 'pigeon' is not one of",
+        ),
+        (
+            "[sequence]\nkey='x'\n[[steps]]\nkey='a'\nchannel='email'\ntext='hi'\n",
+            "step 'a': an email step needs 'subject' and 'text' or 'html'",
+        ),
+        (
+            "[sequence]\nkey='x'\n[[steps]]\nkey='a'\nchannel='sms'\nbody='{% if %}'\n",
+            "step 'a': key 'body': body: missing expression",
+        ),
+        (
+            "[sequence]\nkey='x'\n[[steps]]\nkey='a'\nchannel='sms'\nbody='b'\nsubject='s'\n",
+            "step 'a': key 'subject': not used by channel 'sms'",
+        ),
+        (
+            "[sequence]\nkey='x'\n[[steps]]\nkey='a'\nchannel='webhook'\nbody='b'\n",
+            "step 'a': key 'to': required for channel 'webhook'",
+        ),
+        (
+            "[sequence]\nkey='x'\n[[steps]]\nkey='a'\nchannel='sms'\nbody='b'\n"
+            "[[steps]]\nkey='a'\nchannel='sms'\nbody='c'\n",
+            "step 'a': key 'key': duplicate",
+        ),
+        (
+            "[sequence]\nkey='x'\n[[steps]]\nkey='a'\nchannel='sms'\nbody='b'\n"
+            "[[transitions]]\nfrom='a'\nto='zzz'\n",
+            "transition #1 (from 'a'): key 'to': no step 'zzz'",
+        ),
+        (
+            "[sequence]\nkey='x'\n[[steps]]\nkey='a'\nchannel='sms'\nbody='b'\n"
+            "[[transitions]]\nfrom='a'\nwhen=\"data.plan == \"\n",
+            "transition #1 (from 'a'): key 'when': column",
+        ),
+        (
+            "[sequence]\nkey='x'\n[[steps]]\nkey='a'\nchannel='sms'\nbody='b'\nmax_attempts='3'\n",
+            "step 'a': key 'max_attempts': Expected `int | null`, got `str`",
+        ),
+        (
+            "[sequence]\nkey='x'\ntimezone='Mars/Base'\n[[steps]]\nkey='a'\nchannel='sms'\nbody='b'\n",
+            "key 'sequence.timezone': 'Mars/Base' is not a known IANA timezone",
+        ),
+        (
+            "[sequence]\nname='x'\n[[steps]]\nkey='a'\nchannel='sms'\nbody='b'\n",
+            "key 'sequence.key': required key is missing",
+        ),
         ("not toml at all [", "not valid TOML"),
     ],
 )
@@ -64,8 +92,7 @@ async def test_apply_is_idempotent_and_versions_changes(pool: asyncpg.Pool) -> N
     running = await api.enroll(pool, tenant=None, sequence_key="welcome", subscriber_id="a")
     changed = await apply_text(pool, one_email("welcome").replace("Hi {{", "Hello there {{"))
     assert (changed.version, changed.created) == (2, True)
-    states = await pool.fetch(
-        "SELECT version, state FROM dripd.sequence_versions ORDER BY version")
+    states = await pool.fetch("SELECT version, state FROM dripd.sequence_versions ORDER BY version")
     assert [(r["version"], r["state"]) for r in states] == [(1, "archived"), (2, "active")]
     # A running enrollment stays on its version; a new one gets the new version.
     assert (await api.get_enrollment(pool, tenant=None, enrollment_id=running.id)).version == 1

@@ -130,7 +130,6 @@ def smtp_server() -> Iterator[ServerFactory]:
             **kwargs,
         )
         controller.start()
-        print("SERVER PORT", port)
         controllers.append(controller)
         collector.loop = controller.loop
         return collector, port

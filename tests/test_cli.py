@@ -50,13 +50,23 @@ def test_apply_enroll_event_suppress_print_json(
 ) -> None:
     code, out, _ = run(capsys, "apply", "--dsn", dsn, "--json", str(seq_file))
     assert code == 0
-    assert json.loads(out) == [{"file": str(seq_file), "key": "welcome", "tenant": None,
-                                "version": 1, "created": True}]
+    assert json.loads(out) == [
+        {"file": str(seq_file), "key": "welcome", "tenant": None, "version": 1, "created": True}
+    ]
     code, out, _ = run(capsys, "apply", "--dsn", dsn, str(seq_file))
     assert (code, out.strip()) == (0, f"{seq_file}: welcome v1 unchanged")
 
-    code, out, _ = run(capsys, "enroll", "welcome", "u1", "--dsn", dsn, "--json",
-                       "--data", '{"email": "a@example.com"}')
+    code, out, _ = run(
+        capsys,
+        "enroll",
+        "welcome",
+        "u1",
+        "--dsn",
+        dsn,
+        "--json",
+        "--data",
+        '{"email": "a@example.com"}',
+    )
     enrollment = json.loads(out)
     assert code == 0
     assert enrollment["status"] == "active"
@@ -73,8 +83,11 @@ def test_bad_input_exits_2_and_names_the_problem(
     capsys: pytest.CaptureFixture[str], dsn: str, tmp_path: Path
 ) -> None:
     bad = tmp_path / "bad.toml"
-    bad.write_text(SEQ.replace('after = "0s"', "").replace('channel = "email"',
-                                                            'channel = "email"\nafter = "soon"'))
+    bad.write_text(
+        SEQ.replace('after = "0s"', "").replace(
+            'channel = "email"', 'channel = "email"\nafter = "soon"'
+        )
+    )
     code, _, err = run(capsys, "apply", "--dsn", dsn, str(bad))
     assert code == 2
     assert f"{bad}: step 'hello': key 'after'" in err
@@ -122,7 +135,9 @@ async def _raw_credentials(dsn: str) -> bytes:
 
 
 def test_adapter_credentials_are_stored_encrypted(
-    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, dsn: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    dsn: str,
     tmp_path: Path,
 ) -> None:
     import asyncio
@@ -130,27 +145,70 @@ def test_adapter_credentials_are_stored_encrypted(
     creds = tmp_path / "creds.json"
     creds.write_text('{"username": "mailer", "password": "hunter2-very-secret"}')
     config = '{"host": "smtp.example.com", "port": 587, "tls": "starttls", "from": "a@b.co"}'
-    code, _, err = run(capsys, "adapter", "add", "mail", "--channel", "email", "--provider",
-                       "smtp", "--dsn", dsn, "--config", config, "--credentials-file", str(creds))
+    code, _, err = run(
+        capsys,
+        "adapter",
+        "add",
+        "mail",
+        "--channel",
+        "email",
+        "--provider",
+        "smtp",
+        "--dsn",
+        dsn,
+        "--config",
+        config,
+        "--credentials-file",
+        str(creds),
+    )
     assert code == 2
     assert "DRIPD_ENCRYPTION_KEY is not set" in err
     monkeypatch.setenv("DRIPD_ENCRYPTION_KEY", generate_key())
-    code, out, err = run(capsys, "adapter", "add", "mail", "--channel", "email", "--provider",
-                         "smtp", "--dsn", dsn, "--config", config, "--default", "--json",
-                         "--credentials-file", str(creds))
+    code, out, err = run(
+        capsys,
+        "adapter",
+        "add",
+        "mail",
+        "--channel",
+        "email",
+        "--provider",
+        "smtp",
+        "--dsn",
+        dsn,
+        "--config",
+        config,
+        "--default",
+        "--json",
+        "--credentials-file",
+        str(creds),
+    )
     assert code == 0, err
     added = json.loads(out)
     assert added["default"] is True
-    assert "password" not in out and "hunter2" not in out
+    assert "password" not in out
+    assert "hunter2" not in out
     raw = asyncio.run(_raw_credentials(dsn))
     assert b"hunter2-very-secret" not in raw
     assert b"mailer" not in raw
     assert b"password" not in raw
 
     monkeypatch.setattr("sys.stdin", io.StringIO('{"username": "x", "password": "y"}'))
-    code, _, err = run(capsys, "adapter", "add", "mail2", "--channel", "email", "--provider",
-                       "smtp", "--dsn", dsn, "--config", '{"host": "h", "from": "a@b.co", '
-                       '"tls": "sometimes"}', "--credentials-file", "-")
+    code, _, err = run(
+        capsys,
+        "adapter",
+        "add",
+        "mail2",
+        "--channel",
+        "email",
+        "--provider",
+        "smtp",
+        "--dsn",
+        dsn,
+        "--config",
+        '{"host": "h", "from": "a@b.co", "tls": "sometimes"}',
+        "--credentials-file",
+        "-",
+    )
     assert code == 2
     assert "tls" in err
 

@@ -14,9 +14,25 @@ from dripd import __version__
 from dripd.config import from_dict
 
 ROOT = Path(__file__).resolve().parents[1]
-INSTRUCTIONS = {"FROM", "RUN", "CMD", "LABEL", "EXPOSE", "ENV", "ADD", "COPY", "ENTRYPOINT",
-                "VOLUME", "USER", "WORKDIR", "ARG", "ONBUILD", "STOPSIGNAL", "HEALTHCHECK",
-                "SHELL"}
+INSTRUCTIONS = {
+    "FROM",
+    "RUN",
+    "CMD",
+    "LABEL",
+    "EXPOSE",
+    "ENV",
+    "ADD",
+    "COPY",
+    "ENTRYPOINT",
+    "VOLUME",
+    "USER",
+    "WORKDIR",
+    "ARG",
+    "ONBUILD",
+    "STOPSIGNAL",
+    "HEALTHCHECK",
+    "SHELL",
+}
 
 
 def _instructions() -> list[tuple[str, str]]:
@@ -50,15 +66,26 @@ def _env() -> dict[str, str]:
 
 
 def test_entrypoint_runs_dripd_outside_a_container() -> None:
-    out = subprocess.run([ROOT / "deploy" / "entrypoint.sh", "--version"], env=_env(),
-                         capture_output=True, text=True, check=True, timeout=60)
+    out = subprocess.run(
+        [ROOT / "deploy" / "entrypoint.sh", "--version"],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
     assert out.stdout.strip() == f"dripd {__version__}"
 
 
 def test_entrypoint_migrates_when_asked(server_dsn: str) -> None:
     env = {**_env(), "DRIPD_MIGRATE": "1", "DRIPD_DSN": server_dsn}
-    out = subprocess.run([ROOT / "deploy" / "entrypoint.sh", "check-schema", "--json"],
-                         env=env, capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [ROOT / "deploy" / "entrypoint.sh", "check-schema", "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout.splitlines()[-1])["current"] is True
 

@@ -1,0 +1,79 @@
+"""`dripd dev`, the README's first command: it sends the example messages and stops cleanly."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from pathlib import Path
+
+import asyncpg
+import pytest
+from support import free_port, running_daemon
+
+from dripd.errors import SchemaError
+
+
+async def _dev(tmp_path: Path, *extra: str) -> tuple[int, str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DRIPD_")}
+    env["DRIPD_CONFIG"] = str(tmp_path / "none.toml")
+    (tmp_path / "none.toml").write_text("")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "dripd.cli",
+        "dev",
+        "--http",
+        f"127.0.0.1:{free_port()}",
+        "--subscribers",
+        "2",
+        *extra,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
+    )
+    assert proc.stdout is not None
+    lines: list[str] = []
+    try:
+        async with asyncio.timeout(60):
+            while len([ln for ln in lines if "Welcome," in ln]) < 2:
+                line = await proc.stdout.readline()
+                if not line:
+                    break
+                lines.append(line.decode())
+    finally:
+        proc.send_signal(signal.SIGINT)
+        rest, err = await asyncio.wait_for(proc.communicate(), timeout=60)
+    return proc.returncode or 0, "".join(lines) + rest.decode(), err.decode()
+
+
+@pytest.mark.slow
+async def test_dev_with_a_throwaway_cluster_sends_and_cleans_up(tmp_path: Path) -> None:
+    code, out, err = await _dev(tmp_path)
+    assert code == 0, err[-2000:]
+    assert "→ email to demo1@example.com: Welcome, Ada" in out
+    assert "→ email to demo2@example.com: Welcome, Grace" in out
+    assert "stopping the throwaway cluster" in err
+    ready = next(ln for ln in err.splitlines() if "Postgres ready at" in ln)
+    data_dir = Path(ready.split("(data in ")[1].split(",")[0].rstrip(")"))
+    assert data_dir.name.startswith("dripd-pg-")
+    assert not data_dir.exists()
+
+
+@pytest.mark.slow
+async def test_dev_with_a_dsn_uses_that_database(tmp_path: Path, server_dsn: str) -> None:
+    code, out, err = await _dev(tmp_path, "--dsn", server_dsn)
+    assert code == 0, err[-2000:]
+    assert "Welcome, Ada" in out
+    conn = await asyncpg.connect(server_dsn)
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM dripd.enrollments") == 2
+    finally:
+        await conn.close()
+
+
+async def test_the_daemon_refuses_an_out_of_date_schema(server_dsn: str, tmp_path: Path) -> None:
+    with pytest.raises(SchemaError, match=r"migration 0001_init\.sql is not applied"):
+        async with running_daemon(server_dsn, tmp_path):
+            pass
