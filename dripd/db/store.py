@@ -207,14 +207,17 @@ async def record(
 ) -> set[uuid.UUID]:
     """Record outcomes in one transaction; returns the ids this daemon still owned.
 
-    NOTIFY dripd_due is sent with the commit when a next execution falls due before
-    `notify_before`, so that idle daemons wake for it.
+    NOTIFY dripd_due is sent with the commit when a next execution (or a retry) falls
+    due before `notify_before`, so that idle daemons wake for it.
     """
     columns = [[getattr(r, name) for r in rows] for name in _RECORD_COLUMNS]
     with translated():
         async with acquire(db) as conn, conn.transaction():
             owned = await conn.fetch(Q.record, *columns)
-            soonest = min((r.next_due_at for r in rows if r.next_due_at is not None), default=None)
+            soonest = min(
+                (t for r in rows for t in (r.due_at, r.next_due_at) if t is not None),
+                default=None,
+            )
             if notify_before is not None and soonest is not None and soonest <= notify_before:
                 await conn.execute("SELECT pg_notify('dripd_due', $1)", soonest.isoformat())
     return {r["id"] for r in owned}

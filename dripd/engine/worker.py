@@ -394,11 +394,13 @@ class Recorder:
     def __init__(self, worker: Worker) -> None:
         self._w = worker
         self._buffer: list[tuple[Outcome, store.RecordRow]] = []
-        self._kick = asyncio.Event()
+        self._kick = asyncio.Event()  # write now
+        self._pending = asyncio.Event()  # there is something to write
         self.closing = False
         self._lock = asyncio.Lock()
 
     def add(self, outcome: Outcome) -> None:
+        _log_outcome(outcome)
         try:
             row = self._w.plan(outcome)
         except Exception as exc:
@@ -414,24 +416,27 @@ class Recorder:
                 enrollment_reason="internal error",
             )
         self._buffer.append((outcome, row))
-        if len(self._buffer) >= self._w._s.batch_size:
+        self._pending.set()
+        # Write at once when the batch is full, or when nothing else is outstanding
+        # (waiting would only add latency); otherwise linger to batch more.
+        if len(self._buffer) >= min(self._w._s.batch_size, self._w.in_flight):
             self._kick.set()
 
     def kick(self) -> None:
+        self._pending.set()
         self._kick.set()
 
     async def run(self) -> None:
         linger = self._w._s.record_linger.total_seconds()
         while not self.closing:
             if not self._buffer:
-                self._kick.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._kick.wait(), timeout=0.5)
+                self._pending.clear()
+                await self._pending.wait()
                 continue
-            if len(self._buffer) < self._w._s.batch_size:
+            if not self._kick.is_set():
                 with contextlib.suppress(TimeoutError):
-                    self._kick.clear()
                     await asyncio.wait_for(self._kick.wait(), timeout=linger)
+            self._kick.clear()
             await self._flush_once()
 
     async def flush_all(self) -> None:
@@ -488,6 +493,22 @@ class Recorder:
         )
         self._w._held.rows.pop(outcome.execution.id, None)
         self._w._recorded([], set())
+
+
+def _log_outcome(o: Outcome) -> None:
+    fields = {
+        "execution_id": str(o.execution.id),
+        "verdict": o.verdict.value,
+        "channel": o.channel,
+        "provider": o.provider,
+        "reason": o.reason,
+    }
+    if o.verdict is Verdict.FAILED:
+        log.warning("execution failed", error=o.error, attempt=o.execution.attempt, **fields)
+    elif o.verdict is Verdict.RETRY:
+        log.info("send failed; will retry", error=o.error, retry_at=str(o.retry_at), **fields)
+    else:
+        log.debug("execution done", **fields)
 
 
 async def _first(*aws: Awaitable[Any]) -> None:
