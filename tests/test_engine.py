@@ -431,6 +431,39 @@ async def test_paused_enrollment_holds_its_step_and_resume_honours_the_delay(
         await wait_for(lambda: sink.count() == 2)  # its delay ran out while paused: due at once
 
 
+async def test_paused_after_scheduling_is_held_not_sent_and_not_spun(
+    dsn: str, pool: asyncpg.Pool, sink: SmtpSink, clock: ManualClock, tmp_path: Path
+) -> None:
+    await apply_text(pool, DRIP)
+    await _adapters(pool, sink.port, tmp_path)
+    e = await api.enroll(
+        pool, tenant=None, sequence_key="drip", subscriber_id="a", data=ADA, now=clock.now()
+    )
+    # The race: paused while its row was already being claimed (so pause could not hold it).
+    await pool.execute("UPDATE dripd.enrollments SET status = 'paused'")
+    async with running_daemon(dsn, tmp_path, clock=clock) as daemon:
+        held = await wait_for(lambda: _held(pool))
+        claims = _claims(daemon)
+        assert held["status"] == "scheduled"
+        assert held["attempt"] == 0  # a defer spends no attempt
+        assert sink.count() == 0
+        await api.resume(pool, tenant=None, enrollment_id=e.id, now=clock.now())
+        await wait_for(lambda: sink.count() == 1)
+    assert _claims(daemon) <= claims + 2  # held at 'infinity', not claimed over and over
+    reasons = await pool.fetch("SELECT type, reason FROM dripd.message_events ORDER BY id")
+    assert [(r["type"], r["reason"]) for r in reasons] == [
+        ("deferred", "enrollment_paused"),
+        ("sent", None),
+    ]
+
+
+async def _held(pool: asyncpg.Pool) -> asyncpg.Record | None:
+    row: asyncpg.Record | None = await pool.fetchrow(
+        "SELECT * FROM dripd.step_executions WHERE held_due_at IS NOT NULL"
+    )
+    return row
+
+
 async def test_encrypted_smtp_credentials_authenticate_through_the_daemon(
     dsn: str, pool: asyncpg.Pool, clock: ManualClock, tmp_path: Path
 ) -> None:

@@ -178,7 +178,7 @@ async def enroll(
             )
             assert existing is not None
             return await _load(conn, tenant, existing["id"], created=False)
-        previous = await _previous(
+        previous = await store.previous_enrollment(
             conn, tenant, seq["sequence_id"], subscriber_type, subscriber_id, row["id"]
         )
         if previous is not None:
@@ -187,27 +187,6 @@ async def enroll(
         await store.insert_execution(conn, tenant, row["id"], seq["first_step_id"], due)
         await store.notify_due(conn, due)
         return await _load(conn, tenant, row["id"], created=True)
-
-
-async def _previous(
-    conn: asyncpg.Connection,
-    tenant: str | None,
-    sequence_id: uuid.UUID,
-    subscriber_type: str,
-    subscriber_id: str,
-    new_id: uuid.UUID,
-) -> str | None:
-    status: str | None = await conn.fetchval(
-        store.Q.latest_enrollment.replace("SELECT *", "SELECT status", 1).replace(
-            "WHERE ", "WHERE id <> $5 AND ", 1
-        ),
-        tenant,
-        sequence_id,
-        subscriber_type,
-        subscriber_id,
-        new_id,
-    )
-    return status
 
 
 def _check_reenroll(policy: str, previous: str, sequence_key: str) -> None:

@@ -52,6 +52,7 @@ class Queries:
     load_versions: str
     lock_sequence: str
     next_due: str
+    previous_enrollment: str
     record: str
     release: str
     release_held: str
@@ -419,6 +420,20 @@ async def latest_enrollment(
         Q.latest_enrollment, tenant, sequence_id, subscriber_type, subscriber_id
     )
     return row
+
+
+async def previous_enrollment(
+    conn: Connection,
+    tenant: str | None,
+    sequence_id: uuid.UUID,
+    subscriber_type: str,
+    subscriber_id: str,
+    new_id: uuid.UUID,
+) -> str | None:
+    status: str | None = await conn.fetchval(
+        Q.previous_enrollment, tenant, sequence_id, subscriber_type, subscriber_id, new_id
+    )
+    return status
 
 
 async def insert_execution(

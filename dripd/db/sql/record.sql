@@ -15,7 +15,11 @@ WITH input AS (
 ), updated AS (
     UPDATE dripd.step_executions AS e
     SET status = i.status,
-        due_at = coalesce(i.due_at, e.due_at),
+        -- Back to 'scheduled' while the enrollment is paused: held until resume.
+        due_at = CASE WHEN i.status = 'scheduled' AND en.status = 'paused' THEN 'infinity'
+                      ELSE coalesce(i.due_at, e.due_at) END,
+        held_due_at = CASE WHEN i.status = 'scheduled' AND en.status = 'paused'
+                           THEN coalesce(i.due_at, e.due_at) END,
         attempt = e.attempt + i.spent,
         claim_token = NULL,
         lease_until = NULL,
@@ -28,8 +32,9 @@ WITH input AS (
         last_error = coalesce(i.error, e.last_error),
         provider_message_id = coalesce(i.provider_message_id, e.provider_message_id),
         finished_at = CASE WHEN i.status = 'scheduled' THEN NULL ELSE i.finished_at END
-    FROM input AS i
+    FROM input AS i, dripd.enrollments AS en
     WHERE e.id = i.id AND e.claim_token = i.token AND e.status = 'claimed'
+      AND en.id = e.enrollment_id
     RETURNING e.id, i.token, e.tenant_key, e.enrollment_id, e.advance
 ), events AS (
     INSERT INTO dripd.message_events
