@@ -40,6 +40,7 @@ class Worker(_Section):
     record_linger: str = "20ms"
     shutdown_timeout: str = "30s"
     stats_interval: str = "10s"
+    analyze_interval: str = "1m"
 
 
 class Control(_Section):
@@ -102,6 +103,10 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         return self.worker._duration("stats_interval")
 
     @property
+    def analyze_interval(self) -> timedelta:
+        return self.worker._duration("analyze_interval")
+
+    @property
     def connect_timeout(self) -> timedelta:
         return self.database._duration("connect_timeout")
 
@@ -131,6 +136,7 @@ def _validate(cfg: Config) -> None:
         "record_linger",
         "shutdown_timeout",
         "stats_interval",
+        "analyze_interval",
     ):
         cfg.worker._duration(name)
     cfg.database._duration("connect_timeout")

@@ -5,8 +5,10 @@ from __future__ import annotations
 import uuid
 from dataclasses import fields
 from datetime import UTC, datetime
+from pathlib import Path
 
 import asyncpg
+from support import running_daemon, wait_for
 
 from dripd.db import store
 
@@ -60,3 +62,28 @@ async def test_claim_uses_its_index_before_any_analyze(conn: asyncpg.Connection)
     plan = await _claim_plan(conn)
     assert "step_executions_claim_idx" in plan, plan
     assert "Seq Scan on step_executions" not in plan, plan
+
+
+async def test_the_daemon_analyzes_a_never_analyzed_queue_so_the_claim_reads_in_order(
+    dsn: str, conn: asyncpg.Connection, tmp_path: Path
+) -> None:
+    # A backlog: 100 k pending rows, half of them due, never analyzed.
+    await conn.execute("ALTER TABLE dripd.step_executions SET (autovacuum_enabled = false)")
+    await conn.execute(_SEED.replace("random() < 0.9", "false"), 100_000)
+    await conn.execute("SELECT pg_stat_force_next_flush()")
+    assert "Sort" in await _claim_plan(conn)  # no statistics: every due row is sorted
+    # Paused: the test only wants its housekeeping, not its sends.
+    async with running_daemon(dsn, tmp_path) as daemon:
+        daemon.worker.pause()  # type: ignore[union-attr]
+        await wait_for(lambda: _analyzed(conn))
+    plan = await _claim_plan(conn)
+    assert "Index Scan using step_executions_claim_idx" in plan, plan
+    assert "Sort" not in plan, plan
+
+
+async def _analyzed(conn: asyncpg.Connection) -> bool:
+    at = await conn.fetchval(
+        "SELECT last_analyze FROM pg_stat_user_tables "
+        "WHERE relid = 'dripd.step_executions'::regclass"
+    )
+    return at is not None

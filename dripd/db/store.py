@@ -28,6 +28,7 @@ class Queries:
     """Every statement dripd runs, one file each, loaded once at import."""
 
     active_version: str
+    analyze_queue: str
     archive_versions: str
     backlog: str
     claim: str
@@ -53,6 +54,7 @@ class Queries:
     lock_sequence: str
     next_due: str
     previous_enrollment: str
+    queue_stats: str
     record: str
     release: str
     release_held: str
@@ -268,6 +270,28 @@ async def load_adapters(db: Executor) -> list[asyncpg.Record]:
         async with acquire(db) as conn:
             rows: list[asyncpg.Record] = await conn.fetch(Q.load_adapters)
             return rows
+
+
+async def analyze_queue_if_stale(db: Executor, *, min_age: timedelta, now: datetime) -> bool:
+    """ANALYZE dripd.step_executions when its statistics are missing or well out of date
+    (autovacuum may be off or slow); True if this call ran it."""
+    with translated():
+        async with acquire(db) as conn:
+            stats = await conn.fetchrow(Q.queue_stats)
+            if stats is None:
+                return False
+            rows, modified, at = stats["live"], stats["modified"], stats["analyzed_at"]
+            if at is None:
+                stale = rows + modified >= 1000
+            else:
+                stale = modified >= max(10_000, rows // 10) and now - at >= min_age
+            if not stale:
+                return False
+            async with conn.transaction():
+                if not await conn.fetchval(Q.analyze_queue):
+                    return False
+                await conn.execute("ANALYZE dripd.step_executions")
+            return True
 
 
 async def ping(db: Executor) -> None:

@@ -10,6 +10,7 @@ import socket
 import time
 import uuid
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from typing import Any
 
 import structlog
@@ -228,8 +229,17 @@ class Daemon:
 
     async def _stats(self, pool: store.Pool) -> None:
         interval = self.config.stats_interval.total_seconds()
+        analyze_every = self.config.analyze_interval
         while True:
             now = self.clock.now()
+            if analyze_every:
+                try:
+                    if await store.analyze_queue_if_stale(
+                        pool, min_age=analyze_every, now=datetime.now(UTC)
+                    ):
+                        log.info("analyzed dripd.step_executions (statistics were stale)")
+                except DripdError as exc:
+                    log.warning("ANALYZE of the queue table failed", error=exc.message)
             try:
                 due, oldest = await store.backlog(pool, now)
             except DripdError as exc:
