@@ -78,10 +78,11 @@ subject = "Three tips for your first week"
 text = "Import, build, watch it run, {{ first_name | capitalize }}."
 '''
 
-# Tried on the reference machine (2 vCPU, Postgres on the same host); see bench/README.md.
+# The best of the settings tried on the reference machine (2 vCPUs, Postgres on the same
+# host); see bench/README.md. The raw loop always claims 500.
 DEFAULT_WORKER = {
-    "batch_size": 500,
-    "concurrency": 1000,
+    "batch_size": 250,
+    "concurrency": 500,
     "record_linger": "5ms",
 }
 DEFAULT_POOL_MAX = 8

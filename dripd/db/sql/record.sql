@@ -1,8 +1,8 @@
 -- Record a batch of outcomes in one statement. Each row is guarded by its claim token:
 -- a late worker whose lease expired and whose row was claimed again changes nothing.
 -- Terminal outcomes write a message event, schedule the next execution and end the
--- enrollment as told; a retry or a defer puts the row back to 'scheduled'. Joins on
--- (id, token): a batch may also hold a stale outcome of the same row from a lost lease.
+-- enrollment as told; a retry or a defer puts the row back to 'scheduled'. A batch may
+-- also hold a stale outcome of the same row (a lost lease): only the token's row counts.
 WITH input AS (
     SELECT *
     FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::timestamptz[], $5::int[],
@@ -35,35 +35,39 @@ WITH input AS (
     FROM input AS i, dripd.enrollments AS en
     WHERE e.id = i.id AND e.claim_token = i.token AND e.status = 'claimed'
       AND en.id = e.enrollment_id
-    RETURNING e.id, i.token, e.tenant_key, e.enrollment_id, e.advance
+    -- Carry the input along, so the steps below read only the rows updated: joining
+    -- back to `input` made a generic plan rescan it per row (quadratic in the batch).
+    RETURNING e.id, e.tenant_key, e.enrollment_id, e.advance, i.event_type, i.channel,
+              i.provider, i.adapter_id, i.recipient, i.reason, i.error,
+              i.provider_message_id, i.finished_at, i.next_step_id, i.next_due_at,
+              i.enrollment_status, i.enrollment_reason
 ), events AS (
     INSERT INTO dripd.message_events
         (tenant_key, execution_id, enrollment_id, type, channel, provider, adapter_id,
          recipient, reason, provider_message_id, data, occurred_at)
-    SELECT u.tenant_key, u.id, u.enrollment_id, i.event_type, i.channel, i.provider,
-           i.adapter_id, i.recipient, i.reason, i.provider_message_id,
-           CASE WHEN i.error IS NULL THEN '{}'::jsonb ELSE jsonb_build_object('error', i.error) END,
-           i.finished_at
-    FROM updated AS u JOIN input AS i USING (id, token)
-    WHERE i.event_type IS NOT NULL
+    SELECT u.tenant_key, u.id, u.enrollment_id, u.event_type, u.channel, u.provider,
+           u.adapter_id, u.recipient, u.reason, u.provider_message_id,
+           CASE WHEN u.error IS NULL THEN '{}'::jsonb ELSE jsonb_build_object('error', u.error) END,
+           u.finished_at
+    FROM updated AS u
+    WHERE u.event_type IS NOT NULL
 ), nexts AS (
     -- A paused enrollment gets its next row held (due 'infinity') until resume.
     INSERT INTO dripd.step_executions (tenant_key, enrollment_id, step_id, due_at, held_due_at)
-    SELECT u.tenant_key, u.enrollment_id, i.next_step_id,
-           CASE WHEN en.status = 'paused' THEN 'infinity' ELSE i.next_due_at END,
-           CASE WHEN en.status = 'paused' THEN i.next_due_at END
+    SELECT u.tenant_key, u.enrollment_id, u.next_step_id,
+           CASE WHEN en.status = 'paused' THEN 'infinity' ELSE u.next_due_at END,
+           CASE WHEN en.status = 'paused' THEN u.next_due_at END
     FROM updated AS u
-    JOIN input AS i USING (id, token)
     JOIN dripd.enrollments AS en ON en.id = u.enrollment_id
-    WHERE i.next_step_id IS NOT NULL AND u.advance AND en.status IN ('active', 'paused')
+    WHERE u.next_step_id IS NOT NULL AND u.advance AND en.status IN ('active', 'paused')
 ), ended AS (
     UPDATE dripd.enrollments AS en
-    SET status = i.enrollment_status,
-        status_reason = i.enrollment_reason,
-        ended_at = i.finished_at,
-        updated_at = i.finished_at
-    FROM updated AS u JOIN input AS i USING (id, token)
-    WHERE en.id = u.enrollment_id AND i.enrollment_status IS NOT NULL AND u.advance
+    SET status = u.enrollment_status,
+        status_reason = u.enrollment_reason,
+        ended_at = u.finished_at,
+        updated_at = u.finished_at
+    FROM updated AS u
+    WHERE en.id = u.enrollment_id AND u.enrollment_status IS NOT NULL AND u.advance
       AND en.status IN ('active', 'paused')
 )
 SELECT id FROM updated
