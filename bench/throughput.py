@@ -41,6 +41,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
+from dripd.config import Config
 from dripd.db import store
 from dripd.db.migrate import migrate
 from dripd.sequences import load_text
@@ -78,14 +79,15 @@ subject = "Three tips for your first week"
 text = "Import, build, watch it run, {{ first_name | capitalize }}."
 '''
 
-# The best of the settings tried on the reference machine (2 vCPUs, Postgres on the same
-# host); see bench/README.md. The raw loop always claims 500.
+# The daemon's own defaults, so the bench measures what operators run; the flags below
+# override them. The raw loop always claims 500.
+_DEFAULTS = Config()
 DEFAULT_WORKER = {
-    "batch_size": 250,
-    "concurrency": 500,
-    "record_linger": "5ms",
+    "batch_size": _DEFAULTS.worker.batch_size,
+    "concurrency": _DEFAULTS.worker.concurrency,
+    "record_linger": _DEFAULTS.worker.record_linger,
 }
-DEFAULT_POOL_MAX = 8
+DEFAULT_POOL_MAX = _DEFAULTS.database.pool_max
 
 RAW_BATCH = 500
 

@@ -31,13 +31,13 @@ class Database(_Section):
 
 class Worker(_Section):
     batch_size: int = 500
-    concurrency: int = 200
+    concurrency: int = 1000
     lease: str = "5m"
     poll_interval: str = "30s"
     max_attempts: int = 5
     retry_base: str = "30s"
     retry_max: str = "1h"
-    record_linger: str = "20ms"
+    record_linger: str = "5ms"
     shutdown_timeout: str = "30s"
     stats_interval: str = "10s"
     analyze_interval: str = "1m"
