@@ -33,8 +33,10 @@ WITH input AS (
         provider_message_id = coalesce(i.provider_message_id, e.provider_message_id),
         finished_at = CASE WHEN i.status = 'scheduled' THEN NULL ELSE i.finished_at END
     FROM input AS i, dripd.enrollments AS en
-    WHERE e.id = i.id AND e.claim_token = i.token AND e.status = 'claimed'
-      AND en.id = e.enrollment_id
+    -- A matching claim token implies status 'claimed' (a CHECK says so). Testing the
+    -- status too let statistics taken while nothing was claimed (estimate: 1 row) pick
+    -- a seq scan and a nested loop over the input: 130 ms for a batch of 500.
+    WHERE e.id = i.id AND e.claim_token = i.token AND en.id = e.enrollment_id
     -- Carry the input along, so the steps below read only the rows updated: joining
     -- back to `input` made a generic plan rescan it per row (quadratic in the batch).
     RETURNING e.id, e.tenant_key, e.enrollment_id, e.advance, i.event_type, i.channel,
