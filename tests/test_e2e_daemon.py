@@ -410,7 +410,8 @@ async def test_sigterm_mid_run_exits_cleanly_and_loses_nothing(
     n = 1000
     await setup_sequence(pool, sink.port)
     await enroll_many(pool, n)
-    d = launch("d", shutdown_timeout="3s")
+    # Small batches, so that SIGTERM finds work both in flight and not yet claimed.
+    d = launch("d", shutdown_timeout="3s", batch_size=50, concurrency=50)
     await d.start(ready=False)
     await wait_for(lambda: sink.count() >= n // 5, timeout=30, interval=0.01)
 
