@@ -135,5 +135,5 @@ class AdapterSet:
 async def _close(channel: Channel) -> None:
     try:
         await channel.aclose()
-    except Exception:
+    except Exception:  # closing a broken channel must not stop a reload
         log.warning("closing an adapter failed", provider=channel.provider, exc_info=True)

@@ -75,7 +75,7 @@ class Listener:
                 try:
                     await asyncio.wait_for(self._conn.fetchval("SELECT 1"), timeout=2.0)
                     continue
-                except Exception as exc:  # noqa: BLE001 - any failure of the probe means reconnect
+                except Exception as exc:  # noqa: BLE001 - any failed probe means reconnect
                     log.warning("LISTEN connection probe failed", error=str(exc) or repr(exc))
             self._metrics.listen_reconnects.inc()
             log.warning("LISTEN connection lost; reconnecting")

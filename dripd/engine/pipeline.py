@@ -174,7 +174,7 @@ class Pipeline:
             receipt = await p.channel.send(p.message)
         except (TransientError, PermanentError) as exc:
             return self._failure(item, p.step, channel, adapter, p.address, exc)
-        except Exception as exc:
+        except Exception as exc:  # the per-step guard: an adapter bug is a transient error
             log.exception(
                 "adapter raised an unexpected error",
                 execution_id=str(item.id),

@@ -242,7 +242,7 @@ class Worker:
             self._metrics.claimed(step.step.channel or "none")
             try:
                 result = self._pipeline.prepare(item, step)
-            except Exception as exc:
+            except Exception as exc:  # the per-step guard: one bad row never stops a batch
                 log.exception("prepare failed", execution_id=str(item.id))
                 result = Outcome(
                     execution=item,
@@ -403,7 +403,7 @@ class Recorder:
         _log_outcome(outcome)
         try:
             row = self._w.plan(outcome)
-        except Exception as exc:
+        except Exception as exc:  # the per-step guard: never lose an outcome
             log.exception("planning the next step failed", execution_id=str(outcome.execution.id))
             row = store.RecordRow(
                 id=outcome.execution.id,
