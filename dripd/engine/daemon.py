@@ -171,7 +171,9 @@ class Daemon:
                     log.warning("adapter reload failed", error=exc.message)
 
             def on_adapters(_payload: str) -> None:
-                tasks.append(asyncio.create_task(reload_adapters()))
+                task = asyncio.create_task(reload_adapters())
+                tasks.append(task)
+                task.add_done_callback(tasks.remove)
 
             listener = Listener(
                 cfg.database.dsn,
@@ -203,13 +205,13 @@ class Daemon:
             )
             self.ready.set()
             stop = asyncio.create_task(self._stop.wait())
+            tasks.append(stop)
             await asyncio.wait({work, stop}, return_when=asyncio.FIRST_COMPLETED)
             if work.done():
                 work.result()  # a crashed worker is a crashed daemon
             log.info("stopping: finishing in-flight sends", in_flight=worker.in_flight)
             await worker.stop(loop.time() + cfg.shutdown_timeout.total_seconds())
             await work
-            stop.cancel()
             log.info("stopped", daemon=self.daemon_id)
         finally:
             if install_signals:
