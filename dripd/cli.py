@@ -363,11 +363,8 @@ async def cmd_ctl(args: argparse.Namespace, cfg: Config) -> None:
     elif rest:
         raise ConfigError(f"ctl {command}: takes no arguments")
     result = await control_request(socket_path, command, payload, timeout=args.timeout)
-    _print(
-        args,
-        result,
-        lambda r: "\n".join(f"{k}: {v}" for k, v in r.items()) if isinstance(r, dict) else str(r),
-    )
+    # Always one JSON document, --json or not: operators' scripts parse `ctl status`.
+    _print(args, result)
 
 
 async def cmd_dev(args: argparse.Namespace, cfg: Config) -> None:

@@ -633,9 +633,10 @@ async def test_smtp_never_up_fails_after_max_attempts(pool: asyncpg.Pool, launch
 # --- 6. the control socket and `dripd ctl` ----------------------------------------------------
 
 
-async def ctl(d: DaemonProc, *command: str) -> dict[str, Any]:
+async def ctl(d: DaemonProc, *command: str, json_flag: bool = True) -> dict[str, Any]:
+    flags = ["--json"] if json_flag else []
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "dripd.cli", "ctl", "--socket", d.socket, *command, "--json",
+        sys.executable, "-m", "dripd.cli", "ctl", "--socket", d.socket, *command, *flags,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=_daemon_env(),
     )  # fmt: skip
     out, err = await asyncio.wait_for(proc.communicate(), 30)
@@ -652,7 +653,8 @@ async def test_ctl_status_pause_resume_drain(
     d = launch("d", stats_interval="100ms", concurrency=8)
     await d.start()
 
-    status = await ctl(d, "status")
+    # `dripd ctl status` prints JSON even without --json: scripts rely on it.
+    status = await ctl(d, "status", json_flag=False)
     assert {"version", "uptime_s", "in_flight", "due_backlog", "paused"} <= set(status), status
     assert status["paused"] is False
     assert status["in_flight"] == 0
