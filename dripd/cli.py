@@ -214,6 +214,36 @@ async def cmd_suppress(args: argparse.Namespace, cfg: Config) -> None:
     _print(args, result.to_dict(), lambda r: f"suppressed {r['channel']} {r['address']}")
 
 
+async def cmd_preview(args: argparse.Namespace, cfg: Config) -> int:
+    from dripd.engine.preview import preview
+
+    data = _json_arg(args.data, "--data")
+    steps = await _with_conn(
+        args,
+        cfg,
+        lambda c: preview(
+            c,
+            tenant=args.tenant,
+            sequence_key=args.sequence,
+            subscriber_id=args.subscriber,
+            subscriber_type=args.type,
+            data=data,
+            step_key=args.step,
+        ),
+    )
+
+    def human(rows: list[dict[str, Any]]) -> str:
+        blocks = []
+        for r in rows:
+            head = f"== {r['step']} ({r['channel']}, after {r['after']}) to {r['to'] or '-'}"
+            body = [f"{k}: {r[k]}" for k in ("subject", "text", "html", "body", "error") if k in r]
+            blocks.append("\n".join([head, *body]))
+        return "\n\n".join(blocks)
+
+    _print(args, steps, human)
+    return 1 if any("error" in r for r in steps) else 0
+
+
 async def cmd_replay(args: argparse.Namespace, cfg: Config) -> None:
     execution_id = _uuid(args.execution_id, "EXECUTION_ID")
     result = await _with_conn(
@@ -442,6 +472,17 @@ def _parser() -> argparse.ArgumentParser:
         choices=sorted(api.SUPPRESSION_REASONS),
         help="why (default manual)",
     )
+    pv = add(
+        "preview",
+        cmd_preview,
+        "render a sequence's steps for some data; sends nothing",
+        [db, tenant],
+    )
+    pv.add_argument("sequence", metavar="SEQUENCE_KEY")
+    pv.add_argument("subscriber", metavar="SUBSCRIBER_ID", nargs="?", default="preview")
+    pv.add_argument("--type", default="user", help="subscriber type (default user)")
+    pv.add_argument("--data", help="subscriber data as a JSON object")
+    pv.add_argument("--step", help="only this step")
     rp = add("replay", cmd_replay, "send a failed execution again", [db])
     rp.add_argument("execution_id", metavar="EXECUTION_ID")
     rp.add_argument("--tenant", default=None, help="only within this tenant")

@@ -83,6 +83,8 @@ def parse_duration(text: str, *, where: str = "duration") -> timedelta:
 def format_duration(delta: timedelta) -> str:
     """The shortest exact duration string for `delta`."""
     ms = round(delta.total_seconds() * 1000)
+    if ms == 0:
+        return "0s"
     for unit, seconds in (("w", 604800), ("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
         if ms % (seconds * 1000) == 0:
             return f"{ms // (seconds * 1000)}{unit}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 from pathlib import Path
@@ -140,8 +141,6 @@ def test_adapter_credentials_are_stored_encrypted(
     dsn: str,
     tmp_path: Path,
 ) -> None:
-    import asyncio
-
     creds = tmp_path / "creds.json"
     creds.write_text('{"username": "mailer", "password": "hunter2-very-secret"}')
     config = '{"host": "smtp.example.com", "port": 587, "tls": "starttls", "from": "a@b.co"}'
@@ -252,3 +251,59 @@ def test_the_example_config_loads_and_lists_every_key() -> None:
     assert set(raw) == set(defaults)
     for section, keys in defaults.items():
         assert set(raw[section]) == set(keys), section
+
+
+def test_preview_renders_every_step_and_sends_nothing(
+    capsys: pytest.CaptureFixture[str], dsn: str, tmp_path: Path
+) -> None:
+    path = tmp_path / "two.toml"
+    path.write_text(
+        SEQ + '\n[[steps]]\nkey = "nudge"\nchannel = "sms"\nafter = "2d"\n'
+        'body = "Still there, {{ first_name }}?"\n'
+    )
+    assert run(capsys, "apply", "--dsn", dsn, str(path))[0] == 0
+    code, out, _ = run(
+        capsys,
+        "preview",
+        "welcome",
+        "u1",
+        "--dsn",
+        dsn,
+        "--json",
+        "--data",
+        '{"email": "a@example.com", "phone": "+15550100001", "first_name": "Ada"}',
+    )
+    assert code == 0
+    assert json.loads(out) == [
+        {
+            "step": "hello",
+            "channel": "email",
+            "after": "0s",
+            "to": "a@example.com",
+            "subject": "Hi",
+            "text": "Hello Ada",
+        },
+        {
+            "step": "nudge",
+            "channel": "sms",
+            "after": "2d",
+            "to": "+15550100001",
+            "body": "Still there, Ada?",
+        },
+    ]
+    # Missing data: every step that cannot render says why, and the exit code is 1.
+    code, out, _ = run(capsys, "preview", "welcome", "--dsn", dsn, "--step", "nudge")
+    assert code == 1
+    assert "error: body: 'first_name' is undefined" in out
+    code, _, err = run(capsys, "preview", "welcome", "--dsn", dsn, "--step", "nope")
+    assert code == 1
+    assert "has no step 'nope'" in err
+    assert asyncio.run(_count(dsn, "dripd.enrollments")) == 0
+
+
+async def _count(dsn: str, table: str) -> int:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return int(await conn.fetchval(f"SELECT count(*) FROM {table}"))
+    finally:
+        await conn.close()

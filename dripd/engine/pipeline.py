@@ -127,7 +127,7 @@ class Pipeline:
                 channel=channel,
                 error=f"template error in step {step.step.key!r}: {exc}",
             )
-        to = rendered.pop("to", None) or _default_recipient(channel, item.data)
+        to = rendered.pop("to", None) or default_recipient(channel, item.data)
         if not to or not to.strip():
             return self._outcome(item, Verdict.SKIPPED, channel=channel, reason="no_recipient")
         resolved = self._resolve(item.tenant_key, channel, step.step.adapter)
@@ -233,7 +233,7 @@ class Pipeline:
         return timedelta(seconds=delay * random.uniform(0.5, 1.0))
 
 
-def _default_recipient(channel: str, data: Mapping[str, Any]) -> str | None:
+def default_recipient(channel: str, data: Mapping[str, Any]) -> str | None:
     key = DEFAULT_RECIPIENT.get(channel)
     value = data.get(key) if key else None
     return value if isinstance(value, str) else None
