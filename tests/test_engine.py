@@ -511,3 +511,102 @@ async def test_encrypted_smtp_credentials_authenticate_through_the_daemon(
     raw = await pool.fetchval("SELECT credentials FROM dripd.channel_adapters")
     assert b"s3cret" not in raw
     assert b"drip" not in raw
+
+
+BRANCHING = """
+[sequence]
+key = "branch"
+
+[[steps]]
+key = "hello"
+channel = "sms"
+body = "hello"
+
+[[steps]]
+key = "free_offer"
+channel = "sms"
+body = "upgrade?"
+
+[[steps]]
+key = "pro_tips"
+channel = "sms"
+body = "pro tips"
+
+[[transitions]]
+from = "hello"
+to = "pro_tips"
+when = "data.plan == 'pro' and data.seats >= 5"
+priority = 1
+
+[[transitions]]
+from = "hello"
+to = "free_offer"
+when = "data.plan == 'free'"
+priority = 2
+
+[[transitions]]
+from = "free_offer"
+
+[[transitions]]
+from = "pro_tips"
+"""
+
+
+async def _path(pool: asyncpg.Pool, enrollment_id: uuid.UUID) -> list[str]:
+    rows = await executions(pool)
+    return [r["step_key"] for r in rows if r["enrollment_id"] == enrollment_id]
+
+
+async def test_transitions_pick_the_first_match_and_no_match_completes(
+    dsn: str, pool: asyncpg.Pool, clock: ManualClock, tmp_path: Path
+) -> None:
+    await apply_text(pool, BRANCHING)
+    await add_adapter(
+        pool,
+        name="sms",
+        channel="sms",
+        provider="outbox",
+        config={"path": str(tmp_path / "out.jsonl")},
+    )
+    people = {
+        "pro": {"plan": "pro", "seats": 10},
+        "small-pro": {"plan": "pro", "seats": 2},  # matches nothing
+        "free": {"plan": "free"},
+        "typo": {"plan": "pro", "seats": "ten"},  # a type error: fails closed
+    }
+    ids = {}
+    for name, data in people.items():
+        e = await api.enroll(
+            pool,
+            tenant=None,
+            sequence_key="branch",
+            subscriber_id=name,
+            data={"phone": "+15550100001", **data},
+            now=clock.now(),
+        )
+        ids[name] = e.id
+    async with running_daemon(dsn, tmp_path, clock=clock) as daemon:
+        for name in people:
+            await wait_for(lambda n=name: _ended(pool, ids[n]))
+        errors = daemon.metrics.registry.get_sample_value("dripd_condition_errors_total")
+    assert await _path(pool, ids["pro"]) == ["hello", "pro_tips"]
+    assert await _path(pool, ids["free"]) == ["hello", "free_offer"]
+    assert await _path(pool, ids["small-pro"]) == ["hello"]
+    assert await _path(pool, ids["typo"]) == ["hello"]
+    reasons = {
+        name: await pool.fetchval(
+            "SELECT status || ':' || status_reason FROM dripd.enrollments WHERE id = $1", i
+        )
+        for name, i in ids.items()
+    }
+    assert reasons == {
+        "pro": "completed:completed",
+        "free": "completed:completed",
+        "small-pro": "completed:no_matching_transition",
+        "typo": "completed:no_matching_transition",
+    }
+    assert errors == 1.0
+
+
+async def _ended(pool: asyncpg.Pool, enrollment_id: uuid.UUID) -> bool:
+    return await _status(pool, enrollment_id) != "active"
