@@ -7,7 +7,8 @@
     ├── SchemaError          the database schema is missing or out of date: run migrate
     ├── NotFound             the named thing does not exist in this tenant scope
     ├── Conflict             the request contradicts current state (e.g. replay of a sent row)
-    └── DatabaseError        Postgres refused or was unreachable (translated from asyncpg)
+    └── DatabaseError        Postgres was unreachable or lost the connection: retry later
+        └── Refused          Postgres refused the statement: retrying the same will not help
 
 Each class's docstring is its default message.
 """
@@ -68,3 +69,7 @@ class DatabaseError(DripdError):
     """The database refused the request or could not be reached."""
 
     code = "database"
+
+
+class Refused(DatabaseError):
+    """Postgres refused the statement."""

@@ -719,3 +719,42 @@ async def _status_if(d: DaemonProc, **want: Any) -> dict[str, Any] | None:
 async def _backlog_at_least(d: DaemonProc, n: int) -> dict[str, Any] | None:
     status: dict[str, Any] = await request(d.socket, "status")
     return status if status["due_backlog"] >= n else None
+
+
+# --- 7. the database connections die mid-run -----------------------------------------------
+
+
+@pytest.mark.timeout(90)
+async def test_every_database_connection_killed_mid_run_loses_nothing(
+    pool: asyncpg.Pool, sink: GatedSink, launch: Launch
+) -> None:
+    n = 1500
+    await setup_sequence(pool, sink.port)
+    await enroll_many(pool, n)
+    # Small batches so that the kills land while claims and records are in progress.
+    d = launch("d", batch_size=50, concurrency=100, lease="3s", poll_interval="1s")
+    await d.start()
+    database = await pool.fetchval("SELECT current_database()")
+    kills = 0
+    for _ in range(3):
+        await wait_for(lambda target=(kills + 1) * n // 5: sink.count() >= target, timeout=30,
+                       interval=0.01)  # fmt: skip
+        killed = await pool.fetchval(
+            """SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+               WHERE datname = $1 AND pid <> pg_backend_pid()
+                 AND application_name NOT LIKE 'pytest%'
+                 AND pid NOT IN (SELECT pid FROM pg_stat_activity WHERE query LIKE '%pg_terminate%')
+            """,
+            database,
+        )  # fmt: skip
+        kills += 1
+        assert killed >= 1
+    try:
+        await wait_for(lambda: all_sent(pool, n), timeout=60, interval=0.2)
+    except AssertionError:
+        raise AssertionError(f"not all sent: {await statuses(pool)}\n{d.tail()}") from None
+    assert d.running, d.tail()  # the daemon rode it out: no crash, no restart
+    check_sink_against(sink, await expected_message_ids(pool))
+    print(f"\nkilled every connection {kills} times: {duplicates(sink)} duplicate(s)")
+    d.signal(signal.SIGTERM)
+    assert await d.wait(20) == 0, d.tail()

@@ -13,7 +13,7 @@ from typing import Any, TypeAlias
 import asyncpg
 import msgspec
 
-from dripd.errors import Conflict, DatabaseError, DripdError
+from dripd.errors import Conflict, DatabaseError, DripdError, Refused
 
 # asyncpg ships no type information, so these are Any to mypy; they document intent.
 Connection: TypeAlias = asyncpg.Connection
@@ -21,6 +21,16 @@ Pool: TypeAlias = asyncpg.Pool
 Executor: TypeAlias = asyncpg.Connection | asyncpg.Pool
 
 _SQL_DIR = Path(__file__).with_name("sql")
+
+# Errors that mean the connection itself is gone or unusable (not that a statement failed).
+_CONNECTION_ERRORS = (
+    OSError,
+    TimeoutError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.AdminShutdownError,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,10 +136,19 @@ def _describe(exc: BaseException) -> str:
 
 @contextlib.asynccontextmanager
 async def acquire(db: Executor) -> AsyncIterator[Connection]:
-    """A connection from a pool, or the connection itself (the caller's transaction applies)."""
+    """A connection from a pool, or the connection itself (the caller's transaction applies).
+
+    A pooled connection that failed at the connection level (the server ended it, or the
+    driver lost track of its state) is terminated, so the pool opens a fresh one instead
+    of handing the broken one out again.
+    """
     if isinstance(db, asyncpg.Pool):
         async with db.acquire() as conn:
-            yield conn
+            try:
+                yield conn
+            except _CONNECTION_ERRORS:
+                conn.terminate()
+                raise
     else:
         yield db
 
@@ -137,16 +156,9 @@ async def acquire(db: Executor) -> AsyncIterator[Connection]:
 @contextlib.asynccontextmanager
 async def transaction(db: Executor) -> AsyncIterator[Connection]:
     """A transaction, or a savepoint inside the caller's; asyncpg errors become dripd errors."""
-    async with acquire(db) as conn:
-        try:
-            async with conn.transaction():
-                yield conn
-        except asyncpg.UniqueViolationError as exc:
-            raise Conflict(f"conflicts with an existing row ({exc.constraint_name})") from exc
-        except asyncpg.PostgresError as exc:
-            raise DatabaseError(f"Postgres refused: {_describe(exc)}") from exc
-        except (OSError, asyncpg.InterfaceError) as exc:
-            raise DatabaseError(f"lost the database connection: {_describe(exc)}") from exc
+    with translated():
+        async with acquire(db) as conn, conn.transaction():
+            yield conn
 
 
 @contextlib.contextmanager
@@ -158,10 +170,10 @@ def translated() -> Any:
         raise
     except asyncpg.UniqueViolationError as exc:
         raise Conflict(f"conflicts with an existing row ({exc.constraint_name})") from exc
-    except asyncpg.PostgresError as exc:
-        raise DatabaseError(f"Postgres refused: {_describe(exc)}") from exc
-    except (OSError, asyncpg.InterfaceError, TimeoutError) as exc:
+    except _CONNECTION_ERRORS as exc:
         raise DatabaseError(f"lost the database connection: {_describe(exc)}") from exc
+    except asyncpg.PostgresError as exc:
+        raise Refused(f"Postgres refused: {_describe(exc)}") from exc
 
 
 # --- the worker's statements -------------------------------------------------------------

@@ -17,7 +17,7 @@ from dripd.clock import Clock
 from dripd.db import store
 from dripd.engine.advance import CompiledStep, choose_next, compile_version
 from dripd.engine.pipeline import Pipeline, Prepared, condition_context
-from dripd.errors import Conflict, DripdError
+from dripd.errors import Conflict, DripdError, Refused
 from dripd.metrics import Metrics
 from dripd.model import ClaimedExecution, EnrollmentStatus, OnFailure, Outcome, Verdict
 
@@ -437,7 +437,11 @@ class Recorder:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._kick.wait(), timeout=linger)
             self._kick.clear()
-            await self._flush_once()
+            try:
+                await self._flush_once()
+            except Exception:  # the recorder must outlive a bug: what it holds is unrecorded
+                log.exception("recording a batch failed unexpectedly; retrying")
+                await asyncio.sleep(1.0)
 
     async def flush_all(self) -> None:
         attempts = 0
@@ -454,14 +458,14 @@ class Recorder:
                 return True
             try:
                 await self._write(batch)
-            except Conflict as exc:
+            except (Conflict, Refused) as exc:
                 # A row the database refuses (not a lost connection) must not block the
                 # others: write them one by one and give up only on the row that fails.
                 log.warning("record refused; isolating the bad row", error=exc.message)
                 for one in batch:
                     try:
                         await self._write([one])
-                    except Conflict as single:
+                    except (Conflict, Refused) as single:
                         self._abandon(one[0], single.message)
                     except DripdError:
                         self._buffer.append(one)
@@ -471,6 +475,9 @@ class Recorder:
                 if not self.closing:
                     await asyncio.sleep(0.5)
                 return False
+            except Exception:
+                self._buffer[:0] = batch  # nothing held is dropped, whatever went wrong
+                raise
             return True
 
     async def _write(self, batch: list[tuple[Outcome, store.RecordRow]]) -> None:
