@@ -23,7 +23,7 @@ from dripd.control import request as control_request
 from dripd.db import migrate as migrate_mod
 from dripd.db import store
 from dripd.engine.adapters import adapter_aad
-from dripd.errors import ConfigError, DripdError
+from dripd.errors import ConfigError, CredentialsError, DripdError, NotFound
 from dripd.sequences import load_file
 
 Handler = Callable[[argparse.Namespace, Config], Awaitable[Any]]
@@ -356,14 +356,47 @@ async def cmd_adapter_disable(args: argparse.Namespace, cfg: Config) -> None:
         async with store.transaction(conn) as tx:
             row = await store.disable_adapter(tx, args.tenant, args.name, datetime.now(UTC))
             if row is None:
-                from dripd.errors import NotFound
-
                 raise NotFound(f"no adapter {args.name!r} for tenant {args.tenant or '(global)'}")
             await store.notify_adapters(tx)
             return row
 
     row = await _with_conn(args, cfg, run)
     _print(args, _adapter_dict(row), lambda r: f"adapter {r['name']} disabled")
+
+
+async def cmd_rotate_key(args: argparse.Namespace, cfg: Config) -> None:
+    vault = Vault.from_env()
+
+    async def run(conn: store.Connection) -> dict[str, Any]:
+        rotated: list[str] = []
+        async with store.transaction(conn) as tx:
+            rows = await store.lock_credentials(tx)
+            now = datetime.now(UTC)
+            for row in rows:
+                if vault.is_current(row["credentials"]):
+                    continue
+                aad = adapter_aad(row["id"])
+                try:
+                    plain = vault.decrypt(row["credentials"], aad=aad)
+                except DripdError as exc:
+                    # Nothing is written: the whole rotation is one transaction.
+                    raise CredentialsError(
+                        f"adapter {row['name']!r} (tenant {row['tenant_key'] or '-'}): "
+                        f"{exc.message}"
+                    ) from exc
+                await store.set_credentials(tx, row["id"], vault.encrypt(plain, aad=aad), now)
+                rotated.append(row["name"])
+            await store.notify_adapters(tx)
+        return {"key_id": vault.key_id, "rotated": rotated, "adapters": len(rows)}
+
+    result = await _with_conn(args, cfg, run)
+    _print(
+        args,
+        result,
+        lambda r: (
+            f"{len(r['rotated'])} of {r['adapters']} adapters re-encrypted under key {r['key_id']}"
+        ),
+    )
 
 
 async def cmd_keygen(args: argparse.Namespace, cfg: Config) -> None:
@@ -508,6 +541,13 @@ def _parser() -> argparse.ArgumentParser:
     adis.set_defaults(handler=cmd_adapter_disable)
     adis.add_argument("name", metavar="NAME")
 
+    add(
+        "rotate-key",
+        cmd_rotate_key,
+        f"re-encrypt all adapter credentials under "
+        f"{ENV_VAR} (the old key in DRIPD_ENCRYPTION_KEYS_RETIRED)",
+        [db],
+    )
     add("keygen", cmd_keygen, f"print a new {ENV_VAR}", [common])
     ctl = add("ctl", cmd_ctl, "talk to a running daemon over its control socket", [common])
     ctl.add_argument("--socket", help="control socket (default: control.socket)")

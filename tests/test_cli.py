@@ -6,6 +6,7 @@ import asyncio
 import io
 import json
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
@@ -305,5 +306,72 @@ async def _count(dsn: str, table: str) -> int:
     conn = await asyncpg.connect(dsn)
     try:
         return int(await conn.fetchval(f"SELECT count(*) FROM {table}"))
+    finally:
+        await conn.close()
+
+
+def test_rotate_key_re_encrypts_every_adapter_in_one_go(
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    dsn: str,
+    tmp_path: Path,
+) -> None:
+    from dripd.channels.credentials import Vault
+    from dripd.engine.adapters import adapter_aad
+
+    old, new = generate_key(), generate_key()
+    creds = tmp_path / "creds.json"
+    creds.write_text('{"username": "mailer", "password": "pw-1"}')
+    monkeypatch.setenv("DRIPD_ENCRYPTION_KEY", old)
+    for name in ("a", "b"):
+        code, _, err = run(
+            capsys,
+            "adapter",
+            "add",
+            name,
+            "--channel",
+            "email",
+            "--provider",
+            "smtp",
+            "--dsn",
+            dsn,
+            "--config",
+            '{"host": "h", "from": "x@y.z"}',
+            "--credentials-file",
+            str(creds),
+        )
+        assert code == 0, err
+    before = asyncio.run(_blobs(dsn))
+
+    monkeypatch.setenv("DRIPD_ENCRYPTION_KEY", new)
+    code, _, err = run(capsys, "rotate-key", "--dsn", dsn)
+    assert code == 2  # the old key is not given: nothing changes
+    assert "adapter 'a'" in err
+    assert "encrypted with a different key" in err
+    assert asyncio.run(_blobs(dsn)) == before
+
+    monkeypatch.setenv("DRIPD_ENCRYPTION_KEYS_RETIRED", old)
+    code, out, err = run(capsys, "rotate-key", "--dsn", dsn, "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert sorted(result["rotated"]) == ["a", "b"]
+    assert result["key_id"] == Vault.from_text(new).key_id
+    after = asyncio.run(_blobs(dsn))
+    for adapter_id, blob in after.items():
+        assert Vault.from_text(new).decrypt(blob, aad=adapter_aad(adapter_id)) == {
+            "username": "mailer",
+            "password": "pw-1",
+        }
+        with pytest.raises(Exception, match="different key"):
+            Vault.from_text(old).decrypt(blob, aad=adapter_aad(adapter_id))
+    code, out, _ = run(capsys, "rotate-key", "--dsn", dsn, "--json")
+    assert (code, json.loads(out)["rotated"]) == (0, [])
+
+
+async def _blobs(dsn: str) -> dict[Any, bytes]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        rows = await conn.fetch("SELECT id, credentials FROM dripd.channel_adapters")
+        return {r["id"]: bytes(r["credentials"]) for r in rows}
     finally:
         await conn.close()

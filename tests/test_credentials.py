@@ -10,7 +10,7 @@ import pickle
 import msgspec
 import pytest
 
-from dripd.channels.credentials import Vault, generate_key
+from dripd.channels.credentials import ENV_VAR, Vault, generate_key
 from dripd.errors import CredentialsError
 
 SECRET = {"username": "mailer", "password": "correct horse battery staple"}
@@ -133,3 +133,22 @@ def test_the_key_never_shows(vault: Vault, key_text: str) -> None:
     with pytest.raises(TypeError):
         pickle.dumps(vault)
     assert key.hex() not in repr(vault)
+
+
+def test_retired_keys_still_decrypt_and_new_blobs_use_the_current_key() -> None:
+    from dripd.channels.credentials import RETIRED_ENV_VAR
+
+    old, new, stranger = generate_key(), generate_key(), generate_key()
+    old_blob = Vault.from_text(old).encrypt({"token": "t"}, aad=b"row")
+    ring = Vault.from_env({ENV_VAR: new, RETIRED_ENV_VAR: f"{stranger}, {old}"})
+    assert ring.decrypt(old_blob, aad=b"row") == {"token": "t"}
+    assert not ring.is_current(old_blob)
+    fresh = ring.encrypt({"token": "t"}, aad=b"row")
+    assert ring.is_current(fresh)
+    assert Vault.from_text(new).decrypt(fresh, aad=b"row") == {"token": "t"}
+    with pytest.raises(CredentialsError, match=r"DRIPD_ENCRYPTION_KEYS_RETIRED \(key #1\)"):
+        Vault.from_env({ENV_VAR: new, RETIRED_ENV_VAR: "not-a-key"})
+    alone = Vault.from_text(new)
+    with pytest.raises(CredentialsError, match="different key") as info:
+        alone.decrypt(old_blob, aad=b"row")
+    assert old not in str(info.value)

@@ -1,5 +1,8 @@
 """Adapter credentials at rest: AES-256-GCM under the key in `DRIPD_ENCRYPTION_KEY`.
 
+Retired keys (`DRIPD_ENCRYPTION_KEYS_RETIRED`, comma-separated) still decrypt, so that
+daemons keep working while `dripd rotate-key` re-encrypts every blob under the new key.
+
 A blob is laid out as
 
     version (1 byte, = 1) | key id (4 bytes) | nonce (12 bytes) | ciphertext + GCM tag (16 bytes)
@@ -16,7 +19,7 @@ import base64
 import binascii
 import hashlib
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import msgspec
@@ -25,9 +28,10 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from dripd.errors import CredentialsError
 
-__all__ = ["ENV_VAR", "Vault", "generate_key"]
+__all__ = ["ENV_VAR", "RETIRED_ENV_VAR", "Vault", "generate_key"]
 
 ENV_VAR = "DRIPD_ENCRYPTION_KEY"
+RETIRED_ENV_VAR = "DRIPD_ENCRYPTION_KEYS_RETIRED"
 VERSION = 1
 KEY_BYTES = 32
 _KEY_ID_BYTES = 4
@@ -63,18 +67,24 @@ def _decode_key(text: str, name: str) -> bytes:
     return key
 
 
+def _key_id(key: bytes) -> bytes:
+    return hashlib.sha256(key).digest()[:_KEY_ID_BYTES]
+
+
 class Vault:
-    """Encrypts and decrypts credential maps with one key; never shows the key."""
+    """Encrypts with one key and decrypts with it or a retired one; never shows a key."""
 
-    __slots__ = ("_aead", "_key_id")
+    __slots__ = ("_aead", "_key_id", "_retired")
 
-    def __init__(self, key: bytes) -> None:
-        if len(key) != KEY_BYTES:
-            raise CredentialsError(
-                f"the encryption key is {len(key)} bytes but must be {KEY_BYTES} (AES-256)"
-            )
+    def __init__(self, key: bytes, retired: Sequence[bytes] = ()) -> None:
+        for k in (key, *retired):
+            if len(k) != KEY_BYTES:
+                raise CredentialsError(
+                    f"an encryption key is {len(k)} bytes but must be {KEY_BYTES} (AES-256)"
+                )
         self._aead = AESGCM(key)
-        self._key_id = hashlib.sha256(key).digest()[:_KEY_ID_BYTES]
+        self._key_id = _key_id(key)
+        self._retired = {_key_id(k): AESGCM(k) for k in retired if _key_id(k) != self._key_id}
 
     @classmethod
     def from_text(cls, text: str, *, name: str = ENV_VAR) -> Vault:
@@ -83,11 +93,17 @@ class Vault:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Vault:
-        """A vault for `DRIPD_ENCRYPTION_KEY` in `env` (default: the process environment)."""
-        text = (os.environ if env is None else env).get(ENV_VAR, "")
+        """A vault for `DRIPD_ENCRYPTION_KEY` (and any `DRIPD_ENCRYPTION_KEYS_RETIRED`) in
+        `env` (default: the process environment)."""
+        env = os.environ if env is None else env
+        text = env.get(ENV_VAR, "")
         if not text.strip():
             raise CredentialsError(f"{ENV_VAR} is not set; create one with `dripd keygen`")
-        return cls.from_text(text, name=ENV_VAR)
+        retired = [
+            _decode_key(part, f"{RETIRED_ENV_VAR} (key #{n})")
+            for n, part in enumerate(env.get(RETIRED_ENV_VAR, "").replace(",", " ").split(), 1)
+        ]
+        return cls(_decode_key(text, ENV_VAR), retired)
 
     def __repr__(self) -> str:
         return f"Vault(key_id={self.key_id!r})"
@@ -100,6 +116,10 @@ class Vault:
     def key_id(self) -> str:
         """The key's public fingerprint in hex (8 digits); safe to print."""
         return self._key_id.hex()
+
+    def is_current(self, blob: bytes) -> bool:
+        """Whether `blob` is sealed under the current key (nothing to rotate)."""
+        return blob[1 : 1 + _KEY_ID_BYTES] == self._key_id
 
     def encrypt(self, data: dict[str, Any], *, aad: bytes) -> bytes:
         """Seal `data` into a blob that only this key and the same `aad` can open."""
@@ -118,14 +138,16 @@ class Vault:
                 f"cannot decrypt the credentials: unknown format version {blob[0]}"
             )
         key_id = blob[1 : 1 + _KEY_ID_BYTES]
-        if key_id != self._key_id:
+        aead = self._aead if key_id == self._key_id else self._retired.get(key_id)
+        if aead is None:
+            known = ", ".join([self.key_id, *(k.hex() for k in self._retired)])
             raise CredentialsError(
                 f"the credentials were encrypted with a different key (key id {key_id.hex()}); "
-                f"{ENV_VAR} has key id {self.key_id}"
+                f"the keys given have ids {known} ({ENV_VAR}, {RETIRED_ENV_VAR})"
             )
         nonce = blob[1 + _KEY_ID_BYTES : _HEADER_BYTES]
         try:
-            plain = self._aead.decrypt(nonce, blob[_HEADER_BYTES:], aad)
+            plain = aead.decrypt(nonce, blob[_HEADER_BYTES:], aad)
         except InvalidTag:
             raise CredentialsError(
                 "cannot decrypt the credentials: they were altered, or belong to another row"

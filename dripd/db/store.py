@@ -61,6 +61,7 @@ class Queries:
     list_adapters: str
     load_adapters: str
     load_versions: str
+    lock_credentials: str
     lock_sequence: str
     next_due: str
     previous_enrollment: str
@@ -69,6 +70,7 @@ class Queries:
     release: str
     release_held: str
     replay: str
+    set_credentials: str
     set_enrollment_status: str
     skip_pending: str
     suppressed: str
@@ -640,3 +642,14 @@ async def disable_adapter(
 ) -> asyncpg.Record | None:
     row: asyncpg.Record | None = await conn.fetchrow(Q.disable_adapter, tenant, name, now)
     return row
+
+
+async def lock_credentials(conn: Connection) -> list[asyncpg.Record]:
+    rows: list[asyncpg.Record] = await conn.fetch(Q.lock_credentials)
+    return rows
+
+
+async def set_credentials(
+    conn: Connection, adapter_id: uuid.UUID, blob: bytes, now: datetime
+) -> None:
+    await conn.execute(Q.set_credentials, adapter_id, blob, now)
