@@ -439,6 +439,12 @@ async def cmd_dev(args: argparse.Namespace, cfg: Config) -> None:
 # --- parser ------------------------------------------------------------------------------
 
 
+def _tenant_arg(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty (leave --tenant out for global)")
+    return text
+
+
 def _parser() -> argparse.ArgumentParser:
     config_help = (
         "config file (default: $DRIPD_CONFIG, else /etc/dripd/dripd.toml, else built-in defaults)"
@@ -458,7 +464,9 @@ def _parser() -> argparse.ArgumentParser:
     db = argparse.ArgumentParser(add_help=False, parents=[common])
     db.add_argument("--dsn", help="Postgres DSN (default: $DRIPD_DSN, else database.dsn)")
     tenant = argparse.ArgumentParser(add_help=False)
-    tenant.add_argument("--tenant", default=None, help="tenant key (absent: global)")
+    tenant.add_argument(
+        "--tenant", default=None, type=_tenant_arg, help="tenant key (absent: global)"
+    )
 
     p = argparse.ArgumentParser(prog="dripd", description="Drip and sequence messaging daemon.")
     p.add_argument("--version", action="version", version=f"dripd {__version__}")
@@ -518,7 +526,7 @@ def _parser() -> argparse.ArgumentParser:
     pv.add_argument("--step", help="only this step")
     rp = add("replay", cmd_replay, "send a failed execution again", [db])
     rp.add_argument("execution_id", metavar="EXECUTION_ID")
-    rp.add_argument("--tenant", default=None, help="only within this tenant")
+    rp.add_argument("--tenant", default=None, type=_tenant_arg, help="only within this tenant")
 
     ad = sub.add_parser("adapter", help="channel adapters: add, list, disable")
     ad_sub = ad.add_subparsers(dest="adapter_cmd", required=True, metavar="ACTION")

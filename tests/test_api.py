@@ -123,6 +123,10 @@ async def test_bad_input_gets_a_clear_error(pool: asyncpg.Pool) -> None:
             subscriber_id="a",
             data={"timezone": "Mars/Base"},
         )
+    with pytest.raises(ConfigError, match="tenant: must be a non-empty string"):
+        await api.enroll(pool, tenant="", sequence_key="welcome", subscriber_id="a")
+    with pytest.raises(ConfigError, match="tenant"):
+        await api.track_event(pool, tenant=" ", subscriber_id="a", key="k")
     with pytest.raises(NotFound, match="no sequence 'nope'"):
         await api.enroll(pool, tenant=None, sequence_key="nope", subscriber_id="a")
     with pytest.raises(ConfigError, match="reason"):

@@ -121,6 +121,11 @@ def _now(now: datetime | None) -> datetime:
     return now if now is not None else datetime.now(UTC)
 
 
+def _tenant(tenant: str | None) -> None:
+    if tenant is not None and (not isinstance(tenant, str) or not tenant.strip()):
+        raise ConfigError("tenant: must be a non-empty string, or None for the global scope")
+
+
 def _subscriber(subscriber_id: str, subscriber_type: str) -> None:
     if not isinstance(subscriber_id, str) or not subscriber_id.strip():
         raise ConfigError("subscriber_id: must be a non-empty string")
@@ -144,6 +149,7 @@ async def enroll(
     enrollment (`created=False`). A sequence of the tenant wins over a global one of the
     same key; either way the enrollment belongs to `tenant`.
     """
+    _tenant(tenant)
     _subscriber(subscriber_id, subscriber_type)
     data = dict(data or {})
     timezone = data.get("timezone")
@@ -326,6 +332,7 @@ async def track_event(
     now: datetime | None = None,
 ) -> Event:
     """Record an event of a subscriber; the same idempotency id twice records one event."""
+    _tenant(tenant)
     _subscriber(subscriber_id, subscriber_type)
     if not isinstance(key, str) or not key.strip():
         raise ConfigError("key: an event needs a non-empty key")
@@ -356,6 +363,7 @@ async def suppress(
     now: datetime | None = None,
 ) -> Suppression:
     """Stop every send to `address` on `channel` (in this tenant, or everywhere if global)."""
+    _tenant(tenant)
     if not isinstance(channel, str) or not channel.strip():
         raise ConfigError("channel: must be a channel name such as email or sms")
     if not isinstance(address, str) or not address.strip():
