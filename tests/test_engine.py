@@ -77,6 +77,17 @@ async def _adapters(pool: asyncpg.Pool, smtp_port: int, tmp_path: Path) -> Path:
     return outbox
 
 
+async def _enroll_ada(
+    pool: asyncpg.Pool, smtp_port: int, tmp_path: Path, clock: ManualClock
+) -> api.Enrollment:
+    """The drip applied, its adapters added, and subscriber "a" (Ada) enrolled now."""
+    await apply_text(pool, DRIP)
+    await _adapters(pool, smtp_port, tmp_path)
+    return await api.enroll(
+        pool, tenant=None, sequence_key="drip", subscriber_id="a", data=ADA, now=clock.now()
+    )
+
+
 async def _status(pool: asyncpg.Pool, enrollment_id: uuid.UUID) -> str:
     return str(
         await pool.fetchval("SELECT status FROM dripd.enrollments WHERE id = $1", enrollment_id)
@@ -198,11 +209,7 @@ async def test_unenrolled_or_suppressed_before_the_send_is_skipped_with_a_reason
 async def test_unenrolled_after_the_claim_is_skipped_by_the_gate(
     dsn: str, pool: asyncpg.Pool, sink: SmtpSink, clock: ManualClock, tmp_path: Path
 ) -> None:
-    await apply_text(pool, DRIP)
-    await _adapters(pool, sink.port, tmp_path)
-    e = await api.enroll(
-        pool, tenant=None, sequence_key="drip", subscriber_id="a", data=ADA, now=clock.now()
-    )
+    e = await _enroll_ada(pool, sink.port, tmp_path, clock)
     # The race: the enrollment ends after its row was scheduled but the row stays pending
     # (as when another daemon already holds it); the gate must still refuse the send.
     await pool.execute("UPDATE dripd.enrollments SET status='cancelled', ended_at=now()")
@@ -268,11 +275,7 @@ async def test_smtp_down_then_up_retries_with_backoff_then_delivers(
     dsn: str, pool: asyncpg.Pool, clock: ManualClock, tmp_path: Path
 ) -> None:
     port = free_port()
-    await apply_text(pool, DRIP)
-    await _adapters(pool, port, tmp_path)
-    e = await api.enroll(
-        pool, tenant=None, sequence_key="drip", subscriber_id="a", data=ADA, now=clock.now()
-    )
+    e = await _enroll_ada(pool, port, tmp_path, clock)
     async with running_daemon(dsn, tmp_path, clock=clock, retry_base="30s", max_attempts=4):
         await wait_for(lambda: _attempt(pool, 1))
         first = (await executions(pool))[0]
@@ -299,11 +302,7 @@ async def test_smtp_down_then_up_retries_with_backoff_then_delivers(
 async def test_attempts_are_bounded_then_the_enrollment_fails(
     dsn: str, pool: asyncpg.Pool, clock: ManualClock, tmp_path: Path
 ) -> None:
-    await apply_text(pool, DRIP)
-    await _adapters(pool, free_port(), tmp_path)
-    e = await api.enroll(
-        pool, tenant=None, sequence_key="drip", subscriber_id="a", data=ADA, now=clock.now()
-    )
+    e = await _enroll_ada(pool, free_port(), tmp_path, clock)
     async with running_daemon(dsn, tmp_path, clock=clock, retry_base="10s", max_attempts=3):
         for attempt in (1, 2):
             await wait_for(lambda a=attempt: _attempt(pool, a))
@@ -366,11 +365,7 @@ async def test_replay_resends_a_failed_execution_with_a_new_message_id(
 async def test_a_lost_lease_is_claimed_again_and_a_late_record_changes_nothing(
     dsn: str, pool: asyncpg.Pool, sink: SmtpSink, clock: ManualClock, tmp_path: Path
 ) -> None:
-    await apply_text(pool, DRIP)
-    await _adapters(pool, sink.port, tmp_path)
-    await api.enroll(
-        pool, tenant=None, sequence_key="drip", subscriber_id="a", data=ADA, now=clock.now()
-    )
+    await _enroll_ada(pool, sink.port, tmp_path, clock)
     # A daemon that died holding the row: claimed, its lease running for another minute.
     dead_token = uuid.uuid4()
     await pool.execute(
@@ -413,11 +408,7 @@ async def test_a_lost_lease_is_claimed_again_and_a_late_record_changes_nothing(
 async def test_paused_enrollment_holds_its_step_and_resume_honours_the_delay(
     dsn: str, pool: asyncpg.Pool, sink: SmtpSink, clock: ManualClock, tmp_path: Path
 ) -> None:
-    await apply_text(pool, DRIP)
-    await _adapters(pool, sink.port, tmp_path)
-    e = await api.enroll(
-        pool, tenant=None, sequence_key="drip", subscriber_id="a", data=ADA, now=clock.now()
-    )
+    e = await _enroll_ada(pool, sink.port, tmp_path, clock)
     async with running_daemon(dsn, tmp_path, clock=clock):
         await wait_for(lambda: sink.count() == 1)
         await wait_for(_execution_in(pool, "scheduled"))
@@ -434,11 +425,7 @@ async def test_paused_enrollment_holds_its_step_and_resume_honours_the_delay(
 async def test_paused_after_scheduling_is_held_not_sent_and_not_spun(
     dsn: str, pool: asyncpg.Pool, sink: SmtpSink, clock: ManualClock, tmp_path: Path
 ) -> None:
-    await apply_text(pool, DRIP)
-    await _adapters(pool, sink.port, tmp_path)
-    e = await api.enroll(
-        pool, tenant=None, sequence_key="drip", subscriber_id="a", data=ADA, now=clock.now()
-    )
+    e = await _enroll_ada(pool, sink.port, tmp_path, clock)
     # The race: paused while its row was already being claimed (so pause could not hold it).
     await pool.execute("UPDATE dripd.enrollments SET status = 'paused'")
     async with running_daemon(dsn, tmp_path, clock=clock) as daemon:
