@@ -109,14 +109,6 @@ class Step:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Transition:
-    from_step_id: uuid.UUID
-    to_step_id: uuid.UUID | None
-    priority: int
-    when: str | None
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
 class Adapter:
     """A channel adapter with its credentials decrypted (held in memory only)."""
 
@@ -164,4 +156,5 @@ class Outcome:
     error: str | None = None
     provider_message_id: str | None = None
     retry_at: datetime | None = None
+    attempted: bool = False  # a send was tried: a retry or failure spends an attempt
     finished_at: datetime

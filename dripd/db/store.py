@@ -308,12 +308,6 @@ async def analyze_queue_if_stale(db: Executor, *, min_age: timedelta, now: datet
             return True
 
 
-async def ping(db: Executor) -> None:
-    with translated():
-        async with acquire(db) as conn:
-            await conn.fetchval("SELECT 1")
-
-
 # --- authoring ---------------------------------------------------------------------------
 
 

@@ -204,6 +204,7 @@ class Pipeline:
         exc: TransientError | PermanentError,
     ) -> Outcome:
         common: dict[str, Any] = {
+            "attempted": True,
             "channel": channel,
             "recipient": address,
             "provider": adapter.provider if adapter else None,

@@ -19,7 +19,15 @@ from dripd.engine.advance import CompiledStep, choose_next, compile_version
 from dripd.engine.pipeline import Pipeline, Prepared, condition_context
 from dripd.errors import Conflict, DripdError, Refused
 from dripd.metrics import Metrics
-from dripd.model import ClaimedExecution, EnrollmentStatus, OnFailure, Outcome, Verdict
+from dripd.model import (
+    ClaimedExecution,
+    EnrollmentStatus,
+    ExecutionStatus,
+    MessageEventType,
+    OnFailure,
+    Outcome,
+    Verdict,
+)
 
 log = structlog.get_logger("dripd.worker")
 
@@ -305,6 +313,7 @@ class Worker:
             id=item.id,
             token=item.claim_token,
             status=verdict.value,
+            spent=1 if outcome.attempted else 0,
             channel=outcome.channel,
             provider=outcome.provider,
             adapter_id=outcome.adapter_id,
@@ -316,15 +325,12 @@ class Worker:
             event_type=verdict.value,
         )
         if verdict in (Verdict.DEFERRED, Verdict.RETRY):
-            row.status = "scheduled"
+            row.status = ExecutionStatus.SCHEDULED.value
             row.due_at = outcome.retry_at
-            row.event_type = "deferred"
+            row.event_type = MessageEventType.DEFERRED.value
             if verdict is Verdict.RETRY:
-                row.spent = 1
                 row.reason = "retry"
             return row
-        if verdict is Verdict.FAILED and outcome.provider is not None:
-            row.spent = 1
         if (
             verdict is Verdict.SKIPPED
             and outcome.reason

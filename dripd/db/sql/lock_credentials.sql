@@ -2,5 +2,5 @@
 SELECT id, tenant_key, name, credentials
 FROM dripd.channel_adapters
 WHERE credentials IS NOT NULL
-ORDER BY id
+ORDER BY tenant_key NULLS FIRST, name
 FOR UPDATE
