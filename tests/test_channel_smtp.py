@@ -7,7 +7,6 @@ import datetime as dt
 import email
 import email.policy
 import ipaddress
-import socket
 import ssl
 import threading
 import uuid
@@ -24,6 +23,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from support import free_port, stop_controller
 
 from dripd.channels import registry
 from dripd.channels.base import Message, PermanentError, TransientError
@@ -105,13 +105,6 @@ class Collector:
         return len({r.peer for r in self.received})
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 ServerFactory = Callable[..., tuple[Collector, int]]
 
 
@@ -136,7 +129,7 @@ def smtp_server() -> Iterator[ServerFactory]:
 
     yield start
     for controller in controllers:
-        controller.stop()
+        stop_controller(controller)
 
 
 def settings(port: int, **overrides: Any) -> SmtpSettings:
