@@ -486,7 +486,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     dev.add_argument("--examples", type=Path, default=None, help="sequence files directory")
     dev.add_argument("--subscribers", type=int, default=3, help="demo subscribers to enroll")
-    dev.add_argument("--http", default="127.0.0.1:8025", help="HTTP listen address")
+    dev.add_argument(
+        "--http",
+        default=None,
+        help="HTTP listen address (default 127.0.0.1:8025, or a free port if taken)",
+    )
     add("migrate", cmd_migrate, "apply pending schema migrations", [db])
     add("check-schema", cmd_check_schema, "exit 1 unless the schema is current", [db])
     un = add("uninstall", cmd_uninstall, "print the teardown SQL (run it with --execute)", [db])

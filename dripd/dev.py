@@ -8,6 +8,7 @@ import contextlib
 import importlib.resources
 import os
 import shutil
+import socket
 import sys
 import tempfile
 import uuid
@@ -58,11 +59,14 @@ async def run_dev(args: argparse.Namespace, cfg: Config) -> None:
         await _prepare(dsn, args, outbox)
         cfg.database.dsn = dsn
         cfg.control.socket = str(workdir / "control.sock")
-        cfg.http.listen = args.http
+        cfg.http.listen = args.http or _dev_listen()
         cfg.worker.poll_interval = "5s"
         logs.configure(cfg.log.level, "console")
         daemon = Daemon(cfg)
-        _say(f"control socket {cfg.control.socket}; http://{args.http}/metrics; outbox {outbox}")
+        _say(
+            f"control socket {cfg.control.socket}; http://{cfg.http.listen}/metrics; "
+            f"outbox {outbox}"
+        )
         _say("sending (Ctrl-C stops and removes everything)…")
         tail = asyncio.create_task(_tail(outbox))
         try:
@@ -141,6 +145,16 @@ async def _tail(path: Path) -> None:
             what = msg.get("subject") or msg.get("body") or ""
             sys.stdout.write(f"→ {msg.get('channel')} to {msg.get('to')}: {what}\n")
             sys.stdout.flush()
+
+
+def _dev_listen() -> str:
+    """127.0.0.1:8025 when it is free, else any free port: the demo must start anyway."""
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", 8025))
+        except OSError:
+            probe.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{probe.getsockname()[1]}"
 
 
 def _say(text: str) -> None:

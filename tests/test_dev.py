@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
+import socket
 import sys
 from pathlib import Path
 
@@ -24,8 +26,6 @@ async def _dev(tmp_path: Path, *extra: str) -> tuple[int, str, str]:
         "-m",
         "dripd.cli",
         "dev",
-        "--http",
-        f"127.0.0.1:{free_port()}",
         "--subscribers",
         "2",
         *extra,
@@ -50,7 +50,7 @@ async def _dev(tmp_path: Path, *extra: str) -> tuple[int, str, str]:
 
 @pytest.mark.slow
 async def test_dev_with_a_throwaway_cluster_sends_and_cleans_up(tmp_path: Path) -> None:
-    code, out, err = await _dev(tmp_path)
+    code, out, err = await _dev(tmp_path, "--http", f"127.0.0.1:{free_port()}")
     assert code == 0, err[-2000:]
     assert "→ email to demo1@example.com: Welcome, Ada" in out
     assert "→ email to demo2@example.com: Welcome, Grace" in out
@@ -63,8 +63,14 @@ async def test_dev_with_a_throwaway_cluster_sends_and_cleans_up(tmp_path: Path) 
 
 @pytest.mark.slow
 async def test_dev_with_a_dsn_uses_that_database(tmp_path: Path, server_dsn: str) -> None:
-    code, out, err = await _dev(tmp_path, "--dsn", server_dsn)
+    # Without --http, dev takes 127.0.0.1:8025, or any free port when that one is taken.
+    with socket.socket() as squatter:
+        with contextlib.suppress(OSError):
+            squatter.bind(("127.0.0.1", 8025))
+            squatter.listen()
+        code, out, err = await _dev(tmp_path, "--dsn", server_dsn)
     assert code == 0, err[-2000:]
+    assert "http://127.0.0.1:8025/" not in err
     assert "Welcome, Ada" in out
     conn = await asyncpg.connect(server_dsn)
     try:
