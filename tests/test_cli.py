@@ -26,6 +26,14 @@ text = "Hello {{ first_name | default: 'you' }}"
 """
 
 
+def add_smtp_adapter(
+    capsys: pytest.CaptureFixture[str], dsn: str, name: str, *argv: str
+) -> tuple[int, str, str]:
+    """`dripd adapter add NAME --channel email --provider smtp --dsn DSN ARGV…`."""
+    return run(capsys, "adapter", "add", name, "--channel", "email", "--provider", "smtp",
+               "--dsn", dsn, *argv)  # fmt: skip
+
+
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
     code = main(list(argv))
     out, err = capsys.readouterr()
@@ -145,36 +153,16 @@ def test_adapter_credentials_are_stored_encrypted(
     creds = tmp_path / "creds.json"
     creds.write_text('{"username": "mailer", "password": "hunter2-very-secret"}')
     config = '{"host": "smtp.example.com", "port": 587, "tls": "starttls", "from": "a@b.co"}'
-    code, _, err = run(
-        capsys,
-        "adapter",
-        "add",
-        "mail",
-        "--channel",
-        "email",
-        "--provider",
-        "smtp",
-        "--dsn",
-        dsn,
-        "--config",
-        config,
-        "--credentials-file",
-        str(creds),
+    code, _, err = add_smtp_adapter(
+        capsys, dsn, "mail", "--config", config, "--credentials-file", str(creds)
     )
     assert code == 2
     assert "DRIPD_ENCRYPTION_KEY is not set" in err
     monkeypatch.setenv("DRIPD_ENCRYPTION_KEY", generate_key())
-    code, out, err = run(
+    code, out, err = add_smtp_adapter(
         capsys,
-        "adapter",
-        "add",
-        "mail",
-        "--channel",
-        "email",
-        "--provider",
-        "smtp",
-        "--dsn",
         dsn,
+        "mail",
         "--config",
         config,
         "--default",
@@ -193,17 +181,10 @@ def test_adapter_credentials_are_stored_encrypted(
     assert b"password" not in raw
 
     monkeypatch.setattr("sys.stdin", io.StringIO('{"username": "x", "password": "y"}'))
-    code, _, err = run(
+    code, _, err = add_smtp_adapter(
         capsys,
-        "adapter",
-        "add",
-        "mail2",
-        "--channel",
-        "email",
-        "--provider",
-        "smtp",
-        "--dsn",
         dsn,
+        "mail2",
         "--config",
         '{"host": "h", "from": "a@b.co", "tls": "sometimes"}',
         "--credentials-file",
@@ -324,17 +305,10 @@ def test_rotate_key_re_encrypts_every_adapter_in_one_go(
     creds.write_text('{"username": "mailer", "password": "pw-1"}')
     monkeypatch.setenv("DRIPD_ENCRYPTION_KEY", old)
     for name in ("a", "b"):
-        code, _, err = run(
+        code, _, err = add_smtp_adapter(
             capsys,
-            "adapter",
-            "add",
-            name,
-            "--channel",
-            "email",
-            "--provider",
-            "smtp",
-            "--dsn",
             dsn,
+            name,
             "--config",
             '{"host": "h", "from": "x@y.z"}',
             "--credentials-file",
