@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import os
 import sys
 import uuid
@@ -23,6 +24,7 @@ from dripd.control import request as control_request
 from dripd.db import migrate as migrate_mod
 from dripd.db import store
 from dripd.engine.adapters import adapter_aad
+from dripd.engine.hookset import secret_aad
 from dripd.errors import ConfigError, CredentialsError, DripdError, NotFound
 from dripd.sequences import load_file
 
@@ -163,6 +165,7 @@ async def cmd_enroll(args: argparse.Namespace, cfg: Config) -> None:
             subscriber_id=args.subscriber,
             subscriber_type=args.type,
             data=data,
+            default_timezone=cfg.recipients.default_timezone,
         ),
     )
     _print(
@@ -187,15 +190,21 @@ async def cmd_event(args: argparse.Namespace, cfg: Config) -> None:
             subscriber_type=args.type,
             data=data,
             idempotency_id=args.id,
+            default_timezone=cfg.recipients.default_timezone,
         ),
     )
-    _print(
-        args,
-        event.to_dict(),
-        lambda r: (
-            f"event {r['id']} " + ("recorded" if r["created"] else "already recorded (same --id)")
-        ),
-    )
+
+    def human(r: dict[str, Any]) -> str:
+        if not r["created"]:
+            return f"event {r['id']} already recorded (same --id); nothing done again"
+        lines = [f"event {r['id']} recorded"]
+        lines += [f"  enrolled: {i}" for i in r["enrolled"]]
+        lines += [f"  not enrolled in {n['sequence']}: {n['reason']}" for n in r["not_enrolled"]]
+        lines += [f"  exited: {i}" for i in r["exited"]]
+        lines += [f"  released wait: {i}" for i in r["released"]]
+        return "\n".join(lines)
+
+    _print(args, event.to_dict(), human)
 
 
 async def cmd_suppress(args: argparse.Namespace, cfg: Config) -> None:
@@ -386,17 +395,171 @@ async def cmd_rotate_key(args: argparse.Namespace, cfg: Config) -> None:
                     ) from exc
                 await store.set_credentials(tx, row["id"], vault.encrypt(plain, aad=aad), now)
                 rotated.append(row["name"])
+            secrets = await store.lock_secrets(tx)
+            rotated_secrets: list[str] = []
+            for row in secrets:
+                if vault.is_current(row["value"]):
+                    continue
+                aad = secret_aad(row["id"])
+                try:
+                    plain = vault.decrypt(row["value"], aad=aad)
+                except DripdError as exc:
+                    raise CredentialsError(
+                        f"secret {row['name']!r} (tenant {row['tenant_key'] or '-'}): {exc.message}"
+                    ) from exc
+                await store.set_secret(tx, row["id"], vault.encrypt(plain, aad=aad), now)
+                rotated_secrets.append(row["name"])
             await store.notify_adapters(tx)
-        return {"key_id": vault.key_id, "rotated": rotated, "adapters": len(rows)}
+        return {
+            "key_id": vault.key_id,
+            "rotated": rotated,
+            "adapters": len(rows),
+            "rotated_secrets": rotated_secrets,
+            "secrets": len(secrets),
+        }
 
     result = await _with_conn(args, cfg, run)
     _print(
         args,
         result,
         lambda r: (
-            f"{len(r['rotated'])} of {r['adapters']} adapters re-encrypted under key {r['key_id']}"
+            f"{len(r['rotated'])} of {r['adapters']} adapters and {len(r['rotated_secrets'])} "
+            f"of {r['secrets']} secrets re-encrypted under key {r['key_id']}"
         ),
     )
+
+
+async def cmd_hook_test(args: argparse.Namespace, cfg: Config) -> None:
+    from dripd.conditions.hooks import HookEnrollment, HookStep, NetPolicy, parse_hooks
+    from dripd.engine.hookset import HookSet
+
+    data = _json_arg(args.data, "--data")
+
+    async def run(conn: store.Connection) -> Any:
+        seq = await store.find_sequence(conn, args.tenant, args.sequence)
+        if seq is None or seq["version_id"] is None:
+            raise NotFound(
+                f"no active sequence {args.sequence!r} for tenant {args.tenant or '(global)'}"
+            )
+        specs = parse_hooks(dict(store.json_value(seq["hooks"])), where="hooks")
+        if args.hook not in specs:
+            declared = ", ".join(sorted(specs)) or "none"
+            raise ConfigError(
+                f"HOOK: {args.sequence!r} declares no hook {args.hook!r} (declared: {declared})"
+            )
+        hooks = HookSet(
+            pool=conn,
+            vault=Vault.from_env() if os.environ.get(ENV_VAR) else None,
+            policy=NetPolicy(
+                allow_http=cfg.hooks.allow_http, allowed_networks=cfg.allowed_networks
+            ),
+        )
+        context = {
+            **data,
+            "subscriber_id": args.subscriber,
+            "subscriber_type": args.type,
+            "tenant_key": args.tenant,
+            "sequence_key": args.sequence,
+        }
+        try:
+            runner = hooks.for_version(seq["version_id"], specs, args.tenant)
+            result = await runner.run(
+                args.hook,
+                context=context,
+                webhook_id=f"test.{uuid.uuid4()}",
+                enrollment=HookEnrollment(
+                    id="test",
+                    tenant_key=args.tenant,
+                    sequence_key=args.sequence,
+                    subscriber_type=args.type,
+                    subscriber_id=args.subscriber,
+                    data=data,
+                ),
+                step=HookStep(key="test", channel=None),
+            )
+        finally:
+            await hooks.aclose()
+        return {"hook": args.hook, "result": result}
+
+    out = await _with_conn(args, cfg, run)
+    _print(args, out, lambda r: msgspec.json.encode(r["result"]).decode())
+
+
+# --- secrets (for hooks) -------------------------------------------------------------------
+
+
+def _read_secret(source: str) -> str:
+    try:
+        text = sys.stdin.read() if source == "-" else Path(source).read_text()
+    except OSError as exc:
+        raise ConfigError(f"--from-file: cannot read {source}: {exc.strerror}") from exc
+    value = text.rstrip("\r\n")
+    if not value:
+        raise ConfigError("--from-file: the secret is empty")
+    return value
+
+
+async def _store_secret(args: argparse.Namespace, cfg: Config, value: str) -> dict[str, Any]:
+    vault = Vault.from_env()
+    secret_id = uuid.uuid4()
+
+    async def run(conn: store.Connection) -> Any:
+        async with store.transaction(conn) as tx:
+            existing = await store.secret_row(tx, args.tenant, args.name)
+            if existing is not None and existing["tenant_key"] == args.tenant:
+                row_id = existing["id"]  # a replaced value stays bound to its row
+            else:
+                row_id = secret_id
+            blob = vault.encrypt({"value": value}, aad=secret_aad(row_id))
+            return await store.upsert_secret(
+                tx, row_id, args.tenant, args.name, blob, datetime.now(UTC)
+            )
+
+    row = await _with_conn(args, cfg, run)
+    return {"name": args.name, "tenant_key": args.tenant, "created": row["created"]}
+
+
+async def cmd_secret_set(args: argparse.Namespace, cfg: Config) -> None:
+    result = await _store_secret(args, cfg, _read_secret(args.from_file))
+    _print(
+        args,
+        result,
+        lambda r: f"secret {r['name']} " + ("stored" if r["created"] else "replaced"),
+    )
+
+
+async def cmd_secret_generate(args: argparse.Namespace, cfg: Config) -> None:
+    value = "whsec_" + base64.b64encode(os.urandom(32)).decode("ascii")
+    result = await _store_secret(args, cfg, value)
+    # Shown once, to configure the receiver; dripd keeps only the encrypted copy.
+    _print(args, {**result, "value": value}, lambda r: r["value"])
+
+
+async def cmd_secret_list(args: argparse.Namespace, cfg: Config) -> None:
+    rows = await _with_conn(
+        args, cfg, lambda c: store.list_secrets(c, args.tenant, every=args.all_tenants)
+    )
+    result = [
+        {
+            "tenant_key": r["tenant_key"],
+            "name": r["name"],
+            "created_at": r["created_at"].isoformat(),
+            "updated_at": r["updated_at"].isoformat(),
+        }
+        for r in rows
+    ]
+    _print(
+        args,
+        result,
+        lambda rs: "\n".join(f"{r['tenant_key'] or '-'}\t{r['name']}" for r in rs) or "no secrets",
+    )
+
+
+async def cmd_secret_delete(args: argparse.Namespace, cfg: Config) -> None:
+    deleted = await _with_conn(args, cfg, lambda c: store.delete_secret(c, args.tenant, args.name))
+    if not deleted:
+        raise NotFound(f"no secret {args.name!r} for tenant {args.tenant or '(global)'}")
+    _print(args, {"name": args.name, "deleted": True}, lambda r: f"secret {r['name']} deleted")
 
 
 async def cmd_keygen(args: argparse.Namespace, cfg: Config) -> None:
@@ -553,10 +716,47 @@ def _parser() -> argparse.ArgumentParser:
     adis.set_defaults(handler=cmd_adapter_disable)
     adis.add_argument("name", metavar="NAME")
 
+    se = sub.add_parser("secret", help="secrets for hooks: set, generate, list, delete")
+    se_sub = se.add_subparsers(dest="secret_cmd", required=True, metavar="ACTION")
+    ss = se_sub.add_parser("set", parents=[db, tenant], help="store a secret (encrypted)")
+    ss.set_defaults(handler=cmd_secret_set)
+    ss.add_argument("name", metavar="NAME")
+    ss.add_argument(
+        "--from-file",
+        metavar="PATH|-",
+        default="-",
+        help="read the value from a file, or - for stdin (default); never from the command line",
+    )
+    sg = se_sub.add_parser(
+        "generate",
+        parents=[db, tenant],
+        help="create a Standard Webhooks signing secret (whsec_…) and print it once",
+    )
+    sg.set_defaults(handler=cmd_secret_generate)
+    sg.add_argument("name", metavar="NAME")
+    sl = se_sub.add_parser("list", parents=[db, tenant], help="list secret names")
+    sl.set_defaults(handler=cmd_secret_list)
+    sl.add_argument("--all-tenants", action="store_true")
+    sd = se_sub.add_parser("delete", parents=[db, tenant], help="delete a secret")
+    sd.set_defaults(handler=cmd_secret_delete)
+    sd.add_argument("name", metavar="NAME")
+
+    hk = sub.add_parser("hook", help="hooks: test")
+    hk_sub = hk.add_subparsers(dest="hook_cmd", required=True, metavar="ACTION")
+    ht = hk_sub.add_parser(
+        "test", parents=[db, tenant], help="run one hook of a sequence and print its result"
+    )
+    ht.set_defaults(handler=cmd_hook_test)
+    ht.add_argument("sequence", metavar="SEQUENCE")
+    ht.add_argument("hook", metavar="HOOK")
+    ht.add_argument("--data", help="subscriber data as a JSON object")
+    ht.add_argument("--subscriber", default="hook-test", help="subscriber id (default hook-test)")
+    ht.add_argument("--type", default="user", help="subscriber type (default user)")
+
     add(
         "rotate-key",
         cmd_rotate_key,
-        f"re-encrypt all adapter credentials under "
+        f"re-encrypt all adapter credentials and secrets under "
         f"{ENV_VAR} (the old key in DRIPD_ENCRYPTION_KEYS_RETIRED)",
         [db],
     )

@@ -6,13 +6,16 @@ import os
 import re
 import tomllib
 from datetime import timedelta
+from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
 from typing import Any, Literal
+from zoneinfo import ZoneInfo
 
 import msgspec
 
 from dripd.errors import ConfigError
 from dripd.model import parse_duration
+from dripd.timing import zone
 
 DEFAULT_PATH = Path("/etc/dripd/dripd.toml")
 
@@ -62,6 +65,15 @@ class Email(_Section):
     message_id_domain: str = "dripd.local"
 
 
+class Recipients(_Section):
+    default_timezone: str = "UTC"
+
+
+class Hooks(_Section):
+    allow_http: bool = False
+    allowed_networks: list[str] = msgspec.field(default_factory=list)
+
+
 class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     database: Database = msgspec.field(default_factory=Database)
     worker: Worker = msgspec.field(default_factory=Worker)
@@ -69,6 +81,8 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     http: Http = msgspec.field(default_factory=Http)
     log: Log = msgspec.field(default_factory=Log)
     email: Email = msgspec.field(default_factory=Email)
+    recipients: Recipients = msgspec.field(default_factory=Recipients)
+    hooks: Hooks = msgspec.field(default_factory=Hooks)
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -111,6 +125,14 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         return self.database._duration("connect_timeout")
 
     @property
+    def default_timezone(self) -> ZoneInfo:
+        return ZoneInfo(self.recipients.default_timezone)
+
+    @property
+    def allowed_networks(self) -> tuple[IPv4Network | IPv6Network, ...]:
+        return tuple(ip_network(n, strict=False) for n in self.hooks.allowed_networks)
+
+    @property
     def http_host_port(self) -> tuple[str, int]:
         return parse_listen(self.http.listen, where="http.listen")
 
@@ -150,6 +172,15 @@ def _validate(cfg: Config) -> None:
         parse_listen(cfg.http.listen, where="http.listen")
     if not re.fullmatch(r"[A-Za-z0-9.-]+", cfg.email.message_id_domain):
         raise ConfigError("email.message_id_domain: must be a host name")
+    zone(cfg.recipients.default_timezone, where="recipients.default_timezone")
+    for n, network in enumerate(cfg.hooks.allowed_networks):
+        try:
+            ip_network(network, strict=False)
+        except ValueError as exc:
+            raise ConfigError(
+                f"hooks.allowed_networks[{n}]: {network!r} is not a network like "
+                '"10.0.0.0/8" or "fd00::/8"'
+            ) from exc
 
 
 def parse_listen(text: str, *, where: str) -> tuple[str, int]:

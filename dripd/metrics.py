@@ -8,7 +8,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from dripd import __version__
 from dripd.model import Verdict
 
-OUTCOMES = ("sent", "skipped", "deferred", "retried", "failed")
+OUTCOMES = ("sent", "skipped", "deferred", "retried", "failed", "done")
 
 OUTCOME_OF_VERDICT: dict[Verdict, str] = {
     Verdict.SENT: "sent",
@@ -16,6 +16,7 @@ OUTCOME_OF_VERDICT: dict[Verdict, str] = {
     Verdict.DEFERRED: "deferred",
     Verdict.RETRY: "retried",
     Verdict.FAILED: "failed",
+    Verdict.DONE: "done",
 }
 
 # Label value for an outcome that never reached a channel or provider.
@@ -46,7 +47,7 @@ class Metrics:
         )
         self.executions = Counter(
             "dripd_executions_total",
-            "Claimed executions by outcome (sent, skipped, deferred, retried, failed).",
+            "Claimed executions by outcome (sent, skipped, deferred, retried, failed, done).",
             ["outcome", "channel", "provider"],
             registry=r,
         )
@@ -94,6 +95,25 @@ class Metrics:
         self.condition_errors = Counter(
             "dripd_condition_errors_total",
             "Conditions that could not be evaluated and failed closed (counted false).",
+            registry=r,
+        )
+        self.hook_calls = Counter(
+            "dripd_hook_calls_total",
+            "Hook calls by kind (http, python) and result (ok, error).",
+            ["kind", "result"],
+            registry=r,
+        )
+        self.hook_duration = Histogram(
+            "dripd_hook_duration_seconds",
+            "Time of one hook call, retries included.",
+            ["kind"],
+            buckets=_SEND_BUCKETS,
+            registry=r,
+        )
+        self.waits_released = Counter(
+            "dripd_waits_total",
+            "Waiting steps that ended, by how (event, timeout).",
+            ["how"],
             registry=r,
         )
         self.info = Gauge("dripd_info", "Build information; always 1.", ["version"], registry=r)

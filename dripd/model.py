@@ -10,6 +10,7 @@ from enum import StrEnum
 from typing import Any
 
 from dripd.errors import ConfigError
+from dripd.timing import Timing
 
 # Channels, and the subscriber data key each takes its recipient from when a step has no `to`.
 CHANNELS = frozenset({"email", "sms", "whatsapp", "chat", "webhook"})
@@ -32,6 +33,7 @@ class ExecutionStatus(StrEnum):
     SKIPPED = "skipped"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    DONE = "done"
 
 
 class MessageEventType(StrEnum):
@@ -63,6 +65,7 @@ class Verdict(StrEnum):
     DEFERRED = "deferred"
     RETRY = "retry"
     FAILED = "failed"
+    DONE = "done"  # a step that sends nothing (a wait) finished
 
 
 _DURATION = re.compile(r"^\s*(\d+)\s*(ms|s|m|h|d|w)\s*$")
@@ -106,6 +109,11 @@ class Step:
     adapter: str | None
     on_failure: OnFailure
     max_attempts: int | None
+    timing: Timing = field(default_factory=Timing)
+    wait_event: str | None = None
+    wait_timeout: timedelta | None = None
+    on_timeout: str | None = None  # a step key, "complete", or None: the next step
+    when: str | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -121,6 +129,15 @@ class Adapter:
     credentials: dict[str, Any] = field(repr=False)
     is_default: bool
     enabled: bool
+
+
+@dataclass(slots=True)
+class Facts:
+    """What an execution's conditions and templates read beyond its row, gathered while it
+    runs: the subscriber's event statistics and the results of hooks."""
+
+    events: dict[str, dict[str, Any]] = field(default_factory=dict)
+    hooks: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -140,6 +157,9 @@ class ClaimedExecution:
     subscriber_type: str
     subscriber_id: str
     data: dict[str, Any]
+    timezone: str | None = None
+    event: dict[str, Any] | None = None  # the event that released a wait: key, data, occurred_at
+    facts: Facts = field(default_factory=Facts)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

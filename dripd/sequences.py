@@ -5,17 +5,18 @@ from __future__ import annotations
 import hashlib
 import re
 import tomllib
-import zoneinfo
 from pathlib import Path
 from typing import Any, Literal
 
 import msgspec
 
-from dripd.conditions.expr import ExprSyntaxError, parse
+from dripd.conditions.expr import Expr, ExprSyntaxError, parse
+from dripd.conditions.hooks import parse_hooks
 from dripd.content.liquid import TemplateError, compile_template
 from dripd.db.store import StepRow, TransitionRow, VersionRow
 from dripd.errors import ConfigError, SequenceFileError
 from dripd.model import CHANNELS, DEFAULT_RECIPIENT, parse_duration
+from dripd.timing import check_cron, parse_at, zone
 
 _CONTENT = {
     "email": ({"subject", "text", "html"}, "subject and text or html"),
@@ -25,7 +26,10 @@ _CONTENT = {
     "webhook": ({"body"}, "body"),
 }
 _KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-CONDITION_ROOTS = frozenset({"data", "subscriber_id", "subscriber_type", "tenant_key"})
+CONDITION_ROOTS = frozenset(
+    {"data", "event", "events", "now", "hooks", "subscriber_id", "subscriber_type", "tenant_key"}
+)
+_EVENT_STATS = frozenset({"count", "last_at"})
 
 
 class _Strict(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -41,12 +45,24 @@ class SequenceHeader(_Strict):
     reenroll: Literal["never", "after_exit", "always"] = "never"
     entry_events: list[str] = msgspec.field(default_factory=list)
     exit_events: list[str] = msgspec.field(default_factory=list)
+    on_no_match: Literal["complete", "fail"] = "complete"
+
+
+class WaitFor(_Strict):
+    event: str
+    timeout: str
+    on_timeout: str | None = None
 
 
 class StepSpec(_Strict):
     key: str
     channel: str | None = None
     after: str = "0s"
+    at: str | None = None
+    cron: str | None = None
+    timezone: str | None = None
+    wait_for: WaitFor | None = None
+    when: str | None = None
     subject: str | None = None
     text: str | None = None
     html: str | None = None
@@ -68,6 +84,7 @@ class SequenceFile(_Strict):
     sequence: SequenceHeader
     steps: list[StepSpec] = msgspec.field(default_factory=list)
     transitions: list[TransitionSpec] = msgspec.field(default_factory=list)
+    hooks: dict[str, Any] = msgspec.field(default_factory=dict)
 
 
 def load_file(path: Path) -> VersionRow:
@@ -137,21 +154,53 @@ def _validate(spec: SequenceFile, source: str) -> VersionRow:
     if head.mode == "outbound":
         raise fail('key \'sequence.mode\': "outbound" is not supported yet; use "lifecycle"')
     for name in ("entry_events", "exit_events"):
-        if getattr(head, name):
-            raise fail(f"key 'sequence.{name}': event triggers are not supported yet")
+        keys = getattr(head, name)
+        if any(not k.strip() for k in keys):
+            raise fail(f"key 'sequence.{name}': event keys must not be empty")
+        if len(set(keys)) != len(keys):
+            raise fail(f"key 'sequence.{name}': lists an event twice")
+    both = sorted(set(head.entry_events) & set(head.exit_events))
+    if both:
+        raise fail(
+            f"key 'sequence.exit_events': {both[0]!r} is also an entry event; an event "
+            "cannot both start and end an enrollment"
+        )
+    try:
+        hooks = parse_hooks(spec.hooks, where="hooks")
+    except ConfigError as exc:
+        raise fail(exc.message) from exc
     if not spec.steps:
         raise fail("a sequence needs at least one [[steps]]")
 
     seen: set[str] = set()
-    steps: list[StepRow] = []
-    for position, step in enumerate(spec.steps):
+    for step in spec.steps:
         label = f"step {step.key!r}"
         if not _KEY.match(step.key):
             raise fail(f"{label}: key 'key': must be letters, digits, '_', '.' or '-'")
         if step.key in seen:
             raise fail(f"{label}: key 'key': duplicate step key")
         seen.add(step.key)
-        steps.append(_step(step, position, lambda m, lbl=label: fail(f"{lbl}: {m}")))
+    waits = {s.key for s in spec.steps if s.wait_for is not None}
+
+    def condition(text: str, where: str, *, event: bool) -> None:
+        try:
+            expr = parse(text, roots=CONDITION_ROOTS)
+        except ExprSyntaxError as exc:
+            raise fail(f"{where}: key 'when': {exc.message}") from exc
+        problem = _names_problem(expr, set(hooks), event=event)
+        if problem:
+            raise fail(f"{where}: key 'when': {problem}")
+
+    steps: list[StepRow] = []
+    for position, step in enumerate(spec.steps):
+        label = f"step {step.key!r}"
+
+        def step_fail(message: str, label: str = label) -> SequenceFileError:
+            return fail(f"{label}: {message}")
+
+        steps.append(_step(step, position, step_fail, seen, set(hooks)))
+        if step.when is not None:
+            condition(step.when, label, event=False)
 
     transitions: list[TransitionRow] = []
     for n, t in enumerate(spec.transitions, start=1):
@@ -161,13 +210,15 @@ def _validate(spec: SequenceFile, source: str) -> VersionRow:
         if t.to is not None and t.to not in seen:
             raise fail(f"{label}: key 'to': no step {t.to!r} in this sequence")
         if t.when is not None:
-            try:
-                parse(t.when, roots=CONDITION_ROOTS)
-            except ExprSyntaxError as exc:
-                raise fail(f"{label}: key 'when': {exc.message}") from exc
+            condition(t.when, label, event=t.from_ in waits)
         transitions.append(
-            TransitionRow(from_key=t.from_, to_key=t.to, priority=t.priority, when=t.when)
+            TransitionRow(
+                from_key=t.from_, to_key=t.to, priority=t.priority, when=t.when, position=n
+            )
         )
+    problem = _graph_problem(spec)
+    if problem:
+        raise fail(problem)
 
     source_doc = msgspec.to_builtins(spec)
     digest = hashlib.sha256(msgspec.json.encode(source_doc, order="sorted")).hexdigest()
@@ -180,6 +231,8 @@ def _validate(spec: SequenceFile, source: str) -> VersionRow:
         reenroll=head.reenroll,
         entry_events=head.entry_events,
         exit_events=head.exit_events,
+        on_no_match=head.on_no_match,
+        hooks=spec.hooks,
         content_hash=digest,
         source=source_doc,
         steps=steps,
@@ -187,42 +240,128 @@ def _validate(spec: SequenceFile, source: str) -> VersionRow:
     )
 
 
+def _names_problem(expr: Expr, hooks: set[str], *, event: bool) -> str | None:
+    """Names a condition may not use: undeclared hooks, malformed event statistics, and
+    `event` outside the transitions of a wait (where it would always be null)."""
+    for name in sorted(expr.names):
+        path = name.split(".")
+        root, rest = path[0], path[1:]
+        if root == "hooks" and (not rest or rest[0] not in hooks):
+            declared = ", ".join(sorted(hooks)) or "none"
+            return f"'{'.'.join(path)}' names no declared hook (declared: {declared})"
+        if root == "events" and (len(rest) != 2 or rest[1] not in _EVENT_STATS):
+            return f"'{'.'.join(path)}': use events.<event key>.count or events.<event key>.last_at"
+        if root == "event" and not event:
+            return f"'{'.'.join(path)}': `event` is set only in transitions from a wait_for step"
+    return None
+
+
+def _graph_problem(spec: SequenceFile) -> str | None:
+    """Every step reachable from the first, and every reachable step able to complete."""
+    keys = [s.key for s in spec.steps]
+    after = {k: (keys[i + 1] if i + 1 < len(keys) else None) for i, k in enumerate(keys)}
+    outgoing: dict[str, list[TransitionSpec]] = {}
+    for t in spec.transitions:
+        outgoing.setdefault(t.from_, []).append(t)
+    complete_on_no_match = spec.sequence.on_no_match == "complete"
+    edges: dict[str, set[str | None]] = {}  # None: the enrollment completes
+    for step in spec.steps:
+        out: set[str | None] = set()
+        ts = outgoing.get(step.key)
+        if ts:
+            out.update(t.to for t in ts)
+            if complete_on_no_match and all(t.when is not None for t in ts):
+                out.add(None)
+        else:
+            out.add(after[step.key])
+        if step.wait_for is not None:
+            on_timeout = step.wait_for.on_timeout
+            out.add(None if on_timeout == "complete" else on_timeout or after[step.key])
+        edges[step.key] = out
+    reached: set[str] = set()
+    todo = [keys[0]]
+    while todo:
+        key = todo.pop()
+        if key in reached:
+            continue
+        reached.add(key)
+        todo.extend(k for k in edges[key] if k is not None)
+    for key in keys:
+        if key not in reached:
+            return (
+                f"step {key!r}: unreachable: no transition leads to it and the step before "
+                "it has transitions of its own"
+            )
+    can_complete = {k for k in keys if None in edges[k]}
+    grew = True
+    while grew:
+        grew = False
+        for key in keys:
+            if key not in can_complete and edges[key] & can_complete:
+                can_complete.add(key)
+                grew = True
+    for key in keys:
+        if key not in can_complete:
+            return (
+                f"step {key!r}: no path to completion: every way out of it loops back; add a "
+                "transition without `to`, or a condition (no match completes the enrollment)"
+            )
+    return None
+
+
 def _timezone(name: str, fail: Any, where: str) -> None:
     try:
-        zoneinfo.ZoneInfo(name)
-    except (zoneinfo.ZoneInfoNotFoundError, ValueError) as exc:
-        raise fail(f"{where}: {name!r} is not a known IANA timezone") from exc
-
-
-def _step(step: StepSpec, position: int, fail: Any) -> StepRow:
-    if step.channel is None:
-        raise fail("key 'channel': required (waiting steps are not supported yet)")
-    if step.channel not in CHANNELS:
-        raise fail(f"key 'channel': {step.channel!r} is not one of {', '.join(sorted(CHANNELS))}")
-    try:
-        delay = parse_duration(step.after, where="key 'after'")
+        zone(name, where=where)
     except ConfigError as exc:
         raise fail(exc.message) from exc
-    allowed, needs = _CONTENT[step.channel]
-    template: dict[str, str] = {}
-    for name in ("subject", "text", "html", "body", "to"):
-        value = getattr(step, name)
-        if value is None:
-            continue
-        if name != "to" and name not in allowed:
-            raise fail(f"key {name!r}: not used by channel {step.channel!r} (it takes {needs})")
+
+
+def _step(step: StepSpec, position: int, fail: Any, steps: set[str], hooks: set[str]) -> StepRow:
+    try:
+        delay = parse_duration(step.after, where="key 'after'")
+        at_time = parse_at(step.at, where="key 'at'") if step.at is not None else None
+        cron = check_cron(step.cron, where="key 'cron'") if step.cron is not None else None
+    except ConfigError as exc:
+        raise fail(exc.message) from exc
+    if at_time is not None and cron is not None:
+        raise fail("keys 'at' and 'cron': use one or the other")
+    if step.timezone is not None:
+        _timezone(step.timezone, fail, "key 'timezone'")
+        if at_time is None and cron is None:
+            raise fail("key 'timezone': only used with 'at' or 'cron'")
+    wait_event = wait_timeout = on_timeout = None
+    if step.wait_for is not None:
+        wait = step.wait_for
+        if step.channel is not None:
+            raise fail("key 'wait_for': a waiting step sends nothing; leave out 'channel'")
+        if step.after != "0s" or at_time is not None or cron is not None:
+            raise fail("key 'wait_for': a waiting step starts at once; leave out after/at/cron")
+        if step.when is not None:
+            raise fail(
+                "key 'when': a waiting step cannot be skipped; put the condition on the "
+                "transition into it"
+            )
+        if not wait.event.strip():
+            raise fail("key 'wait_for.event': must not be empty")
         try:
-            compile_template(value, field=name)
-        except TemplateError as exc:
-            raise fail(f"key {name!r}: {exc}") from exc
-        template[name] = value
-    if step.channel == "email":
-        if "subject" not in template or not ({"text", "html"} & template.keys()):
-            raise fail("an email step needs 'subject' and 'text' or 'html'")
-    elif "body" not in template:
-        raise fail(f"key 'body': required for channel {step.channel!r}")
-    if step.channel not in DEFAULT_RECIPIENT and "to" not in template:
-        raise fail(f"key 'to': required for channel {step.channel!r} (no default recipient)")
+            wait_timeout = parse_duration(wait.timeout, where="key 'wait_for.timeout'")
+        except ConfigError as exc:
+            raise fail(exc.message) from exc
+        if wait_timeout.total_seconds() <= 0:
+            raise fail("key 'wait_for.timeout': must be longer than 0s")
+        if wait.on_timeout not in (None, "complete", *steps):
+            raise fail(
+                f"key 'wait_for.on_timeout': no step {wait.on_timeout!r} in this sequence "
+                '(or "complete")'
+            )
+        wait_event, on_timeout = wait.event, wait.on_timeout
+    template: dict[str, str] = {}
+    if step.channel is None:
+        for name in ("subject", "text", "html", "body", "to", "adapter"):
+            if getattr(step, name) is not None:
+                raise fail(f"key {name!r}: a step without a channel sends nothing")
+    else:
+        template = _content(step, fail, hooks)
     if step.max_attempts is not None and step.max_attempts <= 0:
         raise fail("key 'max_attempts': must be a positive integer")
     return StepRow(
@@ -234,4 +373,42 @@ def _step(step: StepSpec, position: int, fail: Any) -> StepRow:
         adapter=step.adapter,
         on_failure=step.on_failure,
         max_attempts=step.max_attempts,
+        at_time=at_time,
+        cron=cron,
+        timezone=step.timezone,
+        wait_event=wait_event,
+        wait_timeout=wait_timeout,
+        on_timeout=on_timeout,
+        when=step.when,
     )
+
+
+def _content(step: StepSpec, fail: Any, hooks: set[str]) -> dict[str, str]:
+    channel = step.channel
+    assert channel is not None
+    if channel not in CHANNELS:
+        raise fail(f"key 'channel': {channel!r} is not one of {', '.join(sorted(CHANNELS))}")
+    allowed, needs = _CONTENT[channel]
+    template: dict[str, str] = {}
+    for name in ("subject", "text", "html", "body", "to"):
+        value = getattr(step, name)
+        if value is None:
+            continue
+        if name != "to" and name not in allowed:
+            raise fail(f"key {name!r}: not used by channel {channel!r} (it takes {needs})")
+        try:
+            compiled = compile_template(value, field=name)
+        except TemplateError as exc:
+            raise fail(f"key {name!r}: {exc}") from exc
+        unknown = compiled.hooks() - hooks - {"*"}
+        if unknown:
+            raise fail(f"key {name!r}: 'hooks.{min(unknown)}' names no declared hook")
+        template[name] = value
+    if channel == "email":
+        if "subject" not in template or not ({"text", "html"} & template.keys()):
+            raise fail("an email step needs 'subject' and 'text' or 'html'")
+    elif "body" not in template:
+        raise fail(f"key 'body': required for channel {channel!r}")
+    if channel not in DEFAULT_RECIPIENT and "to" not in template:
+        raise fail(f"key 'to': required for channel {channel!r} (no default recipient)")
+    return template

@@ -200,15 +200,18 @@ async def running_daemon(
     *,
     clock: Any = None,
     env: dict[str, str] | None = None,
+    sections: dict[str, Any] | None = None,
     **worker: Any,
 ) -> AsyncIterator[Daemon]:
-    """`dripd run` in this event loop (no signal handlers), stopped and awaited on exit."""
+    """`dripd run` in this event loop (no signal handlers), stopped and awaited on exit.
+    `sections` adds config sections (e.g. hooks); `worker` sets worker keys."""
     cfg = from_dict(
         {
             "database": {"dsn": dsn, "pool_min": 1, "pool_max": 4},
             "control": {"socket": str(tmp_path / "control.sock")},
             "http": {"enabled": False},
             "worker": {"poll_interval": "1h", **worker},
+            **(sections or {}),
         }
     )
     daemon = Daemon(cfg, clock=clock, env=env or {})

@@ -73,6 +73,86 @@ from dripd.sequences import load_file, load_text
             "key 'sequence.key': required key is missing",
         ),
         ("not toml at all [", "not valid TOML"),
+        # Flow: timing, waits, conditions, hooks, events and the shape of the graph.
+        (
+            "[sequence]\nkey='x'\n[[steps]]\nkey='a'\nchannel='sms'\nbody='b'\nat='25:00'\n",
+            "step 'a': key 'at':",
+        ),
+        (
+            "[sequence]\nkey='x'\n[[steps]]\nkey='a'\nchannel='sms'\nbody='b'\ncron='61 * * * *'\n",
+            "step 'a': key 'cron':",
+        ),
+        (
+            "[sequence]\nkey='x'\n[[steps]]\nkey='a'\nchannel='sms'\nbody='b'\n"
+            "cron='0 9 * * *'\nat='09:00'\n",
+            "step 'a': keys 'at' and 'cron': use one or the other",
+        ),
+        (
+            "[sequence]\nkey='x'\n[[steps]]\nkey='a'\nchannel='sms'\nbody='b'\n"
+            "timezone='Europe/Berlin'\n",
+            "step 'a': key 'timezone': only used with 'at' or 'cron'",
+        ),
+        (
+            "[sequence]\nkey='x'\n[[steps]]\nkey='w'\nchannel='sms'\nbody='b'\n"
+            "wait_for={event='go', timeout='1d'}\n",
+            "step 'w': key 'wait_for': a waiting step sends nothing",
+        ),
+        (
+            "[sequence]\nkey='x'\n[[steps]]\nkey='w'\nwait_for={event='go', timeout='1d', "
+            "on_timeout='nope'}\n",
+            "step 'w': key 'wait_for.on_timeout': no step 'nope'",
+        ),
+        (
+            "[sequence]\nkey='x'\n[[steps]]\nkey='w'\nwait_for={event='go'}\n",
+            "step 'w': key 'wait_for.timeout': required key is missing",
+        ),
+        (
+            "[sequence]\nkey='x'\n[[steps]]\nkey='a'\nchannel='sms'\nbody='b'\n"
+            "when=\"event.key == 'x'\"\n",
+            "step 'a': key 'when': 'event.key': `event` is set only in transitions from a wait_for",
+        ),
+        (
+            "[sequence]\nkey='x'\n[[steps]]\nkey='a'\nchannel='sms'\nbody='b'\n"
+            "when='events.opened.total > 1'\n",
+            "step 'a': key 'when': 'events.opened.total': use events.<event key>.count",
+        ),
+        (
+            "[sequence]\nkey='x'\n[[steps]]\nkey='a'\nchannel='sms'\nbody='b'\n"
+            "when='hooks.score > 1'\n",
+            "step 'a': key 'when': 'hooks.score' names no declared hook (declared: none)",
+        ),
+        (
+            "[sequence]\nkey='x'\n[[steps]]\nkey='a'\nchannel='sms'\nbody='{{ hooks.crm }}'\n",
+            "step 'a': key 'body': 'hooks.crm' names no declared hook",
+        ),
+        (
+            "[sequence]\nkey='x'\nentry_events=['go']\nexit_events=['go']\n"
+            "[[steps]]\nkey='a'\nchannel='sms'\nbody='b'\n",
+            "key 'sequence.exit_events': 'go' is also an entry event",
+        ),
+        (
+            "[sequence]\nkey='x'\n[[steps]]\nkey='a'\nchannel='sms'\nbody='b'\n"
+            "[[steps]]\nkey='b'\nchannel='sms'\nbody='b'\n"
+            "[[steps]]\nkey='c'\nchannel='sms'\nbody='c'\n"
+            "[[transitions]]\nfrom='a'\nto='c'\n",
+            "step 'b': unreachable",
+        ),
+        (
+            "[sequence]\nkey='x'\n[[steps]]\nkey='a'\nchannel='sms'\nbody='b'\n"
+            "[[steps]]\nkey='b'\nchannel='sms'\nbody='b'\n"
+            "[[transitions]]\nfrom='a'\nto='b'\n[[transitions]]\nfrom='b'\nto='a'\n",
+            "step 'a': no path to completion",
+        ),
+        (
+            "[sequence]\nkey='x'\non_no_match='fail'\n[[steps]]\nkey='a'\nchannel='sms'\n"
+            "body='b'\n[[transitions]]\nfrom='a'\nto='a'\nwhen='data.again == true'\n",
+            "step 'a': no path to completion",
+        ),
+        (
+            "[sequence]\nkey='x'\n[[steps]]\nkey='a'\nchannel='sms'\nbody='b'\n"
+            "[hooks.crm]\nurl='https://crm.example.com/'\n",
+            "hooks.crm",
+        ),
     ],
 )
 def test_every_error_names_file_step_and_key(text: str, message: str) -> None:

@@ -118,9 +118,10 @@ def test_migrate_check_schema_and_uninstall(
 ) -> None:
     code, out, _ = run(capsys, "check-schema", "--dsn", server_dsn, "--json")
     assert code == 1
-    assert json.loads(out)["pending"] == ["0001_init.sql"]
+    every = ["0001_init.sql", "0002_flow.sql"]
+    assert json.loads(out)["pending"] == every
     code, out, _ = run(capsys, "migrate", "--dsn", server_dsn, "--json")
-    assert (code, json.loads(out)) == (0, {"applied": ["0001_init.sql"]})
+    assert (code, json.loads(out)) == (0, {"applied": every})
     code, out, _ = run(capsys, "check-schema", "--dsn", server_dsn)
     assert code == 0
     assert "current" in out

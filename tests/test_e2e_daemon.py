@@ -64,6 +64,7 @@ class DaemonProc:
     log: Path
     socket: str
     http_port: int | None = None
+    env: dict[str, str] = field(default_factory=dict)
     proc: asyncio.subprocess.Process | None = None
     starts: int = 0
     _stderr: IO[bytes] | None = field(default=None, repr=False)
@@ -78,7 +79,7 @@ class DaemonProc:
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "dripd.cli", "run", "--config", str(self.config),
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-            stderr=self._stderr, env=_daemon_env(),
+            stderr=self._stderr, env={**_daemon_env(), **self.env},
         )  # fmt: skip
         if ready:
             await self.wait_ready()
@@ -758,3 +759,141 @@ async def test_every_database_connection_killed_mid_run_loses_nothing(
     print(f"\nkilled every connection {kills} times: {duplicates(sink)} duplicate(s)")
     d.signal(signal.SIGTERM)
     assert await d.wait(20) == 0, d.tail()
+
+
+# --- flow: entry and exit events, a wait released or timed out, a signed HTTP hook ---------
+
+FLOW = """
+[sequence]
+key = "trial"
+entry_events = ["signed_up"]
+exit_events = ["purchased"]
+
+[hooks.crm]
+url = "http://127.0.0.1:{port}/tier/{{{{ subscriber_id }}}}"
+auth = {{ type = "bearer", secret = "crm_token" }}
+signing_secret = "crm_signing"
+timeout = "2s"
+
+[[steps]]
+key = "hello"
+channel = "email"
+subject = "Welcome, {{{{ hooks.crm.tier }}}} member"
+text = "Hi"
+
+[[steps]]
+key = "wait_activation"
+wait_for = {{ event = "activated", timeout = "2s", on_timeout = "reminder" }}
+
+[[steps]]
+key = "congrats"
+channel = "email"
+subject = "Activated"
+text = "Well done"
+
+[[steps]]
+key = "reminder"
+channel = "email"
+subject = "Need a hand?"
+text = "Hi"
+
+[[transitions]]
+from = "congrats"
+"""
+
+
+async def cli(*argv: str, env: dict[str, str], stdin: bytes | None = None) -> dict[str, Any]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "dripd.cli", *argv, "--json",
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE, env={**_daemon_env(), **env},
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(stdin), 30)
+    assert proc.returncode == 0, f"dripd {argv}: {proc.returncode} {err.decode()}"
+    result: dict[str, Any] = json.loads(out)
+    return result
+
+
+async def subjects(sink: SmtpSink, to: str) -> list[str]:
+    return [str(m["Subject"]) for m in sink.messages if m["To"] == to]
+
+
+@pytest.mark.timeout(120)
+async def test_flow_end_to_end_through_dripd_run(
+    dsn: str, pool: asyncpg.Pool, sink: GatedSink, launch: Launch, tmp_path: Path
+) -> None:
+    from standardwebhooks import Webhook
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse, Response
+    from starlette.routing import Route
+
+    from dripd.channels.credentials import generate_key
+    from dripd.http.app import HttpServer
+
+    env = {"DRIPD_ENCRYPTION_KEY": generate_key(), "DRIPD_DSN": dsn}
+    signing = (await cli("secret", "generate", "crm_signing", env=env))["value"]
+    await cli("secret", "set", "crm_token", env=env, stdin=b"tok-123\n")
+    calls: list[str] = []
+
+    async def tier(request: Request) -> Response:
+        body = await request.body()
+        Webhook(signing).verify(body, dict(request.headers), json_parse=False)  # raises: 500
+        if request.headers.get("authorization") != "Bearer tok-123":
+            return JSONResponse({"error": "unauthorized"}, status_code=401)
+        calls.append(request.path_params["who"])
+        return JSONResponse({"tier": "gold"})
+
+    server = HttpServer(Starlette(routes=[Route("/tier/{who}", tier)]), graceful_timeout=1.0)
+    await server.start("127.0.0.1", 0)
+    try:
+        flow = tmp_path / "trial.toml"
+        flow.write_text(FLOW.format(port=server.port))
+        await cli("apply", str(flow), env=env)
+        await add_adapter(
+            pool, name="smtp", channel="email", provider="smtp", config=smtp_config(sink.port)
+        )
+        tested = await cli("hook", "test", "trial", "crm", "--subscriber", "probe", env=env)
+        assert tested == {"hook": "crm", "result": {"tier": "gold"}}
+
+        d = launch("d")
+        d.env = env
+        with d.config.open("a") as f:
+            f.write('\n[hooks]\nallow_http = true\nallowed_networks = ["127.0.0.1/32"]\n')
+        await d.start()
+        for who in ("ann", "bob", "cid"):
+            data = json.dumps({"email": f"{who}@example.com"})
+            done = await cli("event", who, "signed_up", "--data", data, env=env)
+            assert len(done["enrolled"]) == 1, done
+        await wait_for(lambda: sink.count() == 3, timeout=20)
+        assert await subjects(sink, "ann@example.com") == ["Welcome, gold member"]
+        assert sorted(calls) == ["ann", "bob", "cid", "probe"]
+
+        activated = await cli("event", "ann", "activated", "--id", "act-1", env=env)
+        assert len(activated["released"]) == 1, activated
+        again = await cli("event", "ann", "activated", "--id", "act-1", env=env)
+        assert again["created"] is False
+        goal = await cli("event", "cid", "purchased", env=env)
+        assert len(goal["exited"]) == 1, goal
+
+        # bob never activates: after the 2s timeout he gets the reminder.
+        await wait_for(lambda: sink.count() == 5, timeout=20)
+        assert await subjects(sink, "ann@example.com") == ["Welcome, gold member", "Activated"]
+        assert await subjects(sink, "bob@example.com") == ["Welcome, gold member", "Need a hand?"]
+        assert await subjects(sink, "cid@example.com") == ["Welcome, gold member"]
+        rows = await pool.fetch(
+            "SELECT subscriber_id, status, status_reason FROM dripd.enrollments "
+            "ORDER BY subscriber_id"
+        )
+        assert [(r["subscriber_id"], r["status"], r["status_reason"]) for r in rows] == [
+            ("ann", "completed", "completed"),
+            ("bob", "completed", "completed"),
+            ("cid", "exited", "exit_event:purchased"),
+        ]
+        d.signal(signal.SIGTERM)
+        assert await d.wait(30) == 0
+        log = d.log.read_text()
+        assert "tok-123" not in log
+        assert signing not in log
+    finally:
+        await server.stop()

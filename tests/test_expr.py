@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator, Mapping
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 from hypothesis import given, settings
@@ -14,6 +15,7 @@ from hypothesis import strategies as st
 from dripd.conditions.expr import (
     MAX_DEPTH,
     MAX_SOURCE_LENGTH,
+    ArithOp,
     BoolOp,
     Compare,
     CompareOp,
@@ -23,6 +25,7 @@ from dripd.conditions.expr import (
     Logic,
     Name,
     Not,
+    Sum,
     evaluate,
     evaluate_safely,
     parse,
@@ -45,6 +48,9 @@ CONTEXT: dict[str, Any] = {
         "iso": "2024-05-04T12:00:00+00:00",
         "naive": datetime(2024, 5, 1, 12, 0),
         "profile": {"city": "Oslo"},
+        "wait": timedelta(hours=2),
+        "first_day": datetime(1, 1, 1, tzinfo=UTC),
+        "huge": 10**400,
     },
     "event": {"key": "signup"},
     "events": {"activated": {"count": 3}},
@@ -199,6 +205,14 @@ def test_and_or_short_circuit() -> None:
         ("true", True),
         ("false", False),
         ("null", None),
+        ("90s", timedelta(seconds=90)),
+        ("15m", timedelta(minutes=15)),
+        ("2h", timedelta(hours=2)),
+        ("3d", timedelta(days=3)),
+        ("1w", timedelta(weeks=1)),
+        ("0s", timedelta(0)),
+        ("-3d", timedelta(days=-3)),
+        ("999999999d", timedelta(days=999999999)),
     ],
 )
 def test_literals(text: str, value: object) -> None:
@@ -241,6 +255,284 @@ def test_aware_datetimes_order_but_iso_strings_are_not_coerced() -> None:
 def test_naive_datetimes_are_refused() -> None:
     with pytest.raises(EvaluationError, match="without a timezone"):
         run("data.naive < now")
+
+
+# -- arithmetic and durations ------------------------------------------------------------------
+
+NEW_YORK = ZoneInfo("America/New_York")
+
+
+def computes(text: str, expected: object, context: Mapping[str, Any] = CONTEXT) -> bool:
+    """Whether `text` evaluates to `expected`: same type and value, as `==` compares."""
+    return evaluate(parse(f"({text}) == expected"), {**context, "expected": expected})
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        # number ± number
+        ("data.age + 1", 31),
+        ("data.age - 1", 29),
+        ("data.score + 1", 3.5),
+        ("data.age - 0.5", 29.5),
+        ("1 - 2", -1),
+        ("data.age - -1", 31),
+        # datetime ± duration, duration + datetime
+        ("now + 3d", NOW + timedelta(days=3)),
+        ("now - 90s", NOW - timedelta(seconds=90)),
+        ("now + -1h", NOW - timedelta(hours=1)),
+        ("now - data.wait", NOW - timedelta(hours=2)),
+        ("1w + now", NOW + timedelta(weeks=1)),
+        ("data.wait + now", NOW + timedelta(hours=2)),
+        # duration ± duration
+        ("1w - 1d", timedelta(days=6)),
+        ("2h + 30m", timedelta(minutes=150)),
+        ("data.wait + 15m", timedelta(minutes=135)),
+        ("1m - 90s", timedelta(seconds=-30)),
+        # datetime − datetime
+        ("data.trial_ends_at - now", timedelta(days=3)),
+        ("now - data.trial_ends_at", timedelta(days=-3)),
+        ("now - now", timedelta(0)),
+        # left to right
+        ("1 - 2 - 3", -4),
+        ("10 - (2 - 3)", 11),
+        ("now - 1d - 1d", NOW - timedelta(days=2)),
+        ("now + 1d - now", timedelta(days=1)),
+        ("1d + now - 1d", NOW),
+    ],
+)
+def test_arithmetic(text: str, expected: object) -> None:
+    assert computes(text, expected)
+
+
+def test_arithmetic_results_have_the_right_type() -> None:
+    # `==` is strict: a result of another type is an error, not merely unequal.
+    assert not computes("now + 1d", NOW)
+    with pytest.raises(EvaluationError, match=r"cannot compare datetime with expected \(number"):
+        computes("now + 1d", 1)
+    with pytest.raises(EvaluationError, match=r"cannot compare duration with expected \(number"):
+        computes("now - now", 0)
+    with pytest.raises(EvaluationError, match=r"cannot compare number with expected \(duration"):
+        computes("1 + 1", timedelta(2))
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "data.age - 1 == 29",
+        "data.age -1 == 29",
+        "data.age-1 == 29",
+        "(data.age)-1 == 29",
+        "data.age--1 == 31",
+        "data.age - -1 == 31",
+        "-1 - 1 == -2",
+        "-1-1 == -2",
+        "data.age > -1",
+        "data.age >-1",
+        "-1 < data.age",
+        "[1 -2] == [-1]",
+        "[1, -2] == [1, -2]",
+        "-2 in [1, -2]",
+        "not -1 == data.age",
+        "now-1d < now",
+        "3d-1d == 2d",
+        "data.wait-1h == 1h",
+        "'a'-1 == null or true",
+    ],
+)
+def test_minus_after_a_value_subtracts(text: str) -> None:
+    expr = parse(text)
+    if text.startswith("'a'"):
+        # After a string, too: it parses, and only fails once evaluated.
+        with pytest.raises(EvaluationError, match="got string and number"):
+            evaluate(expr, CONTEXT)
+        return
+    assert evaluate(expr, CONTEXT) is True
+
+
+def test_minus_trees() -> None:
+    for text in ("a - 1", "a -1", "a-1"):
+        tree = parse(text).tree
+        assert isinstance(tree, Sum)
+        assert tree.first == Name(path=("a",), column=1)
+        assert [(term.op, term.operand) for term in tree.terms] == [
+            (ArithOp.SUB, Const(value=1, column=len(text)))
+        ]
+    compare = parse("x > -1").tree
+    assert isinstance(compare, Compare)
+    assert compare.right == Const(value=-1, column=5)
+    for text in ("[1]-1", "true-1", "null -1", "(a)-1", "'s'- 1", "3d-1"):
+        assert isinstance(parse(text).tree, Sum), text
+
+
+def test_sums_bind_tighter_than_comparisons_and_looser_than_primaries() -> None:
+    expr = parse("data.age + 1 > 2 and data.age - 1 < 30")
+    assert isinstance(expr.tree, BoolOp)
+    first = expr.tree.operands[0]
+    assert isinstance(first, Compare)
+    assert isinstance(first.left, Sum)
+    assert first.right == Const(value=2, column=16)
+    assert evaluate(expr, CONTEXT) is True
+    # Read as `(not data.age) - 30 == 0` it would be a type error instead.
+    assert run("not data.age - 30 == 0") is False
+    assert run("data.age == 29 + 1")
+    assert run("[0 + 1, 4 - 2] == [1, 2]")
+    assert run("data.age + 1 in [31]")
+
+
+def test_sums_are_flat_and_left_to_right() -> None:
+    tree = parse("a - b + c - d").tree
+    assert isinstance(tree, Sum)
+    assert [term.op for term in tree.terms] == [ArithOp.SUB, ArithOp.ADD, ArithOp.SUB]
+    assert tree.column == 3
+    assert [term.column for term in tree.terms] == [3, 7, 11]
+    # Right to left, this would be 10 - (5 - (2 - 1)) == 6.
+    assert evaluate(parse("a - b - c - d == 2"), {"a": 10, "b": 5, "c": 2, "d": 1})
+
+
+def test_long_sums_evaluate() -> None:
+    text = " + ".join(["1"] * 1000) + " == 1000"
+    assert len(text) <= MAX_SOURCE_LENGTH
+    expr = parse(text)
+    assert evaluate(expr, CONTEXT) is True
+    assert hash(expr) == hash(parse(text))
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("1d > 23h", True),
+        ("1d < 23h", False),
+        ("1w >= 7d", True),
+        ("1w <= 6d", False),
+        ("90s == 1m + 30s", True),
+        ("1d == 24h", True),
+        ("1d != 2d", True),
+        ("1d != 24h", False),
+        ("-1d < 0s", True),
+        ("data.wait < 3h", True),
+        ("data.wait > 3h", False),
+        ("1d == null", False),
+        ("data.missing != 1d", True),
+        ("1d in [1d, 2d]", True),
+        ("24h in [1d]", True),
+        ("5m not in [1d, null]", True),
+        ("[1d, 2h] == [24h, 120m]", True),
+        # What the feature is for.
+        ("data.trial_ends_at > now + 2d", True),
+        ("data.trial_ends_at > now + 3d", False),
+        ("now - data.trial_ends_at >= 1w", False),
+        ("data.trial_ends_at - now >= 3d", True),
+    ],
+)
+def test_durations_compare(text: str, expected: bool) -> None:
+    assert run(text) is expected
+
+
+def test_the_feature_examples() -> None:
+    now = datetime(2026, 3, 10, 9, 0, tzinfo=UTC)
+    context = {
+        "now": now,
+        "events": {"activated": {"last_at": now - timedelta(days=2, hours=23)}},
+        "data_signup": now - timedelta(days=7),
+    }
+    assert evaluate(parse("events.activated.last_at > now - 3d"), context)
+    assert evaluate(parse("now - data_signup >= 1w"), context)
+    context["events"] = {"activated": {"last_at": now - timedelta(days=3)}}
+    context["data_signup"] = now - timedelta(days=6, hours=23, minutes=59, seconds=59)
+    assert not evaluate(parse("events.activated.last_at > now - 3d"), context)
+    assert not evaluate(parse("now - data_signup >= 1w"), context)
+
+
+def test_datetime_arithmetic_is_elapsed_time_across_dst() -> None:
+    # New York springs forward on 2026-03-08: noon to noon that weekend is 23 hours.
+    context = {
+        "sat": datetime(2026, 3, 7, 12, 0, tzinfo=NEW_YORK),
+        "sun": datetime(2026, 3, 8, 12, 0, tzinfo=NEW_YORK),
+    }
+    assert evaluate(parse("sun - sat == 23h"), context)
+    assert evaluate(parse("sat - sun == -23h"), context)
+    assert evaluate(parse("sat + 23h == sun"), context)
+    assert evaluate(parse("sat + 1d > sun"), context)
+    # Datetimes in different zones subtract as instants.
+    context["utc"] = datetime(2026, 3, 7, 17, 0, tzinfo=UTC)
+    assert evaluate(parse("utc - sat == 0s and sat == utc"), context)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "data.plan + 1",
+            "column 11: '+' needs two numbers, two durations, or a datetime and a duration, "
+            "got data.plan (string) and number",
+        ),
+        (
+            "now - 1",
+            "column 5: '-' needs two numbers, two durations, two datetimes, or a datetime minus a "
+            "duration, got now (datetime) and number",
+        ),
+        ("'a' + 'b'", "column 5: '+' needs two numbers, two durations, or a datetime and a "),
+        ("'a' + 'b'", "got string and string"),
+        ("data.missing + 1d", "got data.missing (null or missing) and duration"),
+        ("null - 1", "column 6: '-' needs two numbers, two durations, two datetimes, or a "),
+        ("null - 1", "got null and number"),
+        ("1 + null", "got number and null"),
+        ("data.vip + 1", "got data.vip (boolean) and number"),
+        ("true - false", "got boolean and boolean"),
+        ("data.tags + ['c']", "got data.tags (list) and list"),
+        ("data.profile - 1", "got data.profile (object) and number"),
+        (
+            "now + now",
+            "'+' needs two numbers, two durations, or a datetime and a duration, got now",
+        ),
+        ("now + now", "got now (datetime) and now (datetime)"),
+        ("1d - now", "'-' needs two numbers, two durations, two datetimes, or a datetime minus"),
+        ("1d - now", "got duration and now (datetime)"),
+        ("1 + 1d", "got number and duration"),
+        ("1d - 1", "got duration and number"),
+        ("now + data.age", "got now (datetime) and data.age (number)"),
+        ("data.naive + 1d", "got data.naive (datetime without a timezone) and duration"),
+        ("now - data.naive", "got now (datetime) and data.naive (datetime without a timezone)"),
+        ("'3d' + now", "got string and now (datetime)"),
+        # After the first term, the running total is named by its type only.
+        ("data.age + 1 + 'x'", "column 14: '+' needs"),
+        ("data.age + 1 + 'x'", "got number and string"),
+        # Ordering takes two durations, not a duration and anything else.
+        (
+            "1d < 1",
+            "column 4: '<' needs two numbers, two strings, two datetimes or two durations, ",
+        ),
+        ("1d < 1", "got duration and number"),
+        ("1d >= now", "got duration and now (datetime)"),
+        ("data.wait == 7200", "'==' cannot compare data.wait (duration) with number"),
+        ("1d == '1d'", "'==' cannot compare duration with string"),
+        ("1d in data.plan", "'in' with a string on the right needs a string on the left"),
+        ("1d in [1d, 1]", "'in' cannot look for duration in a list holding a number"),
+        ("data.age + 1", "column 10: the condition must be true or false, got number"),
+        ("(now - 1d) and true", "'and' needs true or false, got datetime"),
+        # Out of range is an evaluation error, not a crash.
+        ("now + 999999999d", "column 5: '+' of now (datetime) and duration is out of range"),
+        ("data.first_day - 1s", "'-' of data.first_day (datetime) and duration is out of range"),
+        ("999999999d + 1d", "'+' of duration and duration is out of range"),
+        ("-999999999d - 1d - 1d", "column 13: '-' of duration and duration is out of range"),
+        ("data.huge + 0.5", "'+' of data.huge (number) and number is out of range"),
+    ],
+)
+def test_arithmetic_type_errors(text: str, message: str) -> None:
+    expr = parse(text)
+    with pytest.raises(EvaluationError) as info:
+        evaluate(expr, CONTEXT)
+    assert message in str(info.value)
+    assert evaluate_safely(expr, CONTEXT) == (False, str(info.value))
+
+
+def test_names_inside_sums_are_collected() -> None:
+    expr = parse("now - data.signup_at >= 1w and events.a.last_at > now - 3d + hooks.h.value")
+    assert expr.names == frozenset({"now", "data.signup_at", "events.a.last_at", "hooks.h.value"})
+    with pytest.raises(ExprSyntaxError) as info:
+        parse("now - dta.x > 1d", roots=ROOTS)
+    assert info.value.column == 7
 
 
 # -- type errors -------------------------------------------------------------------------------
@@ -364,6 +656,25 @@ def test_evaluate_safely_fails_closed_on_a_stray_type_error() -> None:
         ("a == None", 6, "did you mean 'null'"),
         ("null.x == 1", 1, "keyword"),
         ("a == 'x' )", 10, "found ')'"),
+        ("now - 3 d", 9, "expected an operator or end of input, found name 'd'"),
+        ("now - 1.5h", 7, "malformed duration '1.5h': a duration is a whole number and a unit"),
+        ("a < -2.5d", 5, "malformed duration '-2.5d'"),
+        ("a < 250ms", 5, "malformed number '250ms'; a duration is a whole number directly"),
+        ("a < 3D", 5, "malformed number '3D'; a duration"),
+        ("a < 3dd", 5, "malformed number '3dd'"),
+        ("a < 3d5", 5, "malformed number '3d5'"),
+        ("a < 3d.x", 5, "malformed number '3d.x'"),
+        ("a < 9999999999w", 5, "duration '9999999999w' is out of range"),
+        ("a 3d", 3, "expected an operator or end of input, found duration 3d"),
+        ("a +", 4, "expected a value after '+', found end of input"),
+        ("a -", 4, "expected a value after '-', found end of input"),
+        ("a + + 1", 5, "expected a value after '+', found '+'"),
+        ("a + not b", 5, "expected a value after '+', found 'not'"),
+        ("+1 > a", 1, "expected a value, found '+'"),
+        ("-a", 1, "unexpected character '-'; '-' is only allowed after a value"),
+        ("a - - 1", 5, "unexpected character '-'"),
+        ("a == (- 1)", 7, "unexpected character '-'"),
+        ("a < 1 + 2 < 3", 11, "cannot be chained"),
     ],
 )
 def test_syntax_errors_report_the_column(text: str, column: int, fragment: str) -> None:
@@ -453,7 +764,8 @@ SEGMENTS = ["plan", "age", "tags", "count", "value", "x"]
 OPS = ["==", "!=", "<", "<=", ">", ">=", "in", "not in"]
 
 # A tree is ("atom", text) | ("list", [tree]) | ("not", tree) | ("and"|"or", [tree]) |
-# ("cmp", op, tree, tree); it is rendered to text twice, minimally and fully parenthesized.
+# ("cmp", op, tree, tree) | ("sum", tree, [(op, space_before, space_after, tree)]); it is
+# rendered to text twice, minimally and fully parenthesized.
 Tree = tuple[Any, ...]
 
 
@@ -477,8 +789,14 @@ literals = st.one_of(
     ),
     st.builds(_render_string, st.text(max_size=8), st.sampled_from(["'", '"'])),
     st.sampled_from(["true", "false", "null"]),
+    st.builds(
+        lambda amount, unit: f"{amount}{unit}",
+        st.integers(min_value=-(10**6), max_value=10**6),
+        st.sampled_from(["s", "m", "h", "d", "w"]),
+    ),
 )
 atoms = st.one_of(names, literals).map(lambda text: ("atom", text))
+SPACES = st.sampled_from(["", " "])
 
 
 def _extend(children: st.SearchStrategy[Tree]) -> st.SearchStrategy[Tree]:
@@ -487,12 +805,22 @@ def _extend(children: st.SearchStrategy[Tree]) -> st.SearchStrategy[Tree]:
         children.map(lambda child: ("not", child)),
         st.tuples(st.sampled_from(["and", "or"]), st.lists(children, min_size=2, max_size=3)),
         st.tuples(st.just("cmp"), st.sampled_from(OPS), children, children),
+        st.tuples(
+            st.just("sum"),
+            children,
+            st.lists(
+                # Unspaced too: `a-1` and `a -1` subtract just like `a - 1`.
+                st.tuples(st.sampled_from(["+", "-"]), SPACES, SPACES, children),
+                min_size=1,
+                max_size=3,
+            ),
+        ),
     )
 
 
 trees = st.recursive(atoms, _extend, max_leaves=10)
 
-_PRECEDENCE = {"or": 1, "and": 2, "not": 3, "cmp": 4, "atom": 5, "list": 5}
+_PRECEDENCE = {"or": 1, "and": 2, "not": 3, "cmp": 4, "sum": 5, "atom": 6, "list": 6}
 
 
 def render(tree: Tree, *, minimal: bool) -> str:
@@ -515,8 +843,14 @@ def render(tree: Tree, *, minimal: bool) -> str:
         return "not " + operand(tree[1], _PRECEDENCE["not"])
     if kind in ("and", "or"):
         return f" {kind} ".join(operand(child, _PRECEDENCE[kind]) for child in tree[1])
+    if kind == "sum":
+        # Sums run left to right: a sum needs no brackets as the first operand of another.
+        text = operand(tree[1], _PRECEDENCE["sum"])
+        for op, before, after, child in tree[2]:
+            text += f"{before}{op}{after}{operand(child, _PRECEDENCE['atom'])}"
+        return text
     _, op, left, right = tree
-    return f"{operand(left, 5)} {op} {operand(right, 5)}"
+    return f"{operand(left, _PRECEDENCE['sum'])} {op} {operand(right, _PRECEDENCE['sum'])}"
 
 
 def names_in(tree: Tree) -> set[str]:
@@ -528,6 +862,8 @@ def names_in(tree: Tree) -> set[str]:
         return names_in(tree[1])
     if kind == "cmp":
         return names_in(tree[2]) | names_in(tree[3])
+    if kind == "sum":
+        return names_in(tree[1]).union(*(names_in(term[3]) for term in tree[2]))
     return set().union(*(names_in(child) for child in tree[1]))
 
 
@@ -538,7 +874,12 @@ json_values = st.recursive(
         st.integers(),
         st.floats(),
         st.text(max_size=5),
-        st.datetimes(timezones=st.sampled_from([UTC, None])),
+        st.datetimes(
+            timezones=st.sampled_from(
+                [UTC, None, timezone(timedelta(hours=14)), ZoneInfo("America/New_York")]
+            )
+        ),
+        st.timedeltas(),
     ),
     lambda children: st.one_of(
         st.lists(children, max_size=3),
@@ -607,6 +948,14 @@ TOKENS = [
     "1.",
     ".",
     "é",
+    "+",
+    "3d",
+    "-2w",
+    "90s",
+    "1.5h",
+    "250ms",
+    "d",
+    "9999999999w",
 ]
 token_soup = st.lists(
     st.tuples(st.sampled_from(TOKENS), st.sampled_from(["", " ", "\n"])), max_size=30
@@ -626,3 +975,39 @@ def test_any_text_parses_or_raises_a_syntax_error(text: str) -> None:
     else:
         assert 1 <= error.column <= len(text) + 1
         assert str(error).startswith(f"column {error.column}: ")
+
+
+UNITS = {"s": timedelta(seconds=1), "m": timedelta(minutes=1), "h": timedelta(hours=1)}
+UNITS |= {"d": timedelta(days=1), "w": timedelta(weeks=1)}
+amounts = st.integers(min_value=-(10**6), max_value=10**6)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    first=st.tuples(amounts, st.sampled_from(sorted(UNITS))),
+    rest=st.lists(
+        st.tuples(st.sampled_from(["+", "-"]), amounts, st.sampled_from(sorted(UNITS))),
+        max_size=4,
+    ),
+    at=st.datetimes(timezones=st.just(UTC)),
+)
+def test_duration_sums_are_timedelta_sums(
+    first: tuple[int, str], rest: list[tuple[str, int, str]], at: datetime
+) -> None:
+    text = f"{first[0]}{first[1]}"
+    expected = first[0] * UNITS[first[1]]
+    for op, amount, unit in rest:
+        text += f" {op} {amount}{unit}"
+        expected += (amount if op == "+" else -amount) * UNITS[unit]
+    assert computes(text, expected, {})
+    # Added to a datetime, it is that datetime moved, or out of range.
+    try:
+        moved: datetime | None = at + expected
+    except OverflowError:
+        moved = None
+    ok, reason = evaluate_safely(parse(f"at + ({text}) == moved"), {"at": at, "moved": moved})
+    if moved is None:
+        assert reason is not None
+        assert "out of range" in reason
+    else:
+        assert (ok, reason) == (True, None)

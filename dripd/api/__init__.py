@@ -10,7 +10,7 @@ from __future__ import annotations
 import uuid
 import zoneinfo
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from enum import Enum
 from typing import Any, Final, TypeAlias
@@ -21,6 +21,7 @@ from dripd.db import store
 from dripd.errors import ConfigError, Conflict, NotFound
 from dripd.model import EnrollmentStatus
 from dripd.rules.suppression import normalize
+from dripd.timing import Timing, next_due, zone
 
 __all__ = [
     "ALL_TENANTS",
@@ -75,11 +76,20 @@ class Enrollment:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Event:
+    """A tracked event and what it did (nothing, when its idempotency id was seen before)."""
+
     id: int
     created: bool
+    enrolled: list[uuid.UUID] = field(default_factory=list)  # by entry_events
+    not_enrolled: list[dict[str, str]] = field(default_factory=list)  # sequence, reason
+    exited: list[uuid.UUID] = field(default_factory=list)  # by exit_events
+    released: list[uuid.UUID] = field(default_factory=list)  # waiting executions released
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        for name in ("enrolled", "exited", "released"):
+            out[name] = [str(i) for i in out[name]]
+        return out
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -142,57 +152,94 @@ async def enroll(
     subscriber_type: str = "user",
     data: Mapping[str, Any] | None = None,
     now: datetime | None = None,
+    default_timezone: str = "UTC",
 ) -> Enrollment:
     """Enroll a subscriber in the active version of a sequence and schedule its first step.
 
     Enrolling a subscriber who already has an active or paused enrollment returns that
     enrollment (`created=False`). A sequence of the tenant wins over a global one of the
-    same key; either way the enrollment belongs to `tenant`.
+    same key; either way the enrollment belongs to `tenant`. `default_timezone` is the
+    recipients' zone when neither the data nor the sequence names one (config
+    `recipients.default_timezone`).
     """
     _tenant(tenant)
     _subscriber(subscriber_id, subscriber_type)
     data = dict(data or {})
-    timezone = data.get("timezone")
-    if timezone is not None:
-        if not isinstance(timezone, str):
-            raise ConfigError("data.timezone: must be an IANA timezone name")
-        try:
-            zoneinfo.ZoneInfo(timezone)
-        except (zoneinfo.ZoneInfoNotFoundError, ValueError) as exc:
-            raise ConfigError(f"data.timezone: {timezone!r} is not a known IANA timezone") from exc
+    _zone(default_timezone, "default_timezone")
     at = _now(now)
     async with store.transaction(db) as conn:
-        seq = await store.find_sequence(conn, tenant, sequence_key)
-        if seq is None:
-            raise NotFound(f"no sequence {sequence_key!r} for tenant {tenant or '(global)'}")
-        if seq["version_id"] is None or seq["first_step_id"] is None:
-            raise Conflict(f"sequence {sequence_key!r} has no active version; run `dripd apply`")
-        row = await store.insert_enrollment(
-            conn,
-            tenant=tenant,
-            sequence_id=seq["sequence_id"],
-            version_id=seq["version_id"],
-            subscriber_type=subscriber_type,
-            subscriber_id=subscriber_id,
-            data=data,
-            timezone=timezone,
-            now=at,
+        enrollment_id, created = await _enroll_in(
+            conn, tenant, sequence_key, subscriber_type, subscriber_id, data, at, default_timezone
         )
-        if row is None:
-            existing = await store.latest_enrollment(
-                conn, tenant, seq["sequence_id"], subscriber_type, subscriber_id
-            )
-            assert existing is not None
-            return await _load(conn, tenant, existing["id"], created=False)
-        previous = await store.previous_enrollment(
-            conn, tenant, seq["sequence_id"], subscriber_type, subscriber_id, row["id"]
+        return await _load(conn, tenant, enrollment_id, created=created)
+
+
+def _zone(name: Any, where: str) -> zoneinfo.ZoneInfo | None:
+    if name is None:
+        return None
+    if not isinstance(name, str):
+        raise ConfigError(f"{where}: must be an IANA timezone name")
+    return zone(name, where=where)
+
+
+async def _enroll_in(
+    conn: asyncpg.Connection,
+    tenant: str | None,
+    sequence_key: str,
+    subscriber_type: str,
+    subscriber_id: str,
+    data: dict[str, Any],
+    at: datetime,
+    default_timezone: str,
+) -> tuple[uuid.UUID, bool]:
+    """Insert the enrollment and its first execution; (id, created). Conflict when the
+    reenroll policy forbids it, in which case the caller's transaction must roll back."""
+    _zone(data.get("timezone"), "data.timezone")
+    seq = await store.find_sequence(conn, tenant, sequence_key)
+    if seq is None:
+        raise NotFound(f"no sequence {sequence_key!r} for tenant {tenant or '(global)'}")
+    if seq["version_id"] is None or seq["first_step_id"] is None:
+        raise Conflict(f"sequence {sequence_key!r} has no active version; run `dripd apply`")
+    timezone = data.get("timezone")
+    row = await store.insert_enrollment(
+        conn,
+        tenant=tenant,
+        sequence_id=seq["sequence_id"],
+        version_id=seq["version_id"],
+        subscriber_type=subscriber_type,
+        subscriber_id=subscriber_id,
+        data=data,
+        timezone=timezone,
+        now=at,
+    )
+    if row is None:
+        existing = await store.latest_enrollment(
+            conn, tenant, seq["sequence_id"], subscriber_type, subscriber_id
         )
-        if previous is not None:
-            _check_reenroll(seq["reenroll"], previous, sequence_key)
-        due = at + seq["first_delay"]
-        await store.insert_execution(conn, tenant, row["id"], seq["first_step_id"], due)
-        await store.notify_due(conn, due)
-        return await _load(conn, tenant, row["id"], created=True)
+        assert existing is not None
+        return existing["id"], False
+    previous = await store.previous_enrollment(
+        conn, tenant, seq["sequence_id"], subscriber_type, subscriber_id, row["id"]
+    )
+    if previous is not None:
+        _check_reenroll(seq["reenroll"], previous, sequence_key)
+    waiting_for = seq["wait_event"]
+    if waiting_for is not None:
+        due = at + seq["wait_timeout"]
+    else:
+        tz = zoneinfo.ZoneInfo(timezone or seq["timezone"] or default_timezone)
+        timing = Timing(
+            delay=seq["first_delay"],
+            at=seq["at_time"],
+            cron=seq["cron"],
+            timezone=seq["step_timezone"],
+        )
+        due = next_due(timing, base=at, tz=tz)
+    await store.insert_execution(
+        conn, tenant, row["id"], seq["first_step_id"], due, waiting_for=waiting_for
+    )
+    await store.notify_due(conn, due)
+    return row["id"], True
 
 
 def _check_reenroll(policy: str, previous: str, sequence_key: str) -> None:
@@ -330,14 +377,25 @@ async def track_event(
     data: Mapping[str, Any] | None = None,
     idempotency_id: str | None = None,
     now: datetime | None = None,
+    default_timezone: str = "UTC",
 ) -> Event:
-    """Record an event of a subscriber; the same idempotency id twice records one event."""
+    """Record an event of a subscriber, and in the same transaction act on it.
+
+    It ends the subscriber's enrollments whose sequence lists it in `exit_events` (status
+    `exited`, pending step cancelled), releases their steps waiting for it (`wait_for`), and
+    enrolls them, with the event's data as the enrollment's, in the sequences that list it
+    in `entry_events` (their `reenroll` policy decides; a refusal is reported in
+    `not_enrolled`, not raised). The same idempotency id
+    twice records one event and does all this once.
+    """
     _tenant(tenant)
     _subscriber(subscriber_id, subscriber_type)
     if not isinstance(key, str) or not key.strip():
         raise ConfigError("key: an event needs a non-empty key")
     if idempotency_id is not None and not idempotency_id:
         raise ConfigError("idempotency_id: must not be empty")
+    _zone(default_timezone, "default_timezone")
+    at = _now(now)
     async with store.transaction(db) as conn:
         event_id, created = await store.insert_event(
             conn,
@@ -347,9 +405,39 @@ async def track_event(
             key=key,
             data=dict(data or {}),
             idempotency_id=idempotency_id,
-            now=_now(now),
+            now=at,
         )
-    return Event(id=event_id, created=created)
+        if not created:
+            return Event(id=event_id, created=False)
+        who = (tenant, subscriber_type, subscriber_id)
+        exited = await store.exit_enrollments(conn, *who, key, at)
+        released = await store.release_waits(conn, *who, key, event_id, at)
+        if released:
+            await store.notify_due(conn, at)
+        enrolled: list[uuid.UUID] = []
+        refused: list[dict[str, str]] = []
+        for sequence_key in await store.entry_sequences(conn, tenant, key):
+            try:
+                async with conn.transaction():  # a savepoint: a refusal undoes only itself
+                    enrollment_id, new = await _enroll_in(
+                        conn, tenant, sequence_key, subscriber_type, subscriber_id,
+                        dict(data or {}), at, default_timezone,
+                    )  # fmt: skip
+            except (Conflict, ConfigError) as exc:
+                refused.append({"sequence": sequence_key, "reason": exc.message})
+                continue
+            if new:
+                enrolled.append(enrollment_id)
+            else:
+                refused.append({"sequence": sequence_key, "reason": "already enrolled"})
+    return Event(
+        id=event_id,
+        created=True,
+        enrolled=enrolled,
+        not_enrolled=refused,
+        exited=exited,
+        released=released,
+    )
 
 
 async def suppress(

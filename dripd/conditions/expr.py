@@ -5,14 +5,20 @@ Grammar, loosest binding first (no `eval`, no `ast`: a tokenizer and a recursive
     or         := and ("or" and)*
     and        := not ("and" not)*
     not        := "not" not | comparison
-    comparison := primary [op primary]          comparisons never chain: `a < b < c` is an error
+    comparison := sum [op sum]                  comparisons never chain: `a < b < c` is an error
     op         := "==" | "!=" | "<" | "<=" | ">" | ">=" | "in" | "not" "in"
-    primary    := string | number | "true" | "false" | "null" | name
+    sum        := primary (("+" | "-") primary)*   left to right: `a - b - c` is `(a - b) - c`
+    primary    := string | number | duration | "true" | "false" | "null" | name
                 | "(" or ")" | "[" [or ("," or)* [","]] "]"
+    duration   := integer unit                 with no space between: 90s, 15m, 2h, 3d, 1w
+    unit       := "s" | "m" | "h" | "d" | "w"
     name       := ident ("." ident)*           e.g. data.plan, events.activated.count, now
 
 Strings take single or double quotes with the escapes \\' \\" \\\\ \\n; numbers are integers or
-decimals with an optional leading minus. Evaluation never coerces: see `evaluate`.
+decimals, and numbers and durations take an optional leading minus. A `-` right after a value
+subtracts (`a-1`, `a -1` and `a - 1` are all subtractions); anywhere else it must sit directly
+before a number or duration, which it makes negative (`x > -1`). Evaluation never coerces: see
+`evaluate`.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import operator
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any, Final, TypeAlias, assert_never
 
@@ -67,7 +73,12 @@ class Logic(StrEnum):
     OR = "or"
 
 
-Scalar: TypeAlias = str | int | float | bool | None
+class ArithOp(StrEnum):
+    ADD = "+"
+    SUB = "-"
+
+
+Scalar: TypeAlias = str | int | float | bool | timedelta | None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -113,7 +124,28 @@ class Compare:
     column: int
 
 
-Node: TypeAlias = Const | Name | ListOf | Not | BoolOp | Compare
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Term:
+    """One `+ operand` or `- operand` of a Sum; `column` is the operator's."""
+
+    op: ArithOp
+    operand: Node
+    column: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Sum:
+    """`first`, then each term applied left to right; `column` is the first operator's.
+
+    Flat rather than nested, so that a long sum neither recurses nor hashes deeply.
+    """
+
+    first: Node
+    terms: tuple[Term, ...]
+    column: int
+
+
+Node: TypeAlias = Const | Name | ListOf | Not | BoolOp | Compare | Sum
 
 
 @dataclass(frozen=True, slots=True, kw_only=True, repr=False)
@@ -137,6 +169,7 @@ class Expr:
 class _Kind(StrEnum):
     STRING = "string"
     NUMBER = "number"
+    DURATION = "duration"
     NAME = "name"
     KEYWORD = "keyword"
     SYMBOL = "symbol"
@@ -159,6 +192,8 @@ class _Token:
                 return f"string {text}"
             case _Kind.NUMBER:
                 return f"number {self.text}"
+            case _Kind.DURATION:
+                return f"duration {self.text}"
             case _Kind.NAME:
                 return f"name '{self.text}'"
             case _Kind.KEYWORD | _Kind.SYMBOL:
@@ -174,8 +209,10 @@ _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*", re.AS
 _NUMBER = re.compile(r"-?[0-9]+(?:\.[0-9]+)?", re.ASCII)
 _KEYWORDS: Final = frozenset({"and", "or", "not", "in", "true", "false", "null"})
 _KEYWORD_VALUES: Final[Mapping[str, Scalar]] = {"true": True, "false": False, "null": None}
-# Longest first, so that `<=` is not read as `<` then `=`.
-_SYMBOLS: Final = ("==", "!=", "<=", ">=", "<", ">", "(", ")", "[", "]", ",")
+_UNIT_SECONDS: Final = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+# Longest first, so that `<=` is not read as `<` then `=`. A `-` is scanned on its own: it
+# subtracts after a value, and is part of a number anywhere else.
+_SYMBOLS: Final = ("==", "!=", "<=", ">=", "<", ">", "(", ")", "[", "]", ",", "+")
 _ESCAPES: Final = {"'": "'", '"': '"', "\\": "\\", "n": "\n"}
 _WHITESPACE: Final = " \t\r\n"
 _PYTHON_SPELLINGS: Final = {"True": "true", "False": "false", "None": "null"}
@@ -184,7 +221,7 @@ _CHARACTER_HINTS: Final = {
     "!": "; did you mean '!=' or 'not'?",
     "&": "; use 'and'",
     "|": "; use 'or'",
-    "-": "; '-' is only allowed directly before a number",
+    "-": "; '-' is only allowed after a value, to subtract, or directly before a number",
 }
 
 
@@ -230,20 +267,14 @@ def _tokenize(text: str) -> list[_Token]:
             tokens.append(_Token(kind=_Kind.STRING, text=text[i:end], value=value, column=column))
             i = end
             continue
+        if ch == "-" and _ends_value(tokens):
+            tokens.append(_Token(kind=_Kind.SYMBOL, text="-", value=None, column=column))
+            i += 1
+            continue
         if number := _NUMBER.match(text, i):
-            end = number.end()
-            if end < len(text) and (text[end].isalnum() or text[end] in "._"):
-                raise ExprSyntaxError(f"malformed number {text[i : end + 1]!r}", column=column)
-            raw = number.group()
-            tokens.append(
-                _Token(
-                    kind=_Kind.NUMBER,
-                    text=raw,
-                    value=float(raw) if "." in raw else int(raw),
-                    column=column,
-                )
-            )
-            i = end
+            token = _number_token(text, number)
+            tokens.append(token)
+            i += len(token.text)
             continue
         if name := _NAME.match(text, i):
             word, end = name.group(), name.end()
@@ -264,6 +295,49 @@ def _tokenize(text: str) -> list[_Token]:
     return tokens
 
 
+def _ends_value(tokens: list[_Token]) -> bool:
+    """Whether the last token can end an operand, so that a `-` after it subtracts."""
+    if not tokens:
+        return False
+    last = tokens[-1]
+    if last.kind in (_Kind.STRING, _Kind.NUMBER, _Kind.DURATION, _Kind.NAME):
+        return True
+    if last.kind is _Kind.KEYWORD:
+        return last.text in _KEYWORD_VALUES
+    return last.is_(")") or last.is_("]")
+
+
+def _number_token(text: str, number: re.Match[str]) -> _Token:
+    """The number or duration whose digits `number` matched, with its unit if it has one."""
+    raw, start = number.group(), number.start()
+    end = number.end()
+    while end < len(text) and (text[end].isalnum() or text[end] in "._"):
+        end += 1
+    word, unit = text[start:end], text[number.end() : end]
+    column = start + 1
+    if unit in _UNIT_SECONDS:
+        if "." in raw:
+            raise ExprSyntaxError(
+                f"malformed duration {word!r}: a duration is a whole number and a unit, "
+                "e.g. 90m rather than 1.5h",
+                column=column,
+            )
+        try:
+            value: Scalar = timedelta(seconds=int(raw) * _UNIT_SECONDS[unit])
+        except OverflowError:
+            raise ExprSyntaxError(
+                f"duration {word!r} is out of range (at most 999999999 days)", column=column
+            ) from None
+        return _Token(kind=_Kind.DURATION, text=word, value=value, column=column)
+    if unit:
+        hint = ""
+        if unit[0].isascii() and unit[0].isalpha():
+            hint = "; a duration is a whole number directly followed by s, m, h, d or w"
+        raise ExprSyntaxError(f"malformed number {word!r}{hint}", column=column)
+    value = float(raw) if "." in raw else int(raw)
+    return _Token(kind=_Kind.NUMBER, text=raw, value=value, column=column)
+
+
 def _word_token(word: str, column: int) -> _Token:
     if word in _KEYWORDS:
         return _Token(kind=_Kind.KEYWORD, text=word, value=_KEYWORD_VALUES.get(word), column=column)
@@ -279,6 +353,7 @@ def _word_token(word: str, column: int) -> _Token:
 
 # -- parser ------------------------------------------------------------------------------------
 
+_ARITH_SYMBOLS: Final = {"+": ArithOp.ADD, "-": ArithOp.SUB}
 _COMPARE_SYMBOLS: Final = {
     "==": CompareOp.EQ,
     "!=": CompareOp.NE,
@@ -370,12 +445,12 @@ class _Parser:
         return None
 
     def _comparison(self) -> Node:
-        left = self._primary()
+        left = self._sum()
         op_token = self._peek()
         op = self._compare_op()
         if op is None:
             return left
-        right = self._primary()
+        right = self._sum()
         chained = self._peek()
         if self._compare_op() is not None:
             raise ExprSyntaxError(
@@ -385,10 +460,21 @@ class _Parser:
             )
         return Compare(op=op, left=left, right=right, column=op_token.column)
 
+    def _sum(self) -> Node:
+        first = self._primary()
+        terms: list[Term] = []
+        while (token := self._peek()).kind is _Kind.SYMBOL and token.text in _ARITH_SYMBOLS:
+            self._advance()
+            operand = self._primary()
+            terms.append(Term(op=_ARITH_SYMBOLS[token.text], operand=operand, column=token.column))
+        if not terms:
+            return first
+        return Sum(first=first, terms=tuple(terms), column=terms[0].column)
+
     def _primary(self) -> Node:
         token = self._peek()
         match token.kind:
-            case _Kind.STRING | _Kind.NUMBER:
+            case _Kind.STRING | _Kind.NUMBER | _Kind.DURATION:
                 self._advance()
                 return Const(value=token.value, column=token.column)
             case _Kind.NAME:
@@ -478,6 +564,7 @@ class _Type(StrEnum):
     NUMBER = "number"
     STRING = "string"
     DATETIME = "datetime"
+    DURATION = "duration"
     LIST = "list"
     OBJECT = "object"
     UNSUPPORTED = "unsupported"
@@ -495,6 +582,8 @@ def _type_of(value: object) -> _Type:
     if isinstance(value, datetime):
         # Naive datetimes cannot be ordered against the aware ones dripd uses everywhere.
         return _Type.DATETIME if value.utcoffset() is not None else _Type.UNSUPPORTED
+    if isinstance(value, timedelta):
+        return _Type.DURATION
     if isinstance(value, list | tuple):
         return _Type.LIST
     if isinstance(value, Mapping):
@@ -551,10 +640,18 @@ _ORDERING: Final[Mapping[CompareOp, Callable[[Any, Any], Any]]] = {
     CompareOp.GT: operator.gt,
     CompareOp.GE: operator.ge,
 }
-_ORDERABLE: Final = frozenset({_Type.NUMBER, _Type.STRING, _Type.DATETIME})
+_ORDERABLE: Final = frozenset({_Type.NUMBER, _Type.STRING, _Type.DATETIME, _Type.DURATION})
+_ARITHMETIC: Final[Mapping[ArithOp, Callable[[Any, Any], Any]]] = {
+    ArithOp.ADD: operator.add,
+    ArithOp.SUB: operator.sub,
+}
+_ARITH_NEEDS: Final = {
+    ArithOp.ADD: "two numbers, two durations, or a datetime and a duration",
+    ArithOp.SUB: "two numbers, two durations, two datetimes, or a datetime minus a duration",
+}
 
 
-def _fail(node: Node, message: str) -> EvaluationError:
+def _fail(node: Node | Term, message: str) -> EvaluationError:
     return EvaluationError(f"column {node.column}: {message}")
 
 
@@ -582,8 +679,8 @@ def _order(node: Compare, left: object, right: object) -> bool:
     if left_type is not right_type or left_type not in _ORDERABLE:
         raise _fail(
             node,
-            f"'{node.op.value}' needs two numbers, two strings or two datetimes, got "
-            f"{_describe(node.left, left)} and {_describe(node.right, right)}",
+            f"'{node.op.value}' needs two numbers, two strings, two datetimes or two durations, "
+            f"got {_describe(node.left, left)} and {_describe(node.right, right)}",
         )
     return bool(_ORDERING[node.op](left, right))
 
@@ -635,6 +732,58 @@ def _compare(node: Compare, context: Mapping[str, Any]) -> bool:
             assert_never(node.op)
 
 
+def _elapsed(later: datetime, earlier: datetime) -> timedelta:
+    """`later - earlier` in elapsed time, even when both share a zone with DST changes.
+
+    Python subtracts datetimes with the same tzinfo by wall clock; this does not, and unlike
+    converting both to UTC it cannot leave the datetime range.
+    """
+    wall = later.replace(tzinfo=None) - earlier.replace(tzinfo=None)
+    offsets = (later.utcoffset() or timedelta(0)) - (earlier.utcoffset() or timedelta(0))
+    return wall - offsets
+
+
+def _calculate(op: ArithOp, left: Any, right: Any) -> object:
+    """`left op right` for operand types that go together, else None (never a result)."""
+    calc = _ARITHMETIC[op]
+    match _type_of(left), _type_of(right):
+        case (_Type.NUMBER, _Type.NUMBER) | (_Type.DURATION, _Type.DURATION):
+            return calc(left, right)
+        case (_Type.DATETIME, _Type.DURATION):
+            # In UTC, so that a duration is elapsed time across DST changes too.
+            return calc(left.astimezone(UTC), right)
+        case (_Type.DURATION, _Type.DATETIME) if op is ArithOp.ADD:
+            return right.astimezone(UTC) + left
+        case (_Type.DATETIME, _Type.DATETIME) if op is ArithOp.SUB:
+            return _elapsed(left, right)
+        case _:
+            return None
+
+
+def _sum(node: Sum, context: Mapping[str, Any]) -> object:
+    total = _eval(node.first, context)
+    # Errors name the first operand, and only the type of a running total.
+    left: Node = node.first
+    for term in node.terms:
+        right = _eval(term.operand, context)
+        try:
+            result = _calculate(term.op, total, right)
+        except OverflowError:
+            raise _fail(
+                term,
+                f"'{term.op.value}' of {_describe(left, total)} and "
+                f"{_describe(term.operand, right)} is out of range",
+            ) from None
+        if result is None:
+            raise _fail(
+                term,
+                f"'{term.op.value}' needs {_ARITH_NEEDS[term.op]}, got "
+                f"{_describe(left, total)} and {_describe(term.operand, right)}",
+            )
+        total, left = result, node
+    return total
+
+
 def _boolean(node: Node, operator_name: str, context: Mapping[str, Any]) -> bool:
     value = _eval(node, context)
     if not isinstance(value, bool):
@@ -661,6 +810,8 @@ def _eval(node: Node, context: Mapping[str, Any]) -> object:
             return not stop
         case Compare():
             return _compare(node, context)
+        case Sum():
+            return _sum(node, context)
         case _:
             assert_never(node)
 
@@ -669,9 +820,13 @@ def evaluate(expr: Expr, context: Mapping[str, Any]) -> bool:
     """Evaluate `expr` against `context` (e.g. {"data": {...}, "now": datetime}) strictly.
 
     Names walk nested mappings; a missing name is null. `==`/`!=` need two values of one type
-    unless one is null; ordering needs two numbers, strings or aware datetimes (bool is not a
-    number, ISO strings are not dates); `in` needs a list, or a string for a substring;
-    `and`/`or`/`not` need booleans and short-circuit. Anything else raises EvaluationError.
+    unless one is null; ordering needs two numbers, strings, aware datetimes or durations (bool
+    is not a number, ISO strings are not dates); `in` needs a list, or a string for a
+    substring; `and`/`or`/`not` need booleans and short-circuit. `+` and `-` take two numbers
+    or two durations, a datetime plus or minus a duration (a datetime), a duration plus a
+    datetime, or a datetime minus a datetime (a duration); datetime arithmetic is in elapsed
+    time, and its results are in UTC. A duration is a `timedelta`, in the context as in
+    literals. Anything else, and a result out of range, raises EvaluationError.
     """
     result = _eval(expr.tree, context)
     if not isinstance(result, bool):

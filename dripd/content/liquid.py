@@ -40,6 +40,14 @@ class Template:
         except LiquidError as exc:
             raise TemplateError(f"{self.field}: {_first_line(exc)}") from exc
 
+    def hooks(self) -> frozenset[str]:
+        """The hooks this template reads (`hooks.<name>…`); `*` when it reads `hooks` whole."""
+        return frozenset(
+            str(path[1]) if len(path) > 1 else "*"
+            for path in self._compiled.global_variable_segments()
+            if path[0] == "hooks"
+        )
+
 
 def compile_template(source: str, *, field: str) -> Template:
     """Compile `source`; a syntax error raises TemplateError naming `field`, line and column."""

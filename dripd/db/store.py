@@ -6,7 +6,7 @@ import contextlib
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, fields
-from datetime import datetime, timedelta
+from datetime import datetime, time, timedelta
 from pathlib import Path
 from typing import Any, TypeAlias
 
@@ -37,14 +37,19 @@ _CONNECTION_ERRORS = (
 class Queries:
     """Every statement dripd runs, one file each, loaded once at import."""
 
+    active_hooks: str
     active_version: str
     analyze_queue: str
     archive_versions: str
     backlog: str
     claim: str
     clear_default_adapter: str
+    delete_secret: str
     disable_adapter: str
+    entry_sequences: str
+    event_stats: str
     execution_status: str
+    exit_enrollments: str
     find_event: str
     find_sequence: str
     get_enrollment: str
@@ -59,9 +64,11 @@ class Queries:
     insert_version: str
     latest_enrollment: str
     list_adapters: str
+    list_secrets: str
     load_adapters: str
     load_versions: str
     lock_credentials: str
+    lock_secrets: str
     lock_sequence: str
     next_due: str
     previous_enrollment: str
@@ -69,11 +76,15 @@ class Queries:
     record: str
     release: str
     release_held: str
+    release_waits: str
     replay: str
+    secret_row: str
     set_credentials: str
     set_enrollment_status: str
+    set_secret: str
     skip_pending: str
     suppressed: str
+    upsert_secret: str
     upsert_sequence: str
 
     @classmethod
@@ -214,6 +225,7 @@ class RecordRow:
     next_due_at: datetime | None = None
     enrollment_status: str | None = None
     enrollment_reason: str | None = None
+    next_wait: str | None = None  # the event the next step waits for
 
 
 _RECORD_COLUMNS = tuple(f.name for f in fields(RecordRow))
@@ -321,6 +333,13 @@ class StepRow:
     adapter: str | None
     on_failure: str
     max_attempts: int | None
+    at_time: time | None = None
+    cron: str | None = None
+    timezone: str | None = None
+    wait_event: str | None = None
+    wait_timeout: timedelta | None = None
+    on_timeout: str | None = None
+    when: str | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -329,6 +348,7 @@ class TransitionRow:
     to_key: str | None
     priority: int
     when: str | None
+    position: int = 0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -341,6 +361,8 @@ class VersionRow:
     reenroll: str
     entry_events: list[str]
     exit_events: list[str]
+    on_no_match: str
+    hooks: dict[str, Any]
     content_hash: str
     source: dict[str, Any]
     steps: list[StepRow]
@@ -377,6 +399,8 @@ async def apply_version(conn: Connection, spec: VersionRow, *, now: datetime) ->
         spec.content_hash,
         _encode_json(spec.source),
         now,
+        spec.on_no_match,
+        _encode_json(spec.hooks),
     )
     steps = spec.steps
     inserted = await conn.fetch(
@@ -390,6 +414,13 @@ async def apply_version(conn: Connection, spec: VersionRow, *, now: datetime) ->
         [s.adapter for s in steps],
         [s.on_failure for s in steps],
         [s.max_attempts for s in steps],
+        [s.at_time for s in steps],
+        [s.cron for s in steps],
+        [s.timezone for s in steps],
+        [s.wait_event for s in steps],
+        [s.wait_timeout for s in steps],
+        [s.on_timeout for s in steps],
+        [s.when for s in steps],
     )
     ids = {r["key"]: r["id"] for r in inserted}
     if spec.transitions:
@@ -401,6 +432,7 @@ async def apply_version(conn: Connection, spec: VersionRow, *, now: datetime) ->
             [ids[t.to_key] if t.to_key else None for t in ts],
             [t.priority for t in ts],
             [t.when for t in ts],
+            [t.position for t in ts],
         )
     return Applied(
         key=spec.key, tenant_key=spec.tenant_key, version=version["version"], created=True
@@ -474,9 +506,10 @@ async def insert_execution(
     enrollment_id: uuid.UUID,
     step_id: uuid.UUID,
     due_at: datetime,
+    waiting_for: str | None = None,
 ) -> uuid.UUID:
     new_id: uuid.UUID = await conn.fetchval(
-        Q.insert_execution, tenant, enrollment_id, step_id, due_at
+        Q.insert_execution, tenant, enrollment_id, step_id, due_at, waiting_for
     )
     return new_id
 
@@ -647,3 +680,101 @@ async def set_credentials(
     conn: Connection, adapter_id: uuid.UUID, blob: bytes, now: datetime
 ) -> None:
     await conn.execute(Q.set_credentials, adapter_id, blob, now)
+
+
+# --- flow: events that enroll, exit and release; secrets for hooks ------------------------
+
+
+async def exit_enrollments(
+    conn: Connection,
+    tenant: str | None,
+    subscriber_type: str,
+    subscriber_id: str,
+    key: str,
+    now: datetime,
+) -> list[uuid.UUID]:
+    rows = await conn.fetch(Q.exit_enrollments, tenant, subscriber_type, subscriber_id, key, now)
+    return [r["id"] for r in rows]
+
+
+async def release_waits(
+    conn: Connection,
+    tenant: str | None,
+    subscriber_type: str,
+    subscriber_id: str,
+    key: str,
+    event_id: int,
+    now: datetime,
+) -> list[uuid.UUID]:
+    rows = await conn.fetch(
+        Q.release_waits, tenant, subscriber_type, subscriber_id, key, event_id, now
+    )
+    return [r["id"] for r in rows]
+
+
+async def entry_sequences(conn: Connection, tenant: str | None, key: str) -> list[str]:
+    rows = await conn.fetch(Q.entry_sequences, tenant, key)
+    return [r["key"] for r in rows]
+
+
+async def event_stats(
+    db: Executor, subscribers: Sequence[tuple[str | None, str, str]], keys: Sequence[str]
+) -> dict[int, dict[str, tuple[int, datetime]]]:
+    """Per subscriber index (0-based): event key → (count, last occurred_at)."""
+    if not subscribers or not keys:
+        return {}
+    tenants, types, ids = (list(col) for col in zip(*subscribers, strict=True))
+    with translated():
+        async with acquire(db) as conn:
+            rows = await conn.fetch(Q.event_stats, tenants, types, ids, list(keys))
+    stats: dict[int, dict[str, tuple[int, datetime]]] = {}
+    for r in rows:
+        stats.setdefault(int(r["n"]) - 1, {})[r["key"]] = (int(r["count"]), r["last_at"])
+    return stats
+
+
+async def upsert_secret(
+    conn: Connection,
+    secret_id: uuid.UUID,
+    tenant: str | None,
+    name: str,
+    blob: bytes,
+    now: datetime,
+) -> asyncpg.Record:
+    row: asyncpg.Record = await conn.fetchrow(Q.upsert_secret, secret_id, tenant, name, blob, now)
+    return row
+
+
+async def secret_row(db: Executor, tenant: str | None, name: str) -> asyncpg.Record | None:
+    with translated():
+        async with acquire(db) as conn:
+            row: asyncpg.Record | None = await conn.fetchrow(Q.secret_row, tenant, name)
+            return row
+
+
+async def list_secrets(db: Executor, tenant: str | None, *, every: bool) -> list[asyncpg.Record]:
+    with translated():
+        async with acquire(db) as conn:
+            rows: list[asyncpg.Record] = await conn.fetch(Q.list_secrets, tenant, every)
+            return rows
+
+
+async def delete_secret(db: Executor, tenant: str | None, name: str) -> bool:
+    with translated():
+        async with acquire(db) as conn:
+            return await conn.fetchval(Q.delete_secret, tenant, name) is not None
+
+
+async def lock_secrets(conn: Connection) -> list[asyncpg.Record]:
+    rows: list[asyncpg.Record] = await conn.fetch(Q.lock_secrets)
+    return rows
+
+
+async def set_secret(conn: Connection, secret_id: uuid.UUID, blob: bytes, now: datetime) -> None:
+    await conn.execute(Q.set_secret, secret_id, blob, now)
+
+
+async def active_hooks(db: Executor) -> list[dict[str, Any]]:
+    with translated():
+        async with acquire(db) as conn:
+            return [dict(json_value(r["hooks"])) for r in await conn.fetch(Q.active_hooks)]

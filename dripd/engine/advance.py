@@ -1,16 +1,19 @@
-"""Where an enrollment goes after a step: transitions first, else the next step by position."""
+"""Where an enrollment goes after a step, and when: transitions first, else the next step."""
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from dripd.conditions.expr import Expr, evaluate_safely, parse
+from dripd.conditions.hooks import HookSpec, parse_hooks
 from dripd.content.liquid import Template, compile_template
 from dripd.model import OnFailure, Step
+from dripd.timing import Timing, next_due
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -22,19 +25,27 @@ class Edge:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CompiledStep:
-    """A step with its templates compiled and its way out resolved, cached per step id."""
+    """A step with its templates and conditions compiled and its ways out resolved, cached
+    per step id (a version never changes)."""
 
     step: Step
     templates: Mapping[str, Template]
+    when: Expr | None
     edges: tuple[Edge, ...]
     next_by_position: uuid.UUID | None
+    timeout_to: uuid.UUID | None  # where a timed-out wait goes (None: complete)
+    fail_on_no_match: bool
+    sequence_timezone: str | None
+    hook_specs: Mapping[str, HookSpec]  # the version's hooks
+    hooks: frozenset[str]  # the hooks this step reads (templates, its condition, its edges)
+    event_keys: frozenset[str]  # the `events.<key>` its conditions read
 
 
 @dataclass(frozen=True, slots=True)
 class Next:
     step_id: uuid.UUID | None
-    delay: timedelta
     reason: str
+    failed: bool = False  # no transition matched and the sequence says that fails
 
 
 def compile_version(rows: list[Mapping[str, Any]]) -> dict[uuid.UUID, CompiledStep]:
@@ -45,6 +56,8 @@ def compile_version(rows: list[Mapping[str, Any]]) -> dict[uuid.UUID, CompiledSt
     compiled: dict[uuid.UUID, CompiledStep] = {}
     for version_rows in by_version.values():
         version_rows.sort(key=lambda r: r["position"])
+        ids = {r["key"]: r["id"] for r in version_rows}
+        hook_specs = parse_hooks(dict(version_rows[0]["hooks"]), where="hooks")
         for index, row in enumerate(version_rows):
             step = Step(
                 id=row["id"],
@@ -58,6 +71,16 @@ def compile_version(rows: list[Mapping[str, Any]]) -> dict[uuid.UUID, CompiledSt
                 adapter=row["adapter"],
                 on_failure=OnFailure(row["on_failure"]),
                 max_attempts=row["max_attempts"],
+                timing=Timing(
+                    delay=row["delay"],
+                    at=row["at_time"],
+                    cron=row["cron"],
+                    timezone=row["timezone"],
+                ),
+                wait_event=row["wait_event"],
+                wait_timeout=row["wait_timeout"],
+                on_timeout=row["on_timeout"],
+                when=row["when_expr"],
             )
             following = version_rows[index + 1]["id"] if index + 1 < len(version_rows) else None
             edges = tuple(
@@ -68,27 +91,58 @@ def compile_version(rows: list[Mapping[str, Any]]) -> dict[uuid.UUID, CompiledSt
                 )
                 for t in row["transitions"]
             )
+            templates = {k: compile_template(v, field=k) for k, v in step.template.items()}
+            when = parse(step.when) if step.when else None
+            conditions = [e.when for e in edges if e.when is not None]
+            if when is not None:
+                conditions.append(when)
+            names = {tuple(name.split(".")) for expr in conditions for name in expr.names}
+            hooks = {path[1] for path in names if path[0] == "hooks" and len(path) > 1}
+            for template in templates.values():
+                hooks |= template.hooks()
+            if "*" in hooks:
+                hooks = set(hook_specs)
+            if step.on_timeout == "complete":
+                timeout_to = None
+            elif step.on_timeout:
+                timeout_to = ids[step.on_timeout]
+            else:
+                timeout_to = following
             compiled[step.id] = CompiledStep(
                 step=step,
-                templates={k: compile_template(v, field=k) for k, v in step.template.items()},
+                templates=templates,
+                when=when,
                 edges=edges,
                 next_by_position=following,
+                timeout_to=timeout_to,
+                fail_on_no_match=row["on_no_match"] == "fail",
+                sequence_timezone=row["sequence_timezone"],
+                hook_specs=hook_specs,
+                hooks=frozenset(hooks),
+                event_keys=frozenset(
+                    path[1] for path in names if path[0] == "events" and len(path) > 1
+                ),
             )
     return compiled
 
 
 def choose_next(
     current: CompiledStep,
-    steps: Mapping[uuid.UUID, CompiledStep],
     context: Mapping[str, Any],
     on_error: Callable[[str, str], None],
+    *,
+    timed_out: bool = False,
 ) -> Next:
-    """The next step (None: the enrollment is done) and why.
+    """The next step (None: the enrollment ends) and why.
 
-    With transitions, the first match by priority wins and no match completes the
-    enrollment with reason `no_matching_transition`; a condition that cannot be
-    evaluated counts as false (fail closed) and is reported through `on_error`.
+    A wait that timed out goes to its `on_timeout` step (else the next one). Otherwise, with
+    transitions, the first match by priority wins, and no match completes the enrollment
+    with reason `no_matching_transition` (or fails it, if the sequence says so); a condition
+    that cannot be evaluated counts as false (fail closed) and is reported through
+    `on_error`. Without transitions the next step by position follows.
     """
+    if timed_out:
+        return Next(current.timeout_to, "wait_timeout" if current.timeout_to else "completed")
     if current.edges:
         for edge in current.edges:
             if edge.when is not None:
@@ -97,10 +151,23 @@ def choose_next(
                     on_error(edge.when.source, error)
                 if not matched:
                     continue
-            if edge.to is None:
-                return Next(None, timedelta(0), "completed")
-            return Next(edge.to, steps[edge.to].step.delay, "transition")
-        return Next(None, timedelta(0), "no_matching_transition")
-    if current.next_by_position is None:
-        return Next(None, timedelta(0), "completed")
-    return Next(current.next_by_position, steps[current.next_by_position].step.delay, "next")
+            return Next(edge.to, "transition" if edge.to else "completed")
+        return Next(None, "no_matching_transition", failed=current.fail_on_no_match)
+    return Next(current.next_by_position, "next" if current.next_by_position else "completed")
+
+
+def recipient_zone(
+    step: CompiledStep, enrollment_timezone: str | None, default: ZoneInfo
+) -> ZoneInfo:
+    """The recipient's zone: their own (data `timezone`), else the sequence's, else the
+    configured default. Both names were validated when stored."""
+    name = enrollment_timezone or step.sequence_timezone
+    return ZoneInfo(name) if name else default
+
+
+def schedule(step: CompiledStep, *, base: datetime, tz: ZoneInfo) -> tuple[datetime, str | None]:
+    """When `step` falls due once reached at `base`, and the event it waits for, if any."""
+    s = step.step
+    if s.wait_event is not None and s.wait_timeout is not None:
+        return base + s.wait_timeout, s.wait_event
+    return next_due(s.timing, base=base, tz=tz), None

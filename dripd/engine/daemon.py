@@ -19,10 +19,12 @@ from dripd import __version__
 from dripd.api import ALL_TENANTS, replay
 from dripd.channels.credentials import ENV_VAR, Vault
 from dripd.clock import Clock, SystemClock
+from dripd.conditions.hooks import NetPolicy
 from dripd.config import Config
 from dripd.control import ControlServer
 from dripd.db import migrate, store
 from dripd.engine.adapters import AdapterSet
+from dripd.engine.hookset import HookSet
 from dripd.engine.pipeline import Pipeline, Policy
 from dripd.engine.worker import Settings, Worker
 from dripd.errors import ConfigError, DatabaseError, DripdError, NotFound
@@ -126,6 +128,13 @@ class Daemon:
         )
         self.pool = pool
         adapters = AdapterSet(vault)
+        hooks = HookSet(
+            pool=pool,
+            vault=vault,
+            policy=NetPolicy(
+                allow_http=cfg.hooks.allow_http, allowed_networks=cfg.allowed_networks
+            ),
+        )
         tasks: list[asyncio.Task[Any]] = []
         control: ControlServer | None = None
         http: HttpServer | None = None
@@ -136,10 +145,12 @@ class Daemon:
                 with store.translated():
                     await migrate.require_current(conn)
             await adapters.load(await store.load_adapters(pool))
+            hooks.preload(await store.active_hooks(pool))
             pipeline = Pipeline(
                 clock=self.clock,
                 metrics=self.metrics,
                 resolve=adapters.resolve,
+                hooks=hooks.for_step,
                 policy=Policy(
                     max_attempts=cfg.worker.max_attempts,
                     retry_base=cfg.retry_base,
@@ -159,6 +170,7 @@ class Daemon:
                     lease=cfg.lease,
                     poll_interval=cfg.poll_interval,
                     record_linger=cfg.record_linger,
+                    default_timezone=cfg.default_timezone,
                 ),
             )
             self.worker = worker
@@ -227,6 +239,7 @@ class Daemon:
             if listener is not None:
                 await listener.close()
             await adapters.aclose()
+            await hooks.aclose()
             await pool.close()
 
     async def _stats(self, pool: store.Pool) -> None:

@@ -6,13 +6,15 @@ import random
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import structlog
 
 from dripd.channels.base import Channel, Message, PermanentError, TransientError
 from dripd.clock import Clock
+from dripd.conditions.expr import evaluate_safely
+from dripd.conditions.hooks import HookEnrollment, HookError, Hooks, HookStep, PythonHookSpec
 from dripd.content.liquid import TemplateError
 from dripd.engine.advance import CompiledStep
 from dripd.metrics import Metrics
@@ -29,6 +31,7 @@ from dripd.rules.suppression import normalize
 log = structlog.get_logger("dripd.pipeline")
 
 Resolve = Callable[[str | None, str, str | None], "tuple[Adapter, Channel] | str"]
+HooksFor = Callable[[CompiledStep, str | None], Hooks]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -64,24 +67,39 @@ def template_context(item: ClaimedExecution, step: CompiledStep) -> dict[str, An
         "tenant_key": item.tenant_key,
         "sequence_key": step.step.sequence_key,
         "step_key": step.step.key,
+        "hooks": item.facts.hooks,
     }
 
 
-def condition_context(item: ClaimedExecution) -> dict[str, Any]:
+def condition_context(item: ClaimedExecution, now: datetime) -> dict[str, Any]:
+    """The names a `when` condition reads (see the expression language)."""
     return {
         "data": item.data,
         "subscriber_id": item.subscriber_id,
         "subscriber_type": item.subscriber_type,
         "tenant_key": item.tenant_key,
+        "event": item.event,
+        "events": item.facts.events,
+        "hooks": item.facts.hooks,
+        "now": now,
     }
 
 
 class Pipeline:
-    def __init__(self, *, clock: Clock, metrics: Metrics, policy: Policy, resolve: Resolve) -> None:
+    def __init__(
+        self,
+        *,
+        clock: Clock,
+        metrics: Metrics,
+        policy: Policy,
+        resolve: Resolve,
+        hooks: HooksFor,
+    ) -> None:
         self._clock = clock
         self._metrics = metrics
         self._policy = policy
         self._resolve = resolve
+        self._hooks = hooks
 
     def _outcome(self, item: ClaimedExecution, verdict: Verdict, **kw: Any) -> Outcome:
         return Outcome(execution=item, verdict=verdict, finished_at=self._clock.now(), **kw)
@@ -90,9 +108,9 @@ class Pipeline:
         return step.step.max_attempts or self._policy.max_attempts
 
     def prepare(self, item: ClaimedExecution, step: CompiledStep) -> Prepared | Outcome:
-        """Gate and render; an Outcome when the execution ends here (skip, defer, fail)."""
+        """Gate, decide and render; an Outcome when the execution ends here (a step that
+        sends nothing, a skip, a defer or a failure). Hooks must have run (`run_hooks`)."""
         channel = step.step.channel
-        assert channel is not None
         if item.enrollment_status is EnrollmentStatus.PAUSED:
             # The record statement holds the row until the enrollment resumes.
             return self._outcome(
@@ -117,6 +135,21 @@ class Pipeline:
                 channel=channel,
                 error=f"gave up after {item.attempt} attempts (leases expired without a record)",
             )
+        if step.step.wait_event is not None:
+            how = "event" if item.event is not None else "timeout"
+            self._metrics.waits_released.labels(how=how).inc()
+            reason = f"event:{step.step.wait_event}" if how == "event" else "wait_timeout"
+            return self._outcome(item, Verdict.DONE, reason=reason)
+        if step.when is not None:
+            holds, error = evaluate_safely(step.when, condition_context(item, self._clock.now()))
+            if error is not None:
+                self.condition_failed(item, step.when.source, error)
+            if not holds:
+                return self._outcome(
+                    item, Verdict.SKIPPED, channel=channel, reason="condition_false"
+                )
+        if channel is None:
+            return self._outcome(item, Verdict.DONE, reason="no_channel")
         context = template_context(item, step)
         try:
             rendered = {name: t.render(context) for name, t in step.templates.items()}
@@ -154,6 +187,48 @@ class Pipeline:
             message=message,
             address=normalize(channel, to),
         )
+
+    def condition_failed(self, item: ClaimedExecution, expression: str, error: str) -> None:
+        """Count and log a condition that could not be evaluated (it counted as false)."""
+        self._metrics.condition_errors.inc()
+        log.warning(
+            "condition failed closed",
+            execution_id=str(item.id),
+            expression=expression,
+            error=error,
+        )
+
+    async def run_hooks(self, item: ClaimedExecution, step: CompiledStep) -> Outcome | None:
+        """Call the hooks the step reads, once each, into `item.facts.hooks`; a hook that
+        fails is a transient failure of the step (retried with backoff, then failed)."""
+        runner = self._hooks(step, item.tenant_key)
+        for name in sorted(step.hooks - item.facts.hooks.keys()):
+            kind = "python" if isinstance(step.hook_specs[name], PythonHookSpec) else "http"
+            started = time.perf_counter()
+            try:
+                item.facts.hooks[name] = await runner.run(
+                    name,
+                    context=template_context(item, step),
+                    webhook_id=f"{item.id}.{name}",
+                    enrollment=HookEnrollment(
+                        id=str(item.enrollment_id),
+                        tenant_key=item.tenant_key,
+                        sequence_key=step.step.sequence_key,
+                        subscriber_type=item.subscriber_type,
+                        subscriber_id=item.subscriber_id,
+                        data=item.data,
+                    ),
+                    step=HookStep(key=step.step.key, channel=step.step.channel),
+                )
+            except HookError as exc:
+                self._metrics.hook_calls.labels(kind=kind, result="error").inc()
+                return self._failure(
+                    item, step, step.step.channel, None, None, TransientError(exc.message)
+                )
+            finally:
+                self._metrics.hook_duration.labels(kind=kind).observe(time.perf_counter() - started)
+            self._metrics.hook_calls.labels(kind=kind, result="ok").inc()
+        return None
 
     def suppressed(self, p: Prepared) -> Outcome:
         return self._outcome(
@@ -198,7 +273,7 @@ class Pipeline:
         self,
         item: ClaimedExecution,
         step: CompiledStep,
-        channel: str,
+        channel: str | None,
         adapter: Adapter | None,
         address: str | None,
         exc: TransientError | PermanentError,

@@ -62,6 +62,18 @@ async def preview(
             "channel": step.channel,
             "after": format_duration(step.delay),
         }
+        if step.timing.at is not None:
+            entry["at"] = step.timing.at.isoformat(timespec="minutes")
+        if step.timing.cron is not None:
+            entry["cron"] = step.timing.cron
+        if step.wait_event is not None and step.wait_timeout is not None:
+            entry["wait_for"] = {
+                "event": step.wait_event,
+                "timeout": format_duration(step.wait_timeout),
+            }
+        if compiled.hooks:
+            # Hooks are not called by a preview (they may have effects): see `dripd hook test`.
+            entry["hooks"] = sorted(compiled.hooks)
         context = template_context(item, compiled)
         rendered: dict[str, str] = {}
         errors: list[str] = []
@@ -70,8 +82,8 @@ async def preview(
                 rendered[name] = template.render(context)
             except TemplateError as exc:  # every step's problem is reported, not the first
                 errors.append(str(exc))
-        assert step.channel is not None
-        entry["to"] = rendered.pop("to", None) or default_recipient(step.channel, data)
+        default = default_recipient(step.channel, data) if step.channel else None
+        entry["to"] = rendered.pop("to", None) or default
         entry.update(rendered)
         if errors:
             entry["error"] = "; ".join(errors)

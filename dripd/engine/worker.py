@@ -6,16 +6,24 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from functools import partial
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import structlog
 
 from dripd.clock import Clock
 from dripd.db import store
-from dripd.engine.advance import CompiledStep, choose_next, compile_version
+from dripd.engine.advance import (
+    CompiledStep,
+    choose_next,
+    compile_version,
+    recipient_zone,
+    schedule,
+)
 from dripd.engine.pipeline import Pipeline, Prepared, condition_context
 from dripd.errors import Conflict, DripdError, Refused
 from dripd.metrics import Metrics
@@ -43,6 +51,15 @@ class Settings:
     lease: timedelta
     poll_interval: timedelta
     record_linger: timedelta
+    default_timezone: ZoneInfo = field(default_factory=lambda: ZoneInfo("UTC"))
+
+
+@dataclass(frozen=True, slots=True)
+class Hooked:
+    """A claimed execution whose step reads hooks: prepared by a sender, after the calls."""
+
+    item: ClaimedExecution
+    step: CompiledStep
 
 
 @dataclass(slots=True)
@@ -80,7 +97,7 @@ class Worker:
         self._pipeline = pipeline
         self._s = settings
         self._steps: dict[uuid.UUID, CompiledStep] = {}
-        self._queue: asyncio.Queue[Prepared] = asyncio.Queue()
+        self._queue: asyncio.Queue[Prepared | Hooked] = asyncio.Queue()
         self._held = _Held()
         self._wake = asyncio.Event()
         self._room = asyncio.Event()
@@ -224,6 +241,8 @@ class Worker:
                 subscriber_type=r["subscriber_type"],
                 subscriber_id=r["subscriber_id"],
                 data=r["data"],
+                timezone=r["timezone"],
+                event=_event(r["event"]),
             )
             for r in rows
         ]
@@ -244,10 +263,14 @@ class Worker:
             self._steps.update(
                 compile_version(await store.load_versions(self._pool, list(missing)))
             )
+        await self._gather_events(items)
         prepared: list[Prepared] = []
         for item in items:
             step = self._steps[item.step_id]
             self._metrics.claimed(step.step.channel or "none")
+            if step.hooks and item.enrollment_status is EnrollmentStatus.ACTIVE:
+                self._queue.put_nowait(Hooked(item, step))  # network I/O: a sender runs it
+                continue
             try:
                 result = self._pipeline.prepare(item, step)
             except Exception as exc:  # the per-step guard: one bad row never stops a batch
@@ -273,18 +296,64 @@ class Worker:
             else:
                 self._queue.put_nowait(p)
 
+    async def _gather_events(self, items: list[ClaimedExecution]) -> None:
+        """Load `events.<key>` statistics for the items whose conditions read them."""
+        wanted = [i for i in items if self._steps[i.step_id].event_keys]
+        if not wanted:
+            return
+        keys = sorted({k for i in wanted for k in self._steps[i.step_id].event_keys})
+        stats = await store.event_stats(
+            self._pool, [(i.tenant_key, i.subscriber_type, i.subscriber_id) for i in wanted], keys
+        )
+        for n, item in enumerate(wanted):
+            found = stats.get(n, {})
+            for key in self._steps[item.step_id].event_keys:
+                count, last_at = found.get(key, (0, None))
+                item.facts.events[key] = {"count": count, "last_at": last_at}
+
     async def _sender(self) -> None:
         while True:
-            p = await self._queue.get()
+            job = await self._queue.get()
             self._sending += 1
             self._no_sends.clear()
             try:
-                outcome = await self._pipeline.send(p)
+                if isinstance(job, Hooked):
+                    outcome = await self._hooked(job)
+                else:
+                    outcome = await self._pipeline.send(job)
             finally:
                 self._sending -= 1
                 if not self._sending:
                     self._no_sends.set()
-            self._recorder.add(outcome)
+            if outcome is not None:
+                self._recorder.add(outcome)
+
+    async def _hooked(self, job: Hooked) -> Outcome | None:
+        """The path of a step that reads hooks: call them, then prepare, check, send."""
+        item, step = job.item, job.step
+        try:
+            result: Prepared | Outcome | None = await self._pipeline.run_hooks(item, step)
+            if result is None:
+                result = self._pipeline.prepare(item, step)
+            if isinstance(result, Prepared):
+                key = (item.tenant_key, result.message.channel, result.address)
+                if await store.suppressed(self._pool, [key]):
+                    return self._pipeline.suppressed(result)
+                return await self._pipeline.send(result)
+            return result
+        except DripdError as exc:
+            # The database failed the suppression check: the lease runs out and it runs again.
+            log.warning("suppression check failed", execution_id=str(item.id), error=exc.message)
+            return None
+        except Exception as exc:  # the per-step guard
+            log.exception("hooked step failed", execution_id=str(item.id))
+            return Outcome(
+                execution=item,
+                verdict=Verdict.FAILED,
+                channel=step.step.channel,
+                error=f"internal error: {type(exc).__name__}: {exc}",
+                finished_at=self._clock.now(),
+            )
 
     # --- recording ---------------------------------------------------------------------------
 
@@ -337,30 +406,30 @@ class Worker:
             and outcome.reason.startswith("enrollment_")
         ):
             return row  # the enrollment has ended; nothing follows
+        if verdict is Verdict.DONE:
+            row.event_type = None  # nothing was sent: no message event
         if verdict is Verdict.FAILED and step.step.on_failure is OnFailure.FAIL:
             row.enrollment_status = EnrollmentStatus.FAILED.value
             row.enrollment_reason = f"step {step.step.key!r} failed"
             return row
-        nxt = choose_next(step, self._steps, condition_context(item), self._condition_error(item))
+        nxt = choose_next(
+            step,
+            condition_context(item, outcome.finished_at),
+            partial(self._pipeline.condition_failed, item),
+            timed_out=step.step.wait_event is not None and item.event is None,
+        )
         if nxt.step_id is None:
-            row.enrollment_status = EnrollmentStatus.COMPLETED.value
+            failed = nxt.failed
+            row.enrollment_status = (
+                EnrollmentStatus.FAILED if failed else EnrollmentStatus.COMPLETED
+            ).value
             row.enrollment_reason = nxt.reason
         else:
+            following = self._steps[nxt.step_id]
+            zone = recipient_zone(following, item.timezone, self._s.default_timezone)
             row.next_step_id = nxt.step_id
-            row.next_due_at = outcome.finished_at + nxt.delay
+            row.next_due_at, row.next_wait = schedule(following, base=outcome.finished_at, tz=zone)
         return row
-
-    def _condition_error(self, item: ClaimedExecution) -> Callable[[str, str], None]:
-        def report(expression: str, error: str) -> None:
-            self._metrics.condition_errors.inc()
-            log.warning(
-                "condition failed closed",
-                execution_id=str(item.id),
-                expression=expression,
-                error=error,
-            )
-
-        return report
 
     async def _release(self, by_token: dict[uuid.UUID, list[uuid.UUID]]) -> None:
         for token, ids in by_token.items():
@@ -528,6 +597,15 @@ def _log_outcome(o: Outcome) -> None:
             error=o.error,
             retry_at=str(o.retry_at),
         )
+
+
+def _event(value: Any) -> dict[str, Any] | None:
+    """The releasing event as claimed (jsonb), with its time as a datetime again."""
+    if value is None:
+        return None
+    event = dict(store.json_value(value))
+    event["occurred_at"] = datetime.fromisoformat(event["occurred_at"])
+    return event
 
 
 async def _first(*aws: Awaitable[Any]) -> None:

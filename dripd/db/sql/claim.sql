@@ -20,4 +20,11 @@ WHERE e.id IN (
     )
   AND en.id = e.enrollment_id
 RETURNING e.id, e.enrollment_id, e.step_id, e.tenant_key, e.due_at, e.attempt, e.replay,
-          e.advance, en.status AS enrollment_status, en.subscriber_type, en.subscriber_id, en.data
+          e.advance, en.status AS enrollment_status, en.subscriber_type, en.subscriber_id, en.data,
+          en.timezone,
+          -- A wait released by an event carries that event to the step's transitions.
+          CASE WHEN e.event_id IS NOT NULL THEN
+              (SELECT jsonb_build_object('key', ev.key, 'data', ev.data, 'id', ev.id,
+                                         'occurred_at', ev.occurred_at)
+               FROM dripd.events AS ev WHERE ev.id = e.event_id)
+          END AS event

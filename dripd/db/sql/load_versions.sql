@@ -1,11 +1,13 @@
 -- Every step and transition of the versions that own the given steps (cache misses only).
 -- $1 step ids
 SELECT s.id, s.version_id, s.key, s.position, s.channel, s.delay, s.template, s.adapter,
-       s.on_failure, s.max_attempts, q.key AS sequence_key,
+       s.on_failure, s.max_attempts, s.at_time, s.cron, s.timezone, s.wait_event,
+       s.wait_timeout, s.on_timeout, s.when_expr, q.key AS sequence_key,
+       v.timezone AS sequence_timezone, v.on_no_match, v.hooks,
        (SELECT coalesce(jsonb_agg(jsonb_build_object(
                    'from', t.from_step_id, 'to', t.to_step_id,
                    'priority', t.priority, 'when', t.when_expr)
-                   ORDER BY t.priority, t.id), '[]')
+                   ORDER BY t.priority, t.position, t.id), '[]')
         FROM dripd.transitions AS t WHERE t.from_step_id = s.id) AS transitions
 FROM dripd.steps AS s
 JOIN dripd.sequence_versions AS v ON v.id = s.version_id
