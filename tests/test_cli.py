@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import io
 import json
 from pathlib import Path
@@ -350,3 +351,68 @@ async def _blobs(dsn: str) -> dict[Any, bytes]:
         return {r["id"]: bytes(r["credentials"]) for r in rows}
     finally:
         await conn.close()
+
+
+def test_secrets_are_stored_encrypted_listed_without_values_and_rotated(
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    dsn: str,
+    tmp_path: Path,
+) -> None:
+    from dripd.channels.credentials import Vault
+    from dripd.engine.hookset import secret_aad
+
+    old, new = generate_key(), generate_key()
+    monkeypatch.setenv("DRIPD_ENCRYPTION_KEY", old)
+    monkeypatch.setattr("sys.stdin", io.StringIO("tok-secret-1\n"))
+    code, out, err = run(capsys, "secret", "set", "crm_token", "--dsn", dsn, "--json")
+    assert (code, json.loads(out)) == (
+        0,
+        {"name": "crm_token", "tenant_key": None, "created": True},
+    )
+    code, out, _ = run(
+        capsys, "secret", "generate", "crm_signing", "--tenant", "acme", "--dsn", dsn
+    )
+    assert code == 0
+    signing = out.strip()
+    assert signing.startswith("whsec_")
+    assert len(base64.b64decode(signing.removeprefix("whsec_"))) == 32
+    empty = tmp_path / "empty"
+    empty.write_text("\n")
+    code, _, err = run(capsys, "secret", "set", "x", "--from-file", str(empty), "--dsn", dsn)
+    assert (code, err.strip()) == (2, "dripd: --from-file: the secret is empty")
+
+    code, out, _ = run(capsys, "secret", "list", "--all-tenants", "--dsn", dsn, "--json")
+    listed = json.loads(out)
+    assert [(r["tenant_key"], r["name"]) for r in listed] == [
+        (None, "crm_token"),
+        ("acme", "crm_signing"),
+    ]
+    assert "tok-secret-1" not in out
+    assert signing not in out
+
+    async def blobs() -> dict[str, tuple[Any, bytes]]:
+        conn = await asyncpg.connect(dsn)
+        try:
+            rows = await conn.fetch("SELECT id, name, value FROM dripd.secrets")
+            return {r["name"]: (r["id"], bytes(r["value"])) for r in rows}
+        finally:
+            await conn.close()
+
+    stored = asyncio.run(blobs())
+    assert b"tok-secret-1" not in stored["crm_token"][1]
+    monkeypatch.setenv("DRIPD_ENCRYPTION_KEY", new)
+    monkeypatch.setenv("DRIPD_ENCRYPTION_KEYS_RETIRED", old)
+    code, out, err = run(capsys, "rotate-key", "--dsn", dsn, "--json")
+    assert code == 0, err
+    assert sorted(json.loads(out)["rotated_secrets"]) == ["crm_signing", "crm_token"]
+    secret_id, blob = asyncio.run(blobs())["crm_token"]
+    assert Vault.from_text(new).decrypt(blob, aad=secret_aad(secret_id)) == {
+        "value": "tok-secret-1"
+    }
+
+    code, out, _ = run(capsys, "secret", "delete", "crm_token", "--dsn", dsn)
+    assert (code, out.strip()) == (0, "secret crm_token deleted")
+    code, _, err = run(capsys, "secret", "delete", "crm_token", "--dsn", dsn)
+    assert code == 1
+    assert "no secret 'crm_token' for tenant (global)" in err

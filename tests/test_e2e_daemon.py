@@ -853,13 +853,23 @@ async def test_flow_end_to_end_through_dripd_run(
         await add_adapter(
             pool, name="smtp", channel="email", provider="smtp", config=smtp_config(sink.port)
         )
-        tested = await cli("hook", "test", "trial", "crm", "--subscriber", "probe", env=env)
-        assert tested == {"hook": "crm", "result": {"tier": "gold"}}
-
         d = launch("d")
         d.env = env
         with d.config.open("a") as f:
             f.write('\n[hooks]\nallow_http = true\nallowed_networks = ["127.0.0.1/32"]\n')
+        refused = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "dripd.cli", "hook", "test", "trial", "crm",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            env={**_daemon_env(), **env},
+        )  # fmt: skip
+        _, err = await refused.communicate()
+        assert refused.returncode == 1  # the default policy: https and public addresses only
+        assert "URL scheme 'http' is not allowed" in err.decode()
+        tested = await cli(
+            "hook", "test", "trial", "crm", "--subscriber", "probe", "--config", str(d.config),
+            env=env,
+        )  # fmt: skip
+        assert tested == {"hook": "crm", "result": {"tier": "gold"}}
         await d.start()
         for who in ("ann", "bob", "cid"):
             data = json.dumps({"email": f"{who}@example.com"})

@@ -506,3 +506,65 @@ text = "Hi"
     (row,) = await executions(pool)
     assert (row["status"], row["reason"]) == ("skipped", "condition_false")
     assert sent(outbox) == []
+
+
+# -- hooks through the daemon ------------------------------------------------------------------
+
+HOOKED = """
+[sequence]
+key = "hooked"
+
+[hooks.plan]
+python = "hookmods:{fn}"
+timeout = "2s"
+
+[[steps]]
+key = "offer"
+channel = "email"
+when = "hooks.plan.plan == 'pro'"
+subject = "Offer for {{{{ hooks.plan.plan }}}} ({{{{ hooks.plan.step }}}})"
+text = "Hi"
+max_attempts = 2
+"""
+
+
+async def test_a_python_hook_feeds_the_step_condition_and_the_template(
+    dsn: str, pool: asyncpg.Pool, clock: ManualClock, outbox: Path, tmp_path: Path
+) -> None:
+    await apply_text(pool, HOOKED.format(fn="plan_for"))
+    async with running_daemon(dsn, tmp_path, clock=clock) as daemon:
+        pro = await enroll(pool, clock, "hooked", "pro", plan="pro")
+        free = await enroll(pool, clock, "hooked", "free", plan="free")
+        await wait_for(lambda: _status_is(pool, pro.id, "completed"))
+        await wait_for(lambda: _status_is(pool, free.id, "completed"))
+        calls = daemon.metrics.hook_calls.labels(kind="python", result="ok")._value.get()
+    assert [m["subject"] for m in sent(outbox)] == ["Offer for pro (offer/email)"]
+    free_row = next(r for r in await executions(pool) if r["enrollment_id"] == free.id)
+    assert (free_row["status"], free_row["reason"]) == ("skipped", "condition_false")
+    assert calls == 2  # once per execution, though the step reads it three times
+
+
+async def test_a_failing_hook_is_retried_then_fails_the_step_naming_the_hook(
+    dsn: str, pool: asyncpg.Pool, clock: ManualClock, outbox: Path, tmp_path: Path
+) -> None:
+    await apply_text(pool, HOOKED.format(fn="raises"))
+    async with running_daemon(dsn, tmp_path, clock=clock, retry_base="1m"):
+        e = await enroll(pool, clock, "hooked", "h", plan="pro")
+        row = await wait_for(_one_with(pool, "scheduled", attempt=1))
+        assert "hook 'plan' (hookmods:raises) raised ValueError: no plan for h" in row["last_error"]
+        clock.advance(timedelta(minutes=2))
+        await wait_for(lambda: _status_is(pool, e.id, "failed"))
+    (row,) = await executions(pool)
+    assert row["status"] == "failed"
+    assert row["last_error"].startswith("gave up after 2 attempts: hook 'plan'")
+    assert sent(outbox) == []
+
+
+def _one_with(pool: asyncpg.Pool, status: str, *, attempt: int):  # type: ignore[no-untyped-def]
+    async def check() -> asyncpg.Record | None:
+        rows = await executions(pool)
+        if len(rows) == 1 and rows[0]["status"] == status and rows[0]["attempt"] == attempt:
+            return rows[0]
+        return None
+
+    return check
