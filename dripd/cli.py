@@ -376,40 +376,39 @@ async def cmd_adapter_disable(args: argparse.Namespace, cfg: Config) -> None:
 async def cmd_rotate_key(args: argparse.Namespace, cfg: Config) -> None:
     vault = Vault.from_env()
 
+    def reseal(
+        rows: list[Any], column: str, kind: str, aad_of: Callable[[uuid.UUID], bytes]
+    ) -> list[tuple[Any, bytes]]:
+        """New blobs for the rows not yet under the current key; raises before any write."""
+        resealed = []
+        for row in rows:
+            if vault.is_current(row[column]):
+                continue
+            aad = aad_of(row["id"])
+            try:
+                plain = vault.decrypt(row[column], aad=aad)
+            except DripdError as exc:
+                # Nothing is written: the whole rotation is one transaction.
+                raise CredentialsError(
+                    f"{kind} {row['name']!r} (tenant {row['tenant_key'] or '-'}): {exc.message}"
+                ) from exc
+            resealed.append((row, vault.encrypt(plain, aad=aad)))
+        return resealed
+
     async def run(conn: store.Connection) -> dict[str, Any]:
-        rotated: list[str] = []
         async with store.transaction(conn) as tx:
-            rows = await store.lock_credentials(tx)
             now = datetime.now(UTC)
-            for row in rows:
-                if vault.is_current(row["credentials"]):
-                    continue
-                aad = adapter_aad(row["id"])
-                try:
-                    plain = vault.decrypt(row["credentials"], aad=aad)
-                except DripdError as exc:
-                    # Nothing is written: the whole rotation is one transaction.
-                    raise CredentialsError(
-                        f"adapter {row['name']!r} (tenant {row['tenant_key'] or '-'}): "
-                        f"{exc.message}"
-                    ) from exc
-                await store.set_credentials(tx, row["id"], vault.encrypt(plain, aad=aad), now)
-                rotated.append(row["name"])
+            rows = await store.lock_credentials(tx)
+            adapters = reseal(rows, "credentials", "adapter", adapter_aad)
             secrets = await store.lock_secrets(tx)
-            rotated_secrets: list[str] = []
-            for row in secrets:
-                if vault.is_current(row["value"]):
-                    continue
-                aad = secret_aad(row["id"])
-                try:
-                    plain = vault.decrypt(row["value"], aad=aad)
-                except DripdError as exc:
-                    raise CredentialsError(
-                        f"secret {row['name']!r} (tenant {row['tenant_key'] or '-'}): {exc.message}"
-                    ) from exc
-                await store.set_secret(tx, row["id"], vault.encrypt(plain, aad=aad), now)
-                rotated_secrets.append(row["name"])
+            resealed_secrets = reseal(secrets, "value", "secret", secret_aad)
+            for row, blob in adapters:
+                await store.set_credentials(tx, row["id"], blob, now)
+            for row, blob in resealed_secrets:
+                await store.set_secret(tx, row["id"], blob, now)
             await store.notify_adapters(tx)
+        rotated = [row["name"] for row, _ in adapters]
+        rotated_secrets = [row["name"] for row, _ in resealed_secrets]
         return {
             "key_id": vault.key_id,
             "rotated": rotated,

@@ -11,6 +11,7 @@ from typing import Any
 import asyncpg
 import msgspec
 import pytest
+import structlog.testing
 from support import add_adapter, apply_text, executions, running_daemon, wait_for
 
 from dripd import api
@@ -568,3 +569,16 @@ def _one_with(pool: asyncpg.Pool, status: str, *, attempt: int):  # type: ignore
         return None
 
     return check
+
+
+async def test_python_hooks_are_imported_at_start_and_a_broken_one_is_named(
+    dsn: str, pool: asyncpg.Pool, clock: ManualClock, tmp_path: Path
+) -> None:
+    await apply_text(pool, HOOKED.format(fn="no_such_function"))
+    with structlog.testing.capture_logs() as logs:
+        async with running_daemon(dsn, tmp_path, clock=clock):
+            pass
+    (entry,) = [e for e in logs if e["event"] == "python hook cannot be loaded"]
+    assert entry["log_level"] == "error"
+    assert entry["hook"] == "plan"
+    assert "hookmods:no_such_function" in entry["error"]

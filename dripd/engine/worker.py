@@ -268,7 +268,11 @@ class Worker:
         for item in items:
             step = self._steps[item.step_id]
             self._metrics.claimed(step.step.channel or "none")
-            if step.hooks and item.enrollment_status is EnrollmentStatus.ACTIVE:
+            if (
+                step.hooks
+                and item.enrollment_status is EnrollmentStatus.ACTIVE
+                and item.attempt < self._pipeline.max_attempts(step)
+            ):
                 self._queue.put_nowait(Hooked(item, step))  # network I/O: a sender runs it
                 continue
             try:
