@@ -80,6 +80,7 @@ class Seen:
     headers: dict[str, str]
     body: bytes
     signed: bool
+    client_port: int
 
 
 Reply = Response | Callable[[], Awaitable[Response]]
@@ -108,6 +109,7 @@ class Receiver:
                 headers=headers,
                 body=body,
                 signed=signed,
+                client_port=request.client.port if request.client else 0,
             )
         )
         reply = self.replies.pop(0) if self.replies else JSONResponse({"ok": True})
@@ -449,6 +451,17 @@ async def test_cookies_are_not_kept_between_calls(receiver: Receiver, harness: H
     await run(hooks, "score")
     assert "set-cookie" not in receiver.seen[0].headers
     assert "cookie" not in receiver.seen[1].headers
+
+
+async def test_connections_are_not_reused_across_calls(
+    receiver: Receiver, harness: Harness
+) -> None:
+    # The pool is keyed by address, not name: a reused TLS connection would carry one
+    # name's verified session to another name on the same address.
+    hooks = harness.hooks({"score": http_hook(receiver.url("/k"))})
+    await run(hooks, "score")
+    await run(hooks, "score")
+    assert receiver.seen[0].client_port != receiver.seen[1].client_port
 
 
 async def test_unknown_hook(harness: Harness) -> None:

@@ -561,6 +561,10 @@ def build_client(*, verify: ssl.SSLContext | bool = True) -> httpx.AsyncClient:
         trust_env=False,
         follow_redirects=False,
         cookies=no_cookies,
+        # No kept-alive connections: the pool is keyed by (scheme, address, port), so a TLS
+        # connection verified for one host name could otherwise carry a request for another
+        # name on the same address. A handshake per call is the price of that guarantee.
+        limits=httpx.Limits(max_keepalive_connections=0),
         verify=verify,
         headers={"user-agent": f"dripd/{__version__}"},
     )

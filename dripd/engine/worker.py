@@ -346,8 +346,9 @@ class Worker:
                 return await self._pipeline.send(result)
             return result
         except DripdError as exc:
-            # The database failed the suppression check: the lease runs out and it runs again.
+            # The database failed the suppression check: give the row back untouched.
             log.warning("suppression check failed", execution_id=str(item.id), error=exc.message)
+            await self._release({item.claim_token: [item.id]})
             return None
         except Exception as exc:  # the per-step guard
             log.exception("hooked step failed", execution_id=str(item.id))
@@ -423,9 +424,8 @@ class Worker:
             timed_out=step.step.wait_event is not None and item.event is None,
         )
         if nxt.step_id is None:
-            failed = nxt.failed
             row.enrollment_status = (
-                EnrollmentStatus.FAILED if failed else EnrollmentStatus.COMPLETED
+                EnrollmentStatus.FAILED if nxt.failed else EnrollmentStatus.COMPLETED
             ).value
             row.enrollment_reason = nxt.reason
         else:
