@@ -12,9 +12,10 @@ from typing import Any, Literal
 from zoneinfo import ZoneInfo
 
 import msgspec
+import phonenumbers
 
 from dripd.errors import ConfigError
-from dripd.model import parse_duration
+from dripd.model import parse_duration, parse_rate
 from dripd.timing import zone
 
 DEFAULT_PATH = Path("/etc/dripd/dripd.toml")
@@ -54,6 +55,7 @@ class Control(_Section):
 class Http(_Section):
     listen: str = "127.0.0.1:8025"
     enabled: bool = True
+    max_body_bytes: int = 65536
 
 
 class Log(_Section):
@@ -67,6 +69,56 @@ class Email(_Section):
 
 class Recipients(_Section):
     default_timezone: str = "UTC"
+    default_region: str = "US"
+
+
+class Tenant(_Section):
+    timezone: str | None = None
+
+
+class Windows(_Section):
+    spread: str = "10m"
+    channels: list[str] = msgspec.field(
+        default_factory=lambda: ["email", "sms", "whatsapp", "chat"]
+    )
+
+
+class RateLimits(_Section):
+    adapter: dict[str, str] = msgspec.field(default_factory=dict)
+    provider: dict[str, str] = msgspec.field(default_factory=dict)
+    sending_domain: dict[str, str] = msgspec.field(default_factory=dict)
+    recipient_domain: dict[str, str] = msgspec.field(default_factory=dict)
+    tenant: dict[str, str] = msgspec.field(default_factory=dict)
+    sequence: dict[str, str] = msgspec.field(default_factory=dict)
+
+
+class Quota(_Section):
+    scope: Literal["adapter", "mailbox", "tenant", "sequence", "global"]
+    limit: int
+    key: str = "*"
+    period: Literal["day", "hour"] = "day"
+    timezone: str = "UTC"
+
+
+class Thresholds(_Section):
+    enabled: bool = True
+    window: str = "7d"
+    bounce_rate: float = 0.02
+    complaint_rate: float = 0.003
+    min_volume: int = 100
+    interval: str = "1m"
+
+
+class Unsubscribe(_Section):
+    base_url: str = ""
+    mailto: str = ""
+    token_ttl: str = "60d"
+
+
+class Leads(_Section):
+    enabled: bool = False
+    sequence: str = ""
+    tenant: str = ""
 
 
 class Hooks(_Section):
@@ -83,6 +135,13 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     email: Email = msgspec.field(default_factory=Email)
     recipients: Recipients = msgspec.field(default_factory=Recipients)
     hooks: Hooks = msgspec.field(default_factory=Hooks)
+    tenants: dict[str, Tenant] = msgspec.field(default_factory=dict)
+    windows: Windows = msgspec.field(default_factory=Windows)
+    rate_limits: RateLimits = msgspec.field(default_factory=RateLimits)
+    quotas: list[Quota] = msgspec.field(default_factory=list)
+    thresholds: Thresholds = msgspec.field(default_factory=Thresholds)
+    unsubscribe: Unsubscribe = msgspec.field(default_factory=Unsubscribe)
+    leads: Leads = msgspec.field(default_factory=Leads)
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -173,6 +232,48 @@ def _validate(cfg: Config) -> None:
     if not re.fullmatch(r"[A-Za-z0-9.-]+", cfg.email.message_id_domain):
         raise ConfigError("email.message_id_domain: must be a host name")
     zone(cfg.recipients.default_timezone, where="recipients.default_timezone")
+    if cfg.recipients.default_region not in phonenumbers.SUPPORTED_REGIONS:
+        raise ConfigError(
+            f"recipients.default_region: {cfg.recipients.default_region!r} is not a region "
+            'code such as "US" or "DE"'
+        )
+    _positive(cfg.http.max_body_bytes, "http.max_body_bytes")
+    for key, tenant in cfg.tenants.items():
+        if tenant.timezone is not None:
+            zone(tenant.timezone, where=f"tenants.{key}.timezone")
+    cfg.windows._duration("spread")
+    for scope in (
+        "adapter",
+        "provider",
+        "sending_domain",
+        "recipient_domain",
+        "tenant",
+        "sequence",
+    ):
+        for key, rate in getattr(cfg.rate_limits, scope).items():
+            parse_rate(rate, where=f"rate_limits.{scope}.{key}")
+    for n, quota in enumerate(cfg.quotas):
+        _positive(quota.limit, f"quotas[{n}].limit")
+        zone(quota.timezone, where=f"quotas[{n}].timezone")
+        if quota.scope == "global" and quota.key != "*":
+            raise ConfigError(f"quotas[{n}].key: a global quota has no key")
+    t = cfg.thresholds
+    for name in ("window", "interval"):
+        t._duration(name)
+    for name in ("bounce_rate", "complaint_rate"):
+        if not 0 < getattr(t, name) <= 1:
+            raise ConfigError(f"thresholds.{name}: must be a fraction in (0, 1], e.g. 0.02")
+    _positive(t.min_volume, "thresholds.min_volume")
+    cfg.unsubscribe._duration("token_ttl")
+    if cfg.unsubscribe.base_url and not re.fullmatch(
+        r"https?://[^\s/]+(/\S*)?", cfg.unsubscribe.base_url
+    ):
+        raise ConfigError(
+            f"unsubscribe.base_url: {cfg.unsubscribe.base_url!r} is not a URL like "
+            '"https://mail.example.com"'
+        )
+    if cfg.leads.enabled and not cfg.leads.sequence:
+        raise ConfigError("leads.sequence: required when leads.enabled (the sequence leads enter)")
     for n, network in enumerate(cfg.hooks.allowed_networks):
         try:
             ip_network(network, strict=False)

@@ -83,6 +83,21 @@ def parse_duration(text: str, *, where: str = "duration") -> timedelta:
     return timedelta(seconds=int(match.group(1)) * _UNIT_SECONDS[match.group(2)])
 
 
+_RATE = re.compile(r"^\s*(\d+)\s*/\s*(\d*)\s*(s|m|h|d)\s*$")
+
+
+def parse_rate(text: str, *, where: str = "rate") -> tuple[int, timedelta]:
+    """Parse `"100/1m"` (or `"100/m"`, `"10/15s"`) into (limit, window)."""
+    match = _RATE.match(text) if isinstance(text, str) else None
+    if match is None or int(match.group(1)) <= 0 or match.group(2) in ("0", "00"):
+        raise ConfigError(
+            f'{where}: {text!r} is not a rate; use "<count>/<window>" with a positive count '
+            'and a window such as 1s, 1m, 15m, 1h or 1d, e.g. "100/1m"'
+        )
+    amount = int(match.group(2) or 1)
+    return int(match.group(1)), timedelta(seconds=amount * _UNIT_SECONDS[match.group(3)])
+
+
 def format_duration(delta: timedelta) -> str:
     """The shortest exact duration string for `delta`."""
     ms = round(delta.total_seconds() * 1000)

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, fields
 from datetime import datetime, time, timedelta
 from pathlib import Path
-from typing import Any, TypeAlias
+from typing import Any, TypeAlias, TypeVar
 
 import asyncpg
 import msgspec
@@ -89,7 +89,16 @@ class Queries:
 
     @classmethod
     def load(cls) -> Queries:
-        return cls(**{f.name: (_SQL_DIR / f"{f.name}.sql").read_text() for f in fields(cls)})
+        return load_statements(cls, _SQL_DIR)
+
+
+_T = TypeVar("_T")
+
+
+def load_statements(cls: type[_T], folder: Path) -> _T:
+    """A dataclass of statements, one field per `<field>.sql` file in `folder` (a store
+    module of one area keeps its statements in a subfolder of sql/)."""
+    return cls(**{f.name: (folder / f"{f.name}.sql").read_text() for f in fields(cls)})  # type: ignore[call-arg, arg-type]
 
 
 Q = Queries.load()
