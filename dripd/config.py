@@ -112,7 +112,7 @@ class Thresholds(_Section):
 class Unsubscribe(_Section):
     base_url: str = ""
     mailto: str = ""
-    token_ttl: str = "60d"
+    token_ttl: str = "60d"  # noqa: S105 - a duration, not a password
 
 
 class Leads(_Section):

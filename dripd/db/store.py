@@ -98,7 +98,7 @@ _T = TypeVar("_T")
 def load_statements(cls: type[_T], folder: Path) -> _T:
     """A dataclass of statements, one field per `<field>.sql` file in `folder` (a store
     module of one area keeps its statements in a subfolder of sql/)."""
-    return cls(**{f.name: (folder / f"{f.name}.sql").read_text() for f in fields(cls)})  # type: ignore[call-arg, arg-type]
+    return cls(**{f.name: (folder / f"{f.name}.sql").read_text() for f in fields(cls)})  # type: ignore[arg-type]
 
 
 Q = Queries.load()
