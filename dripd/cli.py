@@ -21,8 +21,8 @@ from dripd.channels import registry
 from dripd.channels.credentials import ENV_VAR, Vault, generate_key
 from dripd.config import Config
 from dripd.control import request as control_request
+from dripd.db import intake, store
 from dripd.db import migrate as migrate_mod
-from dripd.db import store
 from dripd.engine.adapters import adapter_aad
 from dripd.engine.hookset import secret_aad
 from dripd.errors import ConfigError, CredentialsError, DripdError, NotFound
@@ -165,7 +165,7 @@ async def cmd_enroll(args: argparse.Namespace, cfg: Config) -> None:
             subscriber_id=args.subscriber,
             subscriber_type=args.type,
             data=data,
-            default_timezone=cfg.recipients.default_timezone,
+            default_timezone=cfg.timezone_of(args.tenant),
         ),
     )
     _print(
@@ -190,7 +190,7 @@ async def cmd_event(args: argparse.Namespace, cfg: Config) -> None:
             subscriber_type=args.type,
             data=data,
             idempotency_id=args.id,
-            default_timezone=cfg.recipients.default_timezone,
+            default_timezone=cfg.timezone_of(args.tenant),
         ),
     )
 
@@ -566,6 +566,46 @@ async def cmd_keygen(args: argparse.Namespace, cfg: Config) -> None:
     _print(args, {"key": key, "env": ENV_VAR}, lambda r: r["key"])
 
 
+# --- API tokens ----------------------------------------------------------------------------
+
+
+async def cmd_token_create(args: argparse.Namespace, cfg: Config) -> None:
+    token, row = await _with_conn(
+        args,
+        cfg,
+        lambda c: intake.create_token(c, tenant=args.tenant, name=args.name, now=datetime.now(UTC)),
+    )
+    # Shown once: dripd keeps only its SHA-256.
+    result = {"token": token, "id": str(row.id), "tenant_key": row.tenant_key, "name": row.name}
+    _print(args, result, lambda r: r["token"])
+
+
+async def cmd_token_list(args: argparse.Namespace, cfg: Config) -> None:
+    rows = await _with_conn(
+        args, cfg, lambda c: intake.list_tokens(c, args.tenant, all_tenants=args.all_tenants)
+    )
+    _print(
+        args,
+        [r.to_dict() for r in rows],
+        lambda rs: (
+            "\n".join(
+                f"{r['id']}  {r['tenant_key'] or '-'}\t{r['name']}"
+                + (f"  revoked {r['revoked_at']}" if r["revoked_at"] else "")
+                for r in rs
+            )
+            or "no tokens"
+        ),
+    )
+
+
+async def cmd_token_revoke(args: argparse.Namespace, cfg: Config) -> None:
+    token_id = _uuid(args.token_id, "ID")
+    row = await _with_conn(args, cfg, lambda c: intake.revoke_token(c, token_id, datetime.now(UTC)))
+    if row is None:
+        raise NotFound(f"no API token {token_id}")
+    _print(args, row.to_dict(), lambda r: f"token {r['id']} revoked")
+
+
 # --- the daemon --------------------------------------------------------------------------
 
 
@@ -585,6 +625,10 @@ async def cmd_ctl(args: argparse.Namespace, cfg: Config) -> None:
         if len(rest) != 1:
             raise ConfigError("ctl replay: takes exactly one EXECUTION_ID")
         payload = {"execution_id": rest[0]}
+    elif command == "resume-adapter":
+        if len(rest) not in (1, 2):
+            raise ConfigError("ctl resume-adapter: takes NAME and, for a tenant's adapter, TENANT")
+        payload = {"name": rest[0], "tenant": rest[1] if len(rest) == 2 else None}
     elif rest:
         raise ConfigError(f"ctl {command}: takes no arguments")
     result = await control_request(socket_path, command, payload, timeout=args.timeout)
@@ -604,6 +648,12 @@ async def cmd_dev(args: argparse.Namespace, cfg: Config) -> None:
 def _tenant_arg(text: str) -> str:
     if not text.strip():
         raise argparse.ArgumentTypeError("must not be empty (leave --tenant out for global)")
+    return text
+
+
+def _name_arg(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
     return text
 
 
@@ -740,6 +790,20 @@ def _parser() -> argparse.ArgumentParser:
     sd.set_defaults(handler=cmd_secret_delete)
     sd.add_argument("name", metavar="NAME")
 
+    tk = sub.add_parser("token", help="HTTP API tokens: create, list, revoke")
+    tk_sub = tk.add_subparsers(dest="token_cmd", required=True, metavar="ACTION")
+    tc = tk_sub.add_parser(
+        "create", parents=[db, tenant], help="create an API token and print it (only this once)"
+    )
+    tc.set_defaults(handler=cmd_token_create)
+    tc.add_argument("--name", default="api", type=_name_arg, help="what it is for (default api)")
+    tl = tk_sub.add_parser("list", parents=[db, tenant], help="list API tokens (never the tokens)")
+    tl.set_defaults(handler=cmd_token_list)
+    tl.add_argument("--all-tenants", action="store_true")
+    tr = tk_sub.add_parser("revoke", parents=[db], help="revoke an API token")
+    tr.set_defaults(handler=cmd_token_revoke)
+    tr.add_argument("token_id", metavar="ID")
+
     hk = sub.add_parser("hook", help="hooks: test")
     hk_sub = hk.add_subparsers(dest="hook_cmd", required=True, metavar="ACTION")
     ht = hk_sub.add_parser(
@@ -763,7 +827,9 @@ def _parser() -> argparse.ArgumentParser:
     ctl = add("ctl", cmd_ctl, "talk to a running daemon over its control socket", [common])
     ctl.add_argument("--socket", help="control socket (default: control.socket)")
     ctl.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for an answer")
-    ctl.add_argument("command", choices=["status", "pause", "resume", "drain", "replay"])
+    ctl.add_argument(
+        "command", choices=["status", "pause", "resume", "drain", "replay", "resume-adapter"]
+    )
     ctl.add_argument("args", nargs="*")
     return p
 

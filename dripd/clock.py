@@ -12,8 +12,9 @@ class Clock(Protocol):
         """The current time, aware UTC."""
         ...
 
-    async def sleep(self, seconds: float) -> None:
-        """Sleep for `seconds` of this clock's time."""
+    async def sleep_until(self, when: datetime) -> None:
+        """Sleep until this clock reads `when` (at once if it has passed). A deadline, not a
+        duration: time that passes before the sleep starts is not slept again."""
         ...
 
 
@@ -23,8 +24,8 @@ class SystemClock:
     def now(self) -> datetime:
         return datetime.now(UTC)
 
-    async def sleep(self, seconds: float) -> None:
-        await asyncio.sleep(max(seconds, 0.0))
+    async def sleep_until(self, when: datetime) -> None:
+        await asyncio.sleep(max((when - self.now()).total_seconds(), 0.0))
 
 
 class ManualClock:
@@ -45,7 +46,6 @@ class ManualClock:
     def set(self, when: datetime) -> None:
         self.advance(when - self._now)
 
-    async def sleep(self, seconds: float) -> None:
-        deadline = self._now + timedelta(seconds=max(seconds, 0.0))
-        while self._now < deadline:
+    async def sleep_until(self, when: datetime) -> None:
+        while self._now < when:
             await self._changed.wait()

@@ -9,7 +9,6 @@ from datetime import timedelta
 from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
 from typing import Any, Literal
-from zoneinfo import ZoneInfo
 
 import msgspec
 import phonenumbers
@@ -183,9 +182,11 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     def connect_timeout(self) -> timedelta:
         return self.database._duration("connect_timeout")
 
-    @property
-    def default_timezone(self) -> ZoneInfo:
-        return ZoneInfo(self.recipients.default_timezone)
+    def timezone_of(self, tenant: str | None) -> str:
+        """The zone of a tenant's recipients who name none: `tenants.<key>.timezone`, else
+        `recipients.default_timezone`."""
+        own = self.tenants.get(tenant) if tenant is not None else None
+        return (own.timezone if own else None) or self.recipients.default_timezone
 
     @property
     def allowed_networks(self) -> tuple[IPv4Network | IPv6Network, ...]:
@@ -265,12 +266,12 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"thresholds.{name}: must be a fraction in (0, 1], e.g. 0.02")
     _positive(t.min_volume, "thresholds.min_volume")
     cfg.unsubscribe._duration("token_ttl")
-    if cfg.unsubscribe.base_url and not re.fullmatch(
-        r"https?://[^\s/]+(/\S*)?", cfg.unsubscribe.base_url
-    ):
+    base_url = cfg.unsubscribe.base_url
+    if base_url and not re.fullmatch(r"https://[^\s/,<>\"]+(/[^\s,<>\"]*)?", base_url):
+        # RFC 8058: one-click unsubscribe URIs must be https.
         raise ConfigError(
-            f"unsubscribe.base_url: {cfg.unsubscribe.base_url!r} is not a URL like "
-            '"https://mail.example.com"'
+            f"unsubscribe.base_url: {base_url!r} is not an https URL like "
+            '"https://mail.example.com" (RFC 8058 requires https)'
         )
     if cfg.leads.enabled and not cfg.leads.sequence:
         raise ConfigError("leads.sequence: required when leads.enabled (the sequence leads enter)")

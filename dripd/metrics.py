@@ -116,6 +116,19 @@ class Metrics:
             ["how"],
             registry=r,
         )
+        self.deferrals = Counter(
+            "dripd_deferrals_total",
+            "Executions deferred by a sending rule, by reason (outside_window, rate_limited, "
+            "quota_exhausted, adapter_paused, enrollment_paused).",
+            ["reason"],
+            registry=r,
+        )
+        self.adapter_paused = Gauge(
+            "dripd_adapter_paused",
+            "1 while an adapter is paused by a bounce or complaint threshold, else 0.",
+            ["adapter"],
+            registry=r,
+        )
         self.info = Gauge("dripd_info", "Build information; always 1.", ["version"], registry=r)
         self.info.labels(version=version).set(1)
 

@@ -15,6 +15,9 @@ from dripd.timing import Timing
 # Channels, and the subscriber data key each takes its recipient from when a step has no `to`.
 CHANNELS = frozenset({"email", "sms", "whatsapp", "chat", "webhook"})
 DEFAULT_RECIPIENT = {"email": "email", "sms": "phone", "whatsapp": "phone"}
+# Channels whose body is a text message with a length limit (`max_length`, default 1600).
+SMS_CHANNELS = frozenset({"sms", "whatsapp"})
+SMS_MAX_LENGTH = 1600
 
 
 class EnrollmentStatus(StrEnum):
@@ -129,6 +132,8 @@ class Step:
     wait_timeout: timedelta | None = None
     on_timeout: str | None = None  # a step key, "complete", or None: the next step
     when: str | None = None
+    require_verified: bool = False
+    max_length: int | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -144,6 +149,7 @@ class Adapter:
     credentials: dict[str, Any] = field(repr=False)
     is_default: bool
     enabled: bool
+    paused_reason: str | None = None  # paused by a bounce/complaint threshold
 
 
 @dataclass(slots=True)
@@ -173,6 +179,7 @@ class ClaimedExecution:
     subscriber_id: str
     data: dict[str, Any]
     timezone: str | None = None
+    created_at: datetime | None = None  # when the execution was scheduled (quota order)
     event: dict[str, Any] | None = None  # the event that released a wait: key, data, occurred_at
     facts: Facts = field(default_factory=Facts)
 
@@ -192,4 +199,5 @@ class Outcome:
     provider_message_id: str | None = None
     retry_at: datetime | None = None
     attempted: bool = False  # a send was tried: a retry or failure spends an attempt
+    bounced: bool = False  # the provider refused the address for good: suppress it
     finished_at: datetime

@@ -15,7 +15,8 @@ from dripd.conditions.hooks import parse_hooks
 from dripd.content.liquid import TemplateError, compile_template
 from dripd.db.store import StepRow, TransitionRow, VersionRow
 from dripd.errors import ConfigError, SequenceFileError
-from dripd.model import CHANNELS, DEFAULT_RECIPIENT, parse_duration
+from dripd.model import CHANNELS, DEFAULT_RECIPIENT, SMS_CHANNELS, parse_duration
+from dripd.rules.window import parse_window
 from dripd.timing import check_cron, parse_at, zone
 
 _CONTENT = {
@@ -46,6 +47,7 @@ class SequenceHeader(_Strict):
     entry_events: list[str] = msgspec.field(default_factory=list)
     exit_events: list[str] = msgspec.field(default_factory=list)
     on_no_match: Literal["complete", "fail"] = "complete"
+    window: dict[str, Any] | None = None
 
 
 class WaitFor(_Strict):
@@ -63,6 +65,9 @@ class StepSpec(_Strict):
     timezone: str | None = None
     wait_for: WaitFor | None = None
     when: str | None = None
+    window: dict[str, Any] | None = None
+    require_verified: bool = False
+    max_length: int | None = None
     subject: str | None = None
     text: str | None = None
     html: str | None = None
@@ -167,6 +172,8 @@ def _validate(spec: SequenceFile, source: str) -> VersionRow:
         )
     try:
         hooks = parse_hooks(spec.hooks, where="hooks")
+        if head.window is not None:
+            parse_window(head.window, where="key 'sequence.window'")
     except ConfigError as exc:
         raise fail(exc.message) from exc
     if not spec.steps:
@@ -233,6 +240,7 @@ def _validate(spec: SequenceFile, source: str) -> VersionRow:
         exit_events=head.exit_events,
         on_no_match=head.on_no_match,
         hooks=spec.hooks,
+        send_window=head.window,
         content_hash=digest,
         source=source_doc,
         steps=steps,
@@ -364,6 +372,20 @@ def _step(step: StepSpec, position: int, fail: Any, steps: set[str], hooks: set[
         template = _content(step, fail, hooks)
     if step.max_attempts is not None and step.max_attempts <= 0:
         raise fail("key 'max_attempts': must be a positive integer")
+    if step.window is not None:
+        if step.channel is None:
+            raise fail("key 'window': a step without a channel sends nothing to hold back")
+        try:
+            parse_window(step.window, where="key 'window'")
+        except ConfigError as exc:
+            raise fail(exc.message) from exc
+    if step.max_length is not None:
+        if step.channel not in SMS_CHANNELS:
+            raise fail(f"key 'max_length': only for {' and '.join(sorted(SMS_CHANNELS))} steps")
+        if step.max_length <= 0:
+            raise fail("key 'max_length': must be a positive number of characters")
+    if step.require_verified and step.channel is None:
+        raise fail("key 'require_verified': a step without a channel sends nothing")
     return StepRow(
         key=step.key,
         position=position,
@@ -380,6 +402,9 @@ def _step(step: StepSpec, position: int, fail: Any, steps: set[str], hooks: set[
         wait_timeout=wait_timeout,
         on_timeout=on_timeout,
         when=step.when,
+        send_window=step.window,
+        require_verified=step.require_verified,
+        max_length=step.max_length,
     )
 
 

@@ -21,6 +21,14 @@ CREATE TABLE dripd.quota_ledger (
     PRIMARY KEY (bucket, period_start)
 );
 
+-- Send windows (sequence default and per step) and per-step rules.
+ALTER TABLE dripd.sequence_versions
+    ADD COLUMN send_window jsonb CHECK (send_window IS NULL OR jsonb_typeof(send_window) = 'object');
+ALTER TABLE dripd.steps
+    ADD COLUMN send_window jsonb CHECK (send_window IS NULL OR jsonb_typeof(send_window) = 'object'),
+    ADD COLUMN require_verified boolean NOT NULL DEFAULT false,
+    ADD COLUMN max_length integer CHECK (max_length IS NULL OR max_length > 0);
+
 -- Bounce/complaint thresholds pause an adapter until an operator resumes it.
 ALTER TABLE dripd.channel_adapters
     ADD COLUMN paused_at     timestamptz,

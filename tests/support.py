@@ -8,6 +8,7 @@ import email
 import gc
 import socket
 import threading
+import time
 import uuid
 import warnings
 from collections.abc import AsyncIterator
@@ -56,8 +57,18 @@ class SmtpSink:
     messages: list[EmailMessage] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
     reply: str | None = None  # e.g. "451 try later" to refuse DATA
+    unknown: frozenset[str] = frozenset()  # addresses refused at RCPT TO with 550 (bounces)
+    arrivals: list[float] = field(default_factory=list)  # time.time() of each accepted message
     controller: Controller | None = None
     port: int = 0
+
+    async def handle_RCPT(
+        self, server: Any, session: Any, envelope: Any, address: str, options: Any
+    ) -> str:
+        if address.lower() in self.unknown:
+            return "550 5.1.1 No such user here"
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         if self.reply:
@@ -67,6 +78,7 @@ class SmtpSink:
         assert isinstance(msg, EmailMessage)
         with self.lock:
             self.messages.append(msg)
+            self.arrivals.append(time.time())
         return "250 OK"
 
     def start(self, port: int | None = None) -> SmtpSink:

@@ -15,6 +15,7 @@ import signal
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -907,3 +908,42 @@ async def test_flow_end_to_end_through_dripd_run(
         assert signing not in log
     finally:
         await server.stop()
+
+
+# --- a shared rate limit: three daemons, one budget, counted at the SMTP sink ----------------
+
+
+@pytest.mark.timeout(120)
+async def test_three_daemons_never_exceed_a_shared_rate_limit(
+    pool: asyncpg.Pool, sink: GatedSink, launch: Launch
+) -> None:
+    limit, window, total = 10, 2, 60
+    await setup_sequence(pool, sink.port)
+    await enroll_many(pool, total)
+    daemons = []
+    for name in ("a", "b", "c"):
+        d = launch(name, concurrency=20)
+        with d.config.open("a") as f:
+            f.write(f'\n[rate_limits]\nadapter = {{ smtp = "{limit}/{window}s" }}\n')
+        daemons.append(d)
+    await asyncio.gather(*(d.start() for d in daemons))
+    try:
+        await wait_for(lambda: all_sent(pool, total), timeout=60)
+    except AssertionError:
+        raise AssertionError(tails(*daemons)) from None
+    assert sink.count() == total
+    # Count arrivals per window as the receiver sees them (windows align to the epoch).
+    per_window = Counter(int(t // window) for t in sink.arrivals)
+    assert max(per_window.values()) <= limit, sorted(per_window.items())
+    assert len(per_window) >= total // limit  # it took at least that many windows
+    # Deferring for the limit never spent an attempt.
+    limited = await pool.fetchval(
+        "SELECT count(*) FROM dripd.message_events WHERE type = 'deferred' "
+        "AND reason = 'rate_limited'"
+    )
+    assert limited > 0, "no execution was ever rate limited"
+    attempts = await pool.fetch("SELECT DISTINCT attempt FROM dripd.step_executions")
+    assert [r["attempt"] for r in attempts] == [0]
+    for d in daemons:
+        d.signal(signal.SIGTERM)
+    assert [await d.wait(30) for d in daemons] == [0, 0, 0]

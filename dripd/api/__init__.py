@@ -16,8 +16,11 @@ from enum import Enum
 from typing import Any, Final, TypeAlias
 
 import asyncpg
+import email_validator
+import phonenumbers
 
-from dripd.db import store
+from dripd.db import feedback, leads, store
+from dripd.db.leads import DuplicateLead
 from dripd.errors import ConfigError, Conflict, NotFound
 from dripd.model import EnrollmentStatus
 from dripd.rules.suppression import normalize
@@ -25,14 +28,19 @@ from dripd.timing import Timing, next_due, zone
 
 __all__ = [
     "ALL_TENANTS",
+    "DuplicateLead",
     "Enrollment",
     "Event",
+    "InvalidLead",
+    "Lead",
     "Replayed",
     "Suppression",
+    "create_lead",
     "enroll",
     "get_enrollment",
     "pause",
     "replay",
+    "report",
     "resume",
     "suppress",
     "track_event",
@@ -236,7 +244,7 @@ async def _enroll_in(
         )
         due = next_due(timing, base=at, tz=tz)
     await store.insert_execution(
-        conn, tenant, row["id"], seq["first_step_id"], due, waiting_for=waiting_for
+        conn, tenant, row["id"], seq["first_step_id"], due, now=at, waiting_for=waiting_for
     )
     await store.notify_due(conn, due)
     return row["id"], True
@@ -480,6 +488,46 @@ async def suppress(
     )
 
 
+_SUPPRESSES = {"bounced": "bounce", "complained": "complaint", "unsubscribed": "unsubscribe"}
+
+
+async def report(
+    db: Db,
+    *,
+    tenant: str | None,
+    execution_id: uuid.UUID,
+    type: str,
+    reason: str | None = None,
+    source: str | None = None,
+    now: datetime | None = None,
+) -> bool:
+    """Record what became of a sent message (delivered, opened, clicked, replied, bounced,
+    complained, unsubscribed) as a message event of its execution. A bounce, a complaint
+    or an unsubscribe also suppresses the recipient, in the same transaction; bounces and
+    complaints count towards the adapter's thresholds. False when there is no such
+    execution in the tenant scope."""
+    _tenant(tenant)
+    at = _now(now)
+    async with store.transaction(db) as conn:
+        recorded = await feedback.record_feedback(
+            conn, tenant=tenant, execution_id=execution_id, type=type, reason=reason, now=at
+        )
+        if recorded is None:
+            return False
+        suppression = _SUPPRESSES.get(type)
+        if suppression and recorded.channel and recorded.recipient:
+            await store.insert_suppression(
+                conn,
+                tenant=tenant,
+                channel=recorded.channel,
+                address=recorded.recipient,
+                reason=suppression,
+                source=source or "report",
+                now=at,
+            )
+        return True
+
+
 async def replay(
     db: Db,
     *,
@@ -507,3 +555,138 @@ async def replay(
             )
         await store.notify_due(conn, at)
     return Replayed(execution_id=row["id"], replay=row["replay"], advances=row["advance"])
+
+
+# --- leads (the lead-drip intake) --------------------------------------------------------
+
+LEAD_NAME_MAX = 200
+LEAD_NOTES_MAX = 2000
+_PHONE_HINT = "write it like +1 202 555 0143"
+
+
+class InvalidLead(ConfigError):
+    """A lead's field is invalid."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"{field}: {reason}")
+        self.field = field
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Lead:
+    id: uuid.UUID
+    tenant_key: str | None
+    name: str
+    email: str | None
+    phone: str | None
+    notes: str | None
+    enrollment_id: uuid.UUID | None
+    created_at: datetime
+
+    def to_dict(self) -> dict[str, Any]:
+        return _jsonable(asdict(self))
+
+
+def _blank_to_none(value: str | None, field: str) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise InvalidLead(field, "must be a string")
+    return value.strip() or None
+
+
+def _lead_name(name: str) -> str:
+    if not isinstance(name, str) or not name.strip():
+        raise InvalidLead("name", "a name is required")
+    name = name.strip()
+    if len(name) > LEAD_NAME_MAX:
+        raise InvalidLead("name", f"the name must be at most {LEAD_NAME_MAX} characters")
+    if not name.isprintable():
+        raise InvalidLead("name", "the name must be one line of text, without control characters")
+    return name
+
+
+def _lead_email(email: str) -> str:
+    try:
+        checked = email_validator.validate_email(email, check_deliverability=False)
+    except email_validator.EmailNotValidError as exc:
+        raise InvalidLead("email", str(exc)) from exc
+    return normalize("email", checked.normalized)
+
+
+def _lead_phone(phone: str, region: str) -> str:
+    try:
+        number = phonenumbers.parse(phone, region)
+    except phonenumbers.NumberParseException as exc:
+        raise InvalidLead("phone", f"this is not a phone number ({_PHONE_HINT})") from exc
+    if not phonenumbers.is_valid_number(number):
+        raise InvalidLead("phone", f"this phone number is not valid ({_PHONE_HINT})")
+    return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+
+
+async def create_lead(
+    db: Db,
+    *,
+    tenant: str | None,
+    sequence_key: str,
+    name: str,
+    email: str | None,
+    phone: str | None,
+    notes: str | None,
+    default_region: str = "US",
+    default_timezone: str = "UTC",
+    now: datetime | None = None,
+) -> Lead:
+    """Validate a lead, store it and enroll it in `sequence_key`, all in one transaction.
+
+    Email is stored normalized and lowercased, phone in E.164 (a national number is read in
+    `default_region`); blank email, phone and notes count as absent, and one of email and
+    phone is required. An invalid field raises InvalidLead and a lead already holding the
+    email or phone raises DuplicateLead; both are ConfigErrors whose `.field` names the
+    field and whose message starts with it. The enrollment (subscriber type "lead", the
+    lead's id as subscriber id) gets name, first_name, email, phone, notes and lead_id as
+    data; if it fails (NotFound, Conflict) no lead is stored.
+    """
+    _tenant(tenant)
+    name = _lead_name(name)
+    email = _blank_to_none(email, "email")
+    phone = _blank_to_none(phone, "phone")
+    notes = _blank_to_none(notes, "notes")
+    if email is None and phone is None:
+        raise InvalidLead("email", "give an email address or a phone number")
+    if email is not None:
+        email = _lead_email(email)
+    if phone is not None:
+        phone = _lead_phone(phone, default_region)
+    if notes is not None and len(notes) > LEAD_NOTES_MAX:
+        raise InvalidLead("notes", f"the notes must be at most {LEAD_NOTES_MAX} characters")
+    if notes is not None and "\x00" in notes:  # Postgres text cannot hold it
+        raise InvalidLead("notes", "the notes must not contain NUL characters")
+    _zone(default_timezone, "default_timezone")
+    at = _now(now)
+    async with store.transaction(db) as conn:
+        row = await leads.insert_lead(
+            conn, tenant=tenant, name=name, email=email, phone=phone, notes=notes, now=at
+        )
+        data = {
+            "name": name,
+            "first_name": name.split()[0],
+            "email": email,
+            "phone": phone,
+            "notes": notes,
+            "lead_id": str(row["id"]),
+        }
+        enrollment_id, _ = await _enroll_in(
+            conn, tenant, sequence_key, "lead", str(row["id"]), data, at, default_timezone
+        )
+        row = await leads.set_lead_enrollment(conn, row["id"], enrollment_id)
+    return Lead(
+        id=row["id"],
+        tenant_key=row["tenant_key"],
+        name=row["name"],
+        email=row["email"],
+        phone=row["phone"],
+        notes=row["notes"],
+        enrollment_id=row["enrollment_id"],
+        created_at=row["created_at"],
+    )

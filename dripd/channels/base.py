@@ -69,6 +69,11 @@ class PermanentError(ChannelError):
 
     code = "permanent"
 
+    def __init__(self, message: str | None = None, *, bounce: bool = False) -> None:
+        super().__init__(message)
+        # The recipient's address is refused for good (a hard bounce): suppress it.
+        self.bounce = bounce
+
 
 class Channel(Protocol):
     """A connected provider that delivers messages of one or more channels."""

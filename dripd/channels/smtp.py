@@ -23,6 +23,8 @@ __all__ = ["CONFIG_KEYS", "SmtpChannel", "SmtpSettings", "TlsMode", "check", "fr
 CONFIG_KEYS = frozenset({"host", "port", "tls", "timeout", "pool_size", "verify", "ca_file"})
 
 IDEMPOTENCY_HEADER = "X-Dripd-Idempotency-Key"
+# RCPT TO replies that refuse the mailbox itself (RFC 5321 §4.2.3): hard bounces.
+_HARD_BOUNCE_CODES = frozenset({550, 551, 553})
 
 
 class TlsMode(StrEnum):
@@ -246,7 +248,9 @@ class SmtpChannel:
                     return PermanentError(f"{where}: authentication failed: {reply}")
                 return TransientError(f"{where}: authentication temporarily failed: {reply}")
             case aiosmtplib.SMTPRecipientsRefused(recipients=[refused, *_]):
-                return self._by_code(refused.code, refused.message, "recipient refused, ")
+                return self._by_code(
+                    refused.code, refused.message, "recipient refused, ", recipient=True
+                )
             case aiosmtplib.SMTPResponseException(code=code, message=text):
                 return self._by_code(code, text, "")
             case aiosmtplib.SMTPNotSupported():
@@ -263,10 +267,12 @@ class SmtpChannel:
             case _:
                 return TransientError(f"{where}: {type(exc).__name__}")
 
-    def _by_code(self, code: int, text: str, what: str) -> ChannelError:
+    def _by_code(self, code: int, text: str, what: str, *, recipient: bool = False) -> ChannelError:
         reply = f"{self._where}: {what}server replied {code} {self._redact(text)}".rstrip()
         if 500 <= code < 600:
-            return PermanentError(reply)
+            # A 5xx to RCPT TO (550 no such user, 551, 553 bad mailbox…) refuses the
+            # address itself: a hard bounce. Other 5xx refuse this message or this sender.
+            return PermanentError(reply, bounce=recipient and code in _HARD_BOUNCE_CODES)
         return TransientError(reply)
 
     def _redact(self, text: str) -> str:

@@ -39,6 +39,7 @@ class Queries:
 
     active_hooks: str
     active_version: str
+    adapter_rates: str
     analyze_queue: str
     archive_versions: str
     backlog: str
@@ -71,13 +72,19 @@ class Queries:
     lock_secrets: str
     lock_sequence: str
     next_due: str
+    pause_adapter: str
     previous_enrollment: str
+    purge_quota_ledger: str
     queue_stats: str
+    quota_open: str
+    quota_release: str
+    quota_take: str
     record: str
     release: str
     release_held: str
     release_waits: str
     replay: str
+    resume_adapter: str
     secret_row: str
     set_credentials: str
     set_enrollment_status: str
@@ -235,6 +242,7 @@ class RecordRow:
     enrollment_status: str | None = None
     enrollment_reason: str | None = None
     next_wait: str | None = None  # the event the next step waits for
+    suppress: str | None = None  # a suppression reason for the recipient (a hard bounce)
 
 
 _RECORD_COLUMNS = tuple(f.name for f in fields(RecordRow))
@@ -349,6 +357,9 @@ class StepRow:
     wait_timeout: timedelta | None = None
     on_timeout: str | None = None
     when: str | None = None
+    send_window: dict[str, Any] | None = None
+    require_verified: bool = False
+    max_length: int | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -372,6 +383,7 @@ class VersionRow:
     exit_events: list[str]
     on_no_match: str
     hooks: dict[str, Any]
+    send_window: dict[str, Any] | None
     content_hash: str
     source: dict[str, Any]
     steps: list[StepRow]
@@ -410,6 +422,7 @@ async def apply_version(conn: Connection, spec: VersionRow, *, now: datetime) ->
         now,
         spec.on_no_match,
         _encode_json(spec.hooks),
+        None if spec.send_window is None else _encode_json(spec.send_window),
     )
     steps = spec.steps
     inserted = await conn.fetch(
@@ -430,6 +443,9 @@ async def apply_version(conn: Connection, spec: VersionRow, *, now: datetime) ->
         [s.wait_timeout for s in steps],
         [s.on_timeout for s in steps],
         [s.when for s in steps],
+        [None if s.send_window is None else _encode_json(s.send_window) for s in steps],
+        [s.require_verified for s in steps],
+        [s.max_length for s in steps],
     )
     ids = {r["key"]: r["id"] for r in inserted}
     if spec.transitions:
@@ -515,10 +531,12 @@ async def insert_execution(
     enrollment_id: uuid.UUID,
     step_id: uuid.UUID,
     due_at: datetime,
+    *,
+    now: datetime,
     waiting_for: str | None = None,
 ) -> uuid.UUID:
     new_id: uuid.UUID = await conn.fetchval(
-        Q.insert_execution, tenant, enrollment_id, step_id, due_at, waiting_for
+        Q.insert_execution, tenant, enrollment_id, step_id, due_at, waiting_for, now
     )
     return new_id
 
@@ -787,3 +805,61 @@ async def active_hooks(db: Executor) -> list[dict[str, Any]]:
     with translated():
         async with acquire(db) as conn:
             return [dict(json_value(r["hooks"])) for r in await conn.fetch(Q.active_hooks)]
+
+
+# --- sending rules: quotas, adapter pauses -------------------------------------------------
+
+
+async def quota_reserve(db: Executor, buckets: Sequence[tuple[str, datetime, int]]) -> bool:
+    """Charge one send to every (bucket, period start, limit), or to none: False when one
+    of them is at its limit."""
+    keys = [b[0] for b in buckets]
+    starts = [b[1] for b in buckets]
+    with translated():
+        async with acquire(db) as conn, conn.transaction():
+            await conn.execute(Q.quota_open, keys, starts)
+            tr = conn.transaction()
+            await tr.start()
+            charged = await conn.fetch(Q.quota_take, keys, starts, [b[2] for b in buckets])
+            if len(charged) == len(buckets):
+                await tr.commit()
+                return True
+            await tr.rollback()
+            return False
+
+
+async def quota_release(db: Executor, buckets: Sequence[tuple[str, datetime]]) -> None:
+    with translated():
+        async with acquire(db) as conn:
+            await conn.execute(Q.quota_release, [b[0] for b in buckets], [b[1] for b in buckets])
+
+
+async def adapter_rates(db: Executor, since: datetime) -> list[asyncpg.Record]:
+    with translated():
+        async with acquire(db) as conn:
+            rows: list[asyncpg.Record] = await conn.fetch(Q.adapter_rates, since)
+            return rows
+
+
+async def pause_adapter(
+    conn: Connection, adapter_id: uuid.UUID, reason: str, now: datetime
+) -> bool:
+    return await conn.fetchval(Q.pause_adapter, adapter_id, reason, now) is not None
+
+
+async def resume_adapter(
+    db: Executor, tenant: str | None, name: str, now: datetime
+) -> asyncpg.Record | None:
+    with translated():
+        async with transaction(db) as conn:
+            row: asyncpg.Record | None = await conn.fetchrow(Q.resume_adapter, tenant, name, now)
+            if row is not None:
+                await notify_adapters(conn)
+            return row
+
+
+async def purge_quota_ledger(db: Executor, before: datetime) -> int:
+    with translated():
+        async with acquire(db) as conn:
+            status: str = await conn.execute(Q.purge_quota_ledger, before)
+    return int(status.rsplit(" ", 1)[-1])

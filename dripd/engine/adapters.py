@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterable, Mapping
+from dataclasses import replace
 from typing import Any
 
 import structlog
@@ -52,7 +53,8 @@ class AdapterSet:
             )
             old = self._by_id.get(row["id"])
             if old is not None and self._signature.get(row["id"]) == signature:
-                fresh[row["id"]] = old
+                # A pause or its lifting keeps the channel (and its open connections).
+                fresh[row["id"]] = (replace(old[0], paused_reason=row["paused_reason"]), old[1])
             else:
                 fresh[row["id"]] = self._build(row)
                 if old is not None and not isinstance(old[1], str):
@@ -92,6 +94,7 @@ class AdapterSet:
             credentials=credentials,
             is_default=row["is_default"],
             enabled=True,
+            paused_reason=row["paused_reason"],
         )
         if problem is None:
             try:

@@ -13,6 +13,7 @@ from dripd.conditions.expr import Expr, evaluate_safely, parse
 from dripd.conditions.hooks import HookSpec, parse_hooks
 from dripd.content.liquid import Template, compile_template
 from dripd.model import OnFailure, Step
+from dripd.rules.window import Window, parse_window
 from dripd.timing import Timing, next_due
 
 
@@ -39,6 +40,8 @@ class CompiledStep:
     hook_specs: Mapping[str, HookSpec]  # the version's hooks
     hooks: frozenset[str]  # the hooks this step reads (templates, its condition, its edges)
     event_keys: frozenset[str]  # the `events.<key>` its conditions read
+    window: Window | None  # the step's own send window
+    sequence_window: Window | None  # the sequence's default (for the configured channels)
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,7 +60,9 @@ def compile_version(rows: list[Mapping[str, Any]]) -> dict[uuid.UUID, CompiledSt
     for version_rows in by_version.values():
         version_rows.sort(key=lambda r: r["position"])
         ids = {r["key"]: r["id"] for r in version_rows}
-        hook_specs = parse_hooks(dict(version_rows[0]["hooks"]), where="hooks")
+        head = version_rows[0]
+        hook_specs = parse_hooks(dict(head["hooks"]), where="hooks")
+        sequence_window = _window(head["sequence_window"], "sequence.window")
         for index, row in enumerate(version_rows):
             step = Step(
                 id=row["id"],
@@ -81,6 +86,8 @@ def compile_version(rows: list[Mapping[str, Any]]) -> dict[uuid.UUID, CompiledSt
                 wait_timeout=row["wait_timeout"],
                 on_timeout=row["on_timeout"],
                 when=row["when_expr"],
+                require_verified=row["require_verified"],
+                max_length=row["max_length"],
             )
             following = version_rows[index + 1]["id"] if index + 1 < len(version_rows) else None
             edges = tuple(
@@ -122,8 +129,14 @@ def compile_version(rows: list[Mapping[str, Any]]) -> dict[uuid.UUID, CompiledSt
                 event_keys=frozenset(
                     path[1] for path in names if path[0] == "events" and len(path) > 1
                 ),
+                window=_window(row["send_window"], f"step {step.key!r} window"),
+                sequence_window=sequence_window,
             )
     return compiled
+
+
+def _window(raw: Any, where: str) -> Window | None:
+    return None if raw is None else parse_window(dict(raw), where=where)
 
 
 def choose_next(
@@ -159,8 +172,9 @@ def choose_next(
 def recipient_zone(
     step: CompiledStep, enrollment_timezone: str | None, default: ZoneInfo
 ) -> ZoneInfo:
-    """The recipient's zone: their own (data `timezone`), else the sequence's, else the
-    configured default. Both names were validated when stored."""
+    """The recipient's zone: their own (data `timezone`), else the sequence's, else
+    `default` (the tenant's zone from the config, else `recipients.default_timezone`).
+    The names were validated when stored."""
     name = enrollment_timezone or step.sequence_timezone
     return ZoneInfo(name) if name else default
 

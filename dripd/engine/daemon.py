@@ -10,7 +10,7 @@ import socket
 import time
 import uuid
 from collections.abc import Mapping
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import structlog
@@ -22,16 +22,24 @@ from dripd.clock import Clock, SystemClock
 from dripd.conditions.hooks import NetPolicy
 from dripd.config import Config
 from dripd.control import ControlServer
-from dripd.db import migrate, store
+from dripd.db import intake, limits, migrate, store
 from dripd.engine.adapters import AdapterSet
 from dripd.engine.hookset import HookSet
 from dripd.engine.pipeline import Pipeline, Policy
+from dripd.engine.sending import build_rules, watch_thresholds
 from dripd.engine.worker import Settings, Worker
 from dripd.errors import ConfigError, DatabaseError, DripdError, NotFound
 from dripd.http.app import HttpServer, build_app
+from dripd.http.context import HttpContext
+from dripd.http.routes import http_routes
 from dripd.metrics import Metrics
+from dripd.rules.limiter import RateTable
 
 log = structlog.get_logger("dripd.daemon")
+
+_HOUSEKEEPING = timedelta(hours=1)
+_IDEMPOTENCY_KEPT = timedelta(hours=24)  # an Idempotency-Key is honoured this long
+_QUOTA_KEPT = timedelta(days=3)  # ledger rows of periods long over
 
 
 class Listener:
@@ -146,11 +154,13 @@ class Daemon:
                     await migrate.require_current(conn)
             await adapters.load(await store.load_adapters(pool))
             hooks.preload(await store.active_hooks(pool))
+            rules = build_rules(cfg, pool=pool, vault=vault)
             pipeline = Pipeline(
                 clock=self.clock,
                 metrics=self.metrics,
                 resolve=adapters.resolve,
                 hooks=hooks.for_step,
+                rules=rules,
                 policy=Policy(
                     max_attempts=cfg.worker.max_attempts,
                     retry_base=cfg.retry_base,
@@ -170,7 +180,7 @@ class Daemon:
                     lease=cfg.lease,
                     poll_interval=cfg.poll_interval,
                     record_linger=cfg.record_linger,
-                    default_timezone=cfg.default_timezone,
+                    zone_of=rules.zone_of,
                 ),
             )
             self.worker = worker
@@ -196,7 +206,16 @@ class Daemon:
             control = ControlServer(cfg.control.socket, int(cfg.control.mode, 8), self.handle)
             await control.start()
             if cfg.http.enabled:
-                http = HttpServer(build_app(metrics=self.metrics, readiness=self.readiness))
+                context = HttpContext(
+                    pool=pool, config=cfg, clock=self.clock, metrics=self.metrics, vault=vault
+                )
+                http = HttpServer(
+                    build_app(
+                        metrics=self.metrics,
+                        readiness=self.readiness,
+                        routes=http_routes(context),
+                    )
+                )
                 host, port = cfg.http_host_port
                 await http.start(host, port)
             if install_signals:
@@ -207,6 +226,12 @@ class Daemon:
                 asyncio.create_task(self._stats(pool), name="stats"),
                 asyncio.create_task(self._poll_adapters(reload_adapters), name="adapters"),
             ]
+            tasks.append(asyncio.create_task(self._housekeeping(pool), name="housekeeping"))
+            if cfg.thresholds.enabled:
+                watch = watch_thresholds(
+                    pool, cfg.thresholds, clock=self.clock, metrics=self.metrics
+                )
+                tasks.append(asyncio.create_task(watch, name="thresholds"))
             work = asyncio.create_task(worker.run(), name="worker")
             log.info(
                 "dripd running",
@@ -224,6 +249,8 @@ class Daemon:
             log.info("stopping: finishing in-flight sends", in_flight=worker.in_flight)
             await worker.stop(loop.time() + cfg.shutdown_timeout.total_seconds())
             await work
+            if rules.limiter is not None:
+                await rules.limiter.give_back()  # unspent tokens return to the other daemons
             log.info("stopped", daemon=self.daemon_id)
         finally:
             if install_signals:
@@ -266,6 +293,19 @@ class Daemon:
                     max((now - oldest).total_seconds(), 0.0) if oldest else 0.0
                 )
             await asyncio.sleep(interval)
+
+    async def _housekeeping(self, pool: store.Pool) -> None:
+        """Hourly: drop rate-limit windows and idempotency keys nobody needs any more."""
+        rates = RateTable(self.config.rate_limits)
+        while True:
+            now = self.clock.now()
+            try:
+                await limits.purge(pool, now - rates.longest_window - _HOUSEKEEPING)
+                await intake.purge_idempotency(pool, now - _IDEMPOTENCY_KEPT)
+                await store.purge_quota_ledger(pool, now - _QUOTA_KEPT)
+            except DripdError as exc:
+                log.warning("housekeeping failed", error=exc.message)
+            await asyncio.sleep(_HOUSEKEEPING.total_seconds())
 
     async def _poll_adapters(self, reload: Any) -> None:
         # NOTIFY dripd_adapters is the fast path; this catches a missed one.
@@ -328,4 +368,25 @@ class Daemon:
             )
             worker.wake()
             return result.to_dict()
-        raise NotFound(f"unknown command {cmd!r}; commands: status, pause, resume, drain, replay")
+        if cmd == "resume-adapter":
+            name, tenant = args.get("name"), args.get("tenant")
+            if not isinstance(name, str) or not name:
+                raise ConfigError("name: the adapter to resume")
+            if tenant is not None and (not isinstance(tenant, str) or not tenant):
+                raise ConfigError("tenant: a tenant key, or absent for a global adapter")
+            row = await store.resume_adapter(self.pool, tenant, name, self.clock.now())
+            if row is None:
+                raise NotFound(f"no adapter {name!r} for tenant {tenant or '(global)'}")
+            if row["was_paused"] is not None:
+                log.warning(
+                    "adapter resumed by an operator",
+                    adapter=name,
+                    tenant=tenant,
+                    was_paused=row["was_paused"],
+                )
+            worker.wake()
+            return {"adapter": name, "tenant_key": tenant, "was_paused": row["was_paused"]}
+        raise NotFound(
+            f"unknown command {cmd!r}; commands: status, pause, resume, drain, replay, "
+            "resume-adapter"
+        )

@@ -4,31 +4,46 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from email.utils import parseaddr
+from typing import Any, Protocol
+from zoneinfo import ZoneInfo
 
 import structlog
 
+from dripd import config
 from dripd.channels.base import Channel, Message, PermanentError, TransientError
+from dripd.channels.credentials import Vault
 from dripd.clock import Clock
 from dripd.conditions.expr import evaluate_safely
 from dripd.conditions.hooks import HookEnrollment, HookError, Hooks, HookStep, PythonHookSpec
 from dripd.content.liquid import TemplateError
-from dripd.engine.advance import CompiledStep
+from dripd.engine.advance import CompiledStep, recipient_zone
+from dripd.errors import DripdError
 from dripd.metrics import Metrics
 from dripd.model import (
     DEFAULT_RECIPIENT,
+    SMS_CHANNELS,
+    SMS_MAX_LENGTH,
     Adapter,
     ClaimedExecution,
     EnrollmentStatus,
     Outcome,
     Verdict,
 )
+from dripd.rules.checks import missing_fields, sms_too_long, unverified
+from dripd.rules.limiter import Limiter, RateTable
+from dripd.rules.quota import QuotaBucket, drain_offset, quota_buckets
 from dripd.rules.suppression import normalize
+from dripd.rules.unsubscribe import make_token, unsubscribe_headers
+from dripd.rules.window import next_opening, spread
 
 log = structlog.get_logger("dripd.pipeline")
+
+# How soon a send deferred because the rate-limit or quota tables could not be read retries.
+_RULES_RETRY = timedelta(seconds=5)
 
 Resolve = Callable[[str | None, str, str | None], "tuple[Adapter, Channel] | str"]
 HooksFor = Callable[[CompiledStep, str | None], Hooks]
@@ -42,6 +57,39 @@ class Policy:
     retry_base: timedelta
     retry_max: timedelta
     message_id_domain: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Rules:
+    """The sending rules from the configuration, and their shared state."""
+
+    zone_of: Callable[[str | None], ZoneInfo]  # a tenant's recipients' default zone
+    window_channels: frozenset[str] = frozenset()  # where a sequence's default window applies
+    window_spread: timedelta = timedelta(minutes=10)
+    paused_adapter_retry: timedelta = timedelta(minutes=5)
+    unsubscribe: Unsubscribe | None = None
+    rates: RateTable | None = None
+    limiter: Limiter | None = None
+    quotas: Sequence[config.Quota] = ()
+    ledger: Ledger | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Unsubscribe:
+    """RFC 8058 headers for lifecycle email: where the one-click endpoint is, and the keys."""
+
+    vault: Vault
+    base_url: str
+    mailto: str | None
+    ttl: timedelta
+
+
+class Ledger(Protocol):
+    """The quota ledger (in the database): reserve all buckets or none; release on failure."""
+
+    async def reserve(self, buckets: Sequence[QuotaBucket]) -> bool: ...
+
+    async def release(self, buckets: Sequence[QuotaBucket]) -> None: ...
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -94,12 +142,14 @@ class Pipeline:
         policy: Policy,
         resolve: Resolve,
         hooks: HooksFor,
+        rules: Rules,
     ) -> None:
         self._clock = clock
         self._metrics = metrics
         self._policy = policy
         self._resolve = resolve
         self._hooks = hooks
+        self._rules = rules
 
     def _outcome(self, item: ClaimedExecution, verdict: Verdict, **kw: Any) -> Outcome:
         return Outcome(execution=item, verdict=verdict, finished_at=self._clock.now(), **kw)
@@ -150,6 +200,21 @@ class Pipeline:
                 )
         if channel is None:
             return self._outcome(item, Verdict.DONE, reason="no_channel")
+        window = step.window
+        if window is None and channel in self._rules.window_channels:
+            window = step.sequence_window
+        if window is not None:
+            now = self._clock.now()
+            zone = recipient_zone(step, item.timezone, self._rules.zone_of(item.tenant_key))
+            opening = next_opening(window, now, zone)
+            if opening is not None:
+                return self._outcome(
+                    item,
+                    Verdict.DEFERRED,
+                    channel=channel,
+                    reason="outside_window",
+                    retry_at=opening + spread(item.id, self._rules.window_spread),
+                )
         context = template_context(item, step)
         try:
             rendered = {name: t.render(context) for name, t in step.templates.items()}
@@ -163,10 +228,26 @@ class Pipeline:
         to = rendered.pop("to", None) or default_recipient(channel, item.data)
         if not to or not to.strip():
             return self._outcome(item, Verdict.SKIPPED, channel=channel, reason="no_recipient")
+        if step.step.require_verified and unverified(True, item.data):
+            return self._outcome(item, Verdict.SKIPPED, channel=channel, reason="unverified")
+        problem = _content_problem(channel, rendered, step)
+        if problem is not None:
+            return self._outcome(item, Verdict.FAILED, channel=channel, error=problem)
         resolved = self._resolve(item.tenant_key, channel, step.step.adapter)
         if isinstance(resolved, str):
             return self._failure(item, step, channel, None, None, TransientError(resolved))
         adapter, impl = resolved
+        if adapter.paused_reason is not None:
+            return self._outcome(
+                item,
+                Verdict.DEFERRED,
+                channel=channel,
+                provider=adapter.provider,
+                adapter_id=adapter.id,
+                reason="adapter_paused",
+                retry_at=self._clock.now() + self._rules.paused_adapter_retry,
+            )
+        address = normalize(channel, to)
         message = Message(
             execution_id=item.id,
             idempotency_key=f"{item.id}:{item.replay}",
@@ -177,6 +258,7 @@ class Pipeline:
             text=rendered.get("text"),
             html=rendered.get("html"),
             body=rendered.get("body"),
+            headers=self._unsubscribe_headers(item, channel, address),
             metadata=_metadata(item, step),
         )
         return Prepared(
@@ -185,7 +267,95 @@ class Pipeline:
             adapter=adapter,
             channel=impl,
             message=message,
-            address=normalize(channel, to),
+            address=address,
+        )
+
+    def _unsubscribe_headers(
+        self, item: ClaimedExecution, channel: str, address: str
+    ) -> dict[str, str]:
+        settings = self._rules.unsubscribe
+        if settings is None or channel != "email":
+            return {}
+        token = make_token(
+            settings.vault,
+            tenant=item.tenant_key,
+            channel=channel,
+            address=address,
+            execution_id=item.id,
+            expires_at=self._clock.now() + settings.ttl,
+        )
+        return unsubscribe_headers(base_url=settings.base_url, token=token, mailto=settings.mailto)
+
+    async def deliver(self, p: Prepared) -> Outcome:
+        """The send-time rules that count (rate limits, quotas), then the send; a quota
+        reservation is released when the send fails."""
+        try:
+            return await self._deliver(p)
+        except DripdError as exc:
+            # The shared budgets live in Postgres: when it fails us, try again shortly
+            # rather than send past a limit nobody could check.
+            log.warning(
+                "sending rules unavailable; deferring",
+                execution_id=str(p.execution.id),
+                error=exc.message,
+            )
+            return self._deferred(p, "rules_unavailable", self._clock.now() + _RULES_RETRY)
+
+    async def _deliver(self, p: Prepared) -> Outcome:
+        item, adapter = p.execution, p.adapter
+        rules = self._rules
+        sender = adapter.config.get("from") if isinstance(adapter.config.get("from"), str) else None
+        mailbox = _address_of(sender)
+        if rules.limiter is not None and rules.rates is not None:
+            buckets = rules.rates.buckets_for(
+                adapter=adapter.name,
+                provider=adapter.provider,
+                sending_domain=_domain(mailbox),
+                recipient_domain=_domain(p.address) if p.message.channel == "email" else None,
+                tenant=item.tenant_key,
+                sequence=p.step.step.sequence_key,
+            )
+            if buckets:
+                retry_at = await rules.limiter.take(buckets, self._clock.now())
+                if retry_at is not None:
+                    return self._deferred(p, "rate_limited", retry_at)
+        reserved: list[QuotaBucket] = []
+        if rules.quotas and rules.ledger is not None:
+            reserved = quota_buckets(
+                rules.quotas,
+                adapter=adapter.name,
+                mailbox=mailbox,
+                tenant=item.tenant_key,
+                sequence=p.step.step.sequence_key,
+                now=self._clock.now(),
+            )
+            if reserved and not await rules.ledger.reserve(reserved):
+                opening = max(b.period_end for b in reserved)
+                return self._deferred(
+                    p,
+                    "quota_exhausted",
+                    opening + drain_offset(_first_due(item, p.step), opening),
+                )
+        outcome = await self.send(p)
+        if reserved and outcome.verdict is not Verdict.SENT:
+            try:
+                await rules.ledger.release(reserved)  # type: ignore[union-attr]
+            except DripdError as exc:  # the send is over: never defer (and resend) it
+                log.warning(
+                    "quota release failed; the reservation stays counted", error=exc.message
+                )
+        return outcome
+
+    def _deferred(self, p: Prepared, reason: str, retry_at: datetime) -> Outcome:
+        return self._outcome(
+            p.execution,
+            Verdict.DEFERRED,
+            channel=p.message.channel,
+            provider=p.adapter.provider,
+            adapter_id=p.adapter.id,
+            recipient=p.address,
+            reason=reason,
+            retry_at=retry_at,
         )
 
     def condition_failed(self, item: ClaimedExecution, expression: str, error: str) -> None:
@@ -286,7 +456,9 @@ class Pipeline:
             "adapter_id": adapter.id if adapter else None,
         }
         if isinstance(exc, PermanentError):
-            return self._outcome(item, Verdict.FAILED, error=f"permanent: {exc}", **common)
+            return self._outcome(
+                item, Verdict.FAILED, error=f"permanent: {exc}", bounced=exc.bounce, **common
+            )
         spent = item.attempt + 1
         limit = self.max_attempts(step)
         if spent >= limit:
@@ -307,6 +479,44 @@ class Pipeline:
         ceiling = self._policy.retry_max.total_seconds()
         delay = min(ceiling, base * 2 ** max(attempts_spent - 1, 0))
         return timedelta(seconds=delay * random.uniform(0.5, 1.0))
+
+
+def _first_due(item: ClaimedExecution, step: CompiledStep) -> datetime:
+    """When the execution first fell due (its scheduling plus the step's delay): fixed
+    across deferrals, so rows held back by a quota go out in the order they fell due."""
+    if item.created_at is None:
+        return item.due_at
+    return item.created_at + step.step.delay
+
+
+def _content_problem(channel: str, rendered: Mapping[str, str], step: CompiledStep) -> str | None:
+    """A rendered message that cannot be sent as it is (a permanent failure), or None."""
+    missing = missing_fields(channel, rendered)
+    if missing:
+        return f"step {step.step.key!r}: rendered {', '.join(missing)} empty"
+    if channel in SMS_CHANNELS:
+        limit = step.step.max_length or SMS_MAX_LENGTH
+        body = rendered.get("body", "")
+        if sms_too_long(body, limit):
+            return (
+                f"step {step.step.key!r}: sms_too_long: the body has {len(body)} characters, "
+                f"the limit is {limit}"
+            )
+    return None
+
+
+def _address_of(value: str | None) -> str | None:
+    """The bare address of a `from` value (`"Name <a@b.c>"` → `a@b.c`), lowercased."""
+    if not value:
+        return None
+    _, address = parseaddr(value)
+    return address.lower() or None
+
+
+def _domain(address: str | None) -> str | None:
+    if not address or "@" not in address:
+        return None
+    return address.rsplit("@", 1)[1].lower() or None
 
 
 def default_recipient(channel: str, data: Mapping[str, Any]) -> str | None:

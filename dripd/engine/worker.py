@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import Awaitable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from functools import partial
@@ -51,7 +51,8 @@ class Settings:
     lease: timedelta
     poll_interval: timedelta
     record_linger: timedelta
-    default_timezone: ZoneInfo = field(default_factory=lambda: ZoneInfo("UTC"))
+    # The zone of a tenant's recipients who name none (config tenants/recipients).
+    zone_of: Callable[[str | None], ZoneInfo] = lambda _tenant: ZoneInfo("UTC")
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,9 +205,9 @@ class Worker:
             timeout = min(timeout, max((at - self._clock.now()).total_seconds(), 0.0))
         if timeout <= 0:
             return
-        self._sleep_until = self._clock.now() + timedelta(seconds=timeout)
+        until = self._sleep_until = self._clock.now() + timedelta(seconds=timeout)
         try:
-            await self._until(_first(self._wake.wait(), self._clock.sleep(timeout)))
+            await self._until(_first(self._wake.wait(), self._clock.sleep_until(until)))
         finally:
             self._sleep_until = None
 
@@ -242,6 +243,7 @@ class Worker:
                 subscriber_id=r["subscriber_id"],
                 data=r["data"],
                 timezone=r["timezone"],
+                created_at=r["created_at"],
                 event=_event(r["event"]),
             )
             for r in rows
@@ -324,7 +326,16 @@ class Worker:
                 if isinstance(job, Hooked):
                     outcome = await self._hooked(job)
                 else:
-                    outcome = await self._pipeline.send(job)
+                    outcome = await self._pipeline.deliver(job)
+            except Exception as exc:  # the per-step guard: a sender task never dies
+                item = job.item if isinstance(job, Hooked) else job.execution
+                log.exception("sending failed unexpectedly", execution_id=str(item.id))
+                outcome = Outcome(
+                    execution=item,
+                    verdict=Verdict.FAILED,
+                    error=f"internal error: {type(exc).__name__}: {exc}",
+                    finished_at=self._clock.now(),
+                )
             finally:
                 self._sending -= 1
                 if not self._sending:
@@ -343,7 +354,7 @@ class Worker:
                 key = (item.tenant_key, result.message.channel, result.address)
                 if await store.suppressed(self._pool, [key]):
                     return self._pipeline.suppressed(result)
-                return await self._pipeline.send(result)
+                return await self._pipeline.deliver(result)
             return result
         except DripdError as exc:
             # The database failed the suppression check: give the row back untouched.
@@ -370,6 +381,8 @@ class Worker:
                 self._metrics.claim_to_record.observe(now - held[1])
             provider = o.provider or "dripd"
             self._metrics.verdict(o.verdict, o.channel, provider)
+            if o.verdict is Verdict.DEFERRED and o.reason:
+                self._metrics.deferrals.labels(reason=o.reason).inc()
             if o.execution.id not in owned:
                 log.warning(
                     "outcome not recorded: the lease was lost to another claim",
@@ -413,6 +426,9 @@ class Worker:
             return row  # the enrollment has ended; nothing follows
         if verdict is Verdict.DONE:
             row.event_type = None  # nothing was sent: no message event
+        if outcome.bounced:
+            row.event_type = MessageEventType.BOUNCED.value
+            row.suppress = "bounce"
         if verdict is Verdict.FAILED and step.step.on_failure is OnFailure.FAIL:
             row.enrollment_status = EnrollmentStatus.FAILED.value
             row.enrollment_reason = f"step {step.step.key!r} failed"
@@ -430,7 +446,7 @@ class Worker:
             row.enrollment_reason = nxt.reason
         else:
             following = self._steps[nxt.step_id]
-            zone = recipient_zone(following, item.timezone, self._s.default_timezone)
+            zone = recipient_zone(following, item.timezone, self._s.zone_of(item.tenant_key))
             row.next_step_id = nxt.step_id
             row.next_due_at, row.next_wait = schedule(following, base=outcome.finished_at, tz=zone)
         return row

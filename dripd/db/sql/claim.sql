@@ -19,9 +19,9 @@ WHERE e.id IN (
         FOR UPDATE SKIP LOCKED
     )
   AND en.id = e.enrollment_id
-RETURNING e.id, e.enrollment_id, e.step_id, e.tenant_key, e.due_at, e.attempt, e.replay,
-          e.advance, en.status AS enrollment_status, en.subscriber_type, en.subscriber_id, en.data,
-          en.timezone,
+RETURNING e.id, e.enrollment_id, e.step_id, e.tenant_key, e.due_at, e.created_at, e.attempt,
+          e.replay, e.advance, en.status AS enrollment_status, en.subscriber_type,
+          en.subscriber_id, en.data, en.timezone,
           -- A wait released by an event carries that event to the step's transitions.
           CASE WHEN e.event_id IS NOT NULL THEN
               (SELECT jsonb_build_object('key', ev.key, 'data', ev.data, 'id', ev.id,

@@ -8,10 +8,10 @@ WITH input AS (
     FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::timestamptz[], $5::int[],
                 $6::text[], $7::text[], $8::uuid[], $9::text[], $10::text[], $11::text[],
                 $12::text[], $13::timestamptz[], $14::text[], $15::uuid[],
-                $16::timestamptz[], $17::text[], $18::text[], $19::text[])
+                $16::timestamptz[], $17::text[], $18::text[], $19::text[], $20::text[])
          AS i(id, token, status, due_at, spent, channel, provider, adapter_id, recipient,
               reason, error, provider_message_id, finished_at, event_type, next_step_id,
-              next_due_at, enrollment_status, enrollment_reason, next_wait)
+              next_due_at, enrollment_status, enrollment_reason, next_wait, suppress)
 ), updated AS (
     UPDATE dripd.step_executions AS e
     SET status = i.status,
@@ -42,7 +42,7 @@ WITH input AS (
     RETURNING e.id, e.tenant_key, e.enrollment_id, e.advance, i.event_type, i.channel,
               i.provider, i.adapter_id, i.recipient, i.reason, i.error,
               i.provider_message_id, i.finished_at, i.next_step_id, i.next_due_at,
-              i.enrollment_status, i.enrollment_reason, i.next_wait
+              i.enrollment_status, i.enrollment_reason, i.next_wait, i.suppress
 ), events AS (
     INSERT INTO dripd.message_events
         (tenant_key, execution_id, enrollment_id, type, channel, provider, adapter_id,
@@ -53,13 +53,20 @@ WITH input AS (
            u.finished_at
     FROM updated AS u
     WHERE u.event_type IS NOT NULL
+), suppressed AS (
+    -- A hard bounce suppresses the address in the execution's tenant.
+    INSERT INTO dripd.suppressions (tenant_key, channel, address, reason, source, created_at)
+    SELECT u.tenant_key, u.channel, u.recipient, u.suppress, 'provider', u.finished_at
+    FROM updated AS u
+    WHERE u.suppress IS NOT NULL AND u.channel IS NOT NULL AND u.recipient IS NOT NULL
+    ON CONFLICT (channel, address, tenant_key) DO NOTHING
 ), nexts AS (
     -- A paused enrollment gets its next row held (due 'infinity') until resume.
     INSERT INTO dripd.step_executions
-        (tenant_key, enrollment_id, step_id, due_at, held_due_at, waiting_for)
+        (tenant_key, enrollment_id, step_id, due_at, held_due_at, waiting_for, created_at)
     SELECT u.tenant_key, u.enrollment_id, u.next_step_id,
            CASE WHEN en.status = 'paused' THEN 'infinity' ELSE u.next_due_at END,
-           CASE WHEN en.status = 'paused' THEN u.next_due_at END, u.next_wait
+           CASE WHEN en.status = 'paused' THEN u.next_due_at END, u.next_wait, u.finished_at
     FROM updated AS u
     JOIN dripd.enrollments AS en ON en.id = u.enrollment_id
     WHERE u.next_step_id IS NOT NULL AND u.advance AND en.status IN ('active', 'paused')

@@ -1,0 +1,432 @@
+"""Sending rules through the daemon with a moved clock: windows, step rules, bounces,
+thresholds, quotas (the lead-drip scenario) and one-click unsubscribe."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from itertools import pairwise
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import msgspec
+import pytest
+from support import (
+    SmtpSink,
+    add_adapter,
+    apply_text,
+    executions,
+    free_port,
+    running_daemon,
+    smtp_config,
+    wait_for,
+)
+
+from dripd import api
+from dripd.channels.credentials import generate_key
+from dripd.clock import ManualClock
+from dripd.config import Thresholds
+from dripd.control import request
+from dripd.engine.sending import check_thresholds
+from dripd.metrics import Metrics
+
+# Saturday 2026-03-07 15:00 UTC (10:00 in New York, EST; the clocks change on Sunday).
+SATURDAY = datetime(2026, 3, 7, 15, 0, tzinfo=UTC)
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock(SATURDAY)
+
+
+@pytest.fixture
+def sink() -> Iterator[SmtpSink]:
+    s = SmtpSink(unknown=frozenset({"gone@example.com"})).start()
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+async def outbox(pool: asyncpg.Pool, tmp_path: Path) -> Path:
+    path = tmp_path / "outbox.jsonl"
+    for channel in ("email", "sms", "webhook"):
+        config = {"path": str(path), "from": "drips@example.com"}
+        await add_adapter(
+            pool, name=f"{channel}-out", channel=channel, provider="outbox", config=config
+        )
+    return path
+
+
+def sent(outbox: Path) -> list[dict[str, Any]]:
+    if not outbox.exists():
+        return []
+    return [msgspec.json.decode(line) for line in outbox.read_text().splitlines()]
+
+
+async def quiet(pool: asyncpg.Pool, clock: ManualClock) -> None:
+    """Nothing due at the clock's time is left unclaimed or in flight."""
+
+    async def check() -> bool:
+        n = await pool.fetchval(
+            "SELECT count(*) FROM dripd.step_executions "
+            "WHERE status = 'claimed' OR (status = 'scheduled' AND due_at <= $1)",
+            clock.now(),
+        )
+        return int(n) == 0
+
+    await wait_for(check)
+
+
+async def status_of(pool: asyncpg.Pool, enrollment_id: uuid.UUID) -> str:
+    return str(
+        await pool.fetchval("SELECT status FROM dripd.enrollments WHERE id = $1", enrollment_id)
+    )
+
+
+def enroll(pool: asyncpg.Pool, clock: ManualClock, key: str, who: str, **data: Any) -> Any:
+    return api.enroll(
+        pool,
+        tenant=None,
+        sequence_key=key,
+        subscriber_id=who,
+        data={"email": f"{who}@example.com", **data},
+        now=clock.now(),
+    )
+
+
+# -- send windows --------------------------------------------------------------------------------
+
+WINDOWED = """
+[sequence]
+key = "windowed"
+window = { days = "mon-fri", hours = "09:00-17:00" }
+
+[[steps]]
+key = "hello"
+channel = "email"
+subject = "Hello"
+text = "Hi"
+
+[[steps]]
+key = "ping"
+channel = "webhook"
+to = "https://hooks.example.com/x"
+body = "{}"
+
+[[steps]]
+key = "late_sms"
+channel = "sms"
+window = { days = "daily", hours = "20:00-22:00" }
+body = "Evening"
+"""
+
+
+async def test_windows_defer_to_the_next_local_opening_with_a_spread(
+    dsn: str, pool: asyncpg.Pool, clock: ManualClock, outbox: Path, tmp_path: Path
+) -> None:
+    await apply_text(pool, WINDOWED)
+    async with running_daemon(dsn, tmp_path, clock=clock) as daemon:
+        e = await enroll(
+            pool, clock, "windowed", "ny", timezone="America/New_York", phone="+12025550143"
+        )
+        await quiet(pool, clock)
+        (row,) = await executions(pool)
+        assert (row["status"], row["reason"], row["attempt"]) == ("scheduled", "outside_window", 0)
+        # Monday 09:00 in New York is already EDT (UTC-4): 13:00 UTC, plus a spread < 10m.
+        opening = datetime(2026, 3, 9, 13, 0, tzinfo=UTC)
+        assert opening <= row["due_at"] < opening + timedelta(minutes=10)
+        clock.set(row["due_at"] - timedelta(seconds=1))
+        await quiet(pool, clock)
+        assert sent(outbox) == []
+        clock.set(row["due_at"])
+        # The email goes out; the webhook step follows at once: the sequence's window is
+        # for human channels only.
+        await wait_for(lambda: len(sent(outbox)) == 2)
+        await quiet(pool, clock)
+        sms = next(r for r in await executions(pool) if r["step_key"] == "late_sms")
+        # The step's own window: 20:00 EDT = 00:00 UTC the next day.
+        evening = datetime(2026, 3, 10, 0, 0, tzinfo=UTC)
+        assert evening <= sms["due_at"] < evening + timedelta(minutes=10)
+        clock.set(sms["due_at"])
+        await wait_for(lambda: len(sent(outbox)) == 3)
+        await wait_for(lambda: _is(pool, e.id, "completed"))
+        deferred = daemon.metrics.deferrals.labels(reason="outside_window")._value.get()
+    assert deferred == 2
+    assert [m["channel"] for m in sent(outbox)] == ["email", "webhook", "sms"]
+
+
+async def _is(pool: asyncpg.Pool, enrollment_id: uuid.UUID, expected: str) -> bool:
+    return await status_of(pool, enrollment_id) == expected
+
+
+# -- per-step rules ------------------------------------------------------------------------------
+
+STEP_RULES = """
+[sequence]
+key = "checked"
+
+[[steps]]
+key = "verified_only"
+channel = "email"
+require_verified = true
+subject = "For verified people"
+text = "Hi"
+
+[[steps]]
+key = "short_sms"
+channel = "sms"
+max_length = 20
+body = "{{ message }}"
+on_failure = "continue"
+
+[[steps]]
+key = "maybe_subject"
+channel = "email"
+subject = "{{ subject | default: '' }}"
+text = "Hi"
+"""
+
+
+async def test_step_rules_skip_unverified_and_fail_long_sms_and_empty_fields(
+    dsn: str, pool: asyncpg.Pool, clock: ManualClock, outbox: Path, tmp_path: Path
+) -> None:
+    await apply_text(pool, STEP_RULES)
+    clock.set(datetime(2026, 3, 9, 15, 0, tzinfo=UTC))
+    async with running_daemon(dsn, tmp_path, clock=clock):
+        e = await enroll(pool, clock, "checked", "u", phone="+12025550143", message="x" * 21)
+        await wait_for(lambda: _is(pool, e.id, "failed"))
+    rows = {r["step_key"]: r for r in await executions(pool)}
+    assert (rows["verified_only"]["status"], rows["verified_only"]["reason"]) == (
+        "skipped",
+        "unverified",
+    )
+    assert rows["short_sms"]["status"] == "failed"
+    assert (
+        "sms_too_long: the body has 21 characters, the limit is 20"
+        in rows["short_sms"]["last_error"]
+    )
+    assert rows["short_sms"]["attempt"] == 0  # permanent: not retried
+    assert rows["maybe_subject"]["status"] == "failed"
+    assert "rendered subject empty" in rows["maybe_subject"]["last_error"]
+    assert sent(outbox) == []
+
+
+# -- bounces and thresholds ----------------------------------------------------------------------
+
+
+async def test_a_hard_bounce_suppresses_the_address(
+    dsn: str, pool: asyncpg.Pool, clock: ManualClock, sink: SmtpSink, tmp_path: Path
+) -> None:
+    await apply_text(pool, ONE_EMAIL)
+    await add_adapter(
+        pool, name="smtp", channel="email", provider="smtp", config=smtp_config(sink.port)
+    )
+    async with running_daemon(dsn, tmp_path, clock=clock):
+        e = await enroll(pool, clock, "one", "gone")
+        await wait_for(lambda: _is(pool, e.id, "failed"))
+    (row,) = await executions(pool)
+    assert row["status"] == "failed"
+    assert "550" in row["last_error"]
+    event = await pool.fetchrow("SELECT type, recipient FROM dripd.message_events")
+    assert (event["type"], event["recipient"]) == ("bounced", "gone@example.com")
+    suppression = await pool.fetchrow("SELECT * FROM dripd.suppressions")
+    assert (suppression["address"], suppression["reason"], suppression["source"]) == (
+        "gone@example.com",
+        "bounce",
+        "provider",
+    )
+
+
+ONE_EMAIL = """
+[sequence]
+key = "one"
+reenroll = "always"
+
+[[steps]]
+key = "hello"
+channel = "email"
+subject = "Hello"
+text = "Hi"
+"""
+
+
+async def test_a_bounce_threshold_pauses_the_adapter_until_an_operator_resumes_it(
+    dsn: str, pool: asyncpg.Pool, clock: ManualClock, outbox: Path, tmp_path: Path
+) -> None:
+    await apply_text(pool, ONE_EMAIL)
+    adapter_id = await pool.fetchval(
+        "SELECT id FROM dripd.channel_adapters WHERE name = 'email-out'"
+    )
+    await pool.execute(
+        "INSERT INTO dripd.message_events (adapter_id, type, occurred_at) "
+        "SELECT $1, CASE WHEN n <= 3 THEN 'bounced' ELSE 'sent' END, $2 "
+        "FROM generate_series(1, 103) AS n",
+        adapter_id,
+        clock.now() - timedelta(hours=1),
+    )
+    metrics = Metrics()
+    limits = Thresholds(min_volume=100)
+    # 3 bounces of 100 sent: 3 % ≥ 2 %.
+    assert await check_thresholds(pool, limits, clock=clock, metrics=metrics) == ["email-out"]
+    assert await check_thresholds(pool, limits, clock=clock, metrics=metrics) == []
+    reason = await pool.fetchval(
+        "SELECT paused_reason FROM dripd.channel_adapters WHERE id = $1", adapter_id
+    )
+    assert reason == "bounce rate 3/100 = 3.00%, threshold 2.00%"
+    assert metrics.adapter_paused.labels(adapter="email-out")._value.get() == 1
+
+    async with running_daemon(dsn, tmp_path, clock=clock) as daemon:
+        e = await enroll(pool, clock, "one", "p")
+        row = await wait_for(lambda: _deferred(pool, "adapter_paused"))
+        assert row["attempt"] == 0
+        assert sent(outbox) == []
+        answer = await request(
+            daemon.config.control.socket, "resume-adapter", {"name": "email-out"}
+        )
+        assert answer["was_paused"] == reason
+        clock.set(row["due_at"])
+        await wait_for(lambda: _is(pool, e.id, "completed"))
+    assert len(sent(outbox)) == 1
+
+
+async def _deferred(pool: asyncpg.Pool, reason: str) -> asyncpg.Record | None:
+    rows = await executions(pool)
+    if rows and rows[-1]["status"] == "scheduled" and rows[-1]["reason"] == reason:
+        return rows[-1]
+    return None
+
+
+# -- quotas: the lead-drip scenario --------------------------------------------------------------
+
+LEAD_DRIP = """
+[sequence]
+key = "lead-drip"
+
+[[steps]]
+key = "m1"
+channel = "email"
+subject = "1"
+text = "Hi"
+""" + "".join(
+    f"""
+[[steps]]
+key = "m{n}"
+channel = "email"
+after = "1d"
+subject = "{n}"
+text = "Hi"
+"""
+    for n in range(2, 6)
+)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+async def test_lead_drip_quota_sends_exactly_the_cap_each_day_and_drops_nothing(
+    dsn: str, pool: asyncpg.Pool, outbox: Path, tmp_path: Path
+) -> None:
+    clock = ManualClock(datetime(2026, 3, 2, 10, 0, tzinfo=UTC))
+    await apply_text(pool, LEAD_DRIP)
+    quota = {"scope": "sequence", "key": "lead-drip", "limit": 100, "period": "day"}
+    leads = 300
+    async with running_daemon(
+        dsn, tmp_path, clock=clock, sections={"quotas": [quota]}, batch_size=50
+    ):
+        for n in range(leads):
+            await enroll(pool, clock, "lead-drip", f"lead{n:03}")
+        day = datetime(2026, 3, 2, tzinfo=UTC)
+        for _ in range(20):
+            for hour in (10, 13, 23):
+                clock.set(day + timedelta(hours=hour))
+                await quiet(pool, clock)
+            day += timedelta(days=1)
+            if len(sent(outbox)) == leads * 5:
+                break
+    # The daemon's clock is the witness: when each send was recorded.
+    rows = await pool.fetch(
+        "SELECT m.recipient, m.occurred_at, s.key FROM dripd.message_events AS m "
+        "JOIN dripd.step_executions AS e ON e.id = m.execution_id "
+        "JOIN dripd.steps AS s ON s.id = e.step_id WHERE m.type = 'sent' ORDER BY m.occurred_at"
+    )
+    assert len(rows) == len(sent(outbox)) == leads * 5  # nothing dropped
+    per_day = Counter(r["occurred_at"].date() for r in rows)
+    assert set(per_day.values()) == {100}, per_day  # exactly the cap, every calendar day
+    by_lead: dict[str, list[asyncpg.Record]] = {}
+    for r in rows:
+        by_lead.setdefault(r["recipient"], []).append(r)
+    for to, sends in by_lead.items():
+        assert [r["key"] for r in sends] == ["m1", "m2", "m3", "m4", "m5"], to  # in order
+        times = [r["occurred_at"] for r in sends]
+        assert all(b - a >= timedelta(days=1) for a, b in pairwise(times)), to
+    used = await pool.fetch("SELECT used FROM dripd.quota_ledger")
+    assert {r["used"] for r in used} == {100}
+
+
+# -- one-click unsubscribe -----------------------------------------------------------------------
+
+
+async def test_lifecycle_email_carries_rfc8058_headers_and_one_click_suppresses(
+    dsn: str, pool: asyncpg.Pool, clock: ManualClock, sink: SmtpSink, tmp_path: Path
+) -> None:
+    again = '[[steps]]\nkey = "again"\nchannel = "email"\nafter = "1d"\nsubject = "A"\ntext = "Hi"'
+    await apply_text(pool, ONE_EMAIL + again)
+    await add_adapter(
+        pool, name="smtp", channel="email", provider="smtp", config=smtp_config(sink.port)
+    )
+    port = free_port()
+    env = {"DRIPD_ENCRYPTION_KEY": generate_key()}
+    sections = {
+        "http": {"enabled": True, "listen": f"127.0.0.1:{port}"},
+        "unsubscribe": {"base_url": "https://mail.example.com/", "mailto": "unsub@example.com"},
+    }
+    async with running_daemon(dsn, tmp_path, clock=clock, env=env, sections=sections):
+        e = await enroll(pool, clock, "one", "reader")
+        await wait_for(lambda: sink.count() == 1)
+        mail = sink.messages[0]
+        assert mail["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+        header = str(mail["List-Unsubscribe"])
+        found = re.fullmatch(
+            r"<https://mail\.example\.com/u/([A-Za-z0-9_-]+)>, <mailto:unsub@example\.com>", header
+        )
+        assert found, header
+        token = found.group(1)
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+            bad = await client.post(f"/u/{token[:-2]}xx", data={"List-Unsubscribe": "One-Click"})
+            assert bad.status_code == 400
+            assert await pool.fetchval("SELECT count(*) FROM dripd.suppressions") == 0
+            ok = await client.post(f"/u/{token}", data={"List-Unsubscribe": "One-Click"})
+            assert ok.status_code == 200
+        row = await pool.fetchrow("SELECT address, reason FROM dripd.suppressions")
+        assert (row["address"], row["reason"]) == ("reader@example.com", "unsubscribe")
+        await quiet(pool, clock)
+        clock.advance(timedelta(days=1))
+        await wait_for(lambda: _is(pool, e.id, "completed"))
+    assert sink.count() == 1
+    again = next(r for r in await executions(pool) if r["step_key"] == "again")
+    assert (again["status"], again["reason"]) == ("skipped", "suppressed")
+
+
+async def test_a_reported_complaint_suppresses_and_counts_towards_the_threshold(
+    dsn: str, pool: asyncpg.Pool, clock: ManualClock, outbox: Path, tmp_path: Path
+) -> None:
+    await apply_text(pool, ONE_EMAIL)
+    async with running_daemon(dsn, tmp_path, clock=clock):
+        e = await enroll(pool, clock, "one", "Grumpy")
+        await wait_for(lambda: _is(pool, e.id, "completed"))
+    (row,) = await executions(pool)
+    assert await api.report(pool, tenant=None, execution_id=row["id"], type="complained")
+    assert not await api.report(pool, tenant="other", execution_id=row["id"], type="complained")
+    types = [
+        r["type"] for r in await pool.fetch("SELECT type FROM dripd.message_events ORDER BY id")
+    ]
+    assert types == ["sent", "complained"]
+    suppression = await pool.fetchrow("SELECT address, reason, source FROM dripd.suppressions")
+    assert tuple(suppression) == ("grumpy@example.com", "complaint", "report")
+    metrics = Metrics()
+    one_in_one = Thresholds(min_volume=1)
+    assert await check_thresholds(pool, one_in_one, clock=clock, metrics=metrics) == ["email-out"]
