@@ -12,6 +12,9 @@ two-step email sequence, ANALYZEd) on the server named by BENCH_DSN, dropped aft
         null channel: the full path (claim, Liquid render, suppression check, send,
         batched record with message events and the next step).
   two   two such daemons on one backlog.
+  rules one daemon with every sending rule on, none of them holding anything back: a
+        sequence window open all week, rate limits per provider and per recipient domain
+        (leased from Postgres), and a global daily quota (a ledger reservation per send).
 
 Claim-to-record latency is exact: the bench tees `claim_to_record.observe` into an array.
 Peak RSS is each daemon child's own `ru_maxrss`, seeding excluded (the parent seeds).
@@ -145,14 +148,27 @@ class Databases:
                 await self.drop(with_database(self.admin_dsn, name))
 
 
-async def seed(dsn: str, n: int) -> dict[str, Any]:
+# The `rules` phase: every rule checked at send time, and generous enough to let all through.
+RULES_SECTIONS: dict[str, Any] = {
+    "rate_limits": {
+        "provider": {"null": "100000000/1m"},
+        "recipient_domain": {"*": "100000000/1m"},
+    },
+    "quotas": [{"scope": "global", "limit": 100000000, "period": "day"}],
+}
+RULES_WINDOW = 'window = { days = "daily", hours = "00:00-24:00" }\n'
+
+
+async def seed(dsn: str, n: int, *, rules: bool = False) -> dict[str, Any]:
     """Migrate, apply the sequence, add the null adapter, insert N due executions, ANALYZE."""
     conn = await store.connect(dsn)
     try:
         await migrate(conn)
         now = datetime.now(UTC)
         async with store.transaction(conn) as tx:
-            await store.apply_version(tx, load_text(SEQUENCE, source="bench"), now=now)
+            text = SEQUENCE.replace('name = "Bench drip"\n', 'name = "Bench drip"\n' + RULES_WINDOW)
+            spec = load_text(text if rules else SEQUENCE, source="bench")
+            await store.apply_version(tx, spec, now=now)
             await store.insert_adapter(
                 tx,
                 adapter_id=uuid.uuid4(),
@@ -376,7 +392,12 @@ def _emit(kind: str, payload: Any) -> None:
 
 
 async def child_main(
-    dsn: str, worker: dict[str, Any], pool_max: int, profile: str | None, socket_dir: str
+    dsn: str,
+    worker: dict[str, Any],
+    pool_max: int,
+    profile: str | None,
+    socket_dir: str,
+    sections: dict[str, Any],
 ) -> None:
     """One daemon: 'ready' → wait for 'go' → run → report progress → on 'stop', the result."""
     from dripd import logs
@@ -392,6 +413,7 @@ async def child_main(
             "http": {"enabled": False},
             "worker": worker,
             "log": {"level": "warning"},
+            **sections,
         }
     )
     daemon = Daemon(cfg)
@@ -465,6 +487,7 @@ async def run_daemons(
     pool_max: int,
     profile: str | None = None,
     timeout: float = 600.0,
+    sections: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Start `count` daemon children on one backlog; stop them once N are recorded."""
     argv = [
@@ -477,6 +500,8 @@ async def run_daemons(
         json.dumps(worker),
         "--pool-max",
         str(pool_max),
+        "--sections",
+        json.dumps(sections or {}),
     ]
     children = []
     for index in range(count):
@@ -556,10 +581,12 @@ async def run_daemons(
 # --- the phases ----------------------------------------------------------------------------
 
 
-async def phase(dbs: Databases, name: str, n: int, body: Any, *, quiet: bool) -> dict[str, Any]:
+async def phase(
+    dbs: Databases, name: str, n: int, body: Any, *, quiet: bool, rules: bool = False
+) -> dict[str, Any]:
     dsn = await dbs.create(name)
     try:
-        seeded = await seed(dsn, n)
+        seeded = await seed(dsn, n, rules=rules)
         if not quiet:
             print(f"[{name}] seeded {n} due executions in {seeded['seconds']:.1f}s", flush=True)
         server = ServerCpu(dbs.admin_dsn, urlsplit(dsn).path.lstrip("/"))
@@ -605,7 +632,7 @@ async def main(args: argparse.Namespace) -> int:
         worker["record_linger"] = args.record_linger
     pool_max = args.pool_max or DEFAULT_POOL_MAX
     phases = [p.strip() for p in args.phases.split(",") if p.strip()]
-    unknown = set(phases) - {"raw", "one", "two"}
+    unknown = set(phases) - {"raw", "one", "two", "rules"}
     if unknown:
         raise SystemExit(f"bench: unknown phase(s) {', '.join(sorted(unknown))}")
     quiet = args.json
@@ -642,14 +669,23 @@ async def main(args: argparse.Namespace) -> int:
                 )
                 say(_cpu(r))
                 continue
-            count = 1 if key == "one" else 2
+            count = 2 if key == "two" else 1
+            sections = RULES_SECTIONS if key == "rules" else None
 
-            async def full(dsn: str, _seeded: dict[str, Any], count: int = count) -> dict[str, Any]:
+            async def full(
+                dsn: str, _seeded: dict[str, Any], count: int = count, sections: Any = sections
+            ) -> dict[str, Any]:
                 profile = args.profile if count == 1 else None
-                return await run_daemons(dsn, n, count, worker, pool_max, profile=profile)
+                return await run_daemons(
+                    dsn, n, count, worker, pool_max, profile=profile, sections=sections
+                )
 
-            summary[key] = r = await phase(dbs, f"{key}{index}", n, full, quiet=quiet)
+            summary[key] = r = await phase(
+                dbs, f"{key}{index}", n, full, quiet=quiet, rules=key == "rules"
+            )
             label = "full path, 1 daemon" if count == 1 else f"full path, {count} daemons"
+            if key == "rules":
+                label = "full path, 1 daemon, every sending rule on"
             say(f"{label}: {_describe(r)}")
             say(_cpu(r))
             if count > 1:
@@ -666,9 +702,12 @@ async def main(args: argparse.Namespace) -> int:
         raw_rate = summary["raw"]["rate"]
         if len(raws) > 1:
             say(f"raw loop, better of {len(raws)} runs: {raw_rate:,.0f} rows/s")
-        for key in ("one", "two"):
+        for key in ("one", "two", "rules"):
             if key in summary:
                 summary[f"ratio_{key}"] = summary[key]["rate"] / raw_rate
+        if "rules" in summary and "one" in summary:
+            summary["rules_cost"] = summary["rules"]["rate"] / summary["one"]["rate"]
+            say(f"rules on / rules off (one daemon): {summary['rules_cost']:.2f}")
         if "two" in summary:
             say(f"two daemons / raw: {summary['ratio_two']:.2f}")
         if "one" in summary:
@@ -690,7 +729,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--phases",
         default="raw,one,two,raw",
-        help="comma-separated phases, in order: raw, one, two (default raw,one,two,raw)",
+        help="comma-separated phases, in order: raw, one, two, rules (default raw,one,two,raw)",
     )
     p.add_argument("--batch-size", type=int, help=f"default {DEFAULT_WORKER['batch_size']}")
     p.add_argument("--concurrency", type=int, help=f"default {DEFAULT_WORKER['concurrency']}")
@@ -700,6 +739,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--dsn", help=argparse.SUPPRESS)
     p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--sections", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -715,6 +755,7 @@ if __name__ == "__main__":
                     arguments.pool_max or DEFAULT_POOL_MAX,
                     arguments.profile,
                     directory,
+                    json.loads(arguments.sections or "{}"),
                 )
             )
         finally:

@@ -430,3 +430,37 @@ async def test_a_reported_complaint_suppresses_and_counts_towards_the_threshold(
     metrics = Metrics()
     one_in_one = Thresholds(min_volume=1)
     assert await check_thresholds(pool, one_in_one, clock=clock, metrics=metrics) == ["email-out"]
+
+
+async def test_gathered_quota_reservations_grant_exactly_the_cap_across_daemons(
+    dsn: str, pool: asyncpg.Pool
+) -> None:
+    import asyncio
+
+    from dripd.engine.sending import DbLedger
+    from dripd.rules.quota import QuotaBucket
+
+    day = datetime(2026, 3, 2, tzinfo=UTC)
+    global_cap = QuotaBucket(key="quota:global", limit=100, period_start=day, period_end=day)
+    sequence_cap = QuotaBucket(key="quota:seq", limit=70, period_start=day, period_end=day)
+    pools = [await asyncpg.create_pool(dsn, min_size=1, max_size=3) for _ in range(3)]
+    try:
+        ledgers = [DbLedger(p) for p in pools]
+        both = await asyncio.gather(
+            *(ledgers[n % 3].reserve([global_cap, sequence_cap]) for n in range(150))
+        )
+        only_global = await asyncio.gather(
+            *(ledgers[n % 3].reserve([global_cap]) for n in range(150))
+        )
+    finally:
+        for p in pools:
+            await p.close()
+    assert sum(both) == 70  # the fuller bucket decides, for every bucket of the reservation
+    assert sum(only_global) == 30
+    used = {r["bucket"]: r["used"] for r in await pool.fetch("SELECT * FROM dripd.quota_ledger")}
+    assert used == {"quota:global": 100, "quota:seq": 70}
+    await DbLedger(pool).release([global_cap])
+    assert (
+        await pool.fetchval("SELECT used FROM dripd.quota_ledger WHERE bucket = 'quota:global'")
+        == 99
+    )

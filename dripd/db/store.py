@@ -810,28 +810,30 @@ async def active_hooks(db: Executor) -> list[dict[str, Any]]:
 # --- sending rules: quotas, adapter pauses -------------------------------------------------
 
 
-async def quota_reserve(db: Executor, buckets: Sequence[tuple[str, datetime, int]]) -> bool:
-    """Charge one send to every (bucket, period start, limit), or to none: False when one
-    of them is at its limit."""
+async def quota_reserve(
+    db: Executor, buckets: Sequence[tuple[str, datetime, int]], count: int
+) -> int:
+    """Reserve up to `count` sends in every (bucket, period start, limit) at once; returns
+    how many were granted (each granted send holds a place in every bucket)."""
     keys = [b[0] for b in buckets]
     starts = [b[1] for b in buckets]
     with translated():
         async with acquire(db) as conn, conn.transaction():
             await conn.execute(Q.quota_open, keys, starts)
-            tr = conn.transaction()
-            await tr.start()
-            charged = await conn.fetch(Q.quota_take, keys, starts, [b[2] for b in buckets])
-            if len(charged) == len(buckets):
-                await tr.commit()
-                return True
-            await tr.rollback()
-            return False
+            granted = await conn.fetchval(
+                Q.quota_take, keys, starts, [b[2] for b in buckets], count
+            )
+    return int(granted or 0)
 
 
-async def quota_release(db: Executor, buckets: Sequence[tuple[str, datetime]]) -> None:
+async def quota_release(
+    db: Executor, buckets: Sequence[tuple[str, datetime]], count: int = 1
+) -> None:
     with translated():
         async with acquire(db) as conn:
-            await conn.execute(Q.quota_release, [b[0] for b in buckets], [b[1] for b in buckets])
+            await conn.execute(
+                Q.quota_release, [b[0] for b in buckets], [b[1] for b in buckets], count
+            )
 
 
 async def adapter_rates(db: Executor, since: datetime) -> list[asyncpg.Record]:

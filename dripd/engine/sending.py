@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta
 from functools import lru_cache, partial
 from zoneinfo import ZoneInfo
 
@@ -34,16 +34,46 @@ def zones(cfg: Config) -> Callable[[str | None], ZoneInfo]:
     return zone_of
 
 
+_Reservation = tuple[tuple[str, datetime, int], ...]  # (bucket, period start, limit)…
+
+
 class DbLedger:
-    """The quota ledger in Postgres (see quota_take.sql)."""
+    """The quota ledger in Postgres, with the reservations of concurrent senders gathered:
+    while one statement runs, the requests that arrive wait and go together in the next,
+    one statement per distinct set of buckets, granted in the order they arrived (a
+    single ledger row takes every send of every daemon, so one round trip per send would
+    make it the bottleneck)."""
 
     def __init__(self, pool: store.Executor) -> None:
         self._pool = pool
+        self._waiting: dict[_Reservation, list[asyncio.Future[bool]]] = {}
+        self._running: asyncio.Task[None] | None = None
 
     async def reserve(self, buckets: Sequence[QuotaBucket]) -> bool:
-        return await store.quota_reserve(
-            self._pool, [(b.key, b.period_start, b.limit) for b in buckets]
-        )
+        key = tuple((b.key, b.period_start, b.limit) for b in buckets)
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._waiting.setdefault(key, []).append(future)
+        if self._running is None or self._running.done():
+            self._running = asyncio.create_task(self._drain(), name="quota-ledger")
+        return await future
+
+    async def _drain(self) -> None:
+        while self._waiting:
+            batch, self._waiting = self._waiting, {}
+            for key, futures in batch.items():
+                try:
+                    granted = await store.quota_reserve(self._pool, key, len(futures))
+                except DripdError as exc:
+                    for future in futures:
+                        if not future.done():
+                            future.set_exception(exc)
+                    continue
+                for n, future in enumerate(futures):
+                    if future.done():  # its sender was cancelled: give its place back
+                        if n < granted:
+                            await store.quota_release(self._pool, [k[:2] for k in key])
+                        continue
+                    future.set_result(n < granted)
 
     async def release(self, buckets: Sequence[QuotaBucket]) -> None:
         await store.quota_release(self._pool, [(b.key, b.period_start) for b in buckets])

@@ -1,5 +1,5 @@
--- Give back a reservation whose send failed. $1 buckets, $2 period starts
+-- Give back reservations whose sends failed. $1 buckets, $2 period starts, $3 how many
 UPDATE dripd.quota_ledger AS q
-SET used = q.used - 1
+SET used = greatest(q.used - $3::int, 0)
 FROM unnest($1::text[], $2::timestamptz[]) AS w(bucket, period_start)
-WHERE q.bucket = w.bucket AND q.period_start = w.period_start AND q.used > 0
+WHERE q.bucket = w.bucket AND q.period_start = w.period_start
