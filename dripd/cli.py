@@ -218,6 +218,7 @@ async def cmd_suppress(args: argparse.Namespace, cfg: Config) -> None:
             address=args.address,
             reason=args.reason,
             source="cli",
+            default_region=cfg.recipients.default_region,
         ),
     )
     _print(args, result.to_dict(), lambda r: f"suppressed {r['channel']} {r['address']}")

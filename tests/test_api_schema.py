@@ -1,7 +1,8 @@
 """The HTTP API fuzzed by schemathesis against its own OpenAPI document, over real HTTP.
 
-The server (uvicorn, a pool, a fresh database) runs in a thread of its own with its own
-event loop, because schemathesis calls it synchronously from the test's thread.
+The live daemon (`dripd run`'s Daemon, with its HTTP listener, the lead routes and a fresh
+database) runs in a thread of its own with its own event loop, because schemathesis calls
+it synchronously from the test's thread.
 """
 
 from __future__ import annotations
@@ -10,25 +11,23 @@ import asyncio
 import hashlib
 import json
 import secrets
+import tempfile
 import threading
 from collections.abc import Iterator
-from typing import Any
 
 import asyncpg
 import httpx
 import pytest
 import schemathesis
 from schemathesis import Case, GenerationMode
-from support import apply_text, one_email
+from support import apply_text, free_port, one_email
 
-from dripd.clock import SystemClock
 from dripd.config import from_dict
 from dripd.db import intake, store
-from dripd.http.api import OPERATIONS, routes
-from dripd.http.app import HttpServer, build_app
-from dripd.http.context import HttpContext
-from dripd.http.openapi import describe, openapi_document, openapi_route
-from dripd.metrics import Metrics
+from dripd.engine.daemon import Daemon
+from dripd.http import leads
+from dripd.http.api import OPERATIONS
+from dripd.http.openapi import describe, openapi_document
 
 ONBOARDING = """
 [sequence]
@@ -108,9 +107,8 @@ class LiveApi:
         self._stop = asyncio.Event()
         await self._admin(f'CREATE DATABASE "{self.database}" TEMPLATE "{self.template_db}"')
         try:
-            pool = await store.create_pool(
-                _with_database(self.admin_dsn, self.database), min_size=1, max_size=8
-            )
+            dsn = _with_database(self.admin_dsn, self.database)
+            pool = await store.create_pool(dsn, min_size=1, max_size=2)
             try:
                 await apply_text(pool, one_email("welcome"))
                 await apply_text(pool, ONBOARDING)
@@ -118,32 +116,34 @@ class LiveApi:
                     "INSERT INTO dripd.api_tokens (name, token_hash) VALUES ('fuzz', $1)",
                     intake.hash_token(TOKEN),
                 )
-                ctx = HttpContext(
-                    pool=pool, config=from_dict({}), clock=SystemClock(), metrics=Metrics(),
-                    vault=None,
-                )  # fmt: skip
-                server = HttpServer(
-                    build_app(
-                        metrics=ctx.metrics,
-                        readiness=_ready,
-                        routes=[*routes(ctx), openapi_route(OPERATIONS)],
+                port = free_port()
+                with tempfile.TemporaryDirectory(prefix="dripd-fuzz-") as sockets:
+                    config = from_dict(
+                        {
+                            "database": {"dsn": dsn, "pool_min": 1, "pool_max": 8},
+                            "control": {"socket": f"{sockets}/c.sock"},
+                            "http": {"listen": f"127.0.0.1:{port}"},
+                            "leads": {"enabled": True, "sequence": "welcome"},
+                            "log": {"level": "error"},
+                        }
                     )
-                )
-                await server.start("127.0.0.1", 0)
-                try:
-                    self.url = f"http://127.0.0.1:{server.port}"
-                    self._ready.set()
-                    await self._stop.wait()
-                finally:
-                    await server.stop()
+                    daemon = Daemon(config, env={})
+                    running = asyncio.create_task(daemon.run(install_signals=False))
+                    ready = asyncio.create_task(daemon.ready.wait())
+                    await asyncio.wait({running, ready}, return_when=asyncio.FIRST_COMPLETED)
+                    if running.done():
+                        running.result()
+                    try:
+                        self.url = f"http://127.0.0.1:{port}"
+                        self._ready.set()
+                        await self._stop.wait()
+                    finally:
+                        daemon.request_stop()
+                        await asyncio.wait_for(running, 30)
             finally:
                 await pool.close()
         finally:
             await self._admin(f'DROP DATABASE IF EXISTS "{self.database}" WITH (FORCE)')
-
-
-async def _ready() -> dict[str, Any]:
-    return {"ready": True}
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +159,7 @@ def live(admin_dsn: str, template_db: str) -> Iterator[LiveApi]:
 # The document the live server serves (a test checks it is the same), loaded at import time:
 # schemathesis's fixture-based loader (`schemathesis.pytest.from_fixture`) reads
 # `Function._nodeid`, which pytest 9.2 removed. Every request still goes over real HTTP.
-DOCUMENT = openapi_document(*describe(OPERATIONS))
+DOCUMENT = openapi_document(*describe([*OPERATIONS, leads.OPERATION]))
 TOKEN = intake.new_token()  # stored (as its hash) in each live database
 
 schema = schemathesis.openapi.from_dict(

@@ -464,3 +464,41 @@ async def test_gathered_quota_reservations_grant_exactly_the_cap_across_daemons(
         await pool.fetchval("SELECT used FROM dripd.quota_ledger WHERE bucket = 'quota:global'")
         == 99
     )
+
+
+SMS_ONLY = """
+[sequence]
+key = "texts"
+
+[[steps]]
+key = "text"
+channel = "sms"
+body = "Hi"
+"""
+
+
+async def test_suppressions_match_any_spelling_of_a_phone_number(
+    dsn: str, pool: asyncpg.Pool, clock: ManualClock, outbox: Path, tmp_path: Path
+) -> None:
+    await apply_text(pool, SMS_ONLY)
+    clock.set(datetime(2026, 3, 9, 15, 0, tzinfo=UTC))
+    stored = await api.suppress(pool, tenant=None, channel="sms", address="(202) 555-0143")
+    assert stored.address == "+12025550143"
+    berlin = await api.suppress(
+        pool, tenant=None, channel="sms", address="030 1234567", default_region="DE"
+    )
+    assert berlin.address == "+49301234567"
+    async with running_daemon(
+        dsn, tmp_path, clock=clock, sections={"recipients": {"default_region": "DE"}}
+    ):
+        blocked = await enroll(pool, clock, "texts", "a", phone="+1 202 555 0143")
+        local = await enroll(pool, clock, "texts", "b", phone="030 1234567")
+        fine = await enroll(pool, clock, "texts", "c", phone="0151 23456789")
+        for e in (blocked, local, fine):
+            await wait_for(lambda e=e: _is(pool, e.id, "completed"))
+    rows = {r["enrollment_id"]: r for r in await executions(pool)}
+    assert (rows[blocked.id]["status"], rows[blocked.id]["reason"]) == ("skipped", "suppressed")
+    assert (rows[local.id]["status"], rows[local.id]["reason"]) == ("skipped", "suppressed")
+    assert rows[fine.id]["status"] == "sent"
+    # The provider gets the number in E.164, read in the configured region.
+    assert [m["to"] for m in sent(outbox)] == ["+4915123456789"]

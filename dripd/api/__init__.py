@@ -457,8 +457,12 @@ async def suppress(
     reason: str = "manual",
     source: str | None = None,
     now: datetime | None = None,
+    default_region: str | None = "US",
 ) -> Suppression:
-    """Stop every send to `address` on `channel` (in this tenant, or everywhere if global)."""
+    """Stop every send to `address` on `channel` (in this tenant, or everywhere if global).
+
+    Any spelling works: email is trimmed and lowercased, a phone number becomes E.164 (read
+    in `default_region` when it has no country code; config `recipients.default_region`)."""
     _tenant(tenant)
     if not isinstance(channel, str) or not channel.strip():
         raise ConfigError("channel: must be a channel name such as email or sms")
@@ -468,7 +472,7 @@ async def suppress(
         raise ConfigError(
             f"reason: {reason!r} is not one of {', '.join(sorted(SUPPRESSION_REASONS))}"
         )
-    normalized = normalize(channel, address)
+    normalized = normalize(channel, address, default_region=default_region)
     async with store.transaction(db) as conn:
         row = await store.insert_suppression(
             conn,

@@ -64,6 +64,7 @@ class Rules:
     """The sending rules from the configuration, and their shared state."""
 
     zone_of: Callable[[str | None], ZoneInfo]  # a tenant's recipients' default zone
+    default_region: str | None = None  # phone numbers without a country code
     window_channels: frozenset[str] = frozenset()  # where a sequence's default window applies
     window_spread: timedelta = timedelta(minutes=10)
     paused_adapter_retry: timedelta = timedelta(minutes=5)
@@ -247,13 +248,13 @@ class Pipeline:
                 reason="adapter_paused",
                 retry_at=self._clock.now() + self._rules.paused_adapter_retry,
             )
-        address = normalize(channel, to)
+        address = normalize(channel, to, default_region=self._rules.default_region)
         message = Message(
             execution_id=item.id,
             idempotency_key=f"{item.id}:{item.replay}",
             message_id=f"<{item.id}.{item.replay}@{self._policy.message_id_domain}>",
             channel=channel,
-            to=to.strip(),
+            to=address if channel in SMS_CHANNELS else to.strip(),  # phones as E.164
             subject=rendered.get("subject"),
             text=rendered.get("text"),
             html=rendered.get("html"),

@@ -108,6 +108,7 @@ def build_rules(cfg: Config, *, pool: store.Executor, vault: Vault | None) -> Ru
         )
     return Rules(
         zone_of=zones(cfg),
+        default_region=cfg.recipients.default_region,
         rates=rates if rates else None,
         limiter=limiter,
         window_channels=frozenset(cfg.windows.channels),

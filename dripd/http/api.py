@@ -364,6 +364,7 @@ class _Routes:
                 reason=body.reason,
                 source="http",
                 now=ctx.clock.now(),
+                default_region=ctx.config.recipients.default_region,
             )
             out = msgspec.convert(suppression, Suppression, from_attributes=True)
             return (201 if out.created else 200), out
