@@ -107,13 +107,22 @@ def next_due(timing: Timing, *, base: datetime, tz: ZoneInfo) -> datetime:
 
 def _daily(day: date, at: time, tz: ZoneInfo) -> datetime:
     """The one UTC instant that wall-clock time `at` on `day` in `tz` stands for."""
-    wall = datetime.combine(day, at.replace(tzinfo=None, fold=0))
+    return local_instant(datetime.combine(day, at.replace(tzinfo=None)), tz)
+
+
+def local_instant(wall: datetime, tz: ZoneInfo) -> datetime:
+    """The aware UTC instant that naive local wall-clock time `wall` in `tz` stands for.
+
+    A time the clocks skip (spring forward) stands for the instant the gap ends; a time they
+    show twice (fall back) stands for the first of the two.
+    """
+    wall = wall.replace(tzinfo=None, fold=0)
     first = wall.replace(tzinfo=tz).astimezone(UTC)
     if first.astimezone(tz).replace(tzinfo=None) == wall:
         return first
-    # `wall` falls in a gap. With fold=0 and fold=1 it maps to the instants one gap-length
-    # after and before the transition; search between them, to the second (transitions are
-    # whole seconds), for the first instant whose wall clock has reached `wall`.
+    # `wall` is in a gap: fold=0 and fold=1 map it to instants one gap-length after and
+    # before the transition. Search between them, to the second (transitions are on whole
+    # seconds), for the first instant whose wall clock has reached `wall`.
     second = wall.replace(tzinfo=tz, fold=1).astimezone(UTC)
     before, after = sorted((first, second))
     low, high = math.floor(before.timestamp()), math.ceil(after.timestamp())

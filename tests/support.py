@@ -20,8 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import msgspec
 from aiosmtpd.controller import Controller
 
+from dripd import api
 from dripd.channels.credentials import Vault
 from dripd.config import from_dict
 from dripd.db import store
@@ -248,3 +250,47 @@ async def executions(db: asyncpg.Connection | asyncpg.Pool) -> list[asyncpg.Reco
             "JOIN dripd.steps s ON s.id = e.step_id ORDER BY e.created_at, s.position"
         )
         return rows
+
+
+def outbox_messages(path: Path) -> list[dict[str, Any]]:
+    """The messages an `outbox` adapter wrote to `path`, oldest first."""
+    if not path.exists():
+        return []
+    return [msgspec.json.decode(line) for line in path.read_text().splitlines()]
+
+
+async def quiet(pool: asyncpg.Pool, clock: Any) -> None:
+    """Wait until nothing due at the (manual) clock's time is left unclaimed or in flight."""
+
+    async def check() -> bool:
+        n = await pool.fetchval(
+            "SELECT count(*) FROM dripd.step_executions "
+            "WHERE status = 'claimed' OR (status = 'scheduled' AND due_at <= $1)",
+            clock.now(),
+        )
+        return int(n) == 0
+
+    await wait_for(check)
+
+
+async def enrollment_status(pool: asyncpg.Pool, enrollment_id: uuid.UUID) -> tuple[str, str | None]:
+    row = await pool.fetchrow(
+        "SELECT status, status_reason FROM dripd.enrollments WHERE id = $1", enrollment_id
+    )
+    return row["status"], row["status_reason"]
+
+
+async def has_status(pool: asyncpg.Pool, enrollment_id: uuid.UUID, expected: str) -> bool:
+    return (await enrollment_status(pool, enrollment_id))[0] == expected
+
+
+def enroll_at(pool: asyncpg.Pool, clock: Any, key: str, who: str, **data: Any) -> Any:
+    """Enroll subscriber `who` (email who@example.com plus `data`) at the clock's time."""
+    return api.enroll(
+        pool,
+        tenant=None,
+        sequence_key=key,
+        subscriber_id=who,
+        data={"email": f"{who}@example.com", **data},
+        now=clock.now(),
+    )

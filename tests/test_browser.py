@@ -4,7 +4,6 @@ first message reaches the lead through the running daemon."""
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import subprocess
 from pathlib import Path
@@ -18,7 +17,7 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import WebDriverWait
-from support import add_adapter, apply_text, free_port, running_daemon, wait_for
+from support import add_adapter, apply_text, free_port, outbox_messages, running_daemon, wait_for
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
@@ -103,12 +102,6 @@ def fill_lead_form(url: str, profile: Path, lead: dict[str, str]) -> str:
         driver.quit()
 
 
-def _sent(outbox: Path) -> list[dict[str, Any]]:
-    if not outbox.exists():
-        return []
-    return [json.loads(line) for line in outbox.read_text().splitlines()]
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(900)  # a fresh machine installs Chromium first
 async def test_a_browser_lead_gets_the_first_message(
@@ -137,7 +130,7 @@ async def test_a_browser_lead_gets_the_first_message(
             fill_lead_form, f"http://127.0.0.1:{port}/leads/new", tmp_path / "chromium", typed
         )
         assert heading == "Thanks, Grace Hopper"
-        (message,) = await wait_for(lambda: _sent(outbox), timeout=30)
+        (message,) = await wait_for(lambda: outbox_messages(outbox), timeout=30)
     assert message["channel"] == "email"
     assert message["to"] == "grace.hopper@example.com"
     assert message["subject"] == "Welcome, Grace"

@@ -3,16 +3,25 @@
 from __future__ import annotations
 
 import asyncio
-import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import asyncpg
-import msgspec
 import pytest
 import structlog.testing
-from support import add_adapter, apply_text, executions, running_daemon, wait_for
+from support import (
+    add_adapter,
+    apply_text,
+    enroll_at,
+    enrollment_status,
+    executions,
+    has_status,
+    outbox_messages,
+    quiet,
+    running_daemon,
+    wait_for,
+)
 
 from dripd import api
 from dripd.clock import ManualClock
@@ -38,50 +47,12 @@ async def outbox(pool: asyncpg.Pool, tmp_path: Path) -> Path:
     return path
 
 
-def sent(outbox: Path) -> list[dict[str, Any]]:
-    if not outbox.exists():
-        return []
-    return [msgspec.json.decode(line) for line in outbox.read_text().splitlines()]
-
-
 def steps_sent(outbox: Path, subscriber: str | None = None) -> list[str]:
     return [
         m["metadata"]["step_key"]
-        for m in sent(outbox)
+        for m in outbox_messages(outbox)
         if subscriber is None or m["to"] == subscriber
     ]
-
-
-async def status(pool: asyncpg.Pool, enrollment_id: uuid.UUID) -> tuple[str, str | None]:
-    row = await pool.fetchrow(
-        "SELECT status, status_reason FROM dripd.enrollments WHERE id = $1", enrollment_id
-    )
-    return row["status"], row["status_reason"]
-
-
-async def quiet(pool: asyncpg.Pool, clock: ManualClock) -> None:
-    """Wait until nothing due at the clock's time is left unclaimed or in flight."""
-
-    async def check() -> bool:
-        n = await pool.fetchval(
-            "SELECT count(*) FROM dripd.step_executions "
-            "WHERE status = 'claimed' OR (status = 'scheduled' AND due_at <= $1)",
-            clock.now(),
-        )
-        return int(n) == 0
-
-    await wait_for(check)
-
-
-def enroll(pool: asyncpg.Pool, clock: ManualClock, key: str, who: str, **data: Any) -> Any:
-    return api.enroll(
-        pool,
-        tenant=None,
-        sequence_key=key,
-        subscriber_id=who,
-        data={"email": f"{who}@example.com", **data},
-        now=clock.now(),
-    )
 
 
 def event(pool: asyncpg.Pool, clock: ManualClock, who: str, key: str, **kw: Any) -> Any:
@@ -125,8 +96,8 @@ async def test_at_and_cron_steps_fall_due_at_local_times_across_dst(
     await apply_text(pool, AT_AND_CRON)
     # Saturday 2026-03-07 15:00 UTC: New York is on EST (UTC-5) and changes on Sunday.
     clock.set(datetime(2026, 3, 7, 15, 0, tzinfo=UTC))
-    ny = await enroll(pool, clock, "timed", "ny", timezone="America/New_York")
-    berlin = await enroll(pool, clock, "timed", "berlin")  # the sequence's zone
+    ny = await enroll_at(pool, clock, "timed", "ny", timezone="America/New_York")
+    berlin = await enroll_at(pool, clock, "timed", "berlin")  # the sequence's zone
     rows = {r["enrollment_id"]: r for r in await executions(pool)}
     # 09:30 EST has passed (10:00 local): the next 09:30 is Sunday's, already EDT (UTC-4).
     assert rows[ny.id]["due_at"] == datetime(2026, 3, 8, 13, 30, tzinfo=UTC)
@@ -135,7 +106,7 @@ async def test_at_and_cron_steps_fall_due_at_local_times_across_dst(
 
     async with running_daemon(dsn, tmp_path, clock=clock):
         clock.set(datetime(2026, 3, 8, 13, 30, tzinfo=UTC))
-        await wait_for(lambda: len(sent(outbox)) == 2)
+        await wait_for(lambda: len(outbox_messages(outbox)) == 2)
         await quiet(pool, clock)
         nexts = {
             r["enrollment_id"]: r["due_at"]
@@ -148,7 +119,7 @@ async def test_at_and_cron_steps_fall_due_at_local_times_across_dst(
         assert nexts[berlin.id] == datetime(2026, 3, 10, 8, 30, tzinfo=UTC)
 
         clock.set(datetime(2026, 3, 10, 13, 30, tzinfo=UTC))
-        await wait_for(lambda: len(sent(outbox)) == 4)
+        await wait_for(lambda: len(outbox_messages(outbox)) == 4)
         await quiet(pool, clock)
         mondays = {
             r["enrollment_id"]: r["due_at"]
@@ -159,13 +130,9 @@ async def test_at_and_cron_steps_fall_due_at_local_times_across_dst(
         assert mondays[ny.id] == datetime(2026, 3, 16, 13, 0, tzinfo=UTC)
         assert mondays[berlin.id] == datetime(2026, 3, 16, 8, 0, tzinfo=UTC)
         clock.set(datetime(2026, 3, 16, 13, 0, tzinfo=UTC))
-        await wait_for(lambda: len(sent(outbox)) == 6)
-        await wait_for(lambda: _status_is(pool, ny.id, "completed"))
+        await wait_for(lambda: len(outbox_messages(outbox)) == 6)
+        await wait_for(lambda: has_status(pool, ny.id, "completed"))
     assert steps_sent(outbox, "ny@example.com") == ["hello", "next_day", "monday"]
-
-
-async def _status_is(pool: asyncpg.Pool, enrollment_id: uuid.UUID, expected: str) -> bool:
-    return (await status(pool, enrollment_id))[0] == expected
 
 
 # -- waiting for an event ----------------------------------------------------------------------
@@ -227,9 +194,9 @@ async def test_a_wait_is_released_by_its_event_in_the_event_transaction(
 ) -> None:
     await apply_text(pool, ACTIVATION)
     async with running_daemon(dsn, tmp_path, clock=clock):
-        basic = await enroll(pool, clock, "activation", "basic")
-        pro = await enroll(pool, clock, "activation", "pro")
-        await wait_for(lambda: len(sent(outbox)) == 2)
+        basic = await enroll_at(pool, clock, "activation", "basic")
+        pro = await enroll_at(pool, clock, "activation", "pro")
+        await wait_for(lambda: len(outbox_messages(outbox)) == 2)
         await quiet(pool, clock)
         waiting = [r for r in await executions(pool) if r["step_key"] == "wait_activation"]
         assert {r["due_at"] for r in waiting} == {START + timedelta(days=3)}
@@ -246,8 +213,8 @@ async def test_a_wait_is_released_by_its_event_in_the_event_transaction(
         assert row["event_id"] == released.id
         assert row["due_at"] == clock.now()
         await event(pool, clock, "pro", "activated", data={"plan": "pro"})
-        await wait_for(lambda: _status_is(pool, basic.id, "completed"))
-        await wait_for(lambda: _status_is(pool, pro.id, "completed"))
+        await wait_for(lambda: has_status(pool, basic.id, "completed"))
+        await wait_for(lambda: has_status(pool, pro.id, "completed"))
     assert steps_sent(outbox, "basic@example.com") == ["hello", "congrats"]
     assert steps_sent(outbox, "pro@example.com") == ["hello", "pro_tips"]
     done = [r for r in await executions(pool) if r["step_key"] == "wait_activation"]
@@ -262,15 +229,15 @@ async def test_a_wait_times_out_to_its_on_timeout_step(
 ) -> None:
     await apply_text(pool, ACTIVATION)
     async with running_daemon(dsn, tmp_path, clock=clock):
-        e = await enroll(pool, clock, "activation", "slow")
-        await wait_for(lambda: len(sent(outbox)) == 1)
+        e = await enroll_at(pool, clock, "activation", "slow")
+        await wait_for(lambda: len(outbox_messages(outbox)) == 1)
         await quiet(pool, clock)
         clock.advance(timedelta(days=3) - timedelta(seconds=1))
         await quiet(pool, clock)
-        assert len(sent(outbox)) == 1
+        assert len(outbox_messages(outbox)) == 1
         clock.advance(timedelta(seconds=1))
-        await wait_for(lambda: len(sent(outbox)) == 2)
-        await wait_for(lambda: _status_is(pool, e.id, "completed"))
+        await wait_for(lambda: len(outbox_messages(outbox)) == 2)
+        await wait_for(lambda: has_status(pool, e.id, "completed"))
         # An event after the timeout finds nothing waiting.
         late = await event(pool, clock, "slow", "activated")
         assert late.released == []
@@ -285,17 +252,17 @@ async def test_event_and_timeout_racing_give_exactly_one_path_per_enrollment(
     await apply_text(pool, ACTIVATION)
     people = [f"r{n}" for n in range(40)]
     async with running_daemon(dsn, tmp_path, clock=clock, batch_size=7):
-        ids = [(await enroll(pool, clock, "activation", who)).id for who in people]
-        await wait_for(lambda: len(sent(outbox)) == len(people))
+        ids = [(await enroll_at(pool, clock, "activation", who)).id for who in people]
+        await wait_for(lambda: len(outbox_messages(outbox)) == len(people))
         await quiet(pool, clock)
         clock.advance(timedelta(days=3))  # every wait times out now...
         results = await asyncio.gather(  # ...while the events arrive
             *(event(pool, clock, who, "activated") for who in people)
         )
         for e in ids:
-            await wait_for(lambda e=e: _status_is(pool, e, "completed"))
+            await wait_for(lambda e=e: has_status(pool, e, "completed"))
     by_who: dict[str, list[str]] = {}
-    for m in sent(outbox):
+    for m in outbox_messages(outbox):
         by_who.setdefault(m["to"], []).append(m["metadata"]["step_key"])
     paths = {tuple(v) for v in by_who.values()}
     assert paths <= {("hello", "congrats"), ("hello", "reminder")}
@@ -312,8 +279,8 @@ async def test_a_paused_wait_released_by_an_event_continues_on_resume(
 ) -> None:
     await apply_text(pool, ACTIVATION)
     async with running_daemon(dsn, tmp_path, clock=clock):
-        e = await enroll(pool, clock, "activation", "p")
-        await wait_for(lambda: len(sent(outbox)) == 1)
+        e = await enroll_at(pool, clock, "activation", "p")
+        await wait_for(lambda: len(outbox_messages(outbox)) == 1)
         await quiet(pool, clock)
         await api.pause(pool, tenant=None, enrollment_id=e.id, now=clock.now())
         clock.advance(timedelta(days=1))
@@ -321,9 +288,9 @@ async def test_a_paused_wait_released_by_an_event_continues_on_resume(
         assert len(result.released) == 1
         clock.advance(timedelta(days=5))  # past the timeout: the event already won
         await quiet(pool, clock)
-        assert len(sent(outbox)) == 1  # paused: nothing moves
+        assert len(outbox_messages(outbox)) == 1  # paused: nothing moves
         await api.resume(pool, tenant=None, enrollment_id=e.id, now=clock.now())
-        await wait_for(lambda: _status_is(pool, e.id, "completed"))
+        await wait_for(lambda: has_status(pool, e.id, "completed"))
     assert steps_sent(outbox) == ["hello", "congrats"]
 
 
@@ -360,8 +327,8 @@ async def test_entry_event_enrolls_with_its_data_and_exit_event_ends_the_enrollm
             pool, clock, "u1", "signed_up", data={"email": "u1@example.com", "first_name": "Ann"}
         )
         assert len(first.enrolled) == 1
-        await wait_for(lambda: len(sent(outbox)) == 1)
-        assert sent(outbox)[0]["subject"] == "Hello Ann"
+        await wait_for(lambda: len(outbox_messages(outbox)) == 1)
+        assert outbox_messages(outbox)[0]["subject"] == "Hello Ann"
         await quiet(pool, clock)
 
         again = await event(pool, clock, "u1", "signed_up")
@@ -370,17 +337,20 @@ async def test_entry_event_enrolls_with_its_data_and_exit_event_ends_the_enrollm
 
         goal = await event(pool, clock, "u1", "purchased")
         assert goal.exited == first.enrolled
-        assert await status(pool, first.enrolled[0]) == ("exited", "exit_event:purchased")
+        assert await enrollment_status(pool, first.enrolled[0]) == (
+            "exited",
+            "exit_event:purchased",
+        )
         nudge = next(r for r in await executions(pool) if r["step_key"] == "nudge")
         assert (nudge["status"], nudge["reason"]) == ("cancelled", "exited")
         clock.advance(timedelta(days=3))
         await quiet(pool, clock)
-        assert len(sent(outbox)) == 1  # the cancelled nudge never goes out
+        assert len(outbox_messages(outbox)) == 1  # the cancelled nudge never goes out
 
         # after_exit: an exited subscriber may come back.
         back = await event(pool, clock, "u1", "signed_up", data={"email": "u1@example.com"})
         assert len(back.enrolled) == 1
-        await wait_for(lambda: len(sent(outbox)) == 2)
+        await wait_for(lambda: len(outbox_messages(outbox)) == 2)
 
 
 async def test_reenroll_never_refuses_an_entry_event_and_enroll_names_the_policy(
@@ -395,7 +365,7 @@ async def test_reenroll_never_refuses_an_entry_event_and_enroll_names_the_policy
     assert refusal["sequence"] == "onboarding"
     assert "reenroll policy is 'never'" in refusal["reason"]
     with pytest.raises(Conflict, match="reenroll policy is 'never'"):
-        await enroll(pool, clock, "onboarding", "u2")
+        await enroll_at(pool, clock, "onboarding", "u2")
     # The refused entry left nothing behind; the event itself is recorded.
     assert await pool.fetchval("SELECT count(*) FROM dripd.enrollments") == 1
     assert await pool.fetchval("SELECT count(*) FROM dripd.events") == 3
@@ -462,15 +432,15 @@ async def test_step_conditions_skip_and_transitions_read_event_statistics(
         await event(pool, clock, "active", "opened_app")
     await event(pool, clock, "quiet", "opened_app")
     async with running_daemon(dsn, tmp_path, clock=clock):
-        active = await enroll(pool, clock, "branches", "active", plan="pro")
-        quiet_one = await enroll(pool, clock, "branches", "quiet", plan="free")
-        await wait_for(lambda: _status_is(pool, active.id, "completed"))
-        await wait_for(lambda: _status_is(pool, quiet_one.id, "completed"))
+        active = await enroll_at(pool, clock, "branches", "active", plan="pro")
+        quiet_one = await enroll_at(pool, clock, "branches", "quiet", plan="free")
+        await wait_for(lambda: has_status(pool, active.id, "completed"))
+        await wait_for(lambda: has_status(pool, quiet_one.id, "completed"))
     assert steps_sent(outbox, "active@example.com") == ["hello", "pro_only", "engaged"]
     assert steps_sent(outbox, "quiet@example.com") == ["hello"]
     skipped = [r for r in await executions(pool) if r["status"] == "skipped"]
     assert [(r["step_key"], r["reason"]) for r in skipped] == [("pro_only", "condition_false")]
-    assert await status(pool, quiet_one.id) == ("completed", "no_matching_transition")
+    assert await enrollment_status(pool, quiet_one.id) == ("completed", "no_matching_transition")
 
 
 async def test_no_matching_transition_can_fail_the_enrollment(
@@ -478,9 +448,9 @@ async def test_no_matching_transition_can_fail_the_enrollment(
 ) -> None:
     await apply_text(pool, BRANCHES.format(on_no_match="fail"))
     async with running_daemon(dsn, tmp_path, clock=clock):
-        e = await enroll(pool, clock, "branches", "nobody")
-        await wait_for(lambda: _status_is(pool, e.id, "failed"))
-    assert await status(pool, e.id) == ("failed", "no_matching_transition")
+        e = await enroll_at(pool, clock, "branches", "nobody")
+        await wait_for(lambda: has_status(pool, e.id, "failed"))
+    assert await enrollment_status(pool, e.id) == ("failed", "no_matching_transition")
 
 
 async def test_a_condition_that_cannot_be_evaluated_fails_closed_and_is_counted(
@@ -501,12 +471,12 @@ text = "Hi"
 """,
     )
     async with running_daemon(dsn, tmp_path, clock=clock) as daemon:
-        e = await enroll(pool, clock, "typed", "t", age="forty")
-        await wait_for(lambda: _status_is(pool, e.id, "completed"))
+        e = await enroll_at(pool, clock, "typed", "t", age="forty")
+        await wait_for(lambda: has_status(pool, e.id, "completed"))
         assert daemon.metrics.condition_errors._value.get() == 1
     (row,) = await executions(pool)
     assert (row["status"], row["reason"]) == ("skipped", "condition_false")
-    assert sent(outbox) == []
+    assert outbox_messages(outbox) == []
 
 
 # -- hooks through the daemon ------------------------------------------------------------------
@@ -534,12 +504,12 @@ async def test_a_python_hook_feeds_the_step_condition_and_the_template(
 ) -> None:
     await apply_text(pool, HOOKED.format(fn="plan_for"))
     async with running_daemon(dsn, tmp_path, clock=clock) as daemon:
-        pro = await enroll(pool, clock, "hooked", "pro", plan="pro")
-        free = await enroll(pool, clock, "hooked", "free", plan="free")
-        await wait_for(lambda: _status_is(pool, pro.id, "completed"))
-        await wait_for(lambda: _status_is(pool, free.id, "completed"))
+        pro = await enroll_at(pool, clock, "hooked", "pro", plan="pro")
+        free = await enroll_at(pool, clock, "hooked", "free", plan="free")
+        await wait_for(lambda: has_status(pool, pro.id, "completed"))
+        await wait_for(lambda: has_status(pool, free.id, "completed"))
         calls = daemon.metrics.hook_calls.labels(kind="python", result="ok")._value.get()
-    assert [m["subject"] for m in sent(outbox)] == ["Offer for pro (offer/email)"]
+    assert [m["subject"] for m in outbox_messages(outbox)] == ["Offer for pro (offer/email)"]
     free_row = next(r for r in await executions(pool) if r["enrollment_id"] == free.id)
     assert (free_row["status"], free_row["reason"]) == ("skipped", "condition_false")
     assert calls == 2  # once per execution, though the step reads it three times
@@ -550,15 +520,15 @@ async def test_a_failing_hook_is_retried_then_fails_the_step_naming_the_hook(
 ) -> None:
     await apply_text(pool, HOOKED.format(fn="raises"))
     async with running_daemon(dsn, tmp_path, clock=clock, retry_base="1m"):
-        e = await enroll(pool, clock, "hooked", "h", plan="pro")
+        e = await enroll_at(pool, clock, "hooked", "h", plan="pro")
         row = await wait_for(_one_with(pool, "scheduled", attempt=1))
         assert "hook 'plan' (hookmods:raises) raised ValueError: no plan for h" in row["last_error"]
         clock.advance(timedelta(minutes=2))
-        await wait_for(lambda: _status_is(pool, e.id, "failed"))
+        await wait_for(lambda: has_status(pool, e.id, "failed"))
     (row,) = await executions(pool)
     assert row["status"] == "failed"
     assert row["last_error"].startswith("gave up after 2 attempts: hook 'plan'")
-    assert sent(outbox) == []
+    assert outbox_messages(outbox) == []
 
 
 def _one_with(pool: asyncpg.Pool, status: str, *, attempt: int):  # type: ignore[no-untyped-def]

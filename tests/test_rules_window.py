@@ -15,12 +15,11 @@ from dripd.errors import ConfigError
 from dripd.rules.window import (
     EVERY_DAY,
     Window,
-    local_instant,
     next_opening,
     parse_window,
     spread,
 )
-from dripd.timing import Timing, next_due
+from dripd.timing import Timing, local_instant, next_due
 
 NEW_YORK = ZoneInfo("America/New_York")
 BERLIN = ZoneInfo("Europe/Berlin")

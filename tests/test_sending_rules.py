@@ -4,24 +4,25 @@ thresholds, quotas (the lead-drip scenario) and one-click unsubscribe."""
 from __future__ import annotations
 
 import re
-import uuid
 from collections import Counter
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from itertools import pairwise
 from pathlib import Path
-from typing import Any
 
 import asyncpg
 import httpx
-import msgspec
 import pytest
 from support import (
     SmtpSink,
     add_adapter,
     apply_text,
+    enroll_at,
     executions,
     free_port,
+    has_status,
+    outbox_messages,
+    quiet,
     running_daemon,
     smtp_config,
     wait_for,
@@ -62,43 +63,6 @@ async def outbox(pool: asyncpg.Pool, tmp_path: Path) -> Path:
     return path
 
 
-def sent(outbox: Path) -> list[dict[str, Any]]:
-    if not outbox.exists():
-        return []
-    return [msgspec.json.decode(line) for line in outbox.read_text().splitlines()]
-
-
-async def quiet(pool: asyncpg.Pool, clock: ManualClock) -> None:
-    """Nothing due at the clock's time is left unclaimed or in flight."""
-
-    async def check() -> bool:
-        n = await pool.fetchval(
-            "SELECT count(*) FROM dripd.step_executions "
-            "WHERE status = 'claimed' OR (status = 'scheduled' AND due_at <= $1)",
-            clock.now(),
-        )
-        return int(n) == 0
-
-    await wait_for(check)
-
-
-async def status_of(pool: asyncpg.Pool, enrollment_id: uuid.UUID) -> str:
-    return str(
-        await pool.fetchval("SELECT status FROM dripd.enrollments WHERE id = $1", enrollment_id)
-    )
-
-
-def enroll(pool: asyncpg.Pool, clock: ManualClock, key: str, who: str, **data: Any) -> Any:
-    return api.enroll(
-        pool,
-        tenant=None,
-        sequence_key=key,
-        subscriber_id=who,
-        data={"email": f"{who}@example.com", **data},
-        now=clock.now(),
-    )
-
-
 # -- send windows --------------------------------------------------------------------------------
 
 WINDOWED = """
@@ -131,7 +95,7 @@ async def test_windows_defer_to_the_next_local_opening_with_a_spread(
 ) -> None:
     await apply_text(pool, WINDOWED)
     async with running_daemon(dsn, tmp_path, clock=clock) as daemon:
-        e = await enroll(
+        e = await enroll_at(
             pool, clock, "windowed", "ny", timezone="America/New_York", phone="+12025550143"
         )
         await quiet(pool, clock)
@@ -142,26 +106,22 @@ async def test_windows_defer_to_the_next_local_opening_with_a_spread(
         assert opening <= row["due_at"] < opening + timedelta(minutes=10)
         clock.set(row["due_at"] - timedelta(seconds=1))
         await quiet(pool, clock)
-        assert sent(outbox) == []
+        assert outbox_messages(outbox) == []
         clock.set(row["due_at"])
         # The email goes out; the webhook step follows at once: the sequence's window is
         # for human channels only.
-        await wait_for(lambda: len(sent(outbox)) == 2)
+        await wait_for(lambda: len(outbox_messages(outbox)) == 2)
         await quiet(pool, clock)
         sms = next(r for r in await executions(pool) if r["step_key"] == "late_sms")
         # The step's own window: 20:00 EDT = 00:00 UTC the next day.
         evening = datetime(2026, 3, 10, 0, 0, tzinfo=UTC)
         assert evening <= sms["due_at"] < evening + timedelta(minutes=10)
         clock.set(sms["due_at"])
-        await wait_for(lambda: len(sent(outbox)) == 3)
-        await wait_for(lambda: _is(pool, e.id, "completed"))
+        await wait_for(lambda: len(outbox_messages(outbox)) == 3)
+        await wait_for(lambda: has_status(pool, e.id, "completed"))
         deferred = daemon.metrics.deferrals.labels(reason="outside_window")._value.get()
     assert deferred == 2
-    assert [m["channel"] for m in sent(outbox)] == ["email", "webhook", "sms"]
-
-
-async def _is(pool: asyncpg.Pool, enrollment_id: uuid.UUID, expected: str) -> bool:
-    return await status_of(pool, enrollment_id) == expected
+    assert [m["channel"] for m in outbox_messages(outbox)] == ["email", "webhook", "sms"]
 
 
 # -- per-step rules ------------------------------------------------------------------------------
@@ -198,8 +158,8 @@ async def test_step_rules_skip_unverified_and_fail_long_sms_and_empty_fields(
     await apply_text(pool, STEP_RULES)
     clock.set(datetime(2026, 3, 9, 15, 0, tzinfo=UTC))
     async with running_daemon(dsn, tmp_path, clock=clock):
-        e = await enroll(pool, clock, "checked", "u", phone="+12025550143", message="x" * 21)
-        await wait_for(lambda: _is(pool, e.id, "failed"))
+        e = await enroll_at(pool, clock, "checked", "u", phone="+12025550143", message="x" * 21)
+        await wait_for(lambda: has_status(pool, e.id, "failed"))
     rows = {r["step_key"]: r for r in await executions(pool)}
     assert (rows["verified_only"]["status"], rows["verified_only"]["reason"]) == (
         "skipped",
@@ -213,7 +173,7 @@ async def test_step_rules_skip_unverified_and_fail_long_sms_and_empty_fields(
     assert rows["short_sms"]["attempt"] == 0  # permanent: not retried
     assert rows["maybe_subject"]["status"] == "failed"
     assert "rendered subject empty" in rows["maybe_subject"]["last_error"]
-    assert sent(outbox) == []
+    assert outbox_messages(outbox) == []
 
 
 # -- bounces and thresholds ----------------------------------------------------------------------
@@ -227,8 +187,8 @@ async def test_a_hard_bounce_suppresses_the_address(
         pool, name="smtp", channel="email", provider="smtp", config=smtp_config(sink.port)
     )
     async with running_daemon(dsn, tmp_path, clock=clock):
-        e = await enroll(pool, clock, "one", "gone")
-        await wait_for(lambda: _is(pool, e.id, "failed"))
+        e = await enroll_at(pool, clock, "one", "gone")
+        await wait_for(lambda: has_status(pool, e.id, "failed"))
     (row,) = await executions(pool)
     assert row["status"] == "failed"
     assert "550" in row["last_error"]
@@ -281,17 +241,17 @@ async def test_a_bounce_threshold_pauses_the_adapter_until_an_operator_resumes_i
     assert metrics.adapter_paused.labels(adapter="email-out")._value.get() == 1
 
     async with running_daemon(dsn, tmp_path, clock=clock) as daemon:
-        e = await enroll(pool, clock, "one", "p")
+        e = await enroll_at(pool, clock, "one", "p")
         row = await wait_for(lambda: _deferred(pool, "adapter_paused"))
         assert row["attempt"] == 0
-        assert sent(outbox) == []
+        assert outbox_messages(outbox) == []
         answer = await request(
             daemon.config.control.socket, "resume-adapter", {"name": "email-out"}
         )
         assert answer["was_paused"] == reason
         clock.set(row["due_at"])
-        await wait_for(lambda: _is(pool, e.id, "completed"))
-    assert len(sent(outbox)) == 1
+        await wait_for(lambda: has_status(pool, e.id, "completed"))
+    assert len(outbox_messages(outbox)) == 1
 
 
 async def _deferred(pool: asyncpg.Pool, reason: str) -> asyncpg.Record | None:
@@ -338,14 +298,14 @@ async def test_lead_drip_quota_sends_exactly_the_cap_each_day_and_drops_nothing(
         dsn, tmp_path, clock=clock, sections={"quotas": [quota]}, batch_size=50
     ):
         for n in range(leads):
-            await enroll(pool, clock, "lead-drip", f"lead{n:03}")
+            await enroll_at(pool, clock, "lead-drip", f"lead{n:03}")
         day = datetime(2026, 3, 2, tzinfo=UTC)
         for _ in range(20):
             for hour in (10, 13, 23):
                 clock.set(day + timedelta(hours=hour))
                 await quiet(pool, clock)
             day += timedelta(days=1)
-            if len(sent(outbox)) == leads * 5:
+            if len(outbox_messages(outbox)) == leads * 5:
                 break
     # The daemon's clock is the witness: when each send was recorded.
     rows = await pool.fetch(
@@ -353,7 +313,7 @@ async def test_lead_drip_quota_sends_exactly_the_cap_each_day_and_drops_nothing(
         "JOIN dripd.step_executions AS e ON e.id = m.execution_id "
         "JOIN dripd.steps AS s ON s.id = e.step_id WHERE m.type = 'sent' ORDER BY m.occurred_at"
     )
-    assert len(rows) == len(sent(outbox)) == leads * 5  # nothing dropped
+    assert len(rows) == len(outbox_messages(outbox)) == leads * 5  # nothing dropped
     per_day = Counter(r["occurred_at"].date() for r in rows)
     assert set(per_day.values()) == {100}, per_day  # exactly the cap, every calendar day
     by_lead: dict[str, list[asyncpg.Record]] = {}
@@ -385,7 +345,7 @@ async def test_lifecycle_email_carries_rfc8058_headers_and_one_click_suppresses(
         "unsubscribe": {"base_url": "https://mail.example.com/", "mailto": "unsub@example.com"},
     }
     async with running_daemon(dsn, tmp_path, clock=clock, env=env, sections=sections):
-        e = await enroll(pool, clock, "one", "reader")
+        e = await enroll_at(pool, clock, "one", "reader")
         await wait_for(lambda: sink.count() == 1)
         mail = sink.messages[0]
         assert mail["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
@@ -405,7 +365,7 @@ async def test_lifecycle_email_carries_rfc8058_headers_and_one_click_suppresses(
         assert (row["address"], row["reason"]) == ("reader@example.com", "unsubscribe")
         await quiet(pool, clock)
         clock.advance(timedelta(days=1))
-        await wait_for(lambda: _is(pool, e.id, "completed"))
+        await wait_for(lambda: has_status(pool, e.id, "completed"))
     assert sink.count() == 1
     again = next(r for r in await executions(pool) if r["step_key"] == "again")
     assert (again["status"], again["reason"]) == ("skipped", "suppressed")
@@ -416,8 +376,8 @@ async def test_a_reported_complaint_suppresses_and_counts_towards_the_threshold(
 ) -> None:
     await apply_text(pool, ONE_EMAIL)
     async with running_daemon(dsn, tmp_path, clock=clock):
-        e = await enroll(pool, clock, "one", "Grumpy")
-        await wait_for(lambda: _is(pool, e.id, "completed"))
+        e = await enroll_at(pool, clock, "one", "Grumpy")
+        await wait_for(lambda: has_status(pool, e.id, "completed"))
     (row,) = await executions(pool)
     assert await api.report(pool, tenant=None, execution_id=row["id"], type="complained")
     assert not await api.report(pool, tenant="other", execution_id=row["id"], type="complained")
@@ -491,14 +451,14 @@ async def test_suppressions_match_any_spelling_of_a_phone_number(
     async with running_daemon(
         dsn, tmp_path, clock=clock, sections={"recipients": {"default_region": "DE"}}
     ):
-        blocked = await enroll(pool, clock, "texts", "a", phone="+1 202 555 0143")
-        local = await enroll(pool, clock, "texts", "b", phone="030 1234567")
-        fine = await enroll(pool, clock, "texts", "c", phone="0151 23456789")
+        blocked = await enroll_at(pool, clock, "texts", "a", phone="+1 202 555 0143")
+        local = await enroll_at(pool, clock, "texts", "b", phone="030 1234567")
+        fine = await enroll_at(pool, clock, "texts", "c", phone="0151 23456789")
         for e in (blocked, local, fine):
-            await wait_for(lambda e=e: _is(pool, e.id, "completed"))
+            await wait_for(lambda e=e: has_status(pool, e.id, "completed"))
     rows = {r["enrollment_id"]: r for r in await executions(pool)}
     assert (rows[blocked.id]["status"], rows[blocked.id]["reason"]) == ("skipped", "suppressed")
     assert (rows[local.id]["status"], rows[local.id]["reason"]) == ("skipped", "suppressed")
     assert rows[fine.id]["status"] == "sent"
     # The provider gets the number in E.164, read in the configured region.
-    assert [m["to"] for m in sent(outbox)] == ["+4915123456789"]
+    assert [m["to"] for m in outbox_messages(outbox)] == ["+4915123456789"]

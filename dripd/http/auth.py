@@ -26,6 +26,7 @@ from dripd.errors import (
     SchemaError,
 )
 from dripd.http.app import json_response
+from dripd.http.bodies import TooLarge, read_limited
 from dripd.http.context import HttpContext
 
 T = TypeVar("T", bound=msgspec.Struct)
@@ -219,14 +220,10 @@ async def read_body(request: Request, ctx: HttpContext) -> bytes:
             f"content coding {coding!r} is not supported: send the body uncompressed",
             headers={"Accept-Encoding": "identity"},  # RFC 9110 §12.5.3
         )
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise _too_large(limit)  # stop reading: the rest is never buffered
-        chunks.append(chunk)
-    return b"".join(chunks)
+    try:
+        return await read_limited(request, limit)
+    except TooLarge:
+        raise _too_large(limit) from None
 
 
 #: How deep a JSON body may nest (Struct fields count as a level).

@@ -9,7 +9,6 @@ from collections.abc import Mapping
 from datetime import datetime
 from html import escape
 from typing import Annotated, Any
-from urllib.parse import parse_qsl
 
 import msgspec
 import structlog
@@ -21,6 +20,7 @@ from dripd import api
 from dripd.errors import DripdError
 from dripd.http.app import json_response
 from dripd.http.auth import ApiError, Error, api_endpoint, authenticate, read_json
+from dripd.http.bodies import TooLarge, read_limited, urlencoded_fields
 from dripd.http.context import HttpContext
 from dripd.http.openapi import Operation, Reply, describe, error_replies
 
@@ -230,23 +230,12 @@ async def _read_form(request: Request, limit: int) -> dict[str, str]:
     media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
     if media_type != "application/x-www-form-urlencoded":
         raise _FormRejected(415, "Unsupported form", "Send the form as a web browser does.")
-    too_large = _FormRejected(413, "Too long", "The form is too long; shorten the notes.")
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise too_large
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise too_large
     try:
-        pairs = parse_qsl(
-            body.decode("utf-8"),
-            keep_blank_values=True,
-            encoding="utf-8",
-            errors="strict",
-            max_num_fields=_MAX_FORM_FIELDS,
-        )
+        body = await read_limited(request, limit)
+    except TooLarge:
+        raise _FormRejected(413, "Too long", "The form is too long; shorten the notes.") from None
+    try:
+        pairs = urlencoded_fields(body, max_fields=_MAX_FORM_FIELDS)
     except ValueError as exc:  # UnicodeDecodeError included
         raise _FormRejected(400, "Unreadable form", "The form could not be read.") from exc
     values: dict[str, str] = {}

@@ -9,7 +9,6 @@ from email.parser import BytesParser
 from email.policy import HTTP
 from html import escape
 from typing import Final
-from urllib.parse import parse_qsl
 
 import structlog
 from starlette.requests import Request
@@ -20,6 +19,7 @@ from dripd import api
 from dripd.channels.credentials import ENV_VAR
 from dripd.db import feedback, store
 from dripd.http.app import error_response, json_response
+from dripd.http.bodies import TooLarge, read_limited, urlencoded_fields
 from dripd.http.context import HttpContext
 from dripd.model import MessageEventType
 from dripd.rules.unsubscribe import InvalidToken, UnsubscribeToken, read_token
@@ -172,33 +172,22 @@ async def _read_form(request: Request, limit: int) -> list[tuple[str, str]]:
             f"The request body must be the form field {FIELD}={VALUE}, sent as "
             "application/x-www-form-urlencoded or multipart/form-data.",
         )
-    too_large = _Rejected(
-        413, "payload_too_large", "Too large", "The request body is larger than a form needs."
-    )
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise too_large
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise too_large
+    try:
+        body = await read_limited(request, limit)
+    except TooLarge:
+        raise _Rejected(
+            413, "payload_too_large", "Too large", "The request body is larger than a form needs."
+        ) from None
     unreadable = _Rejected(
         400, "bad_input", "Not an unsubscribe request", "The form could not be read."
     )
     if media_type == "multipart/form-data":
-        fields = _multipart_fields(content_type, bytes(body))
+        fields = _multipart_fields(content_type, body)
         if fields is None:
             raise unreadable
         return fields
     try:
-        return parse_qsl(
-            body.decode("utf-8"),
-            keep_blank_values=True,
-            encoding="utf-8",
-            errors="strict",
-            max_num_fields=_MAX_FIELDS,
-        )
+        return urlencoded_fields(body, max_fields=_MAX_FIELDS)
     except ValueError:  # UnicodeDecodeError included
         raise unreadable from None
 

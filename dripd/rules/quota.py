@@ -10,7 +10,7 @@ from urllib.parse import quote
 from zoneinfo import ZoneInfo
 
 from dripd import config
-from dripd.rules.window import local_instant
+from dripd.timing import local_instant
 
 _STEP: Final = {"day": timedelta(days=1), "hour": timedelta(hours=1)}
 _MICROSECOND: Final = timedelta(microseconds=1)
@@ -33,7 +33,7 @@ def period_bounds(period: str, now: datetime, tz: ZoneInfo) -> tuple[datetime, d
     starts and ends in `tz`.
 
     A day runs from local midnight to the next local midnight, so it lasts 23 or 25 hours
-    when the clocks change. Boundaries are read by `window.local_instant`: a midnight the
+    when the clocks change. Boundaries are read by `timing.local_instant`: a midnight the
     clocks skip starts the day when the gap ends, and an hour the clocks show twice belongs
     to its first occurrence (in New York the fall-back hour 01:00 lasts two hours).
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import math
 import re
 import uuid
 from collections.abc import Mapping
@@ -13,6 +12,7 @@ from typing import Any, Final
 from zoneinfo import ZoneInfo
 
 from dripd.errors import ConfigError
+from dripd.timing import local_instant
 
 DAY_NAMES: Final = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 EVERY_DAY: Final = frozenset(range(7))
@@ -131,29 +131,6 @@ def _parse_hours(value: Any, *, where: str) -> tuple[time, time]:
             " or leave hours out"
         )
     return start, end
-
-
-def local_instant(wall: datetime, tz: ZoneInfo) -> datetime:
-    """The aware UTC instant that naive local wall-clock time `wall` in `tz` stands for.
-
-    A time the clocks skip (spring forward) stands for the instant the gap ends; a time they
-    show twice (fall back) stands for the first of the two.
-    """
-    wall = wall.replace(tzinfo=None, fold=0)
-    first = wall.replace(tzinfo=tz).astimezone(UTC)
-    if first.astimezone(tz).replace(tzinfo=None) == wall:
-        return first
-    # `wall` is in a gap: fold=0 and fold=1 map it to instants one gap-length after and
-    # before the transition. Search between them, to the second (transitions are on whole
-    # seconds), for the first instant whose wall clock has reached `wall`.
-    second = wall.replace(tzinfo=tz, fold=1).astimezone(UTC)
-    before, after = sorted((first, second))
-    low, high = math.floor(before.timestamp()), math.ceil(after.timestamp())
-    while high - low > 1:
-        middle = (low + high) // 2
-        reached = datetime.fromtimestamp(middle, tz).replace(tzinfo=None) >= wall
-        low, high = (low, middle) if reached else (middle, high)
-    return datetime.fromtimestamp(high, UTC)
 
 
 def _span(window: Window, day: date, tz: ZoneInfo) -> tuple[datetime, datetime]:
