@@ -12,7 +12,7 @@ import pytest
 from dripd.config import RateLimits
 from dripd.db import limits, store
 from dripd.errors import DatabaseError
-from dripd.rules.limiter import Bucket, Limiter, RateTable, Request, Unused, buckets_for
+from dripd.rules.limiter import Bucket, Limiter, RateTable, Request, Unused
 
 T0 = datetime(2026, 1, 5, 12, 0, tzinfo=UTC)  # the start of a minute (and of an hour)
 MINUTE = timedelta(minutes=1)
@@ -120,13 +120,6 @@ def test_domains_are_compared_lowercased() -> None:
     # Other scopes keep their case: adapter and sequence keys are names, not domains.
     adapters = RateTable(RateLimits(adapter={"Bulk": "1/1s"}))
     assert adapters.buckets_for(**{**NONE, "adapter": "bulk"}) == []
-
-
-def test_the_module_function_parses_a_config_once() -> None:
-    rates = RateLimits(tenant={"*": "5/1m"})
-    first = buckets_for(rates, **{**NONE, "tenant": "acme"})
-    assert first == [Bucket(key="rate:tenant:acme", limit=5, window=MINUTE)]
-    assert buckets_for(rates, **{**NONE, "tenant": "acme"}) == first
 
 
 def test_the_table_knows_whether_any_limit_is_set_and_the_longest_window() -> None:

@@ -3,6 +3,10 @@ thresholds, quotas (the lead-drip scenario) and one-click unsubscribe."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import io
+import json
 import re
 from collections import Counter
 from collections.abc import Iterator
@@ -30,10 +34,12 @@ from support import (
 
 from dripd import api
 from dripd.channels.credentials import generate_key
+from dripd.cli import main
 from dripd.clock import ManualClock
 from dripd.config import Thresholds
 from dripd.control import request
 from dripd.engine.sending import check_thresholds
+from dripd.errors import DripdError
 from dripd.metrics import Metrics
 
 # Saturday 2026-03-07 15:00 UTC (10:00 in New York, EST; the clocks change on Sunday).
@@ -245,10 +251,14 @@ async def test_a_bounce_threshold_pauses_the_adapter_until_an_operator_resumes_i
         row = await wait_for(lambda: _deferred(pool, "adapter_paused"))
         assert row["attempt"] == 0
         assert outbox_messages(outbox) == []
-        answer = await request(
-            daemon.config.control.socket, "resume-adapter", {"name": "email-out"}
-        )
-        assert answer["was_paused"] == reason
+        socket_path = daemon.config.control.socket
+        with pytest.raises(DripdError, match="no adapter 'nope'"):
+            await request(socket_path, "resume-adapter", {"name": "nope"})
+        # `dripd ctl resume-adapter NAME` (the CLI runs its own event loop: a thread).
+        argv = ["ctl", "--socket", socket_path, "resume-adapter", "email-out"]
+        with contextlib.redirect_stdout(io.StringIO()) as out:
+            assert await asyncio.to_thread(main, argv) == 0
+        assert json.loads(out.getvalue())["was_paused"] == reason
         clock.set(row["due_at"])
         await wait_for(lambda: has_status(pool, e.id, "completed"))
     assert len(outbox_messages(outbox)) == 1
@@ -395,8 +405,6 @@ async def test_a_reported_complaint_suppresses_and_counts_towards_the_threshold(
 async def test_gathered_quota_reservations_grant_exactly_the_cap_across_daemons(
     dsn: str, pool: asyncpg.Pool
 ) -> None:
-    import asyncio
-
     from dripd.engine.sending import DbLedger
     from dripd.rules.quota import QuotaBucket
 

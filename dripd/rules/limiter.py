@@ -129,36 +129,6 @@ class RateTable:
         return buckets
 
 
-_tables: dict[int, tuple[config.RateLimits, RateTable]] = {}
-
-
-def buckets_for(
-    limits: config.RateLimits,
-    *,
-    adapter: str | None,
-    provider: str | None,
-    sending_domain: str | None,
-    recipient_domain: str | None,
-    tenant: str | None,
-    sequence: str | None,
-) -> list[Bucket]:
-    """`RateTable(limits).buckets_for(...)`, the table parsed once per RateLimits object
-    (a config changed in place afterwards is not seen: build a RateTable for that)."""
-    cached = _tables.get(id(limits))
-    if cached is None or cached[0] is not limits:
-        if len(_tables) >= 16:
-            _tables.clear()
-        cached = _tables[id(limits)] = (limits, RateTable(limits))
-    return cached[1].buckets_for(
-        adapter=adapter,
-        provider=provider,
-        sending_domain=sending_domain,
-        recipient_domain=recipient_domain,
-        tenant=tenant,
-        sequence=sequence,
-    )
-
-
 @dataclass(slots=True, eq=False)
 class _Window:
     """This daemon's share of one bucket's window."""
