@@ -321,7 +321,8 @@ class Pipeline:
                 if retry_at is not None:
                     return self._deferred(p, "rate_limited", retry_at)
         reserved: list[QuotaBucket] = []
-        if rules.quotas and rules.ledger is not None:
+        ledger = rules.ledger
+        if rules.quotas and ledger is not None:
             reserved = quota_buckets(
                 rules.quotas,
                 adapter=adapter.name,
@@ -330,17 +331,19 @@ class Pipeline:
                 sequence=p.step.step.sequence_key,
                 now=self._clock.now(),
             )
-            if reserved and not await rules.ledger.reserve(reserved):
-                opening = max(b.period_end for b in reserved)
+            if reserved and not await ledger.reserve(reserved):
+                # The earliest period to end may be the exhausted one; if it is not, the
+                # row is simply deferred again then, to the next one.
+                opening = min(b.period_end for b in reserved)
                 return self._deferred(
                     p,
                     "quota_exhausted",
                     opening + drain_offset(_first_due(item, p.step), opening),
                 )
         outcome = await self.send(p)
-        if reserved and outcome.verdict is not Verdict.SENT:
+        if reserved and ledger is not None and outcome.verdict is not Verdict.SENT:
             try:
-                await rules.ledger.release(reserved)  # type: ignore[union-attr]
+                await ledger.release(reserved)
             except DripdError as exc:  # the send is over: never defer (and resend) it
                 log.warning(
                     "quota release failed; the reservation stays counted", error=exc.message
