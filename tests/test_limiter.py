@@ -18,6 +18,13 @@ T0 = datetime(2026, 1, 5, 12, 0, tzinfo=UTC)  # the start of a minute (and of an
 MINUTE = timedelta(minutes=1)
 
 
+def queued(opening: datetime, position: int, b: Bucket) -> datetime:
+    """Where the `position`-th refused take of a spent window is sent: the first `limit`
+    spread evenly over the next window, the next `limit` over the one after."""
+    windows, slot = divmod(position, b.limit)
+    return opening + b.window * windows + b.window * slot / b.limit
+
+
 def bucket(key: str, limit: int, window: timedelta = MINUTE) -> Bucket:
     return Bucket(key=key, limit=limit, window=window)
 
@@ -152,12 +159,13 @@ async def test_exactly_the_limit_is_taken_in_a_window_and_the_next_grants_again(
     b = bucket("rate:tenant:acme", 25)
     results = [await limiter.take([b], T0 + timedelta(milliseconds=i)) for i in range(30)]
     assert results[:25] == [None] * 25
-    assert results[25:] == [T0 + MINUTE] * 5
+    # The refused queue up behind the window, spread over the next one (60 s / 25 each).
+    assert results[25:] == [T0 + MINUTE + timedelta(seconds=2.4 * k) for k in range(5)]
     assert await granted(pool, b.key, T0) == 25
     # Slices of 3 (a tenth, rounded up): 9 round trips, and none for the refusals that follow
     # within a second (the database said the window is spent); one after that.
     assert [c[0][2] for c in db.calls] == [3] * 9
-    assert await limiter.take([b], T0 + timedelta(seconds=1.1)) == T0 + MINUTE
+    assert await limiter.take([b], T0 + timedelta(seconds=1.1)) == queued(T0 + MINUTE, 5, b)
     assert len(db.calls) == 10
     next_window = [await limiter.take([b], T0 + MINUTE + timedelta(seconds=i)) for i in range(26)]
     assert next_window == [None] * 25 + [T0 + 2 * MINUTE]
@@ -185,7 +193,8 @@ async def test_the_latest_next_window_of_the_refusing_buckets_is_named(
     now = T0 + timedelta(minutes=10)
     assert await limiter.take([minute, hour], now) is None
     assert await limiter.take([minute, hour], now) == T0 + timedelta(hours=1)
-    assert await limiter.take([minute], now) == now + MINUTE
+    # The minute bucket's second refusal queues behind the first: the window after next.
+    assert await limiter.take([minute], now) == now + 2 * MINUTE
 
 
 async def test_tokens_of_a_past_window_are_dropped(pool: asyncpg.Pool) -> None:
@@ -324,7 +333,8 @@ async def test_three_daemons_together_take_exactly_the_limit_per_window(
             )
         )
         assert results.count(None) == limit
-        assert set(results) == {None, start + MINUTE}
+        refused = [r for r in results if r is not None]
+        assert min(refused) == start + MINUTE  # never before the next window
         assert await granted(pool, tenant.key, start) == limit
         assert all(limiter.tokens(tenant, start) == 0 for limiter in limiters)
         provider_granted = await granted(pool, provider.key, start)
@@ -341,14 +351,14 @@ async def test_an_idle_slice_holds_back_only_itself_and_comes_back_on_give_back(
     assert await idle.take([b], T0) is None  # leases a slice of 10, spends 1
     results = [await busy.take([b], T0 + timedelta(seconds=1)) for _ in range(100)]
     assert results.count(None) == 90
-    assert results[-1] == T0 + MINUTE
+    assert results[90:] == [queued(T0 + MINUTE, k, b) for k in range(10)]
     await idle.give_back()
     assert await granted(pool, b.key, T0) == 91
     assert idle.tokens(b, T0) == 0
     # Refusals come from memory for a moment (1 s here) before the database is asked again.
-    assert await busy.take([b], T0 + timedelta(seconds=1.5)) == T0 + MINUTE
+    assert await busy.take([b], T0 + timedelta(seconds=1.5)) == queued(T0 + MINUTE, 10, b)
     later = [await busy.take([b], T0 + timedelta(seconds=2)) for _ in range(10)]
-    assert later == [None] * 9 + [T0 + MINUTE]
+    assert later == [None] * 9 + [queued(T0 + MINUTE, 11, b)]
     assert await granted(pool, b.key, T0) == 100
 
 

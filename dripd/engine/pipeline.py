@@ -309,7 +309,10 @@ class Pipeline:
         mailbox = _address_of(sender)
         if rules.limiter is not None and rules.rates is not None:
             buckets = rules.rates.buckets_for(
-                adapter=adapter.name,
+                # A tenant's adapter is named within its tenant: "acme/smtp".
+                adapter=f"{adapter.tenant_key}/{adapter.name}"
+                if adapter.tenant_key
+                else adapter.name,
                 provider=adapter.provider,
                 sending_domain=_domain(mailbox),
                 recipient_domain=_domain(p.address) if p.message.channel == "email" else None,

@@ -137,6 +137,7 @@ class _Window:
     tokens: int = 0
     spent_at: datetime | None = None  # when the database last had less left than we asked
     pending: asyncio.Task[None] | None = None  # the lease in flight, shared by every taker
+    refused: int = 0  # takes refused since the window ran out: the queue behind it
 
 
 class Limiter:
@@ -178,7 +179,9 @@ class Limiter:
                     and window.spent_at is not None
                     and now < window.spent_at + bucket.recheck
                 ):
-                    retry_at = end if retry_at is None else max(retry_at, end)
+                    at = end + _queue_offset(bucket, window.refused)
+                    window.refused += 1
+                    retry_at = at if retry_at is None else max(retry_at, at)
                 else:
                     missing[key] = (bucket, window)
             if retry_at is not None:
@@ -244,6 +247,16 @@ class Limiter:
         ended = [k for k, w in self._windows.items() if w.end <= now and w.pending is None]
         for key in ended:
             del self._windows[key]
+
+
+def _queue_offset(bucket: Bucket, position: int) -> timedelta:
+    """When, after its window ends, the `position`-th refused take should try again: the
+    first `limit` refused spread evenly over the next window, the next `limit` over the
+    one after, and so on. A backlog far larger than the limit is then not claimed, and
+    deferred again, in full at every window start (only this daemon's refusals count, so
+    with several daemons some rows come back early and are simply deferred once more)."""
+    windows, slot = divmod(position, bucket.limit)
+    return bucket.window * windows + bucket.window * slot / bucket.limit
 
 
 def _retrieve(task: asyncio.Task[None]) -> None:
