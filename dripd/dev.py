@@ -56,17 +56,21 @@ async def run_dev(args: argparse.Namespace, cfg: Config) -> None:
             )
         outbox = workdir / "outbox.jsonl"
         outbox.touch()
-        await _prepare(dsn, args, outbox)
+        sequences = await _prepare(dsn, args, outbox)
         cfg.database.dsn = dsn
         cfg.control.socket = str(workdir / "control.sock")
         cfg.http.listen = args.http or _dev_listen()
         cfg.worker.poll_interval = "5s"
+        if "leads" in sequences:
+            cfg.leads.enabled, cfg.leads.sequence = True, "leads"
         logs.configure(cfg.log.level, "console")
         daemon = Daemon(cfg)
         _say(
             f"control socket {cfg.control.socket}; http://{cfg.http.listen}/metrics; "
             f"outbox {outbox}"
         )
+        if cfg.leads.enabled:
+            _say(f"lead form: http://{cfg.http.listen}/leads/new")
         _say("sending (Ctrl-C stops and removes everything)…")
         tail = asyncio.create_task(_tail(outbox))
         try:
@@ -82,7 +86,9 @@ async def run_dev(args: argparse.Namespace, cfg: Config) -> None:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-async def _prepare(dsn: str, args: argparse.Namespace, outbox: Path) -> None:
+async def _prepare(dsn: str, args: argparse.Namespace, outbox: Path) -> set[str]:
+    """Migrate, apply the examples, add outbox adapters, enroll the demo subscribers;
+    returns the keys of the sequences applied."""
     folder = args.examples or examples_dir()
     files = sorted(folder.glob("*.toml"))
     if not files:
@@ -129,6 +135,7 @@ async def _prepare(dsn: str, args: argparse.Namespace, outbox: Path) -> None:
                 _say(f"enrolled demo-{n + 1} in {spec.key} ({enrollment.id})")
     finally:
         await conn.close()
+    return {spec.key for spec in specs}
 
 
 async def _tail(path: Path) -> None:

@@ -8,16 +8,21 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import asyncpg
+import httpx
 import pytest
 from support import free_port, running_daemon
 
 from dripd.errors import SchemaError
 
 
-async def _dev(tmp_path: Path, *extra: str) -> tuple[int, str, str]:
+async def _dev(
+    tmp_path: Path, *extra: str, probe: Callable[[], Awaitable[None]] | None = None
+) -> tuple[int, str, str]:
+    """Run `dripd dev` until both demo welcomes are out (then `probe`, if any), then ^C."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("DRIPD_")}
     env["DRIPD_CONFIG"] = str(tmp_path / "none.toml")
     (tmp_path / "none.toml").write_text("")
@@ -42,6 +47,8 @@ async def _dev(tmp_path: Path, *extra: str) -> tuple[int, str, str]:
                 if not line:
                     break
                 lines.append(line.decode())
+        if probe is not None:
+            await probe()
     finally:
         proc.send_signal(signal.SIGINT)
         rest, err = await asyncio.wait_for(proc.communicate(), timeout=60)
@@ -50,8 +57,19 @@ async def _dev(tmp_path: Path, *extra: str) -> tuple[int, str, str]:
 
 @pytest.mark.slow
 async def test_dev_with_a_throwaway_cluster_sends_and_cleans_up(tmp_path: Path) -> None:
-    code, out, err = await _dev(tmp_path, "--http", f"127.0.0.1:{free_port()}")
+    port = free_port()
+    pages: list[httpx.Response] = []
+
+    async def lead_form() -> None:
+        async with httpx.AsyncClient() as client:
+            pages.append(await client.get(f"http://127.0.0.1:{port}/leads/new"))
+
+    code, out, err = await _dev(tmp_path, "--http", f"127.0.0.1:{port}", probe=lead_form)
     assert code == 0, err[-2000:]
+    # The lead form of examples/leads.toml is served, and announced.
+    assert f"lead form: http://127.0.0.1:{port}/leads/new" in err
+    assert pages[0].status_code == 200
+    assert '<form method="post"' in pages[0].text
     assert "→ email to demo1@example.com: Welcome, Ada" in out
     assert "→ email to demo2@example.com: Welcome, Grace" in out
     assert "stopping the throwaway cluster" in err
@@ -74,7 +92,8 @@ async def test_dev_with_a_dsn_uses_that_database(tmp_path: Path, server_dsn: str
     assert "Welcome, Ada" in out
     conn = await asyncpg.connect(server_dsn)
     try:
-        assert await conn.fetchval("SELECT count(*) FROM dripd.enrollments") == 2
+        # Two demo subscribers in each example sequence (welcome, leads).
+        assert await conn.fetchval("SELECT count(*) FROM dripd.enrollments") == 4
     finally:
         await conn.close()
 
