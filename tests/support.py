@@ -252,6 +252,16 @@ async def executions(db: asyncpg.Connection | asyncpg.Pool) -> list[asyncpg.Reco
         return rows
 
 
+async def outbox_adapters(pool: asyncpg.Pool, path: Path) -> Path:
+    """Default `outbox` adapters for email, sms and webhook, all writing to `path`."""
+    for channel in ("email", "sms", "webhook"):
+        config = {"path": str(path), "from": "drips@example.com"}
+        await add_adapter(
+            pool, name=f"{channel}-out", channel=channel, provider="outbox", config=config
+        )
+    return path
+
+
 def outbox_messages(path: Path) -> list[dict[str, Any]]:
     """The messages an `outbox` adapter wrote to `path`, oldest first."""
     if not path.exists():

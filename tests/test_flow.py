@@ -11,12 +11,12 @@ import asyncpg
 import pytest
 import structlog.testing
 from support import (
-    add_adapter,
     apply_text,
     enroll_at,
     enrollment_status,
     executions,
     has_status,
+    outbox_adapters,
     outbox_messages,
     quiet,
     running_daemon,
@@ -38,13 +38,7 @@ def clock() -> ManualClock:
 
 @pytest.fixture
 async def outbox(pool: asyncpg.Pool, tmp_path: Path) -> Path:
-    path = tmp_path / "outbox.jsonl"
-    for channel in ("email", "sms"):
-        config = {"path": str(path)}
-        await add_adapter(
-            pool, name=f"{channel}-out", channel=channel, provider="outbox", config=config
-        )
-    return path
+    return await outbox_adapters(pool, tmp_path / "outbox.jsonl")
 
 
 def steps_sent(outbox: Path, subscriber: str | None = None) -> list[str]:

@@ -25,6 +25,7 @@ from support import (
     executions,
     free_port,
     has_status,
+    outbox_adapters,
     outbox_messages,
     quiet,
     running_daemon,
@@ -60,13 +61,7 @@ def sink() -> Iterator[SmtpSink]:
 
 @pytest.fixture
 async def outbox(pool: asyncpg.Pool, tmp_path: Path) -> Path:
-    path = tmp_path / "outbox.jsonl"
-    for channel in ("email", "sms", "webhook"):
-        config = {"path": str(path), "from": "drips@example.com"}
-        await add_adapter(
-            pool, name=f"{channel}-out", channel=channel, provider="outbox", config=config
-        )
-    return path
+    return await outbox_adapters(pool, tmp_path / "outbox.jsonl")
 
 
 # -- send windows --------------------------------------------------------------------------------
