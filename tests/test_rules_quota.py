@@ -212,13 +212,18 @@ def test_tenant_and_mailbox_quotas() -> None:
     ]
 
 
-def test_a_tenants_adapters_and_sequences_are_counted_apart_from_another_tenants() -> None:
+def test_each_tenant_counts_a_sequence_apart_but_a_global_adapter_is_shared() -> None:
     per_sequence = quota(scope="sequence", limit=20)
     per_adapter = quota(scope="adapter", key="smtp", limit=100)
     acme = [b.key for b in buckets([per_sequence, per_adapter], tenant="acme")]
     globex = [b.key for b in buckets([per_sequence, per_adapter], tenant="globex")]
-    assert acme == ["quota:adapter:acme/smtp:day:UTC", "quota:sequence:acme/lead-drip:day:UTC"]
-    assert not set(acme) & set(globex)
+    assert acme == ["quota:adapter:smtp:day:UTC", "quota:sequence:acme/lead-drip:day:UTC"]
+    assert set(acme) & set(globex) == {"quota:adapter:smtp:day:UTC"}  # one mailbox
+    # A tenant's own adapter is named with its tenant, as the pipeline passes it.
+    own = quota(scope="adapter", key="acme/smtp", limit=100)
+    assert [b.key for b in buckets([own], adapter="acme/smtp", tenant="acme")] == [
+        "quota:adapter:acme%2Fsmtp:day:UTC"
+    ]
 
 
 def test_values_cannot_forge_another_key() -> None:

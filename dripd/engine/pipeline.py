@@ -307,12 +307,13 @@ class Pipeline:
         rules = self._rules
         sender = adapter.config.get("from") if isinstance(adapter.config.get("from"), str) else None
         mailbox = _address_of(sender)
+        # A tenant's adapter is named within its tenant: "acme/smtp".
+        adapter_label = (
+            f"{adapter.tenant_key}/{adapter.name}" if adapter.tenant_key else adapter.name
+        )
         if rules.limiter is not None and rules.rates is not None:
             buckets = rules.rates.buckets_for(
-                # A tenant's adapter is named within its tenant: "acme/smtp".
-                adapter=f"{adapter.tenant_key}/{adapter.name}"
-                if adapter.tenant_key
-                else adapter.name,
+                adapter=adapter_label,
                 provider=adapter.provider,
                 sending_domain=_domain(mailbox),
                 recipient_domain=_domain(p.address) if p.message.channel == "email" else None,
@@ -328,7 +329,7 @@ class Pipeline:
         if rules.quotas and ledger is not None:
             reserved = quota_buckets(
                 rules.quotas,
-                adapter=adapter.name,
+                adapter=adapter_label,
                 mailbox=mailbox,
                 tenant=item.tenant_key,
                 sequence=p.step.step.sequence_key,

@@ -78,9 +78,11 @@ def _bucket_key(quota: config.Quota, value: str | None, tenant: str | None) -> s
     else:
         assert value is not None
         subject = _part(value)
-        # Adapter names and sequence keys are unique per tenant only: tenants' equal names
-        # are different things, counted apart.
-        if quota.scope in ("adapter", "sequence") and tenant is not None:
+        # A sequence key is unique per tenant only, and a global sequence serves every
+        # tenant: each tenant's sends are counted apart. (An adapter arrives named with its
+        # own tenant, "acme/smtp", by the caller: a global adapter is one mailbox whoever
+        # sends through it, so its count is shared.)
+        if quota.scope == "sequence" and tenant is not None:
             subject = f"{_part(tenant)}/{subject}"
         subject += ":"
     return f"quota:{quota.scope}:{subject}{quota.period}:{quota.timezone}"
@@ -106,9 +108,11 @@ def quota_buckets(
     when the key is "*" (each value then has its own bucket); a scope whose value is None
     (no tenant, no mailbox) does not apply; a global quota always applies. Keys read
     `quota:<scope>:<value>:<period>:<zone>`, e.g. `quota:sequence:lead-drip:day:UTC` (values
-    percent-encoded; adapter and sequence values prefixed with `<tenant>/` for a tenant's
-    sends; `quota:global:day:UTC` for a global quota). Quotas that land on the same key
-    count the same sends, so they share one bucket with the smallest limit.
+    percent-encoded; sequence values prefixed with `<tenant>/` for a tenant's sends, so each
+    tenant is counted apart; `quota:global:day:UTC` for a global quota). Pass a tenant's
+    adapter as `<tenant>/<name>`: a global adapter's count is shared by every tenant.
+    Quotas that land on the same key count the same sends, so they share one bucket with
+    the smallest limit.
     """
     buckets: dict[str, QuotaBucket] = {}
     for quota in quotas:
