@@ -6,12 +6,14 @@
 Each phase gets a fresh database (created, migrated, seeded with N due executions of a
 two-step email sequence, ANALYZEd) on the server named by BENCH_DSN, dropped afterwards:
 
-  raw   one asyncpg connection: claim 500 with dripd's own claim statement, mark them
-        sent and insert each enrollment's next row, one transaction per batch; no rendering.
+  raw   one asyncpg connection: find the due lanes and claim 500 with dripd's own statements,
+        mark them sent and insert each enrollment's next row, one transaction per batch; no
+        rendering.
   one   one daemon (`dripd.engine.daemon.Daemon`, in a child process) with an in-process
         null channel: the full path (claim, Liquid render, suppression check, send,
         batched record with message events and the next step).
   two   two such daemons on one backlog.
+  limited one daemon under a provider rate limit of N/10 per second: deferrals per send.
   rules one daemon with every sending rule on, none of them holding anything back: a
         sequence window open all week, rate limits per provider and per recipient domain
         (leased from Postgres), and a global daily quota (a ledger reservation per send).
@@ -157,6 +159,13 @@ RULES_SECTIONS: dict[str, Any] = {
     "quotas": [{"scope": "global", "limit": 100000000, "period": "day"}],
 }
 RULES_WINDOW = 'window = { days = "daily", hours = "00:00-24:00" }\n'
+
+
+# The `limited` phase: one tight provider rate limit on the backlog (about ten seconds of
+# it), to measure how many deferrals a send costs (near zero: a lane is claimed only as far
+# as its rate limit grants tokens now, instead of claiming and deferring the backlog).
+def limited_sections(n: int) -> dict[str, Any]:
+    return {"rate_limits": {"adapter": {"null-email": f"{max(n // 10, 10)}/1s"}}}
 
 
 async def seed(dsn: str, n: int, *, rules: bool = False) -> dict[str, Any]:
@@ -311,8 +320,16 @@ async def raw_loop(dsn: str, next_step: uuid.UUID) -> dict[str, Any]:
         while True:
             now = datetime.now(UTC)
             async with conn.transaction():
+                # The daemon's own database work: find the due lanes, claim from them.
+                lanes = [r["lane"] for r in await conn.fetch(store.Q.lanes) if r["at"] <= now]
                 rows = await conn.fetch(
-                    store.Q.claim, now, RAW_BATCH, uuid.uuid4(), now + timedelta(minutes=5), daemon
+                    store.Q.claim,
+                    lanes,
+                    [RAW_BATCH] * len(lanes),
+                    now,
+                    uuid.uuid4(),
+                    now + timedelta(seconds=30),
+                    daemon,
                 )
                 if not rows:
                     break
@@ -593,11 +610,23 @@ async def phase(
         async with server.measure():
             result: dict[str, Any] = await body(dsn, seeded)
         await check(dsn, n)
+        result["deferrals"] = await deferrals(dsn)
         if server.seconds is not None and _local(dsn):
             result["server_cpu_us"] = server.seconds / n * 1e6
         return result
     finally:
         await dbs.drop(dsn)
+
+
+async def deferrals(dsn: str) -> int:
+    """Deferred message events written during the phase (each one a row update too)."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        return int(
+            await conn.fetchval("SELECT count(*) FROM dripd.message_events WHERE type = 'deferred'")
+        )
+    finally:
+        await conn.close()
 
 
 def _local(dsn: str) -> bool:
@@ -632,7 +661,7 @@ async def main(args: argparse.Namespace) -> int:
         worker["record_linger"] = args.record_linger
     pool_max = args.pool_max or DEFAULT_POOL_MAX
     phases = [p.strip() for p in args.phases.split(",") if p.strip()]
-    unknown = set(phases) - {"raw", "one", "two", "rules"}
+    unknown = set(phases) - {"raw", "one", "two", "rules", "limited"}
     if unknown:
         raise SystemExit(f"bench: unknown phase(s) {', '.join(sorted(unknown))}")
     quiet = args.json
@@ -670,7 +699,7 @@ async def main(args: argparse.Namespace) -> int:
                 say(_cpu(r))
                 continue
             count = 2 if key == "two" else 1
-            sections = RULES_SECTIONS if key == "rules" else None
+            sections = {"rules": RULES_SECTIONS, "limited": limited_sections(n)}.get(key)
 
             async def full(
                 dsn: str, _seeded: dict[str, Any], count: int = count, sections: Any = sections
@@ -686,8 +715,11 @@ async def main(args: argparse.Namespace) -> int:
             label = "full path, 1 daemon" if count == 1 else f"full path, {count} daemons"
             if key == "rules":
                 label = "full path, 1 daemon, every sending rule on"
+            if key == "limited":
+                label = f"1 daemon under the provider limit {sections['rate_limits']['adapter']}"
             say(f"{label}: {_describe(r)}")
             say(_cpu(r))
+            say(f"  deferrals: {r['deferrals']} ({r['deferrals'] / n:.4f} per send)")
             if count > 1:
                 shares = ", ".join(str(d["recorded"]) for d in r["per_daemon"])
                 say(f"  executions per daemon: {shares}")
@@ -729,7 +761,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--phases",
         default="raw,one,two,raw",
-        help="comma-separated phases, in order: raw, one, two, rules (default raw,one,two,raw)",
+        help="comma-separated phases, in order: raw, one, two, rules, limited "
+        "(default raw,one,two,raw)",
     )
     p.add_argument("--batch-size", type=int, help=f"default {DEFAULT_WORKER['batch_size']}")
     p.add_argument("--concurrency", type=int, help=f"default {DEFAULT_WORKER['concurrency']}")

@@ -11,7 +11,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 
@@ -29,6 +29,9 @@ from dripd.errors import ConfigError, CredentialsError, DripdError, NotFound
 from dripd.sequences import load_file
 
 Handler = Callable[[argparse.Namespace, Config], Awaitable[Any]]
+
+# A row whose encrypted blob `dripd rotate-key` re-encrypts.
+_Sealed = TypeVar("_Sealed", store.SealedCredentialsRow, store.SealedSecretRow)
 
 
 def _print(
@@ -308,7 +311,7 @@ async def cmd_adapter_add(args: argparse.Namespace, cfg: Config) -> None:
     if credentials:
         blob = Vault.from_env().encrypt(credentials, aad=adapter_aad(adapter_id))
 
-    async def run(conn: store.Connection) -> Any:
+    async def run(conn: store.Connection) -> store.AdapterRow:
         async with store.transaction(conn) as tx:
             row = await store.insert_adapter(
                 tx,
@@ -329,16 +332,16 @@ async def cmd_adapter_add(args: argparse.Namespace, cfg: Config) -> None:
     _print(args, _adapter_dict(row), lambda r: f"adapter {r['name']} added ({r['id']})")
 
 
-def _adapter_dict(row: Any) -> dict[str, Any]:
+def _adapter_dict(row: store.AdapterRow) -> dict[str, Any]:
     return {
-        "id": str(row["id"]),
-        "tenant": row["tenant_key"],
-        "name": row["name"],
-        "channel": row["channel"],
-        "provider": row["provider"],
-        "config": store.json_value(row["config"]),
-        "default": row["is_default"],
-        "enabled": row["enabled"],
+        "id": str(row.id),
+        "tenant": row.tenant_key,
+        "name": row.name,
+        "channel": row.channel,
+        "provider": row.provider,
+        "config": row.config,
+        "default": row.is_default,
+        "enabled": row.enabled,
     }
 
 
@@ -362,7 +365,7 @@ async def cmd_adapter_list(args: argparse.Namespace, cfg: Config) -> None:
 
 
 async def cmd_adapter_disable(args: argparse.Namespace, cfg: Config) -> None:
-    async def run(conn: store.Connection) -> Any:
+    async def run(conn: store.Connection) -> store.AdapterRow:
         async with store.transaction(conn) as tx:
             row = await store.disable_adapter(tx, args.tenant, args.name, datetime.now(UTC))
             if row is None:
@@ -378,20 +381,23 @@ async def cmd_rotate_key(args: argparse.Namespace, cfg: Config) -> None:
     vault = Vault.from_env()
 
     def reseal(
-        rows: list[Any], column: str, kind: str, aad_of: Callable[[uuid.UUID], bytes]
-    ) -> list[tuple[Any, bytes]]:
+        rows: Sequence[_Sealed],
+        sealed: Callable[[_Sealed], bytes],
+        kind: str,
+        aad_of: Callable[[uuid.UUID], bytes],
+    ) -> list[tuple[_Sealed, bytes]]:
         """New blobs for the rows not yet under the current key; raises before any write."""
         resealed = []
         for row in rows:
-            if vault.is_current(row[column]):
+            if vault.is_current(sealed(row)):
                 continue
-            aad = aad_of(row["id"])
+            aad = aad_of(row.id)
             try:
-                plain = vault.decrypt(row[column], aad=aad)
+                plain = vault.decrypt(sealed(row), aad=aad)
             except DripdError as exc:
                 # Nothing is written: the whole rotation is one transaction.
                 raise CredentialsError(
-                    f"{kind} {row['name']!r} (tenant {row['tenant_key'] or '-'}): {exc.message}"
+                    f"{kind} {row.name!r} (tenant {row.tenant_key or '-'}): {exc.message}"
                 ) from exc
             resealed.append((row, vault.encrypt(plain, aad=aad)))
         return resealed
@@ -400,16 +406,16 @@ async def cmd_rotate_key(args: argparse.Namespace, cfg: Config) -> None:
         async with store.transaction(conn) as tx:
             now = datetime.now(UTC)
             rows = await store.lock_credentials(tx)
-            adapters = reseal(rows, "credentials", "adapter", adapter_aad)
+            adapters = reseal(rows, lambda r: r.credentials, "adapter", adapter_aad)
             secrets = await store.lock_secrets(tx)
-            resealed_secrets = reseal(secrets, "value", "secret", secret_aad)
+            resealed_secrets = reseal(secrets, lambda r: r.value, "secret", secret_aad)
             for row, blob in adapters:
-                await store.set_credentials(tx, row["id"], blob, now)
-            for row, blob in resealed_secrets:
-                await store.set_secret(tx, row["id"], blob, now)
+                await store.set_credentials(tx, row.id, blob, now)
+            for secret, blob in resealed_secrets:
+                await store.set_secret(tx, secret.id, blob, now)
             await store.notify_adapters(tx)
-        rotated = [row["name"] for row, _ in adapters]
-        rotated_secrets = [row["name"] for row, _ in resealed_secrets]
+        rotated = [row.name for row, _ in adapters]
+        rotated_secrets = [secret.name for secret, _ in resealed_secrets]
         return {
             "key_id": vault.key_id,
             "rotated": rotated,
@@ -430,18 +436,20 @@ async def cmd_rotate_key(args: argparse.Namespace, cfg: Config) -> None:
 
 
 async def cmd_hook_test(args: argparse.Namespace, cfg: Config) -> None:
-    from dripd.conditions.hooks import HookEnrollment, HookStep, NetPolicy, parse_hooks
+    from dripd.conditions.hooks import HookEnrollment, HookStep
+    from dripd.conditions.hookspecs import parse_hooks
+    from dripd.conditions.netguard import NetPolicy
     from dripd.engine.hookset import HookSet
 
     data = _json_arg(args.data, "--data")
 
     async def run(conn: store.Connection) -> Any:
         seq = await store.find_sequence(conn, args.tenant, args.sequence)
-        if seq is None or seq["version_id"] is None:
+        if seq is None or seq.version_id is None:
             raise NotFound(
                 f"no active sequence {args.sequence!r} for tenant {args.tenant or '(global)'}"
             )
-        specs = parse_hooks(dict(store.json_value(seq["hooks"])), where="hooks")
+        specs = parse_hooks(dict(seq.hooks or {}), where="hooks")
         if args.hook not in specs:
             declared = ", ".join(sorted(specs)) or "none"
             raise ConfigError(
@@ -462,7 +470,7 @@ async def cmd_hook_test(args: argparse.Namespace, cfg: Config) -> None:
             "sequence_key": args.sequence,
         }
         try:
-            runner = hooks.for_version(seq["version_id"], specs, args.tenant)
+            runner = hooks.for_version(seq.version_id, specs, args.tenant)
             result = await runner.run(
                 args.hook,
                 context=context,
@@ -503,11 +511,11 @@ async def _store_secret(args: argparse.Namespace, cfg: Config, value: str) -> di
     vault = Vault.from_env()
     secret_id = uuid.uuid4()
 
-    async def run(conn: store.Connection) -> Any:
+    async def run(conn: store.Connection) -> bool:
         async with store.transaction(conn) as tx:
             existing = await store.secret_row(tx, args.tenant, args.name)
-            if existing is not None and existing["tenant_key"] == args.tenant:
-                row_id = existing["id"]  # a replaced value stays bound to its row
+            if existing is not None and existing.tenant_key == args.tenant:
+                row_id = existing.id  # a replaced value stays bound to its row
             else:
                 row_id = secret_id
             blob = vault.encrypt({"value": value}, aad=secret_aad(row_id))
@@ -515,8 +523,8 @@ async def _store_secret(args: argparse.Namespace, cfg: Config, value: str) -> di
                 tx, row_id, args.tenant, args.name, blob, datetime.now(UTC)
             )
 
-    row = await _with_conn(args, cfg, run)
-    return {"name": args.name, "tenant_key": args.tenant, "created": row["created"]}
+    created = await _with_conn(args, cfg, run)
+    return {"name": args.name, "tenant_key": args.tenant, "created": created}
 
 
 async def cmd_secret_set(args: argparse.Namespace, cfg: Config) -> None:
@@ -541,10 +549,10 @@ async def cmd_secret_list(args: argparse.Namespace, cfg: Config) -> None:
     )
     result = [
         {
-            "tenant_key": r["tenant_key"],
-            "name": r["name"],
-            "created_at": r["created_at"].isoformat(),
-            "updated_at": r["updated_at"].isoformat(),
+            "tenant_key": r.tenant_key,
+            "name": r.name,
+            "created_at": r.created_at.isoformat(),
+            "updated_at": r.updated_at.isoformat(),
         }
         for r in rows
     ]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
@@ -23,6 +25,40 @@ class SystemClock:
 
     def now(self) -> datetime:
         return datetime.now(UTC)
+
+    async def sleep_until(self, when: datetime) -> None:
+        await asyncio.sleep(max((when - self.now()).total_seconds(), 0.0))
+
+
+class DatabaseClock:
+    """The database server's clock, read once per `sync()` and carried forward on this
+    host's monotonic clock in between: one clock for every daemon's claims, leases and due
+    times, whatever their hosts' wall clocks say (a host clock 40 s fast would otherwise
+    see every 30 s lease of the others as expired, and send early).
+
+    `read` returns the server's `clock_timestamp()`; half the round trip is added to it.
+    """
+
+    def __init__(self, read: Callable[[], Awaitable[datetime]]) -> None:
+        self._read = read
+        self._base: datetime | None = None
+        self._base_mono = 0.0
+        self.skew = timedelta(0)  # this host's wall clock minus the database's, at the last sync
+
+    async def sync(self) -> timedelta:
+        """Read the database's time; returns the host's skew (host wall clock − database)."""
+        sent = time.monotonic()
+        server = await self._read()
+        received = time.monotonic()
+        self._base = server + timedelta(seconds=(received - sent) / 2)
+        self._base_mono = received
+        self.skew = datetime.now(UTC) - self._base
+        return self.skew
+
+    def now(self) -> datetime:
+        if self._base is None:
+            raise RuntimeError("DatabaseClock.now() before the first sync()")
+        return self._base + timedelta(seconds=time.monotonic() - self._base_mono)
 
     async def sleep_until(self, when: datetime) -> None:
         await asyncio.sleep(max((when - self.now()).total_seconds(), 0.0))

@@ -35,7 +35,7 @@ class Database(_Section):
 class Worker(_Section):
     batch_size: int = 500
     concurrency: int = 1000
-    lease: str = "5m"
+    lease: str = "30s"
     poll_interval: str = "30s"
     max_attempts: int = 5
     retry_base: str = "30s"
@@ -125,6 +125,26 @@ class Hooks(_Section):
     allowed_networks: list[str] = msgspec.field(default_factory=list)
 
 
+class Circuit(_Section):
+    """The circuit breaker of every adapter: provider-wide failures open it (see rules/breaker)."""
+
+    failures: int = 3
+    open_for: str = "5s"
+    max_open_for: str = "5m"
+    probe_timeout: str = "30s"
+
+    def __post_init__(self) -> None:
+        if self.failures <= 0:
+            raise ConfigError(f"circuit.failures: must be a positive integer, got {self.failures}")
+        open_for = self._duration("open_for")
+        if open_for <= timedelta(0):
+            raise ConfigError("circuit.open_for: must be longer than 0s")
+        if self._duration("max_open_for") < open_for:
+            raise ConfigError("circuit.max_open_for: must not be shorter than circuit.open_for")
+        if self._duration("probe_timeout") < timedelta(seconds=1):
+            raise ConfigError("circuit.probe_timeout: must be at least 1s")
+
+
 class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     database: Database = msgspec.field(default_factory=Database)
     worker: Worker = msgspec.field(default_factory=Worker)
@@ -141,6 +161,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     thresholds: Thresholds = msgspec.field(default_factory=Thresholds)
     unsubscribe: Unsubscribe = msgspec.field(default_factory=Unsubscribe)
     leads: Leads = msgspec.field(default_factory=Leads)
+    circuit: Circuit = msgspec.field(default_factory=Circuit)
 
     def __post_init__(self) -> None:
         _validate(self)

@@ -14,6 +14,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import anyio
+import anyio.abc
 import msgspec
 
 from dripd import logs
@@ -26,7 +28,7 @@ MAX_LINE = 1 << 20
 
 # Answers (e.g. listings) may be larger than requests.
 _CLIENT_LIMIT = 64 << 20
-# How long start() waits for an existing socket to answer before calling it stale.
+# How long serve() waits for an existing socket to answer before calling it stale.
 _PROBE_TIMEOUT = 1.0
 _INTERNAL_MESSAGE = "internal error; see the daemon log"
 
@@ -75,12 +77,17 @@ class ControlServer:
         self.path = path
         self.mode = mode
         self._handler = handler
-        self._server: asyncio.Server | None = None
-        self._inode: int | None = None
-        self._connections: set[asyncio.Task[Any]] = set()
 
-    async def start(self) -> None:
-        """Listen on the socket; refuse if a live daemon already does, replace a stale file."""
+    async def serve(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Listen on the socket, signal `task_status` once listening, and answer until
+        cancelled; then close the listening socket and the open connections, and remove the
+        socket file if it is still ours.
+
+        Refuses (ConfigError, before `task_status.started()`) if a live daemon already
+        listens there or something else than a socket is in the way; replaces a stale file.
+        """
         path = Path(self.path)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -89,16 +96,42 @@ class ControlServer:
                 f"control.socket: cannot create directory {path.parent}: {exc.strerror}"
             ) from exc
         await self._remove_stale()
+        # asyncio accepts (and rides out errors such as EMFILE); each connection is queued
+        # here and served in this method's task group, which owns it.
+        accepted: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]]
+        accepted = asyncio.Queue()
         try:
-            self._server = await asyncio.start_unix_server(
-                self._serve_connection, path=self.path, limit=MAX_LINE
+            server = await asyncio.start_unix_server(
+                lambda reader, writer: accepted.put_nowait((reader, writer)),
+                path=self.path,
+                limit=MAX_LINE,
             )
-            os.chmod(self.path, self.mode)
-            self._inode = os.stat(self.path).st_ino
         except OSError as exc:
-            await self.close()
             raise ConfigError(f"control.socket: cannot listen on {self.path}: {exc}") from exc
-        _log.debug("control_listening", path=self.path)
+        inode: int | None = None
+        try:
+            try:
+                inode = os.stat(self.path).st_ino
+                os.chmod(self.path, self.mode)
+            except OSError as exc:
+                raise ConfigError(f"control.socket: cannot listen on {self.path}: {exc}") from exc
+            _log.debug("control_listening", path=self.path)
+            async with anyio.create_task_group() as tg:
+                task_status.started()
+                while True:
+                    reader, writer = await accepted.get()
+                    tg.start_soon(self._serve_connection, reader, writer)
+        finally:
+            server.close()
+            while not accepted.empty():  # accepted, never served
+                _, writer = accepted.get_nowait()
+                writer.close()
+            with anyio.CancelScope(shield=True):
+                await server.wait_closed()
+            if inode is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    if os.stat(self.path).st_ino == inode:
+                        os.unlink(self.path)
 
     async def _remove_stale(self) -> None:
         try:
@@ -124,35 +157,14 @@ class ControlServer:
                 await writer.wait_closed()
         raise ConfigError(f"control.socket: another daemon already listens on {self.path}")
 
-    async def close(self) -> None:
-        """Stop listening, end open connections and remove the socket file if it is still ours."""
-        server, self._server = self._server, None
-        if server is not None:
-            server.close()
-        for task in list(self._connections):
-            task.cancel()
-        if self._connections:
-            await asyncio.gather(*self._connections, return_exceptions=True)
-        if server is not None:
-            await server.wait_closed()
-        if self._inode is not None:
-            with contextlib.suppress(FileNotFoundError):
-                if os.stat(self.path).st_ino == self._inode:
-                    os.unlink(self.path)
-            self._inode = None
-
     async def _serve_connection(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._connections.add(task)
         try:
             await self._answer_lines(reader, writer)
         except (ConnectionError, asyncio.IncompleteReadError):
             pass  # The client went away; nothing to answer.
         finally:
-            self._connections.discard(task)
             writer.close()
             with contextlib.suppress(OSError):
                 await writer.wait_closed()

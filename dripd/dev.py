@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
 import importlib.resources
 import os
 import shutil
@@ -16,6 +14,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import anyio
 import msgspec
 
 from dripd import api, logs
@@ -23,7 +22,7 @@ from dripd.config import Config
 from dripd.db import migrate, store
 from dripd.db.cluster import ThrowawayCluster
 from dripd.engine.daemon import Daemon
-from dripd.errors import ConfigError
+from dripd.errors import ConfigError, DripdError
 from dripd.sequences import load_file
 
 _DEMO = [
@@ -72,13 +71,17 @@ async def run_dev(args: argparse.Namespace, cfg: Config) -> None:
         if cfg.leads.enabled:
             _say(f"lead form: http://{cfg.http.listen}/leads/new")
         _say("sending (Ctrl-C stops and removes everything)…")
-        tail = asyncio.create_task(_tail(outbox))
-        try:
-            await daemon.run()
-        finally:
-            tail.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await tail
+        failed: DripdError | None = None
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_tail, outbox)
+            try:
+                await daemon.run()
+            except DripdError as exc:
+                failed = exc  # raised below, outside the task group, so not in a group
+            finally:
+                tg.cancel_scope.cancel()  # the tail ends with the daemon
+        if failed is not None:
+            raise failed
     finally:
         if cluster is not None:
             _say("stopping the throwaway cluster")
@@ -103,7 +106,7 @@ async def _prepare(dsn: str, args: argparse.Namespace, outbox: Path) -> set[str]
             for spec in specs:
                 applied = await store.apply_version(tx, spec, now=now)
                 _say(f"sequence {applied.key} v{applied.version}")
-            existing = {r["name"] for r in await store.list_adapters(tx, None, all_tenants=True)}
+            existing = {r.name for r in await store.list_adapters(tx, None, all_tenants=True)}
             for channel in ("email", "sms", "whatsapp", "chat", "webhook"):
                 name = f"dev-{channel}"
                 if name in existing:
@@ -143,7 +146,7 @@ async def _tail(path: Path) -> None:
         while True:
             line = handle.readline()
             if not line:
-                await asyncio.sleep(0.2)
+                await anyio.sleep(0.2)
                 continue
             try:
                 msg = msgspec.json.decode(line)

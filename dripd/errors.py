@@ -7,6 +7,7 @@
     ├── SchemaError          the database schema is missing or out of date: run migrate
     ├── NotFound             the named thing does not exist in this tenant scope
     ├── Conflict             the request contradicts current state (e.g. replay of a sent row)
+    ├── HookError            a hook failed or may not be reached: the step retries later
     └── DatabaseError        Postgres was unreachable or lost the connection: retry later
         └── Refused          Postgres refused the statement: retrying the same will not help
 
@@ -63,6 +64,12 @@ class Conflict(DripdError):
     """The request conflicts with the current state."""
 
     code = "conflict"
+
+
+class HookError(DripdError):
+    """A hook failed."""
+
+    code = "hook"
 
 
 class DatabaseError(DripdError):

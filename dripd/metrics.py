@@ -76,6 +76,21 @@ class Metrics:
             buckets=_END_TO_END_BUCKETS,
             registry=r,
         )
+        self.lease_renewals = Counter(
+            "dripd_lease_renewals_total",
+            "Leases of held executions renewed (one statement renews all of a round).",
+            registry=r,
+        )
+        self.leases_lost = Counter(
+            "dripd_leases_lost_total",
+            "Held executions whose renewal found another claim: dropped, never sent by us.",
+            registry=r,
+        )
+        self.clock_skew = Gauge(
+            "dripd_clock_skew_seconds",
+            "This host's wall clock minus the database's (dripd runs on the database's).",
+            registry=r,
+        )
         self.due_backlog = Gauge(
             "dripd_due_backlog", "Executions due now and not yet claimed.", registry=r
         )
@@ -119,7 +134,7 @@ class Metrics:
         self.deferrals = Counter(
             "dripd_deferrals_total",
             "Executions deferred by a sending rule, by reason (outside_window, rate_limited, "
-            "quota_exhausted, adapter_paused, enrollment_paused).",
+            "quota_exhausted, adapter_paused, enrollment_paused, provider_unavailable).",
             ["reason"],
             registry=r,
         )
@@ -127,6 +142,20 @@ class Metrics:
             "dripd_adapter_paused",
             "1 while an adapter is paused by a bounce or complaint threshold, else 0.",
             ["adapter"],
+            registry=r,
+        )
+        self.circuit_state = Gauge(
+            "dripd_circuit_state",
+            "An adapter's circuit breaker as this daemon last saw it: 0 closed, 1 open, "
+            "2 half-open (one daemon probes the provider).",
+            ["adapter"],
+            registry=r,
+        )
+        self.circuit_transitions = Counter(
+            "dripd_circuit_transitions_total",
+            "Circuit breaker transitions this daemon made, by adapter and the state entered "
+            "(open, half_open, closed).",
+            ["adapter", "to"],
             registry=r,
         )
         self.info = Gauge("dripd_info", "Build information; always 1.", ["version"], registry=r)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime, time, timedelta
 from enum import StrEnum
 from typing import Any
 
@@ -69,6 +69,36 @@ class Verdict(StrEnum):
     RETRY = "retry"
     FAILED = "failed"
     DONE = "done"  # a step that sends nothing (a wait) finished
+
+
+class Reason(StrEnum):
+    """Why an execution was skipped, deferred, done or retried: the `reason` column of
+    dripd.step_executions and dripd.message_events (a released wait stores `event:<key>`)."""
+
+    ENROLLMENT_PAUSED = "enrollment_paused"
+    ENROLLMENT_COMPLETED = "enrollment_completed"
+    ENROLLMENT_EXITED = "enrollment_exited"
+    ENROLLMENT_CANCELLED = "enrollment_cancelled"
+    ENROLLMENT_FAILED = "enrollment_failed"
+    EVENT = "event"  # a wait released by its event: stored as "event:<key>"
+    WAIT_TIMEOUT = "wait_timeout"
+    CONDITION_FALSE = "condition_false"
+    NO_CHANNEL = "no_channel"
+    OUTSIDE_WINDOW = "outside_window"
+    NO_RECIPIENT = "no_recipient"
+    UNVERIFIED = "unverified"
+    SUPPRESSED = "suppressed"
+    ADAPTER_PAUSED = "adapter_paused"
+    RATE_LIMITED = "rate_limited"
+    QUOTA_EXHAUSTED = "quota_exhausted"
+    RULES_UNAVAILABLE = "rules_unavailable"
+    PROVIDER_UNAVAILABLE = "provider_unavailable"  # a provider-wide failure or open circuit
+    RETRY = "retry"
+
+    @classmethod
+    def ended(cls, status: EnrollmentStatus) -> Reason:
+        """The skip reason of an execution whose enrollment is no longer active."""
+        return cls(f"enrollment_{status.value}")
 
 
 _DURATION = re.compile(r"^\s*(\d+)\s*(ms|s|m|h|d|w)\s*$")
@@ -137,6 +167,39 @@ class Step:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class VersionStepRow:
+    """A step as load_versions.sql reads it, with what compiling it needs of its version."""
+
+    id: uuid.UUID
+    version_id: uuid.UUID
+    key: str
+    position: int
+    channel: str | None
+    delay: timedelta
+    template: dict[str, str]
+    adapter: str | None
+    on_failure: str
+    max_attempts: int | None
+    at_time: time | None
+    cron: str | None
+    timezone: str | None
+    wait_event: str | None
+    wait_timeout: timedelta | None
+    on_timeout: str | None
+    when_expr: str | None
+    send_window: dict[str, Any] | None
+    require_verified: bool
+    max_length: int | None
+    sequence_key: str
+    sequence_timezone: str | None
+    on_no_match: str
+    hooks: dict[str, Any]
+    sequence_window: dict[str, Any] | None
+    # The step's transitions in order: JSON objects with `from`, `to`, `priority`, `when`.
+    transitions: list[dict[str, Any]]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Adapter:
     """A channel adapter with its credentials decrypted (held in memory only)."""
 
@@ -170,6 +233,7 @@ class ClaimedExecution:
     enrollment_id: uuid.UUID
     step_id: uuid.UUID
     tenant_key: str | None
+    lane: str = ""  # where it is sent from: [tenant, channel, adapter name] as JSON text
     due_at: datetime
     attempt: int
     replay: int
@@ -194,10 +258,19 @@ class Outcome:
     provider: str | None = None
     adapter_id: uuid.UUID | None = None
     recipient: str | None = None
-    reason: str | None = None
+    reason: Reason | None = None
+    reason_detail: str | None = None  # stored after the reason: "event:<key>"
     error: str | None = None
     provider_message_id: str | None = None
     retry_at: datetime | None = None
+    enrollment_ended: bool = False  # skipped because the enrollment ended: nothing follows
     attempted: bool = False  # a send was tried: a retry or failure spends an attempt
     bounced: bool = False  # the provider refused the address for good: suppress it
     finished_at: datetime
+
+    @property
+    def stored_reason(self) -> str | None:
+        """The reason as the database stores it."""
+        if self.reason is None:
+            return None
+        return f"{self.reason}:{self.reason_detail}" if self.reason_detail else self.reason.value

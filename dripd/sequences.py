@@ -11,7 +11,7 @@ from typing import Any, Literal
 import msgspec
 
 from dripd.conditions.expr import Expr, ExprSyntaxError, parse
-from dripd.conditions.hooks import parse_hooks
+from dripd.conditions.hookspecs import parse_hooks
 from dripd.content.liquid import TemplateError, compile_template
 from dripd.db.store import StepRow, TransitionRow, VersionRow
 from dripd.errors import ConfigError, SequenceFileError

@@ -89,13 +89,18 @@ async def test_unwritable_path_is_transient_and_named(tmp_path: Path) -> None:
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("a file where a directory should be")
     channel = outbox(blocker / "outbox.jsonl")
-    with pytest.raises(TransientError, match=r"outbox .*not-a-dir/outbox\.jsonl: cannot append"):
+    with pytest.raises(
+        TransientError, match=r"outbox .*not-a-dir/outbox\.jsonl: cannot append"
+    ) as caught:
         await channel.send(make_message())
+    # The file fails every message alike: the adapter's circuit breaker takes it.
+    assert caught.value.provider_wide
 
 
 async def test_a_directory_as_path_is_transient(tmp_path: Path) -> None:
-    with pytest.raises(TransientError, match="cannot append"):
+    with pytest.raises(TransientError, match="cannot append") as caught:
         await outbox(tmp_path).send(make_message())
+    assert caught.value.provider_wide
 
 
 def test_registry_builds_an_outbox_for_any_channel(tmp_path: Path) -> None:

@@ -57,6 +57,7 @@ class Collector:
 
     received: list[Received] = field(default_factory=list)
     rcpt_replies: dict[str, str] = field(default_factory=dict)
+    data_reply: str | None = None  # e.g. "451 4.3.0 Try later" to refuse every DATA
     quits: int = 0
     loop: asyncio.AbstractEventLoop | None = None
     servers: list[Any] = field(default_factory=list)
@@ -70,6 +71,8 @@ class Collector:
         return "250 OK"
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        if self.data_reply is not None:
+            return self.data_reply
         self.received.append(
             Received(
                 peer=session.peer,
@@ -304,6 +307,7 @@ async def test_wrong_password_is_permanent_and_not_echoed(smtp_server: ServerFac
     [
         ("550 5.1.1 No such user here", PermanentError),
         ("451 4.3.0 Try again later", TransientError),
+        ("452 4.2.2 Mailbox full", TransientError),
     ],
 )
 async def test_refused_recipient_is_classified_by_reply_code(
@@ -316,6 +320,9 @@ async def test_refused_recipient_is_classified_by_reply_code(
         with pytest.raises(error) as caught:
             await channel.send(make_message(to="nobody@example.test"))
         assert reply in str(caught.value)
+        # A refusal of this recipient is the message's: it spends an attempt, and the
+        # adapter's circuit breaker does not count it.
+        assert not getattr(caught.value, "provider_wide", False)
         # The refusal leaves the session usable: the next send reuses it.
         await channel.send(make_message(1))
     finally:
@@ -331,13 +338,125 @@ async def test_invalid_recipient_is_permanent_without_connecting() -> None:
     assert channel.connections_opened == 0
 
 
-async def test_server_not_listening_is_transient() -> None:
-    channel = SmtpChannel(settings(free_port()))
+async def test_a_421_to_the_recipient_is_the_servers_failure(smtp_server: ServerFactory) -> None:
+    collector, port = smtp_server()
+    collector.rcpt_replies["ada@example.test"] = "421 4.3.2 Service shutting down"
+    channel = SmtpChannel(settings(port))
     try:
-        with pytest.raises(TransientError, match="connection failed"):
+        with pytest.raises(TransientError, match=r"421 4\.3\.2") as caught:
+            await channel.send(make_message())
+        assert caught.value.provider_wide
+        # 421 closes the session: the next send opens a new connection.
+        del collector.rcpt_replies["ada@example.test"]
+        await channel.send(make_message(1))
+    finally:
+        await channel.aclose()
+    assert channel.connections_opened == 2
+    assert len(collector.received) == 1
+
+
+@pytest.mark.parametrize(
+    ("reply", "provider_wide"),
+    [("451 4.3.0 Local error in processing", False), ("421 4.3.2 Shutting down", True)],
+)
+async def test_a_temporary_refusal_of_data_is_classified_by_reply_code(
+    smtp_server: ServerFactory, reply: str, provider_wide: bool
+) -> None:
+    collector, port = smtp_server()
+    collector.data_reply = reply
+    channel = SmtpChannel(settings(port))
+    try:
+        with pytest.raises(TransientError) as caught:
             await channel.send(make_message())
     finally:
         await channel.aclose()
+    assert reply in str(caught.value)
+    assert caught.value.provider_wide is provider_wide
+    assert collector.received == []
+
+
+def temporarily_failing_authenticator(
+    server: Any, session: Any, envelope: Any, mechanism: str, auth_data: Any
+) -> AuthResult:
+    return AuthResult(
+        success=False, handled=False, message="454 4.7.0 Temporary authentication failure"
+    )
+
+
+async def test_a_temporary_authentication_failure_is_the_servers(
+    smtp_server: ServerFactory,
+) -> None:
+    collector, port = smtp_server(
+        authenticator=temporarily_failing_authenticator,
+        auth_require_tls=False,
+        auth_required=True,
+    )
+    creds = {"username": "mailer", "password": "s3cret-pass"}
+    channel = SmtpChannel(settings(port, credentials=creds))
+    try:
+        with pytest.raises(TransientError, match="authentication temporarily failed") as caught:
+            await channel.send(make_message())
+    finally:
+        await channel.aclose()
+    assert caught.value.provider_wide
+    assert "454" in str(caught.value)
+    assert "s3cret-pass" not in str(caught.value)
+    assert collector.received == []
+
+
+@pytest.mark.parametrize(
+    "greeting", ["421 mx.test Service not available", "554 mx.test No SMTP service here"]
+)
+async def test_a_refused_greeting_is_the_servers_failure(greeting: str) -> None:
+    async def refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(f"{greeting}\r\n".encode())
+        await writer.drain()
+        writer.close()
+        await writer.wait_closed()
+
+    server = await asyncio.start_server(refuse, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    channel = SmtpChannel(settings(port))
+    try:
+        with pytest.raises(TransientError, match="greeting refused") as caught:
+            await channel.send(make_message())
+        assert greeting.split()[0] in str(caught.value)
+        assert caught.value.provider_wide
+    finally:
+        await channel.aclose()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_server_not_listening_is_transient() -> None:
+    channel = SmtpChannel(settings(free_port()))
+    try:
+        with pytest.raises(TransientError, match="connection failed") as caught:
+            await channel.send(make_message())
+    finally:
+        await channel.aclose()
+    assert caught.value.provider_wide
+
+
+async def test_a_server_that_hangs_up_mid_session_is_the_servers_failure() -> None:
+    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 mx.test ESMTP\r\n")
+        await writer.drain()
+        await reader.readline()  # EHLO
+        writer.close()
+        await writer.wait_closed()
+
+    server = await asyncio.start_server(hang_up, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    channel = SmtpChannel(settings(port))
+    try:
+        with pytest.raises(TransientError, match="connection failed") as caught:
+            await channel.send(make_message())
+        assert caught.value.provider_wide
+    finally:
+        await channel.aclose()
+        server.close()
+        await server.wait_closed()
 
 
 async def test_silent_server_times_out_as_transient() -> None:
@@ -353,8 +472,9 @@ async def test_silent_server_times_out_as_transient() -> None:
     port = server.sockets[0].getsockname()[1]
     channel = SmtpChannel(settings(port, timeout=0.2))
     try:
-        with pytest.raises(TransientError, match="timed out"):
+        with pytest.raises(TransientError, match="timed out") as caught:
             await channel.send(make_message())
+        assert caught.value.provider_wide
         # The client gave up and hung up rather than leaving the socket open.
         await asyncio.wait_for(hung_up.wait(), 5)
     finally:

@@ -12,8 +12,11 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
+import anyio.abc
 import msgspec
 import pytest
+from background import background
 from structlog.testing import capture_logs
 
 from dripd.control import MAX_LINE, ControlError, ControlServer, request
@@ -44,11 +47,8 @@ def sock_path() -> Iterator[str]:
 @pytest.fixture
 async def server(sock_path: str) -> AsyncIterator[ControlServer]:
     srv = ControlServer(sock_path, 0o660, handler)
-    await srv.start()
-    try:
+    async with background(srv.serve):
         yield srv
-    finally:
-        await srv.close()
 
 
 def exists(path: str) -> bool:
@@ -153,16 +153,15 @@ async def test_unexpected_errors_are_internal_and_logged_not_leaked(
     assert event["log_level"] == "error"
 
 
-async def test_start_creates_the_directory_and_sets_the_mode(sock_path: str) -> None:
+async def test_serve_creates_the_directory_and_sets_the_mode(sock_path: str) -> None:
     assert not exists(os.path.dirname(sock_path))
     srv = ControlServer(sock_path, 0o600, handler)
-    await srv.start()
-    try:
+    async with anyio.create_task_group() as tg:
+        await tg.start(srv.serve)
         st = os.stat(sock_path)
         assert stat.S_ISSOCK(st.st_mode)
         assert stat.S_IMODE(st.st_mode) == 0o600
-    finally:
-        await srv.close()
+        tg.cancel_scope.cancel()
     assert not exists(sock_path)
 
 
@@ -174,17 +173,17 @@ async def test_a_stale_socket_file_is_replaced(sock_path: str) -> None:
     assert stat.S_ISSOCK(os.stat(sock_path).st_mode)
 
     srv = ControlServer(sock_path, 0o660, handler)
-    await srv.start()
-    try:
+    async with anyio.create_task_group() as tg:
+        await tg.start(srv.serve)
         assert await request(sock_path, "echo") == {"cmd": "echo", "args": {}}
-    finally:
-        await srv.close()
+        tg.cancel_scope.cancel()
 
 
 async def test_a_live_socket_is_refused(server: ControlServer) -> None:
     second = ControlServer(server.path, 0o660, handler)
-    with pytest.raises(ConfigError, match="another daemon already listens on") as info:
-        await second.start()
+    async with anyio.create_task_group() as tg:
+        with pytest.raises(ConfigError, match="another daemon already listens on") as info:
+            await tg.start(second.serve)
     assert server.path in info.value.message
     # The first daemon keeps its socket.
     assert await request(server.path, "echo") == {"cmd": "echo", "args": {}}
@@ -193,36 +192,45 @@ async def test_a_live_socket_is_refused(server: ControlServer) -> None:
 async def test_a_regular_file_in_the_way_is_left_alone(sock_path: str) -> None:
     os.makedirs(os.path.dirname(sock_path))
     write(sock_path, "not mine")
-    with pytest.raises(ConfigError, match="is not a socket"):
-        await ControlServer(sock_path, 0o660, handler).start()
+    async with anyio.create_task_group() as tg:
+        with pytest.raises(ConfigError, match="is not a socket"):
+            await tg.start(ControlServer(sock_path, 0o660, handler).serve)
     assert read(sock_path) == "not mine"
 
 
-async def test_close_ends_open_connections_and_unlinks(sock_path: str) -> None:
+async def test_serve_runs_in_a_task_group_until_cancelled(sock_path: str) -> None:
     srv = ControlServer(sock_path, 0o660, handler)
-    await srv.start()
-    reader, writer = await asyncio.open_unix_connection(sock_path)
-    writer.write(b'{"cmd": "hang"}\n')
-    await writer.drain()
-    await asyncio.sleep(0.05)
-    async with asyncio.timeout(5):
-        await srv.close()
-    assert await reader.read() == b""
+    with anyio.fail_after(5):  # mostly the shutdown, with a request still hanging
+        async with anyio.create_task_group() as tg:
+            await tg.start(srv.serve)
+            reader, writer = await asyncio.open_unix_connection(sock_path)
+            writer.write(b'{"cmd": "hang"}\n')
+            await writer.drain()
+            await asyncio.sleep(0.05)
+            assert await request(sock_path, "echo") == {"cmd": "echo", "args": {}}
+            tg.cancel_scope.cancel()
+    assert await reader.read() == b""  # the open connection was closed
     writer.close()
     assert not exists(sock_path)
 
 
 async def test_close_leaves_a_successors_socket(sock_path: str) -> None:
-    first = ControlServer(sock_path, 0o660, handler)
-    await first.start()
-    os.unlink(sock_path)  # e.g. removed by an operator, then a new daemon starts
-    second = ControlServer(sock_path, 0o660, handler)
-    await second.start()
-    try:
-        await first.close()
+    first = anyio.CancelScope()  # cancels the first server alone
+    first_ended = anyio.Event()
+
+    async def serve_first(*, task_status: anyio.abc.TaskStatus[None]) -> None:
+        with first:
+            await ControlServer(sock_path, 0o660, handler).serve(task_status=task_status)
+        first_ended.set()
+
+    async with anyio.create_task_group() as tg:
+        await tg.start(serve_first)
+        os.unlink(sock_path)  # e.g. removed by an operator, then a new daemon starts
+        await tg.start(ControlServer(sock_path, 0o660, handler).serve)
+        first.cancel()
+        await first_ended.wait()
         assert await request(sock_path, "echo") == {"cmd": "echo", "args": {}}
-    finally:
-        await second.close()
+        tg.cancel_scope.cancel()
 
 
 async def test_no_daemon_listening(sock_path: str) -> None:

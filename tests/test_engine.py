@@ -271,48 +271,80 @@ async def test_a_template_error_fails_the_step_and_its_policy_applies(
     assert reason == "step 'hello' failed"
 
 
-async def test_smtp_down_then_up_retries_with_backoff_then_delivers(
+async def test_smtp_down_opens_the_circuit_spends_no_attempt_and_a_probe_delivers(
     dsn: str, pool: asyncpg.Pool, clock: ManualClock, tmp_path: Path
 ) -> None:
     port = free_port()
     e = await _enroll_ada(pool, port, tmp_path, clock)
-    async with running_daemon(dsn, tmp_path, clock=clock, retry_base="30s", max_attempts=4):
-        await wait_for(lambda: _attempt(pool, 1))
-        first = (await executions(pool))[0]
-        assert "connect" in first["last_error"].lower() or "refused" in first["last_error"].lower()
-        # Backoff with jitter: between 50 % and 100 % of 30 s after the failure.
-        wait = first["due_at"] - clock.now()
-        assert timedelta(seconds=15) <= wait <= timedelta(seconds=30)
+    circuit = {"circuit": {"failures": 3, "open_for": "1m", "max_open_for": "10m"}}
+    async with running_daemon(dsn, tmp_path, clock=clock, sections=circuit) as daemon:
+        # The relay refuses connections: the provider's failure, not the message's. Each
+        # one defers the row without spending an attempt, until the third opens the circuit.
+        for failures in (1, 2, 3):
+            await wait_for(lambda n=failures: _deferrals(pool, n))
+            row = (await executions(pool))[0]
+            assert (row["status"], row["attempt"], row["reason"]) == (
+                "scheduled",
+                0,
+                "provider_unavailable",
+            )
+            assert "connect" in row["last_error"].lower()
+            if failures < 3:
+                assert row["due_at"] - clock.now() <= timedelta(seconds=5)
+                clock.set(row["due_at"])
+        [opened] = daemon.status()["circuits"]
+        assert (opened["adapter"], opened["state"]) == ("smtp", "open")
+        assert "connect" in opened["reason"].lower()
+        # Held back until the circuit lets a probe go (open_for ±20 %), claimed no sooner.
+        assert timedelta(seconds=45) <= row["due_at"] - clock.now() <= timedelta(seconds=75)
         sink = SmtpSink().start(port)
         try:
-            clock.advance(timedelta(seconds=30))
+            clock.advance(timedelta(seconds=75))  # the probe: one daemon sends one row
             await wait_for(lambda: sink.count() == 1)
         finally:
             sink.stop()
         await wait_for(_execution_in(pool, "scheduled"))
+        await wait_for(lambda: daemon.status()["circuits"] == [])
     rows = await executions(pool)
     assert rows[0]["status"] == "sent"
-    assert rows[0]["attempt"] == 1  # the failed try; the success spends none
-    events = await pool.fetch("SELECT type, reason, data FROM dripd.message_events ORDER BY id")
-    assert [(r["type"], r["reason"]) for r in events][:2] == [("deferred", "retry"), ("sent", None)]
-    assert "connect" in msgspec.json.decode(events[0]["data"])["error"].lower()
+    assert rows[0]["attempt"] == 0  # the outage spent none of the message's attempts
     assert await _status(pool, e.id) == "active"
+    states = await pool.fetchval(
+        "SELECT circuit_state FROM dripd.channel_adapters WHERE name = 'smtp'"
+    )
+    assert states == "closed"
 
 
-async def test_attempts_are_bounded_then_the_enrollment_fails(
+async def _deferrals(pool: asyncpg.Pool, n: int) -> bool:
+    count = await pool.fetchval("SELECT count(*) FROM dripd.message_events WHERE type = 'deferred'")
+    row = await pool.fetchrow("SELECT status FROM dripd.step_executions")
+    return int(count) == n and row is not None and row["status"] == "scheduled"
+
+
+async def test_a_message_refused_for_now_spends_its_attempts_then_the_enrollment_fails(
     dsn: str, pool: asyncpg.Pool, clock: ManualClock, tmp_path: Path
 ) -> None:
-    e = await _enroll_ada(pool, free_port(), tmp_path, clock)
-    async with running_daemon(dsn, tmp_path, clock=clock, retry_base="10s", max_attempts=3):
-        for attempt in (1, 2):
-            await wait_for(lambda a=attempt: _attempt(pool, a))
-            clock.advance(timedelta(minutes=5))
-        await wait_for(_has_status(pool, e.id, "failed"))
+    # 451 to DATA: this message is refused for now (the relay is up): a retry spends an
+    # attempt, and the circuit never opens.
+    sink = SmtpSink(reply="451 4.7.1 try again later").start()
+    try:
+        e = await _enroll_ada(pool, sink.port, tmp_path, clock)
+        async with running_daemon(
+            dsn, tmp_path, clock=clock, retry_base="10s", max_attempts=3
+        ) as daemon:
+            for attempt in (1, 2):
+                await wait_for(lambda a=attempt: _attempt(pool, a))
+                assert daemon.status()["circuits"] == []
+                clock.advance(timedelta(minutes=5))
+            await wait_for(_has_status(pool, e.id, "failed"))
+    finally:
+        sink.stop()
     rows = await executions(pool)
     assert len(rows) == 1
     assert rows[0]["status"] == "failed"
     assert rows[0]["attempt"] == 3
     assert rows[0]["last_error"].startswith("gave up after 3 attempts")
+    assert "451" in rows[0]["last_error"]
     types = [
         r["type"] for r in await pool.fetch("SELECT type FROM dripd.message_events ORDER BY id")
     ]
@@ -374,7 +406,7 @@ async def test_a_lost_lease_is_claimed_again_and_a_late_record_changes_nothing(
         clock.now() + timedelta(minutes=1),
     )
     async with running_daemon(dsn, tmp_path, clock=clock) as daemon:
-        await wait_for(lambda: _claims(daemon) >= 1)
+        await wait_for(lambda: daemon.worker is not None and daemon.worker.idle)
         assert sink.count() == 0  # claimed by the dead daemon until its lease runs out
         clock.advance(timedelta(minutes=1))
         await wait_for(lambda: sink.count() == 1)

@@ -18,6 +18,7 @@ from typing import Any
 import hookmods
 import httpx
 import pytest
+from background import Background
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -30,21 +31,22 @@ from starlette.routing import Route
 
 from dripd.conditions.hooks import (
     MAX_RESPONSE_BYTES,
-    BasicAuth,
-    BearerAuth,
     HookEnrollment,
     HookError,
     Hooks,
     HookStep,
-    HttpHookSpec,
-    NetPolicy,
     PythonHook,
-    PythonHookSpec,
     build_client,
-    check_url,
     load_python,
+)
+from dripd.conditions.hookspecs import (
+    BasicAuth,
+    BearerAuth,
+    HttpHookSpec,
+    PythonHookSpec,
     parse_hooks,
 )
+from dripd.conditions.netguard import NetPolicy, check_url
 from dripd.errors import SequenceFileError
 from dripd.http.app import HttpServer
 
@@ -125,14 +127,15 @@ async def receiver() -> AsyncIterator[Receiver]:
     methods = ["GET", "POST", "PUT", "PATCH", "DELETE"]
     app = Starlette(routes=[Route("/{path:path}", receiver.handle, methods=methods)])
     server = HttpServer(app, graceful_timeout=1.0)
-    await server.start("127.0.0.1", 0)
+    running = Background(server.serve, "127.0.0.1", 0)
+    await running.start()
     assert server.port is not None
     receiver.port = server.port
     try:
         yield receiver
     finally:
         receiver.release.set()
-        await server.stop()
+        await running.stop()
 
 
 @pytest.fixture

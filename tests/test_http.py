@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import signal
 import socket
 import time
@@ -10,14 +9,18 @@ from collections.abc import AsyncIterator, Iterator
 from types import FrameType
 from typing import Any
 
+import anyio
+import anyio.abc
 import httpx
 import pytest
+from background import background
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from dripd.errors import ConfigError, DatabaseError, NotFound
-from dripd.http.app import HttpServer, build_app, json_response
+from dripd.errors import ConfigError, DatabaseError, HookError, NotFound
+from dripd.http.app import HttpServer, build_app
+from dripd.http.responses import json_response
 from dripd.metrics import OUTCOMES, Metrics
 from dripd.model import Verdict
 
@@ -41,6 +44,14 @@ async def _broken(_request: Request) -> Response:
     raise RuntimeError("password=hunter2 in a bug")
 
 
+async def _invalid(_request: Request) -> Response:
+    raise ConfigError("data.timezone: 'Mars/Base' is not a time zone")
+
+
+async def _hook_failed(_request: Request) -> Response:
+    raise HookError("hook crm: https://crm.internal/?key=hunter2 answered 500")
+
+
 async def _echo(request: Request) -> Response:
     return json_response({"got": await request.json()}, 201)
 
@@ -48,6 +59,8 @@ async def _echo(request: Request) -> Response:
 EXTRA = [
     Route("/v1/missing", _missing),
     Route("/v1/broken", _broken),
+    Route("/v1/invalid", _invalid),
+    Route("/v1/hook", _hook_failed),
     Route("/v1/echo", _echo, methods=["POST"]),
 ]
 
@@ -65,11 +78,8 @@ def readiness() -> Readiness:
 @pytest.fixture
 async def server(metrics: Metrics, readiness: Readiness) -> AsyncIterator[HttpServer]:
     srv = HttpServer(build_app(metrics=metrics, readiness=readiness, routes=EXTRA))
-    await srv.start("127.0.0.1", 0)
-    try:
+    async with background(srv.serve, "127.0.0.1", 0):
         yield srv
-    finally:
-        await srv.stop()
 
 
 @pytest.fixture
@@ -142,21 +152,39 @@ async def test_extra_routes_and_error_mapping(client: httpx.AsyncClient) -> None
     assert response.json()["error"]["code"] == "internal"
     assert "hunter2" not in response.text
 
+    # Any route's dripd errors are answered as the API's are.
+    response = await client.get("/v1/invalid")
+    assert response.status_code == 422
+    assert response.json() == {
+        "error": {
+            "code": "invalid_input",
+            "message": "data.timezone: 'Mars/Base' is not a time zone",
+            "field": "data.timezone",
+        }
+    }
+    response = await client.get("/v1/hook")  # no status of its own: unexpected here
+    assert response.status_code == 500
+    assert response.json()["error"]["code"] == "internal"
+    assert "hunter2" not in response.text
+
 
 async def test_port_in_use_is_a_config_error(server: HttpServer, metrics: Metrics) -> None:
     assert server.port
     other = HttpServer(build_app(metrics=metrics, readiness=Readiness()))
-    with pytest.raises(ConfigError, match=r"http\.listen") as info:
-        await other.start("127.0.0.1", server.port)
+    async with anyio.create_task_group() as tg:
+        with pytest.raises(ConfigError, match=r"http\.listen") as info:
+            await tg.start(other.serve, "127.0.0.1", server.port)
     assert str(server.port) in info.value.message
     assert "in use" in info.value.message
-    await other.stop()  # a no-op on a server that never started
+    with pytest.raises(ConfigError, match="in use"):
+        await other.serve("127.0.0.1", server.port)  # raised before it signals started
 
 
 async def test_unresolvable_host_is_a_config_error(metrics: Metrics) -> None:
     srv = HttpServer(build_app(metrics=metrics, readiness=Readiness()))
-    with pytest.raises(ConfigError, match=r"http\.listen"):
-        await srv.start("no-such-host.invalid", 0)
+    async with anyio.create_task_group() as tg:
+        with pytest.raises(ConfigError, match=r"http\.listen"):
+            await tg.start(srv.serve, "no-such-host.invalid", 0)
 
 
 @pytest.fixture
@@ -183,25 +211,25 @@ async def test_signal_handlers_are_left_alone(
         return {sig: signal.getsignal(sig) for sig in own_signal_handlers}
 
     srv = HttpServer(build_app(metrics=metrics, readiness=Readiness()))
-    await srv.start("127.0.0.1", 0)
-    try:
+    async with anyio.create_task_group() as tg:
+        await tg.start(srv.serve, "127.0.0.1", 0)
         async with httpx.AsyncClient() as c:
             assert (await c.get(f"http://127.0.0.1:{srv.port}/healthz")).status_code == 200
         assert current() == own_signal_handlers
-    finally:
-        await srv.stop()
+        tg.cancel_scope.cancel()
     assert current() == own_signal_handlers
 
 
 async def test_stop_is_prompt_with_an_idle_keepalive_connection(metrics: Metrics) -> None:
     srv = HttpServer(build_app(metrics=metrics, readiness=Readiness()))
-    await srv.start("127.0.0.1", 0)
-    port = srv.port
     async with httpx.AsyncClient() as c:
-        assert (await c.get(f"http://127.0.0.1:{port}/healthz")).status_code == 200
-        started = time.monotonic()
-        await srv.stop()
-        assert time.monotonic() - started < 2.0
+        async with anyio.create_task_group() as tg:
+            await tg.start(srv.serve, "127.0.0.1", 0)
+            port = srv.port
+            assert (await c.get(f"http://127.0.0.1:{port}/healthz")).status_code == 200
+            started = time.monotonic()
+            tg.cancel_scope.cancel()
+        assert time.monotonic() - started < 2.0  # the connection kept alive is left idle
     # The port is free again.
     with socket.socket() as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -209,24 +237,35 @@ async def test_stop_is_prompt_with_an_idle_keepalive_connection(metrics: Metrics
 
 
 async def test_stop_waits_for_a_request_in_progress(metrics: Metrics) -> None:
-    release = asyncio.Event()
+    release = anyio.Event()
 
     async def slow(_request: Request) -> Response:
         await release.wait()
         return json_response({"done": True})
 
     srv = HttpServer(build_app(metrics=metrics, readiness=Readiness(), routes=[Route("/s", slow)]))
-    await srv.start("127.0.0.1", 0)
-    async with httpx.AsyncClient() as c:
-        pending = asyncio.create_task(c.get(f"http://127.0.0.1:{srv.port}/s"))
-        await asyncio.sleep(0.1)
-        stopping = asyncio.create_task(srv.stop())
-        await asyncio.sleep(0.2)
-        assert not stopping.done()
+    serving = anyio.CancelScope()  # cancels `serve` alone, while the request goes on
+    stopped = anyio.Event()
+    responses: list[httpx.Response] = []
+
+    async def serve(*, task_status: anyio.abc.TaskStatus[None]) -> None:
+        with serving:
+            await srv.serve("127.0.0.1", 0, task_status=task_status)
+        stopped.set()
+
+    async def get(c: httpx.AsyncClient) -> None:
+        responses.append(await c.get(f"http://127.0.0.1:{srv.port}/s"))
+
+    async with httpx.AsyncClient() as c, anyio.create_task_group() as tg:
+        await tg.start(serve)
+        tg.start_soon(get, c)
+        await anyio.sleep(0.1)
+        serving.cancel()
+        await anyio.sleep(0.2)
+        assert not stopped.is_set()
         release.set()
-        response = await pending
-        await stopping
-    assert response.json() == {"done": True}
+        await stopped.wait()
+    assert [r.json() for r in responses] == [{"done": True}]
 
 
 def test_metric_helpers_cache_children_and_check_outcomes() -> None:

@@ -16,6 +16,7 @@ import asyncpg
 import httpx
 import msgspec
 import pytest
+from background import background
 from support import apply_text, one_email
 
 from dripd import api as core
@@ -25,8 +26,9 @@ from dripd.config import from_dict
 from dripd.db import intake, store
 from dripd.http.api import OPERATIONS, routes
 from dripd.http.app import HttpServer, build_app
-from dripd.http.auth import ApiError, decode_json
+from dripd.http.bodies import decode_json
 from dripd.http.context import HttpContext
+from dripd.http.errors import ApiError
 from dripd.http.openapi import Operation, Reply, error_replies, openapi_route
 from dripd.metrics import Metrics
 
@@ -93,12 +95,11 @@ async def client(ctx: HttpContext) -> AsyncIterator[httpx.AsyncClient]:
         metrics=ctx.metrics, readiness=_ready, routes=[*routes(ctx), openapi_route(OPERATIONS)]
     )
     server = HttpServer(app)
-    await server.start("127.0.0.1", 0)
-    try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}") as c:
-            yield c
-    finally:
-        await server.stop()
+    async with (
+        background(server.serve, "127.0.0.1", 0),
+        httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}") as c,
+    ):
+        yield c
 
 
 async def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:

@@ -14,6 +14,7 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
+from background import background
 from support import apply_text, one_email
 
 from dripd import api
@@ -228,11 +229,12 @@ async def serving(dsn: str, config: Config) -> AsyncIterator[httpx.AsyncClient]:
     ctx = HttpContext(pool=db, config=config, clock=SystemClock(), metrics=Metrics(), vault=None)
     server = HttpServer(build_app(metrics=ctx.metrics, readiness=_ready, routes=routes(ctx)))
     try:
-        await server.start("127.0.0.1", 0)
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}") as client:
+        async with (
+            background(server.serve, "127.0.0.1", 0),
+            httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}") as client,
+        ):
             yield client
     finally:
-        await server.stop()
         await db.close()
 
 

@@ -39,7 +39,7 @@ from dripd.cli import main
 from dripd.clock import ManualClock
 from dripd.config import Thresholds
 from dripd.control import request
-from dripd.engine.sending import check_thresholds
+from dripd.engine.thresholds import check_thresholds
 from dripd.errors import DripdError
 from dripd.metrics import Metrics
 
@@ -243,8 +243,12 @@ async def test_a_bounce_threshold_pauses_the_adapter_until_an_operator_resumes_i
 
     async with running_daemon(dsn, tmp_path, clock=clock) as daemon:
         e = await enroll_at(pool, clock, "one", "p")
-        row = await wait_for(lambda: _deferred(pool, "adapter_paused"))
-        assert row["attempt"] == 0
+        # A paused adapter's lane is not claimed: its rows wait untouched, no deferral churns.
+        await wait_for(lambda: daemon.worker is not None and daemon.worker.idle)
+        row = (await executions(pool))[-1]
+        assert (row["status"], row["attempt"], row["reason"]) == ("scheduled", 0, None)
+        deferred = "SELECT count(*) FROM dripd.message_events WHERE type = 'deferred'"
+        assert await pool.fetchval(deferred) == 0
         assert outbox_messages(outbox) == []
         socket_path = daemon.config.control.socket
         with pytest.raises(DripdError, match="no adapter 'nope'"):
@@ -254,7 +258,6 @@ async def test_a_bounce_threshold_pauses_the_adapter_until_an_operator_resumes_i
         with contextlib.redirect_stdout(io.StringIO()) as out:
             assert await asyncio.to_thread(main, argv) == 0
         assert json.loads(out.getvalue())["was_paused"] == reason
-        clock.set(row["due_at"])
         await wait_for(lambda: has_status(pool, e.id, "completed"))
     assert len(outbox_messages(outbox)) == 1
 
@@ -400,7 +403,7 @@ async def test_a_reported_complaint_suppresses_and_counts_towards_the_threshold(
 async def test_gathered_quota_reservations_grant_exactly_the_cap_across_daemons(
     dsn: str, pool: asyncpg.Pool
 ) -> None:
-    from dripd.engine.sending import DbLedger
+    from dripd.engine.ledger import DbLedger
     from dripd.rules.quota import QuotaBucket
 
     day = datetime(2026, 3, 2, tzinfo=UTC)

@@ -45,41 +45,53 @@ FROM en, st, LATERAL (SELECT random() < 0.9 AS done WHERE en.id IS NOT NULL) AS 
 
 async def _claim_plan(conn: asyncpg.Connection) -> str:
     now = datetime.now(UTC)
-    rows = await conn.fetch("EXPLAIN " + store.Q.claim, now, 500, uuid.uuid4(), now, "test")
+    lane = await conn.fetchval("SELECT lane FROM dripd.step_executions LIMIT 1")
+    rows = await conn.fetch(
+        "EXPLAIN " + store.Q.claim, [lane], [500], now, uuid.uuid4(), now, "test"
+    )
+    return "\n".join(r[0] for r in rows)
+
+
+async def _lanes_plan(conn: asyncpg.Connection) -> str:
+    rows = await conn.fetch("EXPLAIN " + store.Q.lanes)
     return "\n".join(r[0] for r in rows)
 
 
 async def test_claim_uses_its_index_on_100k_rows(conn: asyncpg.Connection) -> None:
     await conn.execute(_SEED, 100_000)
     await conn.execute("ANALYZE dripd.step_executions")
-    plan = await _claim_plan(conn)
-    assert "step_executions_claim_idx" in plan, plan
-    assert "Seq Scan on step_executions" not in plan, plan
+    for plan in (await _claim_plan(conn), await _lanes_plan(conn)):
+        assert "step_executions_lane_idx" in plan, plan
+        assert "Seq Scan on step_executions" not in plan, plan
 
 
 async def test_claim_uses_its_index_before_any_analyze(conn: asyncpg.Connection) -> None:
     # Autovacuum may be off (it is on the bench server): the claim must not depend on stats.
     await conn.execute("ALTER TABLE dripd.step_executions SET (autovacuum_enabled = false)")
     await conn.execute(_SEED, 100_000)
-    plan = await _claim_plan(conn)
-    assert "step_executions_claim_idx" in plan, plan
-    assert "Seq Scan on step_executions" not in plan, plan
+    for plan in (await _claim_plan(conn), await _lanes_plan(conn)):
+        assert "step_executions_lane_idx" in plan, plan
+        assert "Seq Scan on step_executions" not in plan, plan
 
 
-async def test_the_daemon_analyzes_a_never_analyzed_queue_so_the_claim_reads_in_order(
+async def test_the_daemon_analyzes_a_never_analyzed_queue_and_the_claim_reads_in_order(
     dsn: str, conn: asyncpg.Connection, tmp_path: Path
 ) -> None:
-    # A backlog: 100 k pending rows, half of them due, never analyzed.
+    # A backlog: 100 k pending rows, half of them due, never analyzed. The claim's pick per
+    # lane reads the lane's index in order with or without statistics (the claim before
+    # lanes sorted every due row until the queue was analyzed); the daemon still analyzes.
     await conn.execute("ALTER TABLE dripd.step_executions SET (autovacuum_enabled = false)")
     await conn.execute(_SEED.replace("random() < 0.9", "false"), 100_000)
     await conn.execute("SELECT pg_stat_force_next_flush()")
-    assert "Sort" in await _claim_plan(conn)  # no statistics: every due row is sorted
+    plan = await _claim_plan(conn)
+    assert "Index Scan using step_executions_lane_idx" in plan, plan
+    assert "Sort" not in plan, plan
     # Paused: the test only wants its housekeeping, not its sends.
     async with running_daemon(dsn, tmp_path) as daemon:
         daemon.worker.pause()  # type: ignore[union-attr]
         await wait_for(lambda: _analyzed(conn))
     plan = await _claim_plan(conn)
-    assert "Index Scan using step_executions_claim_idx" in plan, plan
+    assert "Index Scan using step_executions_lane_idx" in plan, plan
     assert "Sort" not in plan, plan
 
 

@@ -12,6 +12,7 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
+from background import background
 from support import apply_text, one_email
 
 from dripd import api, config
@@ -371,12 +372,11 @@ async def serve(pool: asyncpg.Pool, vault: Vault | None) -> AsyncIterator[Site]:
         vault=vault,
     )
     server = HttpServer(build_app(metrics=ctx.metrics, readiness=_ready, routes=routes(ctx)))
-    await server.start("127.0.0.1", 0)
-    try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}") as client:
-            yield Site(client, vault, pool)
-    finally:
-        await server.stop()
+    async with (
+        background(server.serve, "127.0.0.1", 0),
+        httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}") as client,
+    ):
+        yield Site(client, vault, pool)
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import uuid
 import zoneinfo
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from enum import Enum
 from typing import Any, Final, TypeAlias
 
@@ -135,8 +135,10 @@ def _jsonable(value: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _now(now: datetime | None) -> datetime:
-    return now if now is not None else datetime.now(UTC)
+async def _now(db: Db, now: datetime | None) -> datetime:
+    """`now` if given, else the database's clock: one clock for every due time, whatever
+    the host's clock says."""
+    return now if now is not None else await store.db_now(db)
 
 
 def _tenant(tenant: str | None) -> None:
@@ -174,7 +176,7 @@ async def enroll(
     _subscriber(subscriber_id, subscriber_type)
     data = dict(data or {})
     _zone(default_timezone, "default_timezone")
-    at = _now(now)
+    at = await _now(db, now)
     async with store.transaction(db) as conn:
         enrollment_id, created = await _enroll_in(
             conn, tenant, sequence_key, subscriber_type, subscriber_id, data, at, default_timezone
@@ -206,48 +208,51 @@ async def _enroll_in(
     seq = await store.find_sequence(conn, tenant, sequence_key)
     if seq is None:
         raise NotFound(f"no sequence {sequence_key!r} for tenant {tenant or '(global)'}")
-    if seq["version_id"] is None or seq["first_step_id"] is None:
+    if seq.version_id is None or seq.first_step_id is None:
         raise Conflict(f"sequence {sequence_key!r} has no active version; run `dripd apply`")
     timezone = data.get("timezone")
-    row = await store.insert_enrollment(
+    enrollment_id = await store.insert_enrollment(
         conn,
         tenant=tenant,
-        sequence_id=seq["sequence_id"],
-        version_id=seq["version_id"],
+        sequence_id=seq.sequence_id,
+        version_id=seq.version_id,
         subscriber_type=subscriber_type,
         subscriber_id=subscriber_id,
         data=data,
         timezone=timezone,
         now=at,
     )
-    if row is None:
+    if enrollment_id is None:
         existing = await store.latest_enrollment(
-            conn, tenant, seq["sequence_id"], subscriber_type, subscriber_id
+            conn, tenant, seq.sequence_id, subscriber_type, subscriber_id
         )
         assert existing is not None
-        return existing["id"], False
+        return existing, False
     previous = await store.previous_enrollment(
-        conn, tenant, seq["sequence_id"], subscriber_type, subscriber_id, row["id"]
+        conn, tenant, seq.sequence_id, subscriber_type, subscriber_id, enrollment_id
     )
     if previous is not None:
-        _check_reenroll(seq["reenroll"], previous, sequence_key)
-    waiting_for = seq["wait_event"]
+        assert seq.reenroll is not None  # NOT NULL in the active version found
+        _check_reenroll(seq.reenroll, previous, sequence_key)
+    waiting_for = seq.wait_event
     if waiting_for is not None:
-        due = at + seq["wait_timeout"]
+        assert seq.wait_timeout is not None  # a CHECK pairs it with wait_event
+        due = at + seq.wait_timeout
     else:
-        tz = zoneinfo.ZoneInfo(timezone or seq["timezone"] or default_timezone)
+        assert seq.first_delay is not None  # NOT NULL in the first step found
+        tz = zoneinfo.ZoneInfo(timezone or seq.timezone or default_timezone)
         timing = Timing(
-            delay=seq["first_delay"],
-            at=seq["at_time"],
-            cron=seq["cron"],
-            timezone=seq["step_timezone"],
+            delay=seq.first_delay,
+            at=seq.at_time,
+            cron=seq.cron,
+            timezone=seq.step_timezone,
         )
         due = next_due(timing, base=at, tz=tz)
     await store.insert_execution(
-        conn, tenant, row["id"], seq["first_step_id"], due, now=at, waiting_for=waiting_for
+        conn, tenant, enrollment_id, seq.first_step_id, due, now=at, waiting_for=waiting_for
     )
     await store.notify_due(conn, due)
-    return row["id"], True
+    return enrollment_id, True
 
 
 def _check_reenroll(policy: str, previous: str, sequence_key: str) -> None:
@@ -268,20 +273,20 @@ async def _load(
     if row is None:
         raise NotFound(f"no enrollment {enrollment_id} for tenant {tenant or '(global)'}")
     return Enrollment(
-        id=row["id"],
-        tenant_key=row["tenant_key"],
-        sequence_key=row["sequence_key"],
-        version=row["version"],
-        subscriber_type=row["subscriber_type"],
-        subscriber_id=row["subscriber_id"],
-        status=EnrollmentStatus(row["status"]),
-        status_reason=row["status_reason"],
-        data=store.json_value(row["data"]),
-        timezone=row["timezone"],
-        created_at=row["created_at"],
-        ended_at=row["ended_at"],
-        next_step=row["pending_step_key"],
-        next_due_at=row["pending_due_at"],
+        id=row.id,
+        tenant_key=row.tenant_key,
+        sequence_key=row.sequence_key,
+        version=row.version,
+        subscriber_type=row.subscriber_type,
+        subscriber_id=row.subscriber_id,
+        status=row.status,
+        status_reason=row.status_reason,
+        data=row.data,
+        timezone=row.timezone,
+        created_at=row.created_at,
+        ended_at=row.ended_at,
+        next_step=row.pending_step_key,
+        next_due_at=row.pending_due_at,
         created=created,
     )
 
@@ -302,15 +307,14 @@ async def _move(
     reason: str | None,
     at: datetime,
 ) -> None:
-    row = await store.set_enrollment_status(
+    if await store.set_enrollment_status(
         conn, tenant, enrollment_id, to.value, [a.value for a in allowed], reason, at
-    )
-    if row is not None:
+    ):
         return
     current = await store.get_enrollment(conn, tenant, enrollment_id)
     if current is None:
         raise NotFound(f"no enrollment {enrollment_id} for tenant {tenant or '(global)'}")
-    raise Conflict(f"enrollment {enrollment_id} is {current['status']}; cannot move it to {to}")
+    raise Conflict(f"enrollment {enrollment_id} is {current.status}; cannot move it to {to}")
 
 
 async def pause(
@@ -325,7 +329,7 @@ async def pause(
             EnrollmentStatus.PAUSED,
             (EnrollmentStatus.ACTIVE,),
             "paused",
-            _now(now),
+            await _now(conn, now),
         )
         await store.hold_pending(conn, enrollment_id)
         return await _load(conn, tenant, enrollment_id, created=False)
@@ -343,7 +347,7 @@ async def resume(
             EnrollmentStatus.ACTIVE,
             (EnrollmentStatus.PAUSED,),
             None,
-            _now(now),
+            await _now(conn, now),
         )
         due = await store.release_held(conn, enrollment_id)
         if due is not None:
@@ -360,7 +364,7 @@ async def unenroll(
     now: datetime | None = None,
 ) -> Enrollment:
     """Cancel an active or paused enrollment; its pending step is skipped with `reason`."""
-    at = _now(now)
+    at = await _now(db, now)
     async with store.transaction(db) as conn:
         await _move(
             conn,
@@ -403,7 +407,7 @@ async def track_event(
     if idempotency_id is not None and not idempotency_id:
         raise ConfigError("idempotency_id: must not be empty")
     _zone(default_timezone, "default_timezone")
-    at = _now(now)
+    at = await _now(db, now)
     async with store.transaction(db) as conn:
         event_id, created = await store.insert_event(
             conn,
@@ -481,14 +485,14 @@ async def suppress(
             address=normalized,
             reason=reason,
             source=source,
-            now=_now(now),
+            now=await _now(conn, now),
         )
     return Suppression(
-        tenant_key=row["tenant_key"],
-        channel=row["channel"],
-        address=row["address"],
-        reason=row["reason"],
-        created=row["created"],
+        tenant_key=row.tenant_key,
+        channel=row.channel,
+        address=row.address,
+        reason=row.reason,
+        created=row.created,
     )
 
 
@@ -511,7 +515,7 @@ async def report(
     complaints count towards the adapter's thresholds. False when there is no such
     execution in the tenant scope."""
     _tenant(tenant)
-    at = _now(now)
+    at = await _now(db, now)
     async with store.transaction(db) as conn:
         recorded = await feedback.record_feedback(
             conn, tenant=tenant, execution_id=execution_id, type=type, reason=reason, now=at
@@ -546,19 +550,19 @@ async def replay(
     """
     any_tenant = tenant is ALL_TENANTS
     scope = None if isinstance(tenant, _AllTenants) else tenant
-    at = _now(now)
+    at = await _now(db, now)
     async with store.transaction(db) as conn:
         row = await store.replay(conn, execution_id, tenant=scope, any_tenant=any_tenant, now=at)
         if row is None:
             current = await store.execution_status(conn, execution_id)
-            if current is None or (not any_tenant and current["tenant_key"] != scope):
+            if current is None or (not any_tenant and current.tenant_key != scope):
                 raise NotFound(f"no execution {execution_id}")
             raise Conflict(
-                f"execution {execution_id} is {current['status']}; only a failed "
+                f"execution {execution_id} is {current.status}; only a failed "
                 "execution can be replayed"
             )
         await store.notify_due(conn, at)
-    return Replayed(execution_id=row["id"], replay=row["replay"], advances=row["advance"])
+    return Replayed(execution_id=row.id, replay=row.replay, advances=row.advance)
 
 
 # --- leads (the lead-drip intake) --------------------------------------------------------
@@ -667,9 +671,9 @@ async def create_lead(
     if notes is not None and "\x00" in notes:  # Postgres text cannot hold it
         raise InvalidLead("notes", "the notes must not contain NUL characters")
     _zone(default_timezone, "default_timezone")
-    at = _now(now)
+    at = await _now(db, now)
     async with store.transaction(db) as conn:
-        row = await leads.insert_lead(
+        inserted = await leads.insert_lead(
             conn, tenant=tenant, name=name, email=email, phone=phone, notes=notes, now=at
         )
         data = {
@@ -678,19 +682,19 @@ async def create_lead(
             "email": email,
             "phone": phone,
             "notes": notes,
-            "lead_id": str(row["id"]),
+            "lead_id": str(inserted.id),
         }
         enrollment_id, _ = await _enroll_in(
-            conn, tenant, sequence_key, "lead", str(row["id"]), data, at, default_timezone
+            conn, tenant, sequence_key, "lead", str(inserted.id), data, at, default_timezone
         )
-        row = await leads.set_lead_enrollment(conn, row["id"], enrollment_id)
+        row = await leads.set_lead_enrollment(conn, inserted.id, enrollment_id)
     return Lead(
-        id=row["id"],
-        tenant_key=row["tenant_key"],
-        name=row["name"],
-        email=row["email"],
-        phone=row["phone"],
-        notes=row["notes"],
-        enrollment_id=row["enrollment_id"],
-        created_at=row["created_at"],
+        id=row.id,
+        tenant_key=row.tenant_key,
+        name=row.name,
+        email=row.email,
+        phone=row.phone,
+        notes=row.notes,
+        enrollment_id=row.enrollment_id,
+        created_at=row.created_at,
     )

@@ -2,7 +2,14 @@
 
     ChannelError             the message was not sent (a DripdError)
     ├── TransientError       retry later: network, timeouts, SMTP 4xx, HTTP 429/5xx, disk full
+    │     .provider_wide       True: the provider failed, not this message (connection refused
+    │                          or reset, timeouts, SMTP 421 or a refused greeting/login, HTTP
+    │                          5xx and 429, the outbox's disk): the adapter's circuit breaker
+    │                          counts it and the send is deferred without spending an attempt.
+    │                          False: this message was refused for now (SMTP 451/452 to
+    │                          RCPT/DATA): the retry spends one of its attempts.
     └── PermanentError       do not retry: SMTP 5xx, invalid recipient, bad configuration
+          .bounce              True: the recipient's address is refused for good (suppress it)
 
 Providers translate their library's errors into these at the one place they call it,
 with `raise … from exc`. Messages never contain credentials.
@@ -62,6 +69,11 @@ class TransientError(ChannelError):
     """The channel failed for now; the send may succeed if retried later."""
 
     code = "transient"
+
+    def __init__(self, message: str | None = None, *, provider_wide: bool = False) -> None:
+        super().__init__(message)
+        # The provider failed, not this message: every send through it would fail now.
+        self.provider_wide = provider_wide
 
 
 class PermanentError(ChannelError):

@@ -102,9 +102,14 @@ class OutboxChannel:
                 os.close(fd)
         except OSError as exc:
             reason = exc.strerror or type(exc).__name__
-            raise TransientError(f"outbox {self._path}: cannot append: {reason}") from exc
+            # The file or its disk fails every message alike (no space, no permission,
+            # a read-only mount): the adapter's circuit breaker takes it, not the message.
+            raise TransientError(
+                f"outbox {self._path}: cannot append: {reason}", provider_wide=True
+            ) from exc
         if written != len(line):
             raise TransientError(
                 f"outbox {self._path}: short write ({written} of {len(line)} bytes); "
-                "the file may be full"
+                "the file may be full",
+                provider_wide=True,
             )

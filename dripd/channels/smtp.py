@@ -25,6 +25,8 @@ CONFIG_KEYS = frozenset({"host", "port", "tls", "timeout", "pool_size", "verify"
 IDEMPOTENCY_HEADER = "X-Dripd-Idempotency-Key"
 # RCPT TO replies that refuse the mailbox itself (RFC 5321 §4.2.3): hard bounces.
 _HARD_BOUNCE_CODES = frozenset({550, 551, 553})
+# "Service not available, closing transmission channel": the server, not the message.
+_SERVICE_UNAVAILABLE = 421
 
 
 class TlsMode(StrEnum):
@@ -123,6 +125,8 @@ class SmtpChannel:
         self._clock = clock or SystemClock()
         self._idle: list[aiosmtplib.SMTP] = []
         self._slots = asyncio.Semaphore(settings.pool_size)
+        # Sends that can run at once: the daemon claims no more of this adapter's rows.
+        self.capacity = settings.pool_size
         self._closed = False
         self.connections_opened = 0
 
@@ -229,7 +233,9 @@ class SmtpChannel:
         try:
             await client.connect()
         except (aiosmtplib.SMTPException, OSError, ValueError) as exc:
-            raise self._translate(exc) from exc
+            # Nothing of the message was sent yet: a temporary refusal here (greeting, EHLO,
+            # STARTTLS, AUTH) is the server's, whatever message comes next.
+            raise self._translate(exc, session=True) from exc
         self.connections_opened += 1
         return client
 
@@ -239,26 +245,39 @@ class SmtpChannel:
         else:
             _discard(client)
 
-    def _translate(self, exc: BaseException) -> ChannelError:
+    def _translate(self, exc: BaseException, *, session: bool = False) -> ChannelError:
+        """The channel error for `exc`; `session`: it came while opening the connection,
+        before anything of the message was sent."""
         where = self._where
         match exc:
             case aiosmtplib.SMTPAuthenticationError(code=code, message=text):
                 reply = self._redact(f"{code} {text}")
                 if code >= 500:
                     return PermanentError(f"{where}: authentication failed: {reply}")
-                return TransientError(f"{where}: authentication temporarily failed: {reply}")
+                return TransientError(
+                    f"{where}: authentication temporarily failed: {reply}", provider_wide=True
+                )
             case aiosmtplib.SMTPRecipientsRefused(recipients=[refused, *_]):
                 return self._by_code(
                     refused.code, refused.message, "recipient refused, ", recipient=True
                 )
+            case aiosmtplib.SMTPConnectResponseError(code=code, message=text):
+                # The greeting refused us (421 busy, 554 no service here): no message of
+                # this adapter can go until the server takes connections again.
+                reply = self._redact(f"{code} {text}").rstrip()
+                return TransientError(f"{where}: greeting refused: {reply}", provider_wide=True)
             case aiosmtplib.SMTPResponseException(code=code, message=text):
-                return self._by_code(code, text, "")
+                return self._by_code(code, text, "", session=session)
             case aiosmtplib.SMTPNotSupported():
                 return PermanentError(f"{where}: {self._redact(str(exc))}")
             case aiosmtplib.SMTPTimeoutError() | TimeoutError():
-                return TransientError(f"{where}: timed out: {self._redact(str(exc))}")
+                return TransientError(
+                    f"{where}: timed out: {self._redact(str(exc))}", provider_wide=True
+                )
             case aiosmtplib.SMTPServerDisconnected() | aiosmtplib.SMTPConnectError() | OSError():
-                return TransientError(f"{where}: connection failed: {self._redact(str(exc))}")
+                return TransientError(
+                    f"{where}: connection failed: {self._redact(str(exc))}", provider_wide=True
+                )
             case aiosmtplib.SMTPException():
                 # What is left (no AUTH offered, no usable mechanism) is a setup mismatch.
                 return PermanentError(f"{where}: {self._redact(str(exc))}")
@@ -267,13 +286,23 @@ class SmtpChannel:
             case _:
                 return TransientError(f"{where}: {type(exc).__name__}")
 
-    def _by_code(self, code: int, text: str, what: str, *, recipient: bool = False) -> ChannelError:
+    def _by_code(
+        self,
+        code: int,
+        text: str,
+        what: str,
+        *,
+        recipient: bool = False,
+        session: bool = False,
+    ) -> ChannelError:
         reply = f"{self._where}: {what}server replied {code} {self._redact(text)}".rstrip()
         if 500 <= code < 600:
             # A 5xx to RCPT TO (550 no such user, 551, 553 bad mailbox…) refuses the
             # address itself: a hard bounce. Other 5xx refuse this message or this sender.
             return PermanentError(reply, bounce=recipient and code in _HARD_BOUNCE_CODES)
-        return TransientError(reply)
+        # 421 at any point closes the session for every message; other 4xx replies to
+        # MAIL/RCPT/DATA (451 local error, 452 storage) are about this message's transaction.
+        return TransientError(reply, provider_wide=session or code == _SERVICE_UNAVAILABLE)
 
     def _redact(self, text: str) -> str:
         # Servers sometimes echo the login; on some relays the login is itself an API key.

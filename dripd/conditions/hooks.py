@@ -1,17 +1,10 @@
-"""Hooks: HTTP endpoints and Python functions whose results steps read as `hooks.<name>`.
+"""Hooks at run time: HTTP endpoints and Python functions whose results steps read as
+`hooks.<name>` (their specs are `dripd.conditions.hookspecs`).
 
-    [hooks.score]                       an HTTP hook: url, method, headers, body (Liquid
-    url = "https://crm.example.com/…"   templates), auth, signing_secret, timeout, retries
-    signing_secret = "crm_signing"
-
-    [hooks.plan]                        a Python hook: an `async def fn(enrollment, step)`
-    python = "myapp.hooks:plan_for"     of the host application, and a timeout
-
-An HTTP hook may only reach public addresses (see `check_url`): its host is resolved once,
-every address is checked, and the request connects to the checked address itself, so a second
-DNS answer cannot rebind the name to an internal one. The `Host` header and, for https, the
-httpcore `sni_hostname` request extension carry the original name, so the server's certificate
-is verified against that name, not the address (httpcore passes the extension to
+An HTTP hook connects to an address the network guard (`dripd.conditions.netguard`) has just
+checked, never to the name again. The `Host` header and, for https, the httpcore
+`sni_hostname` request extension carry the original name, so the server's certificate is
+verified against that name, not the address (httpcore passes the extension to
 `ssl.SSLContext.wrap_socket(server_hostname=…)`). Redirects are never followed. Each request
 is signed with Standard Webhooks headers.
 
@@ -25,15 +18,12 @@ import asyncio
 import http.cookiejar
 import importlib
 import inspect
-import ipaddress
 import math
-import re
-import socket
 import ssl
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any, Final, Literal, TypeAlias, TypeVar, assert_never, cast
+from datetime import UTC, datetime
+from typing import Any, Final, TypeAlias, assert_never, cast
 
 import httpx
 import msgspec
@@ -41,96 +31,45 @@ from standardwebhooks import Webhook
 from standardwebhooks.webhooks import EmptyWebhookSecretError
 
 from dripd import __version__
-from dripd.content.liquid import Template, TemplateError, compile_template
-from dripd.errors import ConfigError, DripdError, SequenceFileError
-from dripd.model import format_duration, parse_duration
+from dripd.conditions.hookspecs import (
+    BasicAuth,
+    BearerAuth,
+    HeaderAuth,
+    HookSpec,
+    HttpHookSpec,
+    PythonHookSpec,
+    split_python_path,
+)
+from dripd.conditions.netguard import (
+    IPAddress,
+    NetPolicy,
+    Resolver,
+    Target,
+    checked_addresses,
+    parse_target,
+    resolve_host,
+)
+from dripd.content.liquid import Template, TemplateError
+from dripd.errors import HookError
+from dripd.model import format_duration
 
 __all__ = [
     "MAX_RESPONSE_BYTES",
-    "BasicAuth",
-    "BearerAuth",
-    "HeaderAuth",
     "HookEnrollment",
     "HookError",
-    "HookSpec",
     "HookStep",
     "Hooks",
-    "HttpHookSpec",
-    "IPAddress",
-    "NetPolicy",
     "PythonHook",
-    "PythonHookSpec",
-    "Resolver",
     "Secrets",
     "build_client",
-    "check_url",
     "load_python",
-    "parse_hooks",
-    "resolve_host",
 ]
 
 MAX_RESPONSE_BYTES: Final = 1024 * 1024
-MAX_TIMEOUT: Final = timedelta(seconds=30)
 BACKOFF_BASE: Final = 0.2
 BACKOFF_CAP: Final = 5.0
 
-IPAddress: TypeAlias = ipaddress.IPv4Address | ipaddress.IPv6Address
-IPNetwork: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
-Resolver: TypeAlias = Callable[[str, int], Awaitable[Sequence[IPAddress]]]
 Secrets: TypeAlias = Callable[[str], Awaitable[str]]
-Method: TypeAlias = Literal["GET", "POST", "PUT", "PATCH", "DELETE"]
-
-
-class HookError(DripdError):
-    """A hook failed."""
-
-    code = "hook"
-
-
-# -- specs -------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class BearerAuth:
-    secret: str
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class BasicAuth:
-    username: str
-    secret: str
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class HeaderAuth:
-    name: str
-    secret: str
-
-
-Auth: TypeAlias = BearerAuth | BasicAuth | HeaderAuth
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class HttpHookSpec:
-    name: str
-    url: Template
-    method: Method = "GET"
-    headers: Mapping[str, Template]
-    body: Template | None = None
-    auth: Auth | None = None
-    signing_secret: str
-    timeout: timedelta = timedelta(seconds=10)
-    retries: int = 2
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class PythonHookSpec:
-    name: str
-    path: str
-    timeout: timedelta = timedelta(seconds=5)
-
-
-HookSpec: TypeAlias = HttpHookSpec | PythonHookSpec
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -156,354 +95,12 @@ class HookStep:
 PythonHook: TypeAlias = Callable[[HookEnrollment, HookStep], Awaitable[Any]]
 
 
-# -- parsing -----------------------------------------------------------------------------------
-
-
-class _Strict(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    pass
-
-
-class _Bearer(_Strict, tag="bearer", tag_field="type"):
-    secret: str
-
-
-class _Basic(_Strict, tag="basic", tag_field="type"):
-    username: str
-    secret: str
-
-
-class _Header(_Strict, tag="header", tag_field="type"):
-    name: str
-    secret: str
-
-
-class _HttpWire(_Strict, kw_only=True):
-    url: str
-    method: Method = "GET"
-    headers: dict[str, str] = msgspec.field(default_factory=dict)
-    body: str | None = None
-    auth: _Bearer | _Basic | _Header | None = None
-    signing_secret: str
-    timeout: str = "10s"
-    retries: Annotated[int, msgspec.Meta(ge=0, le=5)] = 2
-
-
-class _PythonWire(_Strict, kw_only=True):
-    python: str
-    timeout: str = "5s"
-
-
-_W = TypeVar("_W", bound=_Strict)
-
-_NAME = re.compile(r"[a-z][a-z0-9_]*")
-_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an HTTP header name (RFC 9110 token)
-_DOTTED = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*")
-# Headers dripd sets itself; a sequence file may not override them.
-_RESERVED = frozenset(
-    {
-        "host",
-        "content-length",
-        "transfer-encoding",
-        "connection",
-        "webhook-id",
-        "webhook-timestamp",
-        "webhook-signature",
-    }
-)
-_WITHOUT_BODY: Final = frozenset({"GET", "DELETE"})
-
-
-def parse_hooks(raw: Mapping[str, Any], *, where: str) -> dict[str, HookSpec]:
-    """Validate a sequence file's `[hooks]` table; every error names `hooks.<name>.<key>`."""
-    if not isinstance(raw, Mapping):
-        raise SequenceFileError(f"{where}: hooks: must be a table of hooks")
-    hooks: dict[str, HookSpec] = {}
-    for name, table in raw.items():
-        if not isinstance(name, str) or not _NAME.fullmatch(name):
-            raise SequenceFileError(
-                f"{where}: hooks.{name}: a hook name is lowercase letters, digits and '_', "
-                "starting with a letter"
-            )
-        if not isinstance(table, Mapping):
-            raise SequenceFileError(f"{where}: hooks.{name}: must be a table")
-        has_url, has_python = "url" in table, "python" in table
-        if has_url and has_python:
-            raise SequenceFileError(
-                f"{where}: hooks.{name}: has both `url` and `python`; a hook is one or the other"
-            )
-        if has_url:
-            hooks[name] = _http_spec(name, _convert(table, _HttpWire, name, where), where)
-        elif has_python:
-            hooks[name] = _python_spec(name, _convert(table, _PythonWire, name, where), where)
-        else:
-            raise SequenceFileError(
-                f"{where}: hooks.{name}: needs `url` (an HTTP hook) or `python` (a Python hook)"
-            )
-    return hooks
-
-
-def _convert(table: Mapping[str, Any], wire: type[_W], name: str, where: str) -> _W:
-    try:
-        return msgspec.convert(dict(table), wire)
-    except msgspec.ValidationError as exc:
-        message = str(exc)
-        match = re.search(r" - at `\$\.?(.*)`$", message)
-        key = match.group(1).replace("[...]", "") if match else ""  # `[...]`: a table's value
-        text = message[: match.start()] if match else message
-        if unknown := re.fullmatch(r"Object contains unknown field `(.*)`", text):
-            key, text = f"{key}.{unknown.group(1)}".lstrip("."), "unknown key"
-        elif missing := re.fullmatch(r"Object missing required field `(.*)`", text):
-            key, text = f"{key}.{missing.group(1)}".lstrip("."), "required key is missing"
-        raise SequenceFileError(f"{where}: {_key(name, key)}: {text}") from exc
-
-
-def _key(name: str, key: str) -> str:
-    return f"hooks.{name}.{key}" if key else f"hooks.{name}"
-
-
-def _http_spec(name: str, wire: _HttpWire, where: str) -> HttpHookSpec:
-    def fail(key: str, text: str) -> SequenceFileError:
-        return SequenceFileError(f"{where}: {_key(name, key)}: {text}")
-
-    if wire.body is not None and wire.method in _WITHOUT_BODY:
-        raise fail("body", f"a {wire.method} request has no body; use POST, PUT or PATCH")
-    reserved = set(_RESERVED)
-    if isinstance(wire.auth, _Bearer | _Basic):
-        reserved.add("authorization")
-    if isinstance(wire.auth, _Basic) and ":" in wire.auth.username:
-        raise fail("auth.username", "must not contain ':'")
-    if isinstance(wire.auth, _Header):
-        if not _TOKEN.fullmatch(wire.auth.name) or wire.auth.name.lower() in reserved:
-            raise fail("auth.name", f"{wire.auth.name!r} is not a header name dripd can send")
-        reserved.add(wire.auth.name.lower())
-    seen: set[str] = set()
-    for header in wire.headers:
-        if not _TOKEN.fullmatch(header):
-            raise fail(f"headers.{header}", "is not a valid header name")
-        if header.lower() in reserved:
-            raise fail(f"headers.{header}", "is set by dripd (or by `auth`) and cannot be given")
-        if header.lower() in seen:
-            raise fail(f"headers.{header}", "is given twice (header names ignore case)")
-        seen.add(header.lower())
-    return HttpHookSpec(
-        name=name,
-        url=_template(wire.url, _key(name, "url"), where),
-        method=wire.method,
-        headers={
-            header: _template(value, _key(name, f"headers.{header}"), where)
-            for header, value in wire.headers.items()
-        },
-        body=None if wire.body is None else _template(wire.body, _key(name, "body"), where),
-        auth=_auth(wire.auth),
-        signing_secret=wire.signing_secret,
-        timeout=_timeout(wire.timeout, _key(name, "timeout"), where),
-        retries=wire.retries,
-    )
-
-
-def _python_spec(name: str, wire: _PythonWire, where: str) -> PythonHookSpec:
-    if _split_path(wire.python) is None:
-        raise SequenceFileError(
-            f"{where}: {_key(name, 'python')}: {wire.python!r} is not a Python path; "
-            'use "package.module:function" or "package.module.function"'
-        )
-    return PythonHookSpec(
-        name=name, path=wire.python, timeout=_timeout(wire.timeout, _key(name, "timeout"), where)
-    )
-
-
-def _auth(wire: _Bearer | _Basic | _Header | None) -> Auth | None:
-    if wire is None:
-        return None
-    if isinstance(wire, _Bearer):
-        return BearerAuth(secret=wire.secret)
-    if isinstance(wire, _Basic):
-        return BasicAuth(username=wire.username, secret=wire.secret)
-    if isinstance(wire, _Header):
-        return HeaderAuth(name=wire.name, secret=wire.secret)
-    assert_never(wire)
-
-
-def _template(source: str, field: str, where: str) -> Template:
-    try:
-        return compile_template(source, field=field)
-    except TemplateError as exc:
-        raise SequenceFileError(f"{where}: {exc}") from exc
-
-
-def _timeout(text: str, field: str, where: str) -> timedelta:
-    try:
-        value = parse_duration(text, where=field)
-    except ConfigError as exc:
-        raise SequenceFileError(f"{where}: {exc.message}") from exc
-    if not timedelta(0) < value <= MAX_TIMEOUT:
-        raise SequenceFileError(f"{where}: {field}: must be more than 0s and at most 30s")
-    return value
-
-
-def _split_path(path: str) -> tuple[str, str] | None:
-    """`("package.module", "attr")` from "package.module:attr" or "package.module.attr"."""
-    if ":" in path:
-        module, _, attr = path.partition(":")
-    else:
-        module, _, attr = path.rpartition(".")
-    if not (_DOTTED.fullmatch(module) and _DOTTED.fullmatch(attr)):
-        return None
-    return module, attr
-
-
-# -- the SSRF guard ----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class NetPolicy:
-    """Where HTTP hooks may connect: public https addresses, plus `allowed_networks`."""
-
-    allow_http: bool = False
-    allowed_networks: tuple[IPNetwork, ...] = ()
-
-
-def _nets(*cidrs: str) -> tuple[IPNetwork, ...]:
-    return tuple(ipaddress.ip_network(cidr) for cidr in cidrs)
-
-
-# The first matching class names the refusal; anything else not globally routable is refused
-# as "special-purpose" (Python's reading of the IANA registries).
-_V4_CLASSES: Final = (
-    ("broadcast", _nets("255.255.255.255/32")),
-    ("unspecified", _nets("0.0.0.0/8")),
-    ("loopback", _nets("127.0.0.0/8")),
-    ("private", _nets("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16")),
-    ("link-local", _nets("169.254.0.0/16")),
-    ("shared (CGNAT)", _nets("100.64.0.0/10")),
-    ("documentation", _nets("192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24")),
-    ("benchmarking", _nets("198.18.0.0/15")),
-    ("IETF protocol", _nets("192.0.0.0/24")),
-    ("multicast", _nets("224.0.0.0/4")),
-    ("reserved", _nets("240.0.0.0/4")),
-)
-_V6_CLASSES: Final = (
-    ("unspecified", _nets("::/128")),
-    ("loopback", _nets("::1/128")),
-    ("private", _nets("fc00::/7")),
-    ("link-local", _nets("fe80::/10")),
-    ("site-local", _nets("fec0::/10")),
-    ("multicast", _nets("ff00::/8")),
-    ("documentation", _nets("2001:db8::/32", "3fff::/20")),
-    ("benchmarking", _nets("2001:2::/48")),
-    ("discard-only", _nets("100::/64")),
-    ("Teredo", _nets("2001::/32")),
-    ("local-use NAT64", _nets("64:ff9b:1::/48")),
-)
-_NAT64: Final = ipaddress.IPv6Network("64:ff9b::/96")
-_IPV4_COMPATIBLE: Final = ipaddress.IPv6Network("::/96")
-
-
-def _refusal(address: IPAddress) -> str | None:
-    """Why hooks may not connect to `address`, or None when it is a public address."""
-    if isinstance(address, ipaddress.IPv6Address):
-        embedded = _embedded_ipv4(address)
-        if embedded is not None:
-            form, v4 = embedded
-            inner = _refusal(v4)
-            return f"{form} {v4}: {inner}" if inner else None
-    classes = _V4_CLASSES if isinstance(address, ipaddress.IPv4Address) else _V6_CLASSES
-    for label, networks in classes:
-        if any(address in network for network in networks):
-            return label
-    return None if address.is_global else "special-purpose"
-
-
-def _embedded_ipv4(address: ipaddress.IPv6Address) -> tuple[str, ipaddress.IPv4Address] | None:
-    # These forms reach an IPv4 address (the OS, a relay or a NAT64 gateway translates), so
-    # they are judged by that address: a NAT64 address of a public host is fine.
-    if address.ipv4_mapped is not None:
-        return "IPv4-mapped", address.ipv4_mapped
-    if address.sixtofour is not None:
-        return "6to4", address.sixtofour
-    low32 = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
-    if address in _NAT64:
-        return "NAT64", low32
-    if address in _IPV4_COMPATIBLE and int(address) > 1:  # `::` and `::1` are not IPv4
-        return "IPv4-compatible", low32
-    return None
-
-
-async def resolve_host(host: str, port: int) -> list[IPAddress]:
-    """Every address `host` resolves to, with the event loop's getaddrinfo (OSError if none)."""
-    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    return list(dict.fromkeys(ipaddress.ip_address(info[4][0]) for info in infos))
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class _Target:
-    url: httpx.URL
-    host: str  # ASCII (IDNA) host name or address, without brackets
-    port: int
-
-
-def _target(url: str, policy: NetPolicy) -> _Target:
-    try:
-        parsed = httpx.URL(url)
-    except httpx.InvalidURL as exc:
-        raise HookError(f"{url!r} is not a URL: {exc}") from exc
-    if parsed.scheme != "https" and not (parsed.scheme == "http" and policy.allow_http):
-        allowed = "https or http" if policy.allow_http else "https"
-        raise HookError(f"URL scheme {parsed.scheme!r} is not allowed; use {allowed}")
-    host = parsed.raw_host.decode("ascii")
-    if not host:
-        raise HookError("the URL has no host")
-    if parsed.userinfo:
-        raise HookError("the URL must not contain credentials; use `auth`")
-    return _Target(
-        url=parsed, host=host, port=parsed.port or (443 if parsed.scheme == "https" else 80)
-    )
-
-
-async def _checked_addresses(
-    target: _Target, policy: NetPolicy, resolve: Resolver
-) -> list[IPAddress]:
-    """The addresses of `target`'s host, all allowed; OSError when it does not resolve."""
-    try:
-        addresses: Sequence[IPAddress] = [ipaddress.ip_address(target.host)]
-    except ValueError:
-        addresses = await resolve(target.host, target.port)
-    if not addresses:
-        raise OSError(f"{target.host!r} resolves to no address")
-    for address in addresses:
-        if any(address in network for network in policy.allowed_networks):
-            continue
-        refusal = _refusal(address)
-        if refusal is not None:
-            raise HookError(
-                f"refused host {target.host!r}: {address} is not a public address ({refusal})"
-            )
-    return list(addresses)
-
-
-async def check_url(
-    url: str, *, policy: NetPolicy, resolve: Resolver = resolve_host
-) -> list[IPAddress]:
-    """The addresses a hook may connect to for `url`; HookError if any of them is not allowed.
-
-    The URL must be https (or http when `policy.allow_http`) with a host, and every address
-    the host resolves to must be public or inside `policy.allowed_networks`. IPv4-mapped,
-    IPv4-compatible, 6to4 and NAT64 (64:ff9b::/96) addresses are judged by the IPv4 address
-    they embed.
-    """
-    target = _target(url, policy)
-    try:
-        return await _checked_addresses(target, policy, resolve)
-    except OSError as exc:
-        raise HookError(f"cannot resolve {target.host!r}: {exc.strerror or exc}") from exc
-
-
 # -- Python hooks ------------------------------------------------------------------------------
 
 
 def load_python(path: str) -> PythonHook:
     """Import the async function at `path` ("module:attr" or "module.attr"); HookError if not."""
-    split = _split_path(path)
+    split = split_python_path(path)
     if split is None:
         raise HookError(f"{path!r} is not a Python path")
     module_name, attr = split
@@ -578,7 +175,7 @@ class _Retry(Exception):
 class _Prepared:
     """One hook call's request, rendered and authenticated once for all its attempts."""
 
-    target: _Target
+    target: Target
     headers: dict[str, str]
     body: str
     auth: httpx.Auth | None
@@ -694,7 +291,7 @@ class Hooks:
 
     async def _prepare(self, spec: HttpHookSpec, context: Mapping[str, Any]) -> _Prepared:
         url = _render(spec.url, context)
-        target = _target(url, self._policy)
+        target = parse_target(url, self._policy)
         headers = {}
         for header, template in spec.headers.items():
             value = _render(template, context)
@@ -747,7 +344,7 @@ class Hooks:
         target = prepared.target
         try:
             async with asyncio.timeout(spec.timeout.total_seconds()):
-                addresses = await _checked_addresses(target, self._policy, self._resolve)
+                addresses = await checked_addresses(target, self._policy, self._resolve)
                 # Connect to an address just checked: looking the name up again could rebind it.
                 address = addresses[attempt % len(addresses)]
                 request = self._request(spec, prepared, webhook_id, address)
@@ -826,7 +423,7 @@ def _render(template: Template, context: Mapping[str, Any]) -> str:
         raise HookError(f"cannot render {exc}") from exc
 
 
-def _host_header(target: _Target) -> str:
+def _host_header(target: Target) -> str:
     host = f"[{target.host}]" if ":" in target.host else target.host
     return host if target.url.port is None else f"{host}:{target.url.port}"
 

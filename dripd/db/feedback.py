@@ -77,4 +77,4 @@ async def record_feedback(
             )
     if row is None:
         return None
-    return Recorded(event_id=row["id"], channel=row["channel"], recipient=row["recipient"])
+    return store.from_record(Recorded, row)

@@ -6,7 +6,7 @@ import base64
 import hashlib
 import secrets
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -59,9 +59,9 @@ class StoredResponse:
 
     method: str
     path: str
-    request_hash: bytes
+    request_hash: bytes = field(metadata={"convert": bytes})
     status: int
-    body: bytes
+    body: bytes = field(metadata={"convert": bytes})
     created_at: datetime
 
 
@@ -76,16 +76,6 @@ def hash_token(token: str) -> bytes:
     return hashlib.sha256(token.encode()).digest()
 
 
-def _token(row: Any) -> Token:
-    return Token(
-        id=row["id"],
-        tenant_key=row["tenant_key"],
-        name=row["name"],
-        created_at=row["created_at"],
-        revoked_at=row["revoked_at"],
-    )
-
-
 async def create_token(
     db: store.Executor, *, tenant: str | None, name: str, now: datetime
 ) -> tuple[str, Token]:
@@ -94,7 +84,7 @@ async def create_token(
     with store.translated():
         async with store.acquire(db) as conn:
             row = await conn.fetchrow(Q.insert_token, tenant, name, hash_token(token), now)
-    return token, _token(row)
+    return token, store.from_record(Token, row)
 
 
 async def find_token(db: store.Executor, token_hash: bytes) -> Token | None:
@@ -102,7 +92,7 @@ async def find_token(db: store.Executor, token_hash: bytes) -> Token | None:
     with store.translated():
         async with store.acquire(db) as conn:
             row = await conn.fetchrow(Q.find_token, token_hash)
-    return None if row is None else _token(row)
+    return None if row is None else store.from_record(Token, row)
 
 
 async def list_tokens(db: store.Executor, tenant: str | None, *, all_tenants: bool) -> list[Token]:
@@ -110,7 +100,7 @@ async def list_tokens(db: store.Executor, tenant: str | None, *, all_tenants: bo
     with store.translated():
         async with store.acquire(db) as conn:
             rows = await conn.fetch(Q.list_tokens, tenant, all_tenants)
-    return [_token(r) for r in rows]
+    return [store.from_record(Token, r) for r in rows]
 
 
 async def revoke_token(db: store.Executor, token_id: uuid.UUID, now: datetime) -> Token | None:
@@ -118,7 +108,7 @@ async def revoke_token(db: store.Executor, token_id: uuid.UUID, now: datetime) -
     with store.translated():
         async with store.acquire(db) as conn:
             row = await conn.fetchrow(Q.revoke_token, token_id, now)
-    return None if row is None else _token(row)
+    return None if row is None else store.from_record(Token, row)
 
 
 async def claim_idempotency(
@@ -144,14 +134,7 @@ async def claim_idempotency(
         # transaction the INSERT waited for.
         row = await conn.fetchrow(Q.find_idempotency, token_id, key)
         if row is not None:
-            return StoredResponse(
-                method=row["method"],
-                path=row["path"],
-                request_hash=bytes(row["request_hash"]),
-                status=row["status"],
-                body=bytes(row["body"]),
-                created_at=row["created_at"],
-            )
+            return store.from_record(StoredResponse, row)
         # Purged between the two statements: take it again.
     raise Refused(f"idempotency key {key!r} could not be taken")
 

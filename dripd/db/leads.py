@@ -18,6 +18,20 @@ _SQL_DIR = Path(__file__).with_name("sql") / "leads"
 _FIELD_OF_INDEX = {"leads_email_uq": "email", "leads_phone_uq": "phone"}
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LeadRow:
+    """A lead as stored."""
+
+    id: uuid.UUID
+    tenant_key: str | None
+    name: str
+    email: str | None
+    phone: str | None
+    notes: str | None
+    enrollment_id: uuid.UUID | None
+    created_at: datetime
+
+
 @dataclass(frozen=True, slots=True)
 class LeadQueries:
     """The statements of this module, one file each in sql/leads/."""
@@ -46,26 +60,24 @@ async def insert_lead(
     phone: str | None,
     notes: str | None,
     now: datetime,
-) -> asyncpg.Record:
+) -> LeadRow:
     """Insert a lead; DuplicateLead names the field (email or phone) another lead holds.
 
     A refused insert aborts the caller's transaction, which must then roll back.
     """
     try:
-        row: asyncpg.Record = await conn.fetchrow(
-            Q.insert_lead, tenant, name, email, phone, notes, now
-        )
+        row = await conn.fetchrow(Q.insert_lead, tenant, name, email, phone, notes, now)
     except asyncpg.UniqueViolationError as exc:
         field = _FIELD_OF_INDEX.get(exc.constraint_name or "")
         if field is None:
             raise
         raise DuplicateLead(field) from exc
-    return row
+    return store.from_record(LeadRow, row)
 
 
 async def set_lead_enrollment(
     conn: store.Connection, lead_id: uuid.UUID, enrollment_id: uuid.UUID
-) -> asyncpg.Record:
-    row: asyncpg.Record | None = await conn.fetchrow(Q.set_lead_enrollment, lead_id, enrollment_id)
+) -> LeadRow:
+    row = await conn.fetchrow(Q.set_lead_enrollment, lead_id, enrollment_id)
     assert row is not None, "the lead was inserted in this transaction"
-    return row
+    return store.from_record(LeadRow, row)

@@ -195,7 +195,7 @@ async def _ledger(conn: asyncpg.Connection) -> dict[int, tuple[str, str]]:
         conn.fetch("SELECT version, name, checksum FROM dripd.schema_migrations ORDER BY version"),
         "could not read the migration ledger",
     )
-    return {row["version"]: (row["name"], row["checksum"]) for row in rows}
+    return {version: (name, checksum) for version, name, checksum in rows}
 
 
 def _compare(files: Sequence[Migration], ledger: dict[int, tuple[str, str]]) -> SchemaStatus:

@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import uuid
-from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, fields
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
 from datetime import datetime, time, timedelta
 from pathlib import Path
-from typing import Any, TypeAlias, TypeVar
+from typing import TYPE_CHECKING, Any, Final, TypeAlias, TypeVar
 
 import asyncpg
 import msgspec
 
-from dripd.errors import Conflict, DatabaseError, DripdError, Refused
+from dripd.errors import Conflict, DatabaseError, DripdError, Refused, SchemaError
+from dripd.model import ClaimedExecution, EnrollmentStatus, VersionStepRow
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 # asyncpg ships no type information, so these are Any to mypy; they document intent.
 Connection: TypeAlias = asyncpg.Connection
@@ -32,6 +37,51 @@ _CONNECTION_ERRORS = (
     asyncpg.AdminShutdownError,
 )
 
+# SQLSTATEs after which the same statement may well succeed: the server shutting down,
+# crashing, starting up or failing over (a standby refuses writes), a cancelled statement,
+# exhausted resources, and the conflicts a retry resolves (serialization failures,
+# deadlocks, lock timeouts). They are DatabaseError ("retry later"), never Refused, so no
+# caller gives up on an outcome or a claim because Postgres restarted under it.
+_RETRY_SQLSTATES = frozenset(
+    {
+        "57P01",  # admin_shutdown
+        "57P02",  # crash_shutdown
+        "57P03",  # cannot_connect_now: starting up or shutting down
+        "57014",  # query_canceled
+        "40001",  # serialization_failure
+        "40P01",  # deadlock_detected
+        "55P03",  # lock_not_available
+        "53000",  # insufficient_resources
+        "53100",  # disk_full
+        "53200",  # out_of_memory
+        "53300",  # too_many_connections
+        "53400",  # configuration_limit_exceeded
+        "25006",  # read_only_sql_transaction: failed over to (or still on) a standby
+    }
+)
+# Of those, the ones after which the connection is useless (its server is going away or
+# can no longer write): the pool must open a fresh one.
+_DROP_SQLSTATES = frozenset({"57P01", "57P02", "57P03", "25006"})
+
+
+def _sqlstate(exc: BaseException) -> str:
+    state = getattr(exc, "sqlstate", None)
+    return state if isinstance(state, str) else ""
+
+
+def retryable(exc: BaseException) -> bool:
+    """Whether a driver error means "try again": a lost connection (class 08 too) or one of
+    the SQLSTATEs above."""
+    state = _sqlstate(exc)
+    return (
+        isinstance(exc, _CONNECTION_ERRORS) or state.startswith("08") or state in _RETRY_SQLSTATES
+    )
+
+
+def _unusable(exc: BaseException) -> bool:
+    state = _sqlstate(exc)
+    return isinstance(exc, _CONNECTION_ERRORS) or state.startswith("08") or state in _DROP_SQLSTATES
+
 
 @dataclass(frozen=True, slots=True)
 class Queries:
@@ -45,6 +95,7 @@ class Queries:
     backlog: str
     claim: str
     clear_default_adapter: str
+    db_now: str
     delete_secret: str
     disable_adapter: str
     entry_sequences: str
@@ -63,6 +114,7 @@ class Queries:
     insert_suppression: str
     insert_transitions: str
     insert_version: str
+    lanes: str
     latest_enrollment: str
     list_adapters: str
     list_secrets: str
@@ -71,7 +123,6 @@ class Queries:
     lock_credentials: str
     lock_secrets: str
     lock_sequence: str
-    next_due: str
     pause_adapter: str
     previous_enrollment: str
     purge_quota_ledger: str
@@ -83,6 +134,7 @@ class Queries:
     release: str
     release_held: str
     release_waits: str
+    renew: str
     replay: str
     resume_adapter: str
     secret_row: str
@@ -123,6 +175,29 @@ def _encode_json(value: Any) -> str:
 def json_value(value: Any) -> Any:
     """A jsonb column's value, whether or not the connection has dripd's codec (host apps')."""
     return _json_decode(value) if isinstance(value, str | bytes) else value
+
+
+#: Field metadata of a row type: the column is jsonb, read through `json_value`.
+JSONB: Final = {"convert": json_value}
+
+_Row = TypeVar("_Row", bound="DataclassInstance")
+
+
+@functools.cache
+def _columns(cls: type[DataclassInstance]) -> tuple[tuple[str, Callable[[Any], Any] | None], ...]:
+    return tuple((f.name, f.metadata.get("convert")) for f in fields(cls))
+
+
+def from_record(cls: type[_Row], record: Mapping[str, Any]) -> _Row:
+    """A row type (a dataclass) from the columns of `record` named as its fields; other
+    columns are left out. A field whose metadata has a `convert` function (see `JSONB`)
+    gets its column's value through it."""
+    return cls(
+        **{
+            name: record[name] if convert is None else convert(record[name])
+            for name, convert in _columns(cls)
+        }
+    )
 
 
 async def init_connection(conn: Connection) -> None:
@@ -175,8 +250,9 @@ async def acquire(db: Executor) -> AsyncIterator[Connection]:
         async with db.acquire() as conn:
             try:
                 yield conn
-            except _CONNECTION_ERRORS:
-                conn.terminate()
+            except (*_CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
+                if _unusable(exc):
+                    conn.terminate()
                 raise
     else:
         yield db
@@ -199,24 +275,112 @@ def translated() -> Any:
         raise
     except asyncpg.UniqueViolationError as exc:
         raise Conflict(f"conflicts with an existing row ({exc.constraint_name})") from exc
+    except (asyncpg.UndefinedTableError, asyncpg.InvalidSchemaNameError) as exc:
+        # Postgres names the missing relation or schema only in the message: every dripd
+        # statement qualifies its relations with the schema `dripd`.
+        if '"dripd.' in exc.message or 'schema "dripd"' in exc.message:
+            raise SchemaError("schema not installed: run `dripd migrate`") from exc
+        raise Refused(f"Postgres refused: {_describe(exc)}") from exc
     except _CONNECTION_ERRORS as exc:
         raise DatabaseError(f"lost the database connection: {_describe(exc)}") from exc
     except asyncpg.PostgresError as exc:
+        if retryable(exc):
+            raise DatabaseError(
+                f"the database cannot serve this now ({_sqlstate(exc)}): {_describe(exc)}"
+            ) from exc
         raise Refused(f"Postgres refused: {_describe(exc)}") from exc
 
 
 # --- the worker's statements -------------------------------------------------------------
 
 
-async def claim(
-    db: Executor, *, now: datetime, limit: int, token: uuid.UUID, lease_until: datetime, daemon: str
-) -> list[asyncpg.Record]:
+async def db_now(db: Executor) -> datetime:
+    """The database server's clock (`clock_timestamp()`), aware UTC."""
     with translated():
         async with acquire(db) as conn:
-            rows: list[asyncpg.Record] = await conn.fetch(
-                Q.claim, now, limit, token, lease_until, daemon
-            )
-            return rows
+            now: datetime = await conn.fetchval(Q.db_now)
+            return now
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LaneRow:
+    """A lane with pending work and when its next row becomes claimable."""
+
+    lane: str
+    at: datetime
+
+
+async def lanes(db: Executor) -> list[LaneRow]:
+    """Every lane with pending rows (held rows of paused enrollments aside), with the
+    instant its oldest becomes claimable: one index probe per lane (lanes.sql)."""
+    with translated():
+        async with acquire(db) as conn:
+            rows = await conn.fetch(Q.lanes)
+    return [LaneRow(lane=r["lane"], at=r["at"]) for r in rows]
+
+
+async def claim(
+    db: Executor,
+    *,
+    lanes: Sequence[tuple[str, int]],
+    now: datetime,
+    token: uuid.UUID,
+    lease_until: datetime,
+    daemon: str,
+) -> list[ClaimedExecution]:
+    """Claim up to `limit` due rows of each (lane, limit), oldest first, under one claim
+    token and lease (claim.sql); returns them with what the pipeline needs."""
+    if not lanes:
+        return []
+    names, limits = [lane for lane, _ in lanes], [n for _, n in lanes]
+    with translated():
+        async with acquire(db) as conn:
+            rows = await conn.fetch(Q.claim, names, limits, now, token, lease_until, daemon)
+    return [
+        ClaimedExecution(
+            id=r["id"],
+            claim_token=token,
+            enrollment_id=r["enrollment_id"],
+            step_id=r["step_id"],
+            tenant_key=r["tenant_key"],
+            lane=r["lane"],
+            due_at=r["due_at"],
+            attempt=r["attempt"],
+            replay=r["replay"],
+            advance=r["advance"],
+            enrollment_status=EnrollmentStatus(r["enrollment_status"]),
+            subscriber_type=r["subscriber_type"],
+            subscriber_id=r["subscriber_id"],
+            data=r["data"],
+            timezone=r["timezone"],
+            created_at=r["created_at"],
+            event=_released_by(r["event"]),
+        )
+        for r in rows
+    ]
+
+
+def _released_by(value: Any) -> dict[str, Any] | None:
+    """The event that released a wait, as claimed (jsonb), with its time a datetime."""
+    if value is None:
+        return None
+    event = dict(json_value(value))
+    event["occurred_at"] = datetime.fromisoformat(event["occurred_at"])
+    return event
+
+
+async def renew(
+    db: Executor, held: Sequence[tuple[uuid.UUID, uuid.UUID]], lease_until: datetime
+) -> set[uuid.UUID]:
+    """Extend the lease of each held (id, claim token) to `lease_until` in one statement;
+    returns the ids still held under their token (the others were lost)."""
+    if not held:
+        return set()
+    ids, tokens = [i for i, _ in held], [t for _, t in held]
+    with translated():
+        async with acquire(db) as conn:
+            rows = await conn.fetch(Q.renew, ids, tokens, lease_until)
+    return {r["id"] for r in rows}
 
 
 @dataclass(slots=True, kw_only=True)
@@ -266,7 +430,7 @@ async def record(
             )
             if notify_before is not None and soonest is not None and soonest <= notify_before:
                 await conn.execute("SELECT pg_notify('dripd_due', $1)", soonest.isoformat())
-    return {r["id"] for r in owned}
+    return {r[0] for r in owned}
 
 
 async def release(db: Executor, ids: Sequence[uuid.UUID], token: uuid.UUID) -> int:
@@ -276,25 +440,25 @@ async def release(db: Executor, ids: Sequence[uuid.UUID], token: uuid.UUID) -> i
     return int(status.rsplit(" ", 1)[-1])
 
 
-async def next_due(db: Executor) -> datetime | None:
-    with translated():
-        async with acquire(db) as conn:
-            at: datetime | None = await conn.fetchval(Q.next_due)
-            return at
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Backlog:
+    due: int
+    oldest_due_at: datetime | None
 
 
 async def backlog(db: Executor, now: datetime) -> tuple[int, datetime | None]:
     with translated():
         async with acquire(db) as conn:
-            row = await conn.fetchrow(Q.backlog, now)
-    return int(row["due"]), row["oldest_due_at"]
+            row = from_record(_Backlog, await conn.fetchrow(Q.backlog, now))
+    return int(row.due), row.oldest_due_at
 
 
-async def load_versions(db: Executor, step_ids: Sequence[uuid.UUID]) -> list[asyncpg.Record]:
+async def load_versions(db: Executor, step_ids: Sequence[uuid.UUID]) -> list[VersionStepRow]:
+    """Every step of the versions that own `step_ids`, by version and position."""
     with translated():
         async with acquire(db) as conn:
-            rows: list[asyncpg.Record] = await conn.fetch(Q.load_versions, list(step_ids))
-            return rows
+            rows = await conn.fetch(Q.load_versions, list(step_ids))
+    return [from_record(VersionStepRow, r) for r in rows]
 
 
 async def suppressed(db: Executor, keys: Sequence[tuple[str | None, str, str]]) -> set[int]:
@@ -305,14 +469,37 @@ async def suppressed(db: Executor, keys: Sequence[tuple[str | None, str, str]]) 
     with translated():
         async with acquire(db) as conn:
             rows = await conn.fetch(Q.suppressed, tenants, channels, addresses)
-    return {int(r["n"]) - 1 for r in rows}
+    return {int(r[0]) - 1 for r in rows}
 
 
-async def load_adapters(db: Executor) -> list[asyncpg.Record]:
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EnabledAdapterRow:
+    """An enabled adapter as the daemon loads it, its credentials still sealed."""
+
+    id: uuid.UUID
+    tenant_key: str | None
+    name: str
+    channel: str
+    provider: str
+    config: dict[str, Any] = field(metadata=JSONB)
+    credentials: bytes | None
+    is_default: bool
+    paused_reason: str | None
+
+
+async def load_adapters(db: Executor) -> list[EnabledAdapterRow]:
+    """Every enabled adapter (load_adapters.sql)."""
     with translated():
         async with acquire(db) as conn:
-            rows: list[asyncpg.Record] = await conn.fetch(Q.load_adapters)
-            return rows
+            rows = await conn.fetch(Q.load_adapters)
+    return [from_record(EnabledAdapterRow, r) for r in rows]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _QueueStats:
+    live: int
+    modified: int
+    analyzed_at: datetime | None
 
 
 async def analyze_queue_if_stale(db: Executor, *, min_age: timedelta, now: datetime) -> bool:
@@ -320,10 +507,11 @@ async def analyze_queue_if_stale(db: Executor, *, min_age: timedelta, now: datet
     (autovacuum may be off or slow); True if this call ran it."""
     with translated():
         async with acquire(db) as conn:
-            stats = await conn.fetchrow(Q.queue_stats)
-            if stats is None:
+            found = await conn.fetchrow(Q.queue_stats)
+            if found is None:
                 return False
-            rows, modified, at = stats["live"], stats["modified"], stats["analyzed_at"]
+            stats = from_record(_QueueStats, found)
+            rows, modified, at = stats.live, stats.modified, stats.analyzed_at
             if at is None:
                 stale = rows + modified >= 1000
             else:
@@ -398,17 +586,36 @@ class Applied:
     created: bool
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _VersionId:
+    id: uuid.UUID
+    version: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _ActiveVersion:
+    version: int
+    content_hash: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _StepId:
+    id: uuid.UUID
+    key: str
+
+
 async def apply_version(conn: Connection, spec: VersionRow, *, now: datetime) -> Applied:
     """Create and activate a new version unless the active one has the same content."""
     sequence_id = await conn.fetchval(Q.upsert_sequence, spec.tenant_key, spec.key)
     await conn.fetchval(Q.lock_sequence, sequence_id)
-    active = await conn.fetchrow(Q.active_version, sequence_id)
-    if active is not None and active["content_hash"] == spec.content_hash:
+    found = await conn.fetchrow(Q.active_version, sequence_id)
+    active = None if found is None else from_record(_ActiveVersion, found)
+    if active is not None and active.content_hash == spec.content_hash:
         return Applied(
-            key=spec.key, tenant_key=spec.tenant_key, version=active["version"], created=False
+            key=spec.key, tenant_key=spec.tenant_key, version=active.version, created=False
         )
     await conn.execute(Q.archive_versions, sequence_id)
-    version = await conn.fetchrow(
+    inserted_version = await conn.fetchrow(
         Q.insert_version,
         sequence_id,
         spec.name,
@@ -424,10 +631,11 @@ async def apply_version(conn: Connection, spec: VersionRow, *, now: datetime) ->
         _encode_json(spec.hooks),
         None if spec.send_window is None else _encode_json(spec.send_window),
     )
+    version = from_record(_VersionId, inserted_version)
     steps = spec.steps
     inserted = await conn.fetch(
         Q.insert_steps,
-        version["id"],
+        version.id,
         [s.key for s in steps],
         [s.position for s in steps],
         [s.channel for s in steps],
@@ -447,29 +655,50 @@ async def apply_version(conn: Connection, spec: VersionRow, *, now: datetime) ->
         [s.require_verified for s in steps],
         [s.max_length for s in steps],
     )
-    ids = {r["key"]: r["id"] for r in inserted}
+    ids = {step.key: step.id for step in (from_record(_StepId, r) for r in inserted)}
     if spec.transitions:
         ts = spec.transitions
         await conn.execute(
             Q.insert_transitions,
-            version["id"],
+            version.id,
             [ids[t.from_key] for t in ts],
             [ids[t.to_key] if t.to_key else None for t in ts],
             [t.priority for t in ts],
             [t.when for t in ts],
             [t.position for t in ts],
         )
-    return Applied(
-        key=spec.key, tenant_key=spec.tenant_key, version=version["version"], created=True
-    )
+    return Applied(key=spec.key, tenant_key=spec.tenant_key, version=version.version, created=True)
 
 
 # --- enrollments, events, suppressions ---------------------------------------------------
 
 
-async def find_sequence(conn: Connection, tenant: str | None, key: str) -> asyncpg.Record | None:
-    row: asyncpg.Record | None = await conn.fetchrow(Q.find_sequence, tenant, key)
-    return row
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SequenceRow:
+    """A sequence with its active version and that version's first step (find_sequence.sql).
+    The version's columns are None when it has no active version, the step's when it has
+    no step."""
+
+    sequence_id: uuid.UUID
+    sequence_tenant: str | None
+    sequence_key: str
+    version_id: uuid.UUID | None
+    reenroll: str | None
+    timezone: str | None
+    hooks: dict[str, Any] | None = field(metadata=JSONB)
+    first_step_id: uuid.UUID | None
+    first_delay: timedelta | None
+    at_time: time | None
+    cron: str | None
+    step_timezone: str | None
+    wait_event: str | None
+    wait_timeout: timedelta | None
+
+
+async def find_sequence(conn: Connection, tenant: str | None, key: str) -> SequenceRow | None:
+    """The tenant's own sequence `key`, else the global one; None if neither exists."""
+    row = await conn.fetchrow(Q.find_sequence, tenant, key)
+    return None if row is None else from_record(SequenceRow, row)
 
 
 async def insert_enrollment(
@@ -483,8 +712,9 @@ async def insert_enrollment(
     data: dict[str, Any],
     timezone: str | None,
     now: datetime,
-) -> asyncpg.Record | None:
-    row: asyncpg.Record | None = await conn.fetchrow(
+) -> uuid.UUID | None:
+    """The new enrollment's id; None when the subscriber has a live one in the sequence."""
+    new_id: uuid.UUID | None = await conn.fetchval(
         Q.insert_enrollment,
         tenant,
         sequence_id,
@@ -495,7 +725,7 @@ async def insert_enrollment(
         timezone,
         now,
     )
-    return row
+    return new_id
 
 
 async def latest_enrollment(
@@ -504,11 +734,12 @@ async def latest_enrollment(
     sequence_id: uuid.UUID,
     subscriber_type: str,
     subscriber_id: str,
-) -> asyncpg.Record | None:
-    row: asyncpg.Record | None = await conn.fetchrow(
+) -> uuid.UUID | None:
+    """The id of the subscriber's live enrollment in the sequence, else of the newest one."""
+    found: uuid.UUID | None = await conn.fetchval(
         Q.latest_enrollment, tenant, sequence_id, subscriber_type, subscriber_id
     )
-    return row
+    return found
 
 
 async def previous_enrollment(
@@ -549,11 +780,33 @@ async def notify_adapters(conn: Connection) -> None:
     await conn.execute("SELECT pg_notify('dripd_adapters', '')")
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EnrollmentRow:
+    """An enrollment with its sequence key, version number and pending step, if any
+    (get_enrollment.sql)."""
+
+    id: uuid.UUID
+    tenant_key: str | None
+    sequence_key: str
+    version: int
+    subscriber_type: str
+    subscriber_id: str
+    status: EnrollmentStatus = field(metadata={"convert": EnrollmentStatus})
+    status_reason: str | None
+    data: dict[str, Any] = field(metadata=JSONB)
+    timezone: str | None
+    created_at: datetime
+    ended_at: datetime | None
+    pending_step_key: str | None
+    pending_due_at: datetime | None
+
+
 async def get_enrollment(
     conn: Connection, tenant: str | None, enrollment_id: uuid.UUID
-) -> asyncpg.Record | None:
-    row: asyncpg.Record | None = await conn.fetchrow(Q.get_enrollment, tenant, enrollment_id)
-    return row
+) -> EnrollmentRow | None:
+    """One enrollment in the tenant scope; None if there is none."""
+    row = await conn.fetchrow(Q.get_enrollment, tenant, enrollment_id)
+    return None if row is None else from_record(EnrollmentRow, row)
 
 
 async def set_enrollment_status(
@@ -564,11 +817,12 @@ async def set_enrollment_status(
     allowed_from: Sequence[str],
     reason: str | None,
     now: datetime,
-) -> asyncpg.Record | None:
-    row: asyncpg.Record | None = await conn.fetchrow(
+) -> bool:
+    """Move the enrollment to `status` if it is in one of `allowed_from`; whether it moved."""
+    moved = await conn.fetchval(
         Q.set_enrollment_status, tenant, enrollment_id, status, list(allowed_from), reason, now
     )
-    return row
+    return moved is not None
 
 
 async def hold_pending(conn: Connection, enrollment_id: uuid.UUID) -> None:
@@ -616,6 +870,20 @@ async def insert_event(
     return int(old_id), False
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SuppressionRow:
+    """A suppression as stored; `created` is false when it existed before."""
+
+    id: uuid.UUID
+    tenant_key: str | None
+    channel: str
+    address: str
+    reason: str
+    source: str | None
+    created_at: datetime
+    created: bool
+
+
 async def insert_suppression(
     conn: Connection,
     *,
@@ -625,11 +893,20 @@ async def insert_suppression(
     reason: str,
     source: str | None,
     now: datetime,
-) -> asyncpg.Record:
-    row: asyncpg.Record = await conn.fetchrow(
-        Q.insert_suppression, tenant, channel, address, reason, source, now
-    )
-    return row
+) -> SuppressionRow:
+    """Suppress an address (normalized); an existing suppression keeps its reason."""
+    row = await conn.fetchrow(Q.insert_suppression, tenant, channel, address, reason, source, now)
+    return from_record(SuppressionRow, row)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReplayedRow:
+    """A failed execution scheduled again; `advance`: its send continues the flow."""
+
+    id: uuid.UUID
+    replay: int
+    advance: bool
+    enrollment_id: uuid.UUID
 
 
 async def replay(
@@ -639,19 +916,40 @@ async def replay(
     tenant: str | None,
     any_tenant: bool,
     now: datetime,
-) -> asyncpg.Record | None:
-    row: asyncpg.Record | None = await conn.fetchrow(
-        Q.replay, tenant, execution_id, any_tenant, now
-    )
-    return row
+) -> ReplayedRow | None:
+    """Schedule a failed execution again (replay.sql); None unless it is failed and in scope."""
+    row = await conn.fetchrow(Q.replay, tenant, execution_id, any_tenant, now)
+    return None if row is None else from_record(ReplayedRow, row)
 
 
-async def execution_status(conn: Connection, execution_id: uuid.UUID) -> asyncpg.Record | None:
-    row: asyncpg.Record | None = await conn.fetchrow(Q.execution_status, execution_id)
-    return row
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ExecutionStatusRow:
+    id: uuid.UUID
+    status: str
+    tenant_key: str | None
+
+
+async def execution_status(conn: Connection, execution_id: uuid.UUID) -> ExecutionStatusRow | None:
+    row = await conn.fetchrow(Q.execution_status, execution_id)
+    return None if row is None else from_record(ExecutionStatusRow, row)
 
 
 # --- adapters ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AdapterRow:
+    """An adapter as `dripd adapter` shows it: never its credentials."""
+
+    id: uuid.UUID
+    tenant_key: str | None
+    name: str
+    channel: str
+    provider: str
+    config: dict[str, Any] = field(metadata=JSONB)
+    is_default: bool
+    enabled: bool
+    created_at: datetime
 
 
 async def insert_adapter(
@@ -666,10 +964,10 @@ async def insert_adapter(
     credentials: bytes | None,
     is_default: bool,
     now: datetime,
-) -> asyncpg.Record:
+) -> AdapterRow:
     if is_default:
         await conn.execute(Q.clear_default_adapter, tenant, channel)
-    row: asyncpg.Record = await conn.fetchrow(
+    row = await conn.fetchrow(
         Q.insert_adapter,
         adapter_id,
         tenant,
@@ -681,26 +979,36 @@ async def insert_adapter(
         is_default,
         now,
     )
-    return row
+    return from_record(AdapterRow, row)
 
 
 async def list_adapters(
     conn: Connection, tenant: str | None, *, all_tenants: bool
-) -> list[asyncpg.Record]:
-    rows: list[asyncpg.Record] = await conn.fetch(Q.list_adapters, tenant, all_tenants)
-    return rows
+) -> list[AdapterRow]:
+    rows = await conn.fetch(Q.list_adapters, tenant, all_tenants)
+    return [from_record(AdapterRow, r) for r in rows]
 
 
 async def disable_adapter(
     conn: Connection, tenant: str | None, name: str, now: datetime
-) -> asyncpg.Record | None:
-    row: asyncpg.Record | None = await conn.fetchrow(Q.disable_adapter, tenant, name, now)
-    return row
+) -> AdapterRow | None:
+    row = await conn.fetchrow(Q.disable_adapter, tenant, name, now)
+    return None if row is None else from_record(AdapterRow, row)
 
 
-async def lock_credentials(conn: Connection) -> list[asyncpg.Record]:
-    rows: list[asyncpg.Record] = await conn.fetch(Q.lock_credentials)
-    return rows
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SealedCredentialsRow:
+    """An adapter's encrypted credentials, locked for `dripd rotate-key`."""
+
+    id: uuid.UUID
+    tenant_key: str | None
+    name: str
+    credentials: bytes
+
+
+async def lock_credentials(conn: Connection) -> list[SealedCredentialsRow]:
+    rows = await conn.fetch(Q.lock_credentials)
+    return [from_record(SealedCredentialsRow, r) for r in rows]
 
 
 async def set_credentials(
@@ -721,7 +1029,7 @@ async def exit_enrollments(
     now: datetime,
 ) -> list[uuid.UUID]:
     rows = await conn.fetch(Q.exit_enrollments, tenant, subscriber_type, subscriber_id, key, now)
-    return [r["id"] for r in rows]
+    return [r[0] for r in rows]
 
 
 async def release_waits(
@@ -736,12 +1044,20 @@ async def release_waits(
     rows = await conn.fetch(
         Q.release_waits, tenant, subscriber_type, subscriber_id, key, event_id, now
     )
-    return [r["id"] for r in rows]
+    return [r[0] for r in rows]
 
 
 async def entry_sequences(conn: Connection, tenant: str | None, key: str) -> list[str]:
     rows = await conn.fetch(Q.entry_sequences, tenant, key)
-    return [r["key"] for r in rows]
+    return [r[0] for r in rows]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _EventStat:
+    n: int
+    key: str
+    count: int
+    last_at: datetime
 
 
 async def event_stats(
@@ -755,8 +1071,8 @@ async def event_stats(
         async with acquire(db) as conn:
             rows = await conn.fetch(Q.event_stats, tenants, types, ids, list(keys))
     stats: dict[int, dict[str, tuple[int, datetime]]] = {}
-    for r in rows:
-        stats.setdefault(int(r["n"]) - 1, {})[r["key"]] = (int(r["count"]), r["last_at"])
+    for stat in (from_record(_EventStat, r) for r in rows):
+        stats.setdefault(int(stat.n) - 1, {})[stat.key] = (int(stat.count), stat.last_at)
     return stats
 
 
@@ -767,23 +1083,45 @@ async def upsert_secret(
     name: str,
     blob: bytes,
     now: datetime,
-) -> asyncpg.Record:
-    row: asyncpg.Record = await conn.fetchrow(Q.upsert_secret, secret_id, tenant, name, blob, now)
-    return row
+) -> bool:
+    """Store a secret under `secret_id`, or replace the value of the one of that name;
+    whether it was created."""
+    created: bool = await conn.fetchval(Q.upsert_secret, secret_id, tenant, name, blob, now)
+    return created
 
 
-async def secret_row(db: Executor, tenant: str | None, name: str) -> asyncpg.Record | None:
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SecretRow:
+    """A secret's encrypted value, under the id its encryption is bound to."""
+
+    id: uuid.UUID
+    tenant_key: str | None
+    value: bytes
+
+
+async def secret_row(db: Executor, tenant: str | None, name: str) -> SecretRow | None:
+    """The tenant's own secret `name`, else the global one; None if neither exists."""
     with translated():
         async with acquire(db) as conn:
-            row: asyncpg.Record | None = await conn.fetchrow(Q.secret_row, tenant, name)
-            return row
+            row = await conn.fetchrow(Q.secret_row, tenant, name)
+    return None if row is None else from_record(SecretRow, row)
 
 
-async def list_secrets(db: Executor, tenant: str | None, *, every: bool) -> list[asyncpg.Record]:
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SecretInfoRow:
+    """A secret without its value."""
+
+    tenant_key: str | None
+    name: str
+    created_at: datetime
+    updated_at: datetime
+
+
+async def list_secrets(db: Executor, tenant: str | None, *, every: bool) -> list[SecretInfoRow]:
     with translated():
         async with acquire(db) as conn:
-            rows: list[asyncpg.Record] = await conn.fetch(Q.list_secrets, tenant, every)
-            return rows
+            rows = await conn.fetch(Q.list_secrets, tenant, every)
+    return [from_record(SecretInfoRow, r) for r in rows]
 
 
 async def delete_secret(db: Executor, tenant: str | None, name: str) -> bool:
@@ -792,9 +1130,19 @@ async def delete_secret(db: Executor, tenant: str | None, name: str) -> bool:
             return await conn.fetchval(Q.delete_secret, tenant, name) is not None
 
 
-async def lock_secrets(conn: Connection) -> list[asyncpg.Record]:
-    rows: list[asyncpg.Record] = await conn.fetch(Q.lock_secrets)
-    return rows
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SealedSecretRow:
+    """A secret's encrypted value, locked for `dripd rotate-key`."""
+
+    id: uuid.UUID
+    tenant_key: str | None
+    name: str
+    value: bytes
+
+
+async def lock_secrets(conn: Connection) -> list[SealedSecretRow]:
+    rows = await conn.fetch(Q.lock_secrets)
+    return [from_record(SealedSecretRow, r) for r in rows]
 
 
 async def set_secret(conn: Connection, secret_id: uuid.UUID, blob: bytes, now: datetime) -> None:
@@ -804,7 +1152,7 @@ async def set_secret(conn: Connection, secret_id: uuid.UUID, blob: bytes, now: d
 async def active_hooks(db: Executor) -> list[dict[str, Any]]:
     with translated():
         async with acquire(db) as conn:
-            return [dict(json_value(r["hooks"])) for r in await conn.fetch(Q.active_hooks)]
+            return [dict(json_value(r[0])) for r in await conn.fetch(Q.active_hooks)]
 
 
 # --- sending rules: quotas, adapter pauses -------------------------------------------------
@@ -836,11 +1184,25 @@ async def quota_release(
             )
 
 
-async def adapter_rates(db: Executor, since: datetime) -> list[asyncpg.Record]:
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AdapterRateRow:
+    """What an enabled adapter sent since some time, and how much bounced or complained."""
+
+    id: uuid.UUID
+    tenant_key: str | None
+    name: str
+    paused_reason: str | None
+    sent: int
+    bounced: int
+    complained: int
+
+
+async def adapter_rates(db: Executor, since: datetime) -> list[AdapterRateRow]:
+    """Per enabled adapter, its sends and their bounces and complaints since `since`."""
     with translated():
         async with acquire(db) as conn:
-            rows: list[asyncpg.Record] = await conn.fetch(Q.adapter_rates, since)
-            return rows
+            rows = await conn.fetch(Q.adapter_rates, since)
+    return [from_record(AdapterRateRow, r) for r in rows]
 
 
 async def pause_adapter(
@@ -849,15 +1211,27 @@ async def pause_adapter(
     return await conn.fetchval(Q.pause_adapter, adapter_id, reason, now) is not None
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ResumedAdapterRow:
+    """An adapter whose threshold pause was lifted; `was_paused` is that pause's reason
+    (None: it was not paused)."""
+
+    id: uuid.UUID
+    name: str
+    tenant_key: str | None
+    was_paused: str | None
+
+
 async def resume_adapter(
     db: Executor, tenant: str | None, name: str, now: datetime
-) -> asyncpg.Record | None:
+) -> ResumedAdapterRow | None:
+    """Lift the adapter's threshold pause (idempotent); None if there is no such adapter."""
     with translated():
         async with transaction(db) as conn:
-            row: asyncpg.Record | None = await conn.fetchrow(Q.resume_adapter, tenant, name, now)
+            row = await conn.fetchrow(Q.resume_adapter, tenant, name, now)
             if row is not None:
                 await notify_adapters(conn)
-            return row
+    return None if row is None else from_record(ResumedAdapterRow, row)
 
 
 async def purge_quota_ledger(db: Executor, before: datetime) -> int:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import replace
 from typing import Any
 
@@ -12,6 +12,7 @@ import structlog
 from dripd.channels import registry
 from dripd.channels.base import Channel
 from dripd.channels.credentials import Vault
+from dripd.db.store import EnabledAdapterRow
 from dripd.errors import CredentialsError, DripdError
 from dripd.model import Adapter
 
@@ -36,30 +37,30 @@ class AdapterSet:
     def __len__(self) -> int:
         return len(self._by_id)
 
-    async def load(self, rows: Iterable[Mapping[str, Any]]) -> None:
+    async def load(self, rows: Iterable[EnabledAdapterRow]) -> None:
         """Replace the set with `rows` (load_adapters.sql); unchanged ones keep their channel."""
         fresh: dict[uuid.UUID, tuple[Adapter, Channel | str]] = {}
         signatures: dict[uuid.UUID, Any] = {}
         stale: list[Channel] = []
         for row in rows:
             signature = (
-                row["config"],
-                row["credentials"],
-                row["channel"],
-                row["provider"],
-                row["name"],
-                row["tenant_key"],
-                row["is_default"],
+                row.config,
+                row.credentials,
+                row.channel,
+                row.provider,
+                row.name,
+                row.tenant_key,
+                row.is_default,
             )
-            old = self._by_id.get(row["id"])
-            if old is not None and self._signature.get(row["id"]) == signature:
+            old = self._by_id.get(row.id)
+            if old is not None and self._signature.get(row.id) == signature:
                 # A pause or its lifting keeps the channel (and its open connections).
-                fresh[row["id"]] = (replace(old[0], paused_reason=row["paused_reason"]), old[1])
+                fresh[row.id] = (replace(old[0], paused_reason=row.paused_reason), old[1])
             else:
-                fresh[row["id"]] = self._build(row)
+                fresh[row.id] = self._build(row)
                 if old is not None and not isinstance(old[1], str):
                     stale.append(old[1])
-            signatures[row["id"]] = signature
+            signatures[row.id] = signature
         for adapter_id, (_, channel) in self._by_id.items():
             if adapter_id not in fresh and not isinstance(channel, str):
                 stale.append(channel)
@@ -69,39 +70,37 @@ class AdapterSet:
         for channel in stale:
             await _close(channel)
 
-    def _build(self, row: Mapping[str, Any]) -> tuple[Adapter, Channel | str]:
+    def _build(self, row: EnabledAdapterRow) -> tuple[Adapter, Channel | str]:
         credentials: dict[str, Any] = {}
         problem: str | None = None
-        if row["credentials"] is not None:
+        if row.credentials is not None:
             if self._vault is None:
                 problem = (
-                    f"adapter {row['name']!r} has credentials but DRIPD_ENCRYPTION_KEY is not set"
+                    f"adapter {row.name!r} has credentials but DRIPD_ENCRYPTION_KEY is not set"
                 )
             else:
                 try:
-                    credentials = self._vault.decrypt(
-                        row["credentials"], aad=adapter_aad(row["id"])
-                    )
+                    credentials = self._vault.decrypt(row.credentials, aad=adapter_aad(row.id))
                 except CredentialsError as exc:
-                    problem = f"adapter {row['name']!r}: {exc.message}"
+                    problem = f"adapter {row.name!r}: {exc.message}"
         adapter = Adapter(
-            id=row["id"],
-            tenant_key=row["tenant_key"],
-            name=row["name"],
-            channel=row["channel"],
-            provider=row["provider"],
-            config=dict(row["config"]),
+            id=row.id,
+            tenant_key=row.tenant_key,
+            name=row.name,
+            channel=row.channel,
+            provider=row.provider,
+            config=dict(row.config),
             credentials=credentials,
-            is_default=row["is_default"],
+            is_default=row.is_default,
             enabled=True,
-            paused_reason=row["paused_reason"],
+            paused_reason=row.paused_reason,
         )
         if problem is None:
             try:
                 return adapter, registry.build(adapter)
             except DripdError as exc:
-                problem = f"adapter {row['name']!r}: {exc.message}"
-        log.error("adapter unusable", adapter=row["name"], problem=problem)
+                problem = f"adapter {row.name!r}: {exc.message}"
+        log.error("adapter unusable", adapter=row.name, problem=problem)
         return adapter, problem
 
     def resolve(

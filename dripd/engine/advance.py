@@ -10,9 +10,9 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from dripd.conditions.expr import Expr, evaluate_safely, parse
-from dripd.conditions.hooks import HookSpec, parse_hooks
+from dripd.conditions.hookspecs import HookSpec, parse_hooks
 from dripd.content.liquid import Template, compile_template
-from dripd.model import OnFailure, Step
+from dripd.model import OnFailure, Step, VersionStepRow
 from dripd.rules.window import Window, parse_window
 from dripd.timing import Timing, next_due
 
@@ -51,52 +51,52 @@ class Next:
     failed: bool = False  # no transition matched and the sequence says that fails
 
 
-def compile_version(rows: list[Mapping[str, Any]]) -> dict[uuid.UUID, CompiledStep]:
+def compile_version(rows: list[VersionStepRow]) -> dict[uuid.UUID, CompiledStep]:
     """Compile every step of one or more versions (rows of load_versions.sql)."""
-    by_version: dict[uuid.UUID, list[Mapping[str, Any]]] = {}
+    by_version: dict[uuid.UUID, list[VersionStepRow]] = {}
     for row in rows:
-        by_version.setdefault(row["version_id"], []).append(row)
+        by_version.setdefault(row.version_id, []).append(row)
     compiled: dict[uuid.UUID, CompiledStep] = {}
     for version_rows in by_version.values():
-        version_rows.sort(key=lambda r: r["position"])
-        ids = {r["key"]: r["id"] for r in version_rows}
+        version_rows.sort(key=lambda r: r.position)
+        ids = {r.key: r.id for r in version_rows}
         head = version_rows[0]
-        hook_specs = parse_hooks(dict(head["hooks"]), where="hooks")
-        sequence_window = _window(head["sequence_window"], "sequence.window")
+        hook_specs = parse_hooks(dict(head.hooks), where="hooks")
+        sequence_window = _window(head.sequence_window, "sequence.window")
         for index, row in enumerate(version_rows):
             step = Step(
-                id=row["id"],
-                version_id=row["version_id"],
-                sequence_key=row["sequence_key"],
-                key=row["key"],
-                position=row["position"],
-                channel=row["channel"],
-                delay=row["delay"],
-                template=dict(row["template"]),
-                adapter=row["adapter"],
-                on_failure=OnFailure(row["on_failure"]),
-                max_attempts=row["max_attempts"],
+                id=row.id,
+                version_id=row.version_id,
+                sequence_key=row.sequence_key,
+                key=row.key,
+                position=row.position,
+                channel=row.channel,
+                delay=row.delay,
+                template=dict(row.template),
+                adapter=row.adapter,
+                on_failure=OnFailure(row.on_failure),
+                max_attempts=row.max_attempts,
                 timing=Timing(
-                    delay=row["delay"],
-                    at=row["at_time"],
-                    cron=row["cron"],
-                    timezone=row["timezone"],
+                    delay=row.delay,
+                    at=row.at_time,
+                    cron=row.cron,
+                    timezone=row.timezone,
                 ),
-                wait_event=row["wait_event"],
-                wait_timeout=row["wait_timeout"],
-                on_timeout=row["on_timeout"],
-                when=row["when_expr"],
-                require_verified=row["require_verified"],
-                max_length=row["max_length"],
+                wait_event=row.wait_event,
+                wait_timeout=row.wait_timeout,
+                on_timeout=row.on_timeout,
+                when=row.when_expr,
+                require_verified=row.require_verified,
+                max_length=row.max_length,
             )
-            following = version_rows[index + 1]["id"] if index + 1 < len(version_rows) else None
+            following = version_rows[index + 1].id if index + 1 < len(version_rows) else None
             edges = tuple(
                 Edge(
                     to=uuid.UUID(t["to"]) if t["to"] else None,
                     priority=t["priority"],
                     when=parse(t["when"]) if t["when"] else None,
                 )
-                for t in row["transitions"]
+                for t in row.transitions
             )
             templates = {k: compile_template(v, field=k) for k, v in step.template.items()}
             when = parse(step.when) if step.when else None
@@ -122,14 +122,14 @@ def compile_version(rows: list[Mapping[str, Any]]) -> dict[uuid.UUID, CompiledSt
                 edges=edges,
                 next_by_position=following,
                 timeout_to=timeout_to,
-                fail_on_no_match=row["on_no_match"] == "fail",
-                sequence_timezone=row["sequence_timezone"],
+                fail_on_no_match=row.on_no_match == "fail",
+                sequence_timezone=row.sequence_timezone,
                 hook_specs=hook_specs,
                 hooks=frozenset(hooks),
                 event_keys=frozenset(
                     path[1] for path in names if path[0] == "events" and len(path) > 1
                 ),
-                window=_window(row["send_window"], f"step {step.key!r} window"),
+                window=_window(row.send_window, f"step {step.key!r} window"),
                 sequence_window=sequence_window,
             )
     return compiled

@@ -9,95 +9,68 @@ import signal
 import socket
 import time
 import uuid
-from collections.abc import Mapping
-from datetime import UTC, datetime, timedelta
+from collections.abc import Iterator, Mapping
+from dataclasses import replace
+from datetime import datetime, timedelta
+from functools import partial
 from typing import Any
 
+import anyio
 import structlog
 
 from dripd import __version__
 from dripd.api import ALL_TENANTS, replay
 from dripd.channels.credentials import ENV_VAR, Vault
-from dripd.clock import Clock, SystemClock
-from dripd.conditions.hooks import NetPolicy
+from dripd.clock import Clock, DatabaseClock, SystemClock
+from dripd.conditions.netguard import NetPolicy
 from dripd.config import Config
 from dripd.control import ControlServer
-from dripd.db import intake, limits, migrate, store
+from dripd.db import circuits, intake, limits, migrate, store
+from dripd.db.listener import Listener
 from dripd.engine.adapters import AdapterSet
+from dripd.engine.held import Signal
 from dripd.engine.hookset import HookSet
 from dripd.engine.pipeline import Pipeline, Policy
-from dripd.engine.sending import build_rules, watch_thresholds
+from dripd.engine.rulebook import build_rules
+from dripd.engine.thresholds import watch_thresholds
 from dripd.engine.worker import Settings, Worker
 from dripd.errors import ConfigError, DatabaseError, DripdError, NotFound
 from dripd.http.app import HttpServer, build_app
 from dripd.http.context import HttpContext
 from dripd.http.routes import http_routes
 from dripd.metrics import Metrics
+from dripd.rules.breaker import Breaker
 from dripd.rules.limiter import RateTable
 
 log = structlog.get_logger("dripd.daemon")
 
 _HOUSEKEEPING = timedelta(hours=1)
+# How often the shared circuit states are read when no NOTIFY says they changed.
+_CIRCUIT_POLL = timedelta(seconds=5)
+# A host clock further than this from the database's is worth an operator's attention.
+_SKEW_WARNING = timedelta(seconds=2)
 _IDEMPOTENCY_KEPT = timedelta(hours=24)  # an Idempotency-Key is honoured this long
 _QUOTA_KEPT = timedelta(days=3)  # ledger rows of periods long over
 
 
-class Listener:
-    """The dedicated LISTEN connection; it reconnects with backoff, and NOTIFY stays a hint."""
+@contextlib.contextmanager
+def _one_error() -> Iterator[None]:
+    """Raise a task group's only error as itself (a ConfigError stays one for the CLI's exit
+    code and message); several errors stay grouped."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        errors = _leaves(group)
+        if len(errors) == 1:
+            raise errors[0] from None
+        raise
 
-    def __init__(
-        self, dsn: str, channels: Mapping[str, Any], metrics: Metrics, on_reconnect: Any
-    ) -> None:
-        self._dsn = dsn
-        self._channels = channels
-        self._metrics = metrics
-        self._on_reconnect = on_reconnect
-        self._conn: store.Connection | None = None
-        self._lost = asyncio.Event()
 
-    async def _connect(self) -> None:
-        conn = await store.connect(self._dsn, timeout=5.0)
-        for name, callback in self._channels.items():
-            await conn.add_listener(name, lambda *args, cb=callback: cb(args[-1]))
-        conn.add_termination_listener(lambda _conn: self._lost.set())
-        self._conn = conn
-        self._lost.clear()
-
-    async def run(self) -> None:
-        delay = 0.2
-        while True:
-            if self._conn is None or self._conn.is_closed():
-                try:
-                    await self._connect()
-                    delay = 0.2
-                    self._on_reconnect()
-                except DripdError as exc:
-                    log.warning(
-                        "LISTEN connection failed; retrying", error=exc.message, retry_in_s=delay
-                    )
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, 10.0)
-                    continue
-            # A killed backend is not always reported at once: probe now and then too.
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._lost.wait(), timeout=2.0)
-            if not self._lost.is_set() and self._conn is not None:
-                try:
-                    await asyncio.wait_for(self._conn.fetchval("SELECT 1"), timeout=2.0)
-                    continue
-                except Exception as exc:  # noqa: BLE001 - any failed probe means reconnect
-                    log.warning("LISTEN connection probe failed", error=str(exc) or repr(exc))
-            self._metrics.listen_reconnects.inc()
-            log.warning("LISTEN connection lost; reconnecting")
-            await self.close()
-
-    async def close(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None and not conn.is_closed():
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(conn.close(), timeout=2.0)
-        elif conn is not None:
-            conn.terminate()
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    found: list[BaseException] = []
+    for exc in group.exceptions:
+        found += _leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc]
+    return found
 
 
 class Daemon:
@@ -109,7 +82,11 @@ class Daemon:
         if not config.database.dsn:
             raise ConfigError("database.dsn: no database; set DRIPD_DSN or database.dsn")
         self.config = config
-        self.clock = clock or SystemClock()
+        # The database's clock unless a test injects one: set when run() has synced it.
+        self.clock: Clock = clock or SystemClock()
+        self._own_clock = clock is None
+        self._skew_warned_at: float | None = None
+        self._skew = timedelta(0)
         self._env = dict(os.environ if env is None else env)
         self.metrics = Metrics()
         self.daemon_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
@@ -117,6 +94,7 @@ class Daemon:
         self._stop = asyncio.Event()
         self._due_backlog = 0
         self.worker: Worker | None = None
+        self.breaker: Breaker | None = None
         self.pool: store.Pool | None = None
         self.ready = asyncio.Event()
         self.draining = False
@@ -143,18 +121,29 @@ class Daemon:
                 allow_http=cfg.hooks.allow_http, allowed_networks=cfg.allowed_networks
             ),
         )
-        tasks: list[asyncio.Task[Any]] = []
-        control: ControlServer | None = None
-        http: HttpServer | None = None
-        listener: Listener | None = None
-        loop = asyncio.get_running_loop()
         try:
             async with store.acquire(pool) as conn:
                 with store.translated():
                     await migrate.require_current(conn)
+            if self._own_clock:
+                clock = DatabaseClock(partial(store.db_now, pool))
+                await self._sync_clock(clock)
+                self.clock = clock
             await adapters.load(await store.load_adapters(pool))
             hooks.preload(await store.active_hooks(pool))
-            rules = build_rules(cfg, pool=pool, vault=vault)
+            breaker = Breaker(
+                load=partial(circuits.load, pool),
+                trip=partial(circuits.trip, pool),
+                probe=partial(circuits.probe, pool),
+                close=partial(circuits.close, pool),
+                clock=self.clock,
+                settings=cfg.circuit,
+                metrics=self.metrics,
+                daemon_id=self.daemon_id,
+            )
+            self.breaker = breaker
+            await breaker.poll(self.clock.now())
+            rules = replace(build_rules(cfg, pool=pool, vault=vault), breaker=breaker)
             pipeline = Pipeline(
                 clock=self.clock,
                 metrics=self.metrics,
@@ -184,27 +173,31 @@ class Daemon:
                 ),
             )
             self.worker = worker
+            adapters_changed, circuits_changed = Signal(), Signal()
 
             async def reload_adapters() -> None:
-                try:
-                    await adapters.load(await store.load_adapters(pool))
-                    log.debug("adapters reloaded", count=len(adapters))
-                except DripdError as exc:
-                    log.warning("adapter reload failed", error=exc.message)
+                """Reload the adapters whenever they change (NOTIFY, the slow poll)."""
+                while True:
+                    await adapters_changed.wait()
+                    adapters_changed.clear()
+                    try:
+                        await adapters.load(await store.load_adapters(pool))
+                        log.debug("adapters reloaded", count=len(adapters))
+                    except DripdError as exc:
+                        log.warning("adapter reload failed", error=exc.message)
+                        continue
+                    worker.adapters_changed()
 
-            def on_adapters(_payload: str) -> None:
-                task = asyncio.create_task(reload_adapters())
-                tasks.append(task)
-                task.add_done_callback(tasks.remove)
+            def on_adapters(payload: str) -> None:
+                # A circuit's change needs only the breaker's state, not the adapters'.
+                if payload.startswith(circuits.NOTIFY_PREFIX):
+                    circuits_changed.set()
+                else:
+                    adapters_changed.set()
+                    circuits_changed.set()
 
-            listener = Listener(
-                cfg.database.dsn,
-                {"dripd_due": lambda _p: worker.wake(), "dripd_adapters": on_adapters},
-                self.metrics,
-                on_reconnect=worker.wake,
-            )
             control = ControlServer(cfg.control.socket, int(cfg.control.mode, 8), self.handle)
-            await control.start()
+            http: HttpServer | None = None
             if cfg.http.enabled:
                 context = HttpContext(
                     pool=pool, config=cfg, clock=self.clock, metrics=self.metrics, vault=vault
@@ -216,69 +209,99 @@ class Daemon:
                         routes=http_routes(context),
                     )
                 )
-                host, port = cfg.http_host_port
-                await http.start(host, port)
-            if install_signals:
-                for sig in (signal.SIGTERM, signal.SIGINT):
-                    loop.add_signal_handler(sig, self.request_stop)
-            tasks += [
-                asyncio.create_task(listener.run(), name="listener"),
-                asyncio.create_task(self._stats(pool), name="stats"),
-                asyncio.create_task(self._poll_adapters(reload_adapters), name="adapters"),
-            ]
-            tasks.append(asyncio.create_task(self._housekeeping(pool), name="housekeeping"))
-            if cfg.thresholds.enabled:
-                watch = watch_thresholds(
-                    pool, cfg.thresholds, clock=self.clock, metrics=self.metrics
-                )
-                tasks.append(asyncio.create_task(watch, name="thresholds"))
-            work = asyncio.create_task(worker.run(), name="worker")
-            log.info(
-                "dripd running",
-                daemon=self.daemon_id,
-                version=__version__,
-                control=cfg.control.socket,
-                http=cfg.http.listen if http else None,
-            )
-            self.ready.set()
-            stop = asyncio.create_task(self._stop.wait())
-            tasks.append(stop)
-            await asyncio.wait({work, stop}, return_when=asyncio.FIRST_COMPLETED)
-            if work.done():
-                work.result()  # a crashed worker is a crashed daemon
-            log.info("stopping: finishing in-flight sends", in_flight=worker.in_flight)
-            await worker.stop(loop.time() + cfg.shutdown_timeout.total_seconds())
-            await work
-            if rules.limiter is not None:
-                await rules.limiter.give_back()  # unspent tokens return to the other daemons
+            # The task group owns every background task; cancelling it at stop ends them
+            # all, the servers after a graceful shutdown of their own. A task's own error
+            # (a taken `http.listen`, a crashed worker) leaves it as itself, not in a group.
+            with _one_error():
+                async with anyio.create_task_group() as tg:
+                    await tg.start(control.serve)
+                    if http is not None:
+                        await tg.start(http.serve, *cfg.http_host_port)
+                    listener = Listener(
+                        cfg.database.dsn,
+                        {
+                            "dripd_due": lambda _p: worker.wake(),
+                            "dripd_adapters": on_adapters,
+                        },
+                        self.metrics,
+                        on_reconnect=worker.wake,
+                    )
+                    if install_signals:
+                        tg.start_soon(self._signals)
+                    tg.start_soon(listener.run, name="listener")
+                    tg.start_soon(self._stats, pool, name="stats")
+                    tg.start_soon(reload_adapters, name="adapters")
+                    tg.start_soon(self._poll_adapters, adapters_changed, name="adapter-poll")
+                    tg.start_soon(self._watch_circuits, breaker, circuits_changed, name="circuits")
+                    tg.start_soon(self._housekeeping, pool, name="housekeeping")
+                    if cfg.thresholds.enabled:
+                        tg.start_soon(
+                            partial(
+                                watch_thresholds,
+                                pool,
+                                cfg.thresholds,
+                                clock=self.clock,
+                                metrics=self.metrics,
+                            ),
+                            name="thresholds",
+                        )
+                    tg.start_soon(worker.run, name="worker")  # a crashed worker crashes the daemon
+                    log.info(
+                        "dripd running",
+                        daemon=self.daemon_id,
+                        version=__version__,
+                        control=cfg.control.socket,
+                        http=cfg.http.listen if http else None,
+                    )
+                    self.ready.set()
+                    await self._stop.wait()
+                    log.info("stopping: finishing in-flight sends", in_flight=worker.in_flight)
+                    await worker.stop(anyio.current_time() + cfg.shutdown_timeout.total_seconds())
+                    if rules.limiter is not None:
+                        await rules.limiter.give_back()  # unspent tokens return to the others
+                    tg.cancel_scope.cancel()
             log.info("stopped", daemon=self.daemon_id)
         finally:
-            if install_signals:
-                for sig in (signal.SIGTERM, signal.SIGINT):
-                    loop.remove_signal_handler(sig)
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            if http is not None:
-                await http.stop()
-            if control is not None:
-                await control.close()
-            if listener is not None:
-                await listener.close()
-            await adapters.aclose()
-            await hooks.aclose()
-            await pool.close()
+            with anyio.CancelScope(shield=True):
+                await adapters.aclose()
+                await hooks.aclose()
+                await pool.close()
+
+    async def _signals(self) -> None:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as received:
+            async for _ in received:
+                self.request_stop()
+
+    async def _sync_clock(self, clock: DatabaseClock) -> None:
+        """Read the database's clock; warn (at most every 10 minutes) when this host's
+        disagrees by more than `_SKEW_WARNING`."""
+        skew = self._skew = await clock.sync()
+        self.metrics.clock_skew.set(skew.total_seconds())
+        if abs(skew) < _SKEW_WARNING:
+            self._skew_warned_at = None
+            return
+        now = time.monotonic()
+        if self._skew_warned_at is None or now - self._skew_warned_at >= 600:
+            self._skew_warned_at = now
+            log.warning(
+                "clock skew: this host's clock disagrees with the database's; dripd keeps "
+                "time by the database (fix the host's NTP)",
+                skew_s=round(skew.total_seconds(), 3),
+            )
 
     async def _stats(self, pool: store.Pool) -> None:
         interval = self.config.stats_interval.total_seconds()
         analyze_every = self.config.analyze_interval
         while True:
+            if isinstance(self.clock, DatabaseClock):
+                try:
+                    await self._sync_clock(self.clock)
+                except DripdError as exc:
+                    log.warning("reading the database's clock failed", error=exc.message)
             now = self.clock.now()
             if analyze_every:
                 try:
-                    if await store.analyze_queue_if_stale(
-                        pool, min_age=analyze_every, now=datetime.now(UTC)
-                    ):
+                    if await store.analyze_queue_if_stale(pool, min_age=analyze_every, now=now):
                         log.info("analyzed dripd.step_executions (statistics were stale)")
                 except DripdError as exc:
                     log.warning("ANALYZE of the queue table failed", error=exc.message)
@@ -292,7 +315,7 @@ class Daemon:
                 self.metrics.oldest_due_age.set(
                     max((now - oldest).total_seconds(), 0.0) if oldest else 0.0
                 )
-            await asyncio.sleep(interval)
+            await anyio.sleep(interval)
 
     async def _housekeeping(self, pool: store.Pool) -> None:
         """Hourly: drop rate-limit windows and idempotency keys nobody needs any more."""
@@ -305,13 +328,42 @@ class Daemon:
                 await store.purge_quota_ledger(pool, now - _QUOTA_KEPT)
             except DripdError as exc:
                 log.warning("housekeeping failed", error=exc.message)
-            await asyncio.sleep(_HOUSEKEEPING.total_seconds())
+            await anyio.sleep(_HOUSEKEEPING.total_seconds())
 
-    async def _poll_adapters(self, reload: Any) -> None:
+    async def _poll_adapters(self, changed: Signal) -> None:
         # NOTIFY dripd_adapters is the fast path; this catches a missed one.
         while True:
-            await asyncio.sleep(self.config.poll_interval.total_seconds())
-            await reload()
+            await anyio.sleep(self.config.poll_interval.total_seconds())
+            changed.set()
+
+    async def _watch_circuits(self, breaker: Breaker, changed: Signal) -> None:
+        """Keep the breaker's view of the shared circuits current: on NOTIFY, every few
+        seconds, and when an open circuit lets a probe go; then wake the worker, whose
+        claim gives an adapter's lane budget by its circuit."""
+        assert self.worker is not None
+        while True:
+            with anyio.move_on_after(_CIRCUIT_POLL.total_seconds()):
+                async with anyio.create_task_group() as tg:
+
+                    async def notified() -> None:
+                        await changed.wait()
+                        tg.cancel_scope.cancel()
+
+                    async def probe_due(at: datetime) -> None:
+                        await self.clock.sleep_until(at)
+                        tg.cancel_scope.cancel()
+
+                    tg.start_soon(notified)
+                    if (at := breaker.wake_at()) is not None:
+                        tg.start_soon(probe_due, at)
+            changed.clear()
+            try:
+                await breaker.poll(self.clock.now())
+            except DripdError as exc:
+                log.warning("reading the circuit breakers failed", error=exc.message)
+                await anyio.sleep(1.0)
+                continue
+            self.worker.wake()
 
     async def readiness(self) -> dict[str, Any]:
         if self.pool is None:
@@ -336,6 +388,8 @@ class Daemon:
             "due_backlog": self._due_backlog,
             "paused": worker.paused if worker else False,
             "draining": self.draining,
+            "circuits": self.breaker.status() if self.breaker else [],
+            "clock_skew_s": round(self._skew.total_seconds(), 3),
         }
 
     async def handle(self, cmd: str, args: dict[str, Any]) -> Any:
@@ -377,15 +431,15 @@ class Daemon:
             row = await store.resume_adapter(self.pool, tenant, name, self.clock.now())
             if row is None:
                 raise NotFound(f"no adapter {name!r} for tenant {tenant or '(global)'}")
-            if row["was_paused"] is not None:
+            if row.was_paused is not None:
                 log.warning(
                     "adapter resumed by an operator",
                     adapter=name,
                     tenant=tenant,
-                    was_paused=row["was_paused"],
+                    was_paused=row.was_paused,
                 )
             worker.wake()
-            return {"adapter": name, "tenant_key": tenant, "was_paused": row["was_paused"]}
+            return {"adapter": name, "tenant_key": tenant, "was_paused": row.was_paused}
         raise NotFound(
             f"unknown command {cmd!r}; commands: status, pause, resume, drain, replay, "
             "resume-adapter"

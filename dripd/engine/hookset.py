@@ -9,17 +9,9 @@ import httpx
 import structlog
 
 from dripd.channels.credentials import Vault
-from dripd.conditions.hooks import (
-    HookError,
-    Hooks,
-    HookSpec,
-    NetPolicy,
-    PythonHook,
-    PythonHookSpec,
-    build_client,
-    load_python,
-    parse_hooks,
-)
+from dripd.conditions.hooks import HookError, Hooks, PythonHook, build_client, load_python
+from dripd.conditions.hookspecs import HookSpec, PythonHookSpec, parse_hooks
+from dripd.conditions.netguard import NetPolicy
 from dripd.db import store
 from dripd.engine.advance import CompiledStep
 from dripd.errors import DripdError
@@ -112,7 +104,7 @@ class HookSet:
                     "create it with `dripd secret set`"
                 )
             try:
-                value = self._vault.decrypt(row["value"], aad=secret_aad(row["id"]))["value"]
+                value = self._vault.decrypt(row.value, aad=secret_aad(row.id))["value"]
             except DripdError as exc:
                 raise HookError(f"secret {name!r}: {exc.message}") from exc
             return str(value)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import random
 import time
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -18,7 +20,8 @@ from dripd.channels.base import Channel, Message, PermanentError, TransientError
 from dripd.channels.credentials import Vault
 from dripd.clock import Clock
 from dripd.conditions.expr import evaluate_safely
-from dripd.conditions.hooks import HookEnrollment, HookError, Hooks, HookStep, PythonHookSpec
+from dripd.conditions.hooks import HookEnrollment, HookError, Hooks, HookStep
+from dripd.conditions.hookspecs import PythonHookSpec
 from dripd.content.liquid import TemplateError
 from dripd.engine.advance import CompiledStep, recipient_zone
 from dripd.errors import DripdError
@@ -31,16 +34,19 @@ from dripd.model import (
     ClaimedExecution,
     EnrollmentStatus,
     Outcome,
+    Reason,
     Verdict,
 )
 from dripd.rules.checks import missing_fields, sms_too_long, unverified
-from dripd.rules.limiter import Limiter, RateTable
+from dripd.rules.limiter import Bucket, Limiter, RateTable
 from dripd.rules.quota import QuotaBucket, drain_offset, quota_buckets
 from dripd.rules.suppression import normalize
 from dripd.rules.unsubscribe import make_token, unsubscribe_headers
 from dripd.rules.window import next_opening, spread
 
 log = structlog.get_logger("dripd.pipeline")
+
+_SEQUENCE_QUOTA = "quota:sequence:"
 
 # How soon a send deferred because the rate-limit or quota tables could not be read retries.
 _RULES_RETRY = timedelta(seconds=5)
@@ -73,6 +79,7 @@ class Rules:
     limiter: Limiter | None = None
     quotas: Sequence[config.Quota] = ()
     ledger: Ledger | None = None
+    breaker: CircuitBreaker | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -83,6 +90,45 @@ class Unsubscribe:
     base_url: str
     mailto: str | None
     ttl: timedelta
+
+
+class CircuitBreaker(Protocol):
+    """The per-adapter circuit breaker (dripd.rules.breaker): what the pipeline and the
+    claim ask of it."""
+
+    def budget(self, adapter_id: uuid.UUID, now: datetime) -> int | None: ...
+
+    def retry_at(self, adapter_id: uuid.UUID) -> datetime | None: ...
+
+    async def record_success(self, adapter_id: uuid.UUID, now: datetime) -> None: ...
+
+    async def record_failure(
+        self, adapter_id: uuid.UUID, now: datetime, error: str
+    ) -> datetime: ...
+
+    def take_probe(self, adapter_id: uuid.UUID, now: datetime) -> bool: ...
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LaneTarget:
+    """Where a lane's rows are sent through, as far as the claim needs to know: whose send
+    capacity they share (`key`: the adapter's id, else the lane itself), how many sends it
+    can run at once (None: no limit of its own), and the rate-limit buckets and quota
+    buckets (without a sequence) every send of the lane is charged to."""
+
+    key: object
+    capacity: int | None = None
+    adapter: Adapter | None = None
+    label: str | None = None  # the adapter as limits name it: "tenant/name" or "name"
+    tenant: str | None = None
+    mailbox: str | None = None
+    rates: tuple[Bucket, ...] = ()
+
+
+def parse_lane(lane: str) -> tuple[str | None, str | None, str | None]:
+    """A lane's (tenant, channel, adapter name) from its stored JSON text."""
+    tenant, channel, name = json.loads(lane)
+    return tenant, channel, name
 
 
 class Ledger(Protocol):
@@ -151,6 +197,91 @@ class Pipeline:
         self._resolve = resolve
         self._hooks = hooks
         self._rules = rules
+        # Quota reservations refused for every send of some lanes, until the period ends:
+        # a lane whose own buckets include such a set cannot send before then.
+        self._exhausted: dict[frozenset[str], datetime] = {}
+
+    def lane_target(self, lane: str) -> LaneTarget:
+        """Resolve a lane (tenant, channel, adapter name) to what its sends go through."""
+        tenant, channel, name = parse_lane(lane)
+        if channel is None:
+            return LaneTarget(key=lane, tenant=tenant)  # a wait or a step that sends nothing
+        resolved = self._resolve(tenant, channel, name)
+        if isinstance(resolved, str):
+            return LaneTarget(key=lane, tenant=tenant)  # each row fails (and retries) alone
+        adapter, impl = resolved
+        label = _adapter_label(adapter)
+        mailbox = _mailbox(adapter)
+        rates: tuple[Bucket, ...] = ()
+        if self._rules.rates is not None and self._rules.limiter is not None:
+            rates = tuple(
+                self._rules.rates.buckets_for(
+                    adapter=label,
+                    provider=adapter.provider,
+                    sending_domain=_domain(mailbox),
+                    recipient_domain=None,
+                    tenant=tenant,
+                    sequence=None,
+                )
+            )
+        capacity = getattr(impl, "capacity", None)
+        return LaneTarget(
+            key=adapter.id,
+            capacity=capacity if isinstance(capacity, int) and capacity > 0 else None,
+            adapter=adapter,
+            label=label,
+            tenant=tenant,
+            mailbox=mailbox,
+            rates=rates,
+        )
+
+    async def lane_budget(
+        self, target: LaneTarget, free: int, now: datetime
+    ) -> tuple[int, datetime | None]:
+        """How many of a lane's due rows this daemon may claim now (at most `free`), so that
+        none waits in memory for a provider, a rate limit, a quota or an open circuit; and
+        when a lane given nothing may have budget again (None: when something changes,
+        such as a send ending or an adapter resuming). Rate-limit tokens for the budget are
+        leased here (DripdError when the database cannot be reached)."""
+        adapter = target.adapter
+        if free <= 0 or adapter is None:
+            return max(free, 0), None
+        if adapter.paused_reason is not None:
+            return 0, None  # until an operator resumes it (the adapter reload wakes us)
+        breaker = self._rules.breaker
+        if breaker is not None:
+            allowed = breaker.budget(adapter.id, now)
+            if allowed is not None:
+                if allowed <= 0:
+                    return 0, breaker.retry_at(adapter.id)
+                free = min(free, allowed)
+        if self._exhausted:
+            keys = frozenset(
+                b.key
+                for b in quota_buckets(
+                    self._rules.quotas,
+                    adapter=target.label,
+                    mailbox=target.mailbox,
+                    tenant=target.tenant,
+                    sequence=None,
+                    now=now,
+                )
+            )
+            until = max(
+                (at for spent, at in self._exhausted.items() if at > now and spent <= keys),
+                default=None,
+            )
+            if until is not None:
+                return 0, until
+        limiter = self._rules.limiter
+        if target.rates and limiter is not None:
+            until = limiter.blocked_until(target.rates, now)
+            if until is not None:
+                return 0, until
+            free = min(free, await limiter.prefetch(target.rates, free, now))
+            if free <= 0:
+                return 0, limiter.blocked_until(target.rates, now)
+        return free, None
 
     def _outcome(self, item: ClaimedExecution, verdict: Verdict, **kw: Any) -> Outcome:
         return Outcome(execution=item, verdict=verdict, finished_at=self._clock.now(), **kw)
@@ -168,7 +299,7 @@ class Pipeline:
                 item,
                 Verdict.DEFERRED,
                 channel=channel,
-                reason="enrollment_paused",
+                reason=Reason.ENROLLMENT_PAUSED,
                 retry_at=self._clock.now(),
             )
         if item.enrollment_status is not EnrollmentStatus.ACTIVE:
@@ -176,7 +307,8 @@ class Pipeline:
                 item,
                 Verdict.SKIPPED,
                 channel=channel,
-                reason=f"enrollment_{item.enrollment_status.value}",
+                reason=Reason.ended(item.enrollment_status),
+                enrollment_ended=True,
             )
         limit = self.max_attempts(step)
         if item.attempt >= limit:
@@ -189,18 +321,21 @@ class Pipeline:
         if step.step.wait_event is not None:
             how = "event" if item.event is not None else "timeout"
             self._metrics.waits_released.labels(how=how).inc()
-            reason = f"event:{step.step.wait_event}" if how == "event" else "wait_timeout"
-            return self._outcome(item, Verdict.DONE, reason=reason)
+            if how == "event":
+                return self._outcome(
+                    item, Verdict.DONE, reason=Reason.EVENT, reason_detail=step.step.wait_event
+                )
+            return self._outcome(item, Verdict.DONE, reason=Reason.WAIT_TIMEOUT)
         if step.when is not None:
             holds, error = evaluate_safely(step.when, condition_context(item, self._clock.now()))
             if error is not None:
                 self.condition_failed(item, step.when.source, error)
             if not holds:
                 return self._outcome(
-                    item, Verdict.SKIPPED, channel=channel, reason="condition_false"
+                    item, Verdict.SKIPPED, channel=channel, reason=Reason.CONDITION_FALSE
                 )
         if channel is None:
-            return self._outcome(item, Verdict.DONE, reason="no_channel")
+            return self._outcome(item, Verdict.DONE, reason=Reason.NO_CHANNEL)
         window = step.window
         if window is None and channel in self._rules.window_channels:
             window = step.sequence_window
@@ -213,7 +348,7 @@ class Pipeline:
                     item,
                     Verdict.DEFERRED,
                     channel=channel,
-                    reason="outside_window",
+                    reason=Reason.OUTSIDE_WINDOW,
                     retry_at=opening + spread(item.id, self._rules.window_spread),
                 )
         context = template_context(item, step)
@@ -228,9 +363,9 @@ class Pipeline:
             )
         to = rendered.pop("to", None) or default_recipient(channel, item.data)
         if not to or not to.strip():
-            return self._outcome(item, Verdict.SKIPPED, channel=channel, reason="no_recipient")
+            return self._outcome(item, Verdict.SKIPPED, channel=channel, reason=Reason.NO_RECIPIENT)
         if step.step.require_verified and unverified(True, item.data):
-            return self._outcome(item, Verdict.SKIPPED, channel=channel, reason="unverified")
+            return self._outcome(item, Verdict.SKIPPED, channel=channel, reason=Reason.UNVERIFIED)
         problem = _content_problem(channel, rendered, step)
         if problem is not None:
             return self._outcome(item, Verdict.FAILED, channel=channel, error=problem)
@@ -245,7 +380,7 @@ class Pipeline:
                 channel=channel,
                 provider=adapter.provider,
                 adapter_id=adapter.id,
-                reason="adapter_paused",
+                reason=Reason.ADAPTER_PAUSED,
                 retry_at=self._clock.now() + self._rules.paused_adapter_retry,
             )
         address = normalize(channel, to, default_region=self._rules.default_region)
@@ -300,17 +435,13 @@ class Pipeline:
                 execution_id=str(p.execution.id),
                 error=exc.message,
             )
-            return self._deferred(p, "rules_unavailable", self._clock.now() + _RULES_RETRY)
+            return self._deferred(p, Reason.RULES_UNAVAILABLE, self._clock.now() + _RULES_RETRY)
 
     async def _deliver(self, p: Prepared) -> Outcome:
         item, adapter = p.execution, p.adapter
         rules = self._rules
-        sender = adapter.config.get("from") if isinstance(adapter.config.get("from"), str) else None
-        mailbox = _address_of(sender)
-        # A tenant's adapter is named within its tenant: "acme/smtp".
-        adapter_label = (
-            f"{adapter.tenant_key}/{adapter.name}" if adapter.tenant_key else adapter.name
-        )
+        mailbox = _mailbox(adapter)
+        adapter_label = _adapter_label(adapter)
         if rules.limiter is not None and rules.rates is not None:
             buckets = rules.rates.buckets_for(
                 adapter=adapter_label,
@@ -323,25 +454,31 @@ class Pipeline:
             if buckets:
                 retry_at = await rules.limiter.take(buckets, self._clock.now())
                 if retry_at is not None:
-                    return self._deferred(p, "rate_limited", retry_at)
+                    return self._deferred(p, Reason.RATE_LIMITED, retry_at)
         reserved: list[QuotaBucket] = []
         ledger = rules.ledger
         if rules.quotas and ledger is not None:
+            now = self._clock.now()
             reserved = quota_buckets(
                 rules.quotas,
                 adapter=adapter_label,
                 mailbox=mailbox,
                 tenant=item.tenant_key,
                 sequence=p.step.step.sequence_key,
-                now=self._clock.now(),
+                now=now,
             )
             if reserved and not await ledger.reserve(reserved):
                 # The earliest period to end may be the exhausted one; if it is not, the
                 # row is simply deferred again then, to the next one.
                 opening = min(b.period_end for b in reserved)
+                if not any(b.key.startswith(_SEQUENCE_QUOTA) for b in reserved):
+                    # Every send of this lane reserves in these buckets: hold the lane
+                    # back until then instead of claiming and deferring its rows.
+                    self._exhausted = {k: at for k, at in self._exhausted.items() if at > now}
+                    self._exhausted[frozenset(b.key for b in reserved)] = opening
                 return self._deferred(
                     p,
-                    "quota_exhausted",
+                    Reason.QUOTA_EXHAUSTED,
                     opening + drain_offset(_first_due(item, p.step), opening),
                 )
         outcome = await self.send(p)
@@ -354,7 +491,9 @@ class Pipeline:
                 )
         return outcome
 
-    def _deferred(self, p: Prepared, reason: str, retry_at: datetime) -> Outcome:
+    def _deferred(
+        self, p: Prepared, reason: Reason, retry_at: datetime, *, error: str | None = None
+    ) -> Outcome:
         return self._outcome(
             p.execution,
             Verdict.DEFERRED,
@@ -363,6 +502,7 @@ class Pipeline:
             adapter_id=p.adapter.id,
             recipient=p.address,
             reason=reason,
+            error=error,
             retry_at=retry_at,
         )
 
@@ -416,16 +556,26 @@ class Pipeline:
             provider=p.adapter.provider,
             adapter_id=p.adapter.id,
             recipient=p.address,
-            reason="suppressed",
+            reason=Reason.SUPPRESSED,
         )
 
     async def send(self, p: Prepared) -> Outcome:
         """Send through the adapter; errors become a retry, a failure or a give-up."""
         item, channel, adapter = p.execution, p.message.channel, p.adapter
         started = time.perf_counter()
+        breaker = self._rules.breaker
         try:
             receipt = await p.channel.send(p.message)
-        except (TransientError, PermanentError) as exc:
+        except TransientError as exc:
+            if breaker is not None and exc.provider_wide:
+                # The provider failed, not this message: no attempt is spent; the circuit
+                # breaker counts it and says when to try again.
+                retry_at = await breaker.record_failure(adapter.id, self._clock.now(), str(exc))
+                return self._deferred(p, Reason.PROVIDER_UNAVAILABLE, retry_at, error=str(exc))
+            await self._reached(adapter)
+            return self._failure(item, p.step, channel, adapter, p.address, exc)
+        except PermanentError as exc:
+            await self._reached(adapter)  # the provider answered: it is up
             return self._failure(item, p.step, channel, adapter, p.address, exc)
         except Exception as exc:  # the per-step guard: an adapter bug is a transient error
             log.exception(
@@ -437,6 +587,7 @@ class Pipeline:
             return self._failure(item, p.step, channel, adapter, p.address, error)
         finally:
             self._metrics.observe_send(channel, adapter.provider, time.perf_counter() - started)
+        await self._reached(adapter)
         return self._outcome(
             item,
             Verdict.SENT,
@@ -446,6 +597,24 @@ class Pipeline:
             recipient=p.address,
             provider_message_id=receipt.provider_message_id,
         )
+
+    async def _reached(self, adapter: Adapter) -> None:
+        """A send reached the provider (accepted, or refused for the message's own sake):
+        tell the circuit breaker, which closes the circuit if this was its probe."""
+        breaker = self._rules.breaker
+        if breaker is None:
+            return
+        try:
+            await breaker.record_success(adapter.id, self._clock.now())
+        except DripdError as exc:  # the send is over: never defer (and resend) it
+            log.warning("circuit state not written", adapter=adapter.name, error=exc.message)
+
+    def claimed(self, target: LaneTarget, now: datetime) -> None:
+        """Rows of the lane target were claimed: if the circuit breaker gave its one probe
+        to this daemon, the claimed row is that probe."""
+        breaker = self._rules.breaker
+        if breaker is not None and target.adapter is not None:
+            breaker.take_probe(target.adapter.id, now)
 
     def _failure(
         self,
@@ -511,6 +680,16 @@ def _content_problem(channel: str, rendered: Mapping[str, str], step: CompiledSt
                 f"the limit is {limit}"
             )
     return None
+
+
+def _adapter_label(adapter: Adapter) -> str:
+    """An adapter as rate limits and quotas name it: a tenant's adapter is "acme/smtp"."""
+    return f"{adapter.tenant_key}/{adapter.name}" if adapter.tenant_key else adapter.name
+
+
+def _mailbox(adapter: Adapter) -> str | None:
+    sender = adapter.config.get("from")
+    return _address_of(sender) if isinstance(sender, str) else None
 
 
 def _address_of(value: str | None) -> str | None:

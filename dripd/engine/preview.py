@@ -31,9 +31,9 @@ async def preview(
     seq = await store.find_sequence(conn, tenant, sequence_key)
     if seq is None:
         raise NotFound(f"no sequence {sequence_key!r} for tenant {tenant or '(global)'}")
-    if seq["first_step_id"] is None:
+    if seq.first_step_id is None:
         raise Conflict(f"sequence {sequence_key!r} has no active version; run `dripd apply`")
-    steps = compile_version(await store.load_versions(conn, [seq["first_step_id"]]))
+    steps = compile_version(await store.load_versions(conn, [seq.first_step_id]))
     ordered = sorted(steps.values(), key=lambda s: s.step.position)
     if step_key is not None:
         ordered = [s for s in ordered if s.step.key == step_key]

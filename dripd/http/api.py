@@ -25,17 +25,10 @@ from starlette.routing import BaseRoute, Route
 from dripd import api
 from dripd.db import intake, store
 from dripd.errors import DripdError, NotFound
-from dripd.http.auth import (
-    ApiError,
-    ApiToken,
-    api_endpoint,
-    authenticate,
-    decode_json,
-    error_body,
-    error_from_dripd,
-    read_body,
-)
+from dripd.http.auth import ApiToken, authenticate
+from dripd.http.bodies import decode_json, read_body
 from dripd.http.context import HttpContext
+from dripd.http.errors import ApiError, api_endpoint, error_body, error_from_dripd
 from dripd.http.openapi import Operation, Reply, error_replies
 from dripd.model import EnrollmentStatus
 

@@ -10,7 +10,8 @@ from collections.abc import Awaitable, Callable, Generator, Sequence
 from http import HTTPStatus
 from typing import Any
 
-import msgspec
+import anyio
+import anyio.abc
 import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -19,31 +20,11 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from dripd.errors import ConfigError, DripdError
+from dripd.http.errors import api_error_response, error_from_dripd
+from dripd.http.responses import error_response, json_response
 from dripd.metrics import Metrics
 
 Readiness = Callable[[], Awaitable[dict[str, Any]]]
-
-# HTTP status for each DripdError code raised by a route.
-_STATUS_OF_CODE = {
-    "bad_input": 400,
-    "credentials": 400,
-    "not_found": 404,
-    "conflict": 409,
-    "schema": 503,
-    "database": 503,
-}
-
-_encode = msgspec.json.Encoder().encode
-
-
-def json_response(body: Any, status: int = 200) -> Response:
-    """A JSON response encoded with msgspec (datetimes, UUIDs and Structs included)."""
-    return Response(_encode(body), status_code=status, media_type="application/json")
-
-
-def error_response(status: int, code: str, message: str) -> Response:
-    """The one error shape of the HTTP surface: `{"error": {"code": ..., "message": ...}}`."""
-    return json_response({"error": {"code": code, "message": message}}, status)
 
 
 def health_routes(*, metrics: Metrics, readiness: Readiness) -> list[BaseRoute]:
@@ -84,8 +65,13 @@ async def _http_error(_request: Request, exc: Exception) -> Response:
 
 
 async def _dripd_error(_request: Request, exc: Exception) -> Response:
+    # The API's mapping, for every route: one answer per error (e.g. bad input is 422 and
+    # names its field).
     assert isinstance(exc, DripdError)
-    return error_response(_STATUS_OF_CODE.get(exc.code, 500), exc.code, exc.message)
+    mapped = error_from_dripd(exc)
+    if mapped.status == 500:
+        raise exc  # unexpected: `_internal_error` answers, and uvicorn logs the traceback
+    return api_error_response(mapped)
 
 
 async def _internal_error(_request: Request, _exc: Exception) -> Response:
@@ -115,7 +101,9 @@ class _EmbeddedServer(uvicorn.Server):
 
     def __init__(self, config: uvicorn.Config) -> None:
         super().__init__(config)
-        self.listening = asyncio.Event()
+        self.settled = anyio.Event()  # listening, or ended without
+        self.ended = anyio.Event()
+        self.failure: OSError | None = None
 
     @contextlib.contextmanager
     def capture_signals(self) -> Generator[None, None, None]:
@@ -124,24 +112,43 @@ class _EmbeddedServer(uvicorn.Server):
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets=sockets)
-        self.listening.set()
+        self.settled.set()
+
+    async def run_on(self, sock: socket.socket, scope: anyio.CancelScope) -> None:
+        """uvicorn's whole life on `sock`: until `should_exit`, or `scope` is cancelled."""
+        try:
+            with scope:
+                await self.serve(sockets=[sock])
+        except OSError as exc:  # asyncio could not listen on the socket
+            self.failure = exc
+        finally:
+            self.ended.set()
+            self.settled.set()
 
 
 class HttpServer:
-    """Serves an ASGI app in the running event loop until `stop()`."""
+    """Serves an ASGI app in the running event loop: `serve` runs in the caller's task group."""
 
     def __init__(self, app: Starlette, *, graceful_timeout: float = 5.0) -> None:
         self.app = app
         self.graceful_timeout = graceful_timeout
-        self._server: _EmbeddedServer | None = None
-        self._task: asyncio.Task[None] | None = None
         self.host: str | None = None
         self.port: int | None = None
 
-    async def start(self, host: str, port: int) -> None:
-        """Bind `host:port` (port 0 picks a free one, see `.port`) and return once listening."""
-        if self._task is not None:
-            raise RuntimeError("HttpServer already started")
+    async def serve(
+        self,
+        host: str,
+        port: int,
+        *,
+        task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Bind `host:port` (port 0 picks a free one, see `.port`), signal `task_status` once
+        listening, and serve until cancelled; then stop accepting and let requests in progress
+        finish, for at most `graceful_timeout` (and a second's margin) before cutting them off.
+
+        A taken port, an unresolvable host or a listener that does not start is a ConfigError
+        naming `http.listen`, raised before `task_status.started()`.
+        """
         sock = await _bind(host, port)
         self.host, self.port = host, sock.getsockname()[1]
         config = uvicorn.Config(
@@ -155,41 +162,36 @@ class HttpServer:
             server_header=False,
             timeout_graceful_shutdown=max(1, round(self.graceful_timeout)),
         )
-        server = self._server = _EmbeddedServer(config)
-        task = self._task = asyncio.create_task(server.serve(sockets=[sock]), name="dripd-http")
-        listening = asyncio.create_task(server.listening.wait())
+        server = _EmbeddedServer(config)
+        # uvicorn runs shielded: cancelling `serve` asks it to exit (`should_exit`), so
+        # requests in progress finish; only past the deadline is its scope cancelled.
+        uvicorn_scope = anyio.CancelScope(shield=True)
         try:
-            await asyncio.wait({task, listening}, return_when=asyncio.FIRST_COMPLETED)
-        except asyncio.CancelledError:
-            await self.stop(timeout=1.0)
-            raise
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(server.run_on, sock, uvicorn_scope)
+                try:
+                    await server.settled.wait()
+                    if server.started:
+                        task_status.started()
+                        await server.ended.wait()
+                finally:
+                    with anyio.CancelScope(shield=True):
+                        await self._shut_down(server, uvicorn_scope)
         finally:
-            listening.cancel()
-        if not server.listening.is_set():
-            self._server = self._task = None
             sock.close()
-            exc = task.exception() if not task.cancelled() else None
-            raise ConfigError(f"http.listen: the HTTP server did not start: {exc!r}") from exc
+        if not server.started:
+            raise ConfigError(
+                f"http.listen: the HTTP server did not start: {server.failure!r}"
+            ) from server.failure
 
-    async def stop(self, timeout: float | None = None) -> None:
-        """Stop accepting, let requests in progress finish (bounded), and return."""
-        server, task = self._server, self._task
-        self._server = self._task = None
-        if server is None or task is None:
-            return
+    async def _shut_down(self, server: _EmbeddedServer, scope: anyio.CancelScope) -> None:
         server.should_exit = True
-        deadline = self.graceful_timeout + 1.0 if timeout is None else timeout
-        try:
-            await asyncio.wait_for(asyncio.shield(task), deadline)
-        except TimeoutError:
+        with anyio.move_on_after(self.graceful_timeout + 1.0):
+            await server.ended.wait()
+        if not server.ended.is_set():
             server.force_exit = True
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        except asyncio.CancelledError:
-            server.force_exit = True
-            task.cancel()
-            raise
+            scope.cancel()
+            await server.ended.wait()
 
 
 async def _bind(host: str, port: int) -> socket.socket:

@@ -18,11 +18,12 @@ from starlette.routing import BaseRoute, Route
 
 from dripd import api
 from dripd.errors import DripdError
-from dripd.http.app import json_response
-from dripd.http.auth import ApiError, Error, api_endpoint, authenticate, read_json
-from dripd.http.bodies import TooLarge, read_limited, urlencoded_fields
+from dripd.http.auth import authenticate
+from dripd.http.bodies import TooLarge, read_json, read_limited, urlencoded_fields
 from dripd.http.context import HttpContext
+from dripd.http.errors import ApiError, Error, api_endpoint
 from dripd.http.openapi import Operation, Reply, describe, error_replies
+from dripd.http.responses import json_response
 
 log = structlog.get_logger("dripd.leads")
 

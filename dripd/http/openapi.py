@@ -20,7 +20,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from dripd import __version__
-from dripd.http.auth import Error
+from dripd.http.errors import Error
 
 _REF = "#/components/schemas/{name}"
 SECURITY_SCHEME = "bearer"

@@ -18,9 +18,9 @@ from starlette.routing import BaseRoute, Route
 from dripd import api
 from dripd.channels.credentials import ENV_VAR
 from dripd.db import feedback, store
-from dripd.http.app import error_response, json_response
 from dripd.http.bodies import TooLarge, read_limited, urlencoded_fields
 from dripd.http.context import HttpContext
+from dripd.http.responses import error_response, json_response
 from dripd.model import MessageEventType
 from dripd.rules.unsubscribe import InvalidToken, UnsubscribeToken, read_token
 

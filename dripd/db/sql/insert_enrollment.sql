@@ -7,4 +7,4 @@ VALUES ($1, $2, $3, $4, $5, $6::text::jsonb, $7, $8, $8)
 ON CONFLICT (tenant_key, sequence_id, subscriber_type, subscriber_id)
     WHERE status IN ('active', 'paused')
     DO NOTHING
-RETURNING *
+RETURNING id

@@ -2,4 +2,4 @@
 INSERT INTO dripd.secrets (id, tenant_key, name, value, created_at, updated_at)
 VALUES ($1, $2, $3, $4, $5, $5)
 ON CONFLICT (tenant_key, name) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at
-RETURNING id, (xmax = 0) AS created
+RETURNING (xmax = 0) AS created

@@ -13,4 +13,4 @@ WHERE x.id = $2::uuid
   AND NOT ($6::boolean AND EXISTS (
       SELECT 1 FROM dripd.message_events AS m WHERE m.execution_id = x.id AND m.type = $3::text
   ))
-RETURNING id, channel, recipient
+RETURNING id AS event_id, channel, recipient

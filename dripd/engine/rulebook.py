@@ -1,0 +1,69 @@
+"""The pipeline's rules, built from the configuration: zones, rate limits, quotas, unsubscribe."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import lru_cache, partial
+from zoneinfo import ZoneInfo
+
+import structlog
+
+from dripd.channels.credentials import Vault
+from dripd.config import Config
+from dripd.db import limits, store
+from dripd.engine.ledger import DbLedger
+from dripd.engine.pipeline import Rules, Unsubscribe
+from dripd.rules.limiter import Limiter, RateTable
+
+log = structlog.get_logger("dripd.rules")
+
+
+def zones(cfg: Config) -> Callable[[str | None], ZoneInfo]:
+    """A tenant's recipients' default zone, resolved once per tenant."""
+
+    @lru_cache(maxsize=4096)
+    def zone_of(tenant: str | None) -> ZoneInfo:
+        return ZoneInfo(cfg.timezone_of(tenant))
+
+    return zone_of
+
+
+def build_rules(cfg: Config, *, pool: store.Executor, vault: Vault | None) -> Rules:
+    """The pipeline's rules from the configuration."""
+    unsubscribe = None
+    if cfg.unsubscribe.base_url:
+        if vault is None:
+            log.warning(
+                "unsubscribe.base_url is set but DRIPD_ENCRYPTION_KEY is not: lifecycle "
+                "email goes out without List-Unsubscribe (the tokens are encrypted)"
+            )
+        else:
+            unsubscribe = Unsubscribe(
+                vault=vault,
+                base_url=cfg.unsubscribe.base_url,
+                mailto=cfg.unsubscribe.mailto or None,
+                ttl=cfg.unsubscribe._duration("token_ttl"),
+            )
+    else:
+        log.warning(
+            "unsubscribe.base_url is not set: lifecycle email goes out without "
+            "List-Unsubscribe headers (RFC 8058)"
+        )
+    rates = RateTable(cfg.rate_limits)
+    limiter = None
+    if rates:
+        limiter = Limiter(
+            acquire=partial(limits.acquire, pool), release=partial(limits.release, pool)
+        )
+    return Rules(
+        zone_of=zones(cfg),
+        default_region=cfg.recipients.default_region,
+        rates=rates if rates else None,
+        limiter=limiter,
+        window_channels=frozenset(cfg.windows.channels),
+        window_spread=cfg.windows._duration("spread"),
+        paused_adapter_retry=cfg.thresholds._duration("interval") * 5,
+        unsubscribe=unsubscribe,
+        quotas=tuple(cfg.quotas),
+        ledger=DbLedger(pool) if cfg.quotas else None,
+    )
