@@ -103,9 +103,10 @@ WHERE id = ANY($1::uuid[])
 """
 
 _INSERT_NEXT = """
-INSERT INTO dripd.step_executions (tenant_key, enrollment_id, step_id, due_at)
-SELECT t, e, $3, now() + interval '1 day'
-FROM unnest($1::text[], $2::uuid[]) AS i(t, e)
+INSERT INTO dripd.step_executions (tenant_key, enrollment_id, step_id, due_at, lane)
+SELECT t, e, $3, now() + interval '1 day', dripd.lane_of(t, s.channel, s.adapter)
+FROM unnest($1::text[], $2::uuid[]) AS i(t, e), dripd.steps AS s
+WHERE s.id = $3
 """
 
 

@@ -13,7 +13,9 @@ SET status = 'claimed',
     lease_until = $5,
     claimed_by = $6
 FROM dripd.enrollments AS en
-WHERE e.id IN (
+-- `= ANY(ARRAY(…))`, not `IN (…)`: the planner cannot know the budgets, and its guess
+-- (a tenth of the table) made it hash-join a sequential scan of both tables (100 ms a batch).
+WHERE e.id = ANY (ARRAY(
         SELECT p.id
         FROM unnest($1::text[], $2::int[]) AS l (lane, n)
         CROSS JOIN LATERAL (
@@ -26,7 +28,7 @@ WHERE e.id IN (
             FOR UPDATE SKIP LOCKED
         ) AS p
         WHERE l.n > 0
-    )
+    ))
   AND en.id = e.enrollment_id
 RETURNING e.id, e.enrollment_id, e.step_id, e.tenant_key, e.lane, e.due_at, e.created_at,
           e.attempt, e.replay, e.advance, en.status AS enrollment_status, en.subscriber_type,

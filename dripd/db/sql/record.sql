@@ -63,12 +63,15 @@ WITH input AS (
 ), nexts AS (
     -- A paused enrollment gets its next row held (due 'infinity') until resume.
     INSERT INTO dripd.step_executions
-        (tenant_key, enrollment_id, step_id, due_at, held_due_at, waiting_for, created_at)
+        (tenant_key, enrollment_id, step_id, due_at, held_due_at, waiting_for, created_at,
+         lane)
     SELECT u.tenant_key, u.enrollment_id, u.next_step_id,
            CASE WHEN en.status = 'paused' THEN 'infinity' ELSE u.next_due_at END,
-           CASE WHEN en.status = 'paused' THEN u.next_due_at END, u.next_wait, u.finished_at
+           CASE WHEN en.status = 'paused' THEN u.next_due_at END, u.next_wait, u.finished_at,
+           dripd.lane_of(u.tenant_key, s.channel, s.adapter)
     FROM updated AS u
     JOIN dripd.enrollments AS en ON en.id = u.enrollment_id
+    JOIN dripd.steps AS s ON s.id = u.next_step_id
     WHERE u.next_step_id IS NOT NULL AND u.advance AND en.status IN ('active', 'paused')
 ), ended AS (
     UPDATE dripd.enrollments AS en
