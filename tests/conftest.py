@@ -14,10 +14,12 @@ import asyncio
 import os
 import secrets
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
+from support import Launch, launcher, socket_dir
 
 from dripd.db.cluster import ThrowawayCluster
 from dripd.db.migrate import migrate
@@ -136,3 +138,18 @@ async def conn(dsn: str) -> AsyncIterator[asyncpg.Connection]:
         yield conn
     finally:
         await conn.close()
+
+
+@pytest.fixture
+def sockdir() -> Iterator[Path]:
+    """A short directory for control sockets (a socket path must stay under 108 bytes)."""
+    with socket_dir() as path:
+        yield path
+
+
+@pytest.fixture
+async def launch(dsn: str, tmp_path: Path, sockdir: Path) -> AsyncIterator[Launch]:
+    """A factory of `dripd run` subprocesses on this test's database; all are killed at
+    the end (tests/support.py `launcher`)."""
+    async with launcher(dsn, tmp_path, sockdir) as make:
+        yield make

@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,13 +42,11 @@ from support import (
     expected_message_ids,
     free_port,
     held_by,
-    launcher,
     message_id,
     one_email,
     sent_by,
     settle,
     smtp_config,
-    socket_dir,
     statuses,
     tails,
     tcp_ports,
@@ -61,19 +59,6 @@ from dripd.control import request
 pytestmark = pytest.mark.slow
 
 KEY = "hello"
-
-
-@pytest.fixture
-def sockdir() -> Iterator[Path]:
-    with socket_dir() as path:
-        yield path
-
-
-@pytest.fixture
-async def launch(dsn: str, tmp_path: Path, sockdir: Path) -> AsyncIterator[Launch]:
-    """A factory of daemon subprocesses on this test's database; all are killed at the end."""
-    async with launcher(dsn, tmp_path, sockdir) as make:
-        yield make
 
 
 class GatedSink(SmtpSink):

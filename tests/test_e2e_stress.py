@@ -46,7 +46,6 @@ from support import (
     settle,
     settled_rows,
     smtp_config,
-    socket_dir,
     statuses,
     tails,
     unrecorded,
@@ -65,19 +64,6 @@ POOL_SIZE = 2  # the SMTP adapter's connections: its capacity
 LEASE = timedelta(seconds=3)
 
 T = TypeVar("T")
-
-
-@pytest.fixture
-def sockdir() -> Iterator[Path]:
-    with socket_dir() as path:
-        yield path
-
-
-@pytest.fixture
-async def launch(dsn: str, tmp_path: Path, sockdir: Path) -> AsyncIterator[Launch]:
-    """Daemon subprocesses on this test's database; all are killed at the end."""
-    async with launcher(dsn, tmp_path, sockdir) as make:
-        yield make
 
 
 @pytest.fixture
