@@ -194,8 +194,10 @@ async def test_one_tenants_backlog_behind_a_slow_relay_never_holds_up_another_te
             await wait_for(lambda: slow.count() == 60, timeout=60)
         # B's welcome went out while A's backlog was still waiting for its own relay …
         assert a_sent_when_b_arrived < 60
-        # … and A's rows never waited in memory: at most its relay's two sends were held.
-        assert most_claimed <= 2
+        # … and A's rows never waited in memory for its relay: the daemon held at most the
+        # two being sent, and the two before them while their outcomes wait for the
+        # recorder (a batch at a time: allow it one more pair). Before lanes it held all 60.
+        assert most_claimed <= 3 * 2
         attempts = await pool.fetch("SELECT DISTINCT attempt FROM dripd.step_executions")
         assert [r["attempt"] for r in attempts] == [0]
     finally:
