@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import math
 import os
 import sys
 import uuid
@@ -125,6 +126,8 @@ async def cmd_uninstall(args: argparse.Namespace, cfg: Config) -> None:
 
 async def cmd_apply(args: argparse.Namespace, cfg: Config) -> None:
     specs = [load_file(Path(p)) for p in args.files]  # all validated before anything is written
+    for warning in (w for spec in specs for w in spec.warnings):
+        print(f"dripd: warning: {warning}", file=sys.stderr)
     now = datetime.now(UTC)
 
     async def run(conn: store.Connection) -> list[store.Applied]:
@@ -139,8 +142,9 @@ async def cmd_apply(args: argparse.Namespace, cfg: Config) -> None:
             "tenant": a.tenant_key,
             "version": a.version,
             "created": a.created,
+            "warnings": list(spec.warnings),
         }
-        for f, a in zip(args.files, applied, strict=True)
+        for f, a, spec in zip(args.files, applied, specs, strict=True)
     ]
     _print(
         args,
@@ -666,6 +670,21 @@ def _name_arg(text: str) -> str:
     return text
 
 
+_MAX_WAIT_SECONDS = 86400.0
+
+
+def _seconds_arg(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not 0 < seconds <= _MAX_WAIT_SECONDS:  # False for nan
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a number of seconds longer than 0 and at most {_MAX_WAIT_SECONDS:g}"
+        )
+    return seconds
+
+
 def _parser() -> argparse.ArgumentParser:
     config_help = (
         "config file (default: $DRIPD_CONFIG, else /etc/dripd/dripd.toml, else built-in defaults)"
@@ -835,7 +854,9 @@ def _parser() -> argparse.ArgumentParser:
     add("keygen", cmd_keygen, f"print a new {ENV_VAR}", [common])
     ctl = add("ctl", cmd_ctl, "talk to a running daemon over its control socket", [common])
     ctl.add_argument("--socket", help="control socket (default: control.socket)")
-    ctl.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for an answer")
+    ctl.add_argument(
+        "--timeout", type=_seconds_arg, default=60.0, help="seconds to wait for an answer"
+    )
     ctl.add_argument(
         "command", choices=["status", "pause", "resume", "drain", "replay", "resume-adapter"]
     )

@@ -8,21 +8,49 @@ import tomllib
 from datetime import timedelta
 from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 import msgspec
 import phonenumbers
 
+from dripd.addresses import normalize, normalize_domain
 from dripd.errors import ConfigError
-from dripd.model import parse_duration, parse_rate
+from dripd.model import MAX_ATTEMPTS, MAX_COUNT, Span, parse_duration, parse_rate
 from dripd.timing import zone
 
 DEFAULT_PATH = Path("/etc/dripd/dripd.toml")
 
+_MS: Final = timedelta(milliseconds=1)
+_SECOND: Final = timedelta(seconds=1)
+_HOUR: Final = timedelta(hours=1)
+_DAY: Final = timedelta(days=1)
+# The range of every duration key, checked when the config loads: a value that passes
+# cannot overflow where it is used (README, Configuration). A minimum of 1ms means "longer
+# than 0s": the key is a sleep, a timeout or a divisor that 0 would break.
+DURATIONS: Final[dict[str, Span]] = {
+    "database.connect_timeout": Span(_MS, _HOUR),
+    "worker.lease": Span(_SECOND, _DAY),
+    "worker.poll_interval": Span(_MS, _DAY),
+    "worker.retry_base": Span(timedelta(0), _DAY),
+    "worker.retry_max": Span(timedelta(0), timedelta(days=30)),
+    "worker.record_linger": Span(timedelta(0), timedelta(minutes=1)),
+    "worker.shutdown_timeout": Span(timedelta(0), _DAY),
+    "worker.stats_interval": Span(_MS, _DAY),
+    "worker.analyze_interval": Span(timedelta(0), timedelta(days=30)),  # 0s: never
+    "windows.spread": Span(timedelta(0), _DAY),
+    "thresholds.window": Span(_MS, timedelta(days=365)),
+    "thresholds.interval": Span(_MS, _DAY),
+    "unsubscribe.token_ttl": Span(_MS),
+    "circuit.open_for": Span(_MS, _DAY),
+    "circuit.max_open_for": Span(_MS, _DAY),
+    "circuit.probe_timeout": Span(_SECOND, _HOUR),
+}
+
 
 class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     def _duration(self, name: str) -> timedelta:
-        return parse_duration(getattr(self, name), where=f"{type(self).__name__.lower()}.{name}")
+        key = f"{type(self).__name__.lower()}.{name}"
+        return parse_duration(getattr(self, name), where=key, within=DURATIONS[key])
 
 
 class Database(_Section):
@@ -136,13 +164,9 @@ class Circuit(_Section):
     def __post_init__(self) -> None:
         if self.failures <= 0:
             raise ConfigError(f"circuit.failures: must be a positive integer, got {self.failures}")
-        open_for = self._duration("open_for")
-        if open_for <= timedelta(0):
-            raise ConfigError("circuit.open_for: must be longer than 0s")
-        if self._duration("max_open_for") < open_for:
+        if self._duration("max_open_for") < self._duration("open_for"):
             raise ConfigError("circuit.max_open_for: must not be shorter than circuit.open_for")
-        if self._duration("probe_timeout") < timedelta(seconds=1):
-            raise ConfigError("circuit.probe_timeout: must be at least 1s")
+        self._duration("probe_timeout")
 
 
 class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -231,6 +255,8 @@ def _validate(cfg: Config) -> None:
     _positive(cfg.worker.batch_size, "worker.batch_size")
     _positive(cfg.worker.concurrency, "worker.concurrency")
     _positive(cfg.worker.max_attempts, "worker.max_attempts")
+    if cfg.worker.max_attempts > MAX_ATTEMPTS:
+        raise ConfigError(f"worker.max_attempts: must be at most {MAX_ATTEMPTS}")
     for name in (
         "lease",
         "poll_interval",
@@ -243,8 +269,6 @@ def _validate(cfg: Config) -> None:
     ):
         cfg.worker._duration(name)
     cfg.database._duration("connect_timeout")
-    if cfg.lease < timedelta(seconds=1):
-        raise ConfigError("worker.lease: must be at least 1s")
     if not re.fullmatch(r"0?[0-7]{3}", cfg.control.mode):
         raise ConfigError(
             f'control.mode: {cfg.control.mode!r} is not an octal file mode like "0660"'
@@ -274,11 +298,17 @@ def _validate(cfg: Config) -> None:
     ):
         for key, rate in getattr(cfg.rate_limits, scope).items():
             parse_rate(rate, where=f"rate_limits.{scope}.{key}")
+            if scope.endswith("_domain") and key != "*":
+                normalize_domain(key, field=f"rate_limits.{scope}.{key}")
     for n, quota in enumerate(cfg.quotas):
         _positive(quota.limit, f"quotas[{n}].limit")
+        if quota.limit > MAX_COUNT:
+            raise ConfigError(f"quotas[{n}].limit: must be at most {MAX_COUNT}")
         zone(quota.timezone, where=f"quotas[{n}].timezone")
         if quota.scope == "global" and quota.key != "*":
             raise ConfigError(f"quotas[{n}].key: a global quota has no key")
+        if quota.scope == "mailbox" and quota.key != "*":
+            normalize("email", quota.key, field=f"quotas[{n}].key")
     t = cfg.thresholds
     for name in ("window", "interval"):
         t._duration(name)

@@ -104,6 +104,8 @@ async def _prepare(dsn: str, args: argparse.Namespace, outbox: Path) -> set[str]
             _say(f"applied migration {name}")
         async with store.transaction(conn) as tx:
             for spec in specs:
+                for warning in spec.warnings:
+                    _say(f"warning: {warning}")
                 applied = await store.apply_version(tx, spec, now=now)
                 _say(f"sequence {applied.key} v{applied.version}")
             existing = {r.name for r in await store.list_adapters(tx, None, all_tenants=True)}

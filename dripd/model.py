@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import re
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, time, timedelta
+from datetime import UTC, datetime, time, timedelta
 from enum import StrEnum
-from typing import Any
+from typing import Any, Final
+from zoneinfo import ZoneInfoNotFoundError
 
 from dripd.errors import ConfigError
 from dripd.timing import Timing
@@ -101,34 +104,97 @@ class Reason(StrEnum):
         return cls(f"enrollment_{status.value}")
 
 
-_DURATION = re.compile(r"^\s*(\d+)\s*(ms|s|m|h|d|w)\s*$")
-_UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+# ASCII digits only: `\d` would also take "١٢" (Arabic-Indic) and other Unicode digits.
+_DURATION = re.compile(r"\s*([0-9]+)\s*(ms|s|m|h|d|w)\s*", re.ASCII)
+_UNIT_MS: Final = {
+    "ms": 1,
+    "s": 1000,
+    "m": 60_000,
+    "h": 3_600_000,
+    "d": 86_400_000,
+    "w": 604_800_000,
+}
+_MS: Final = timedelta(milliseconds=1)
+# More digits than this is out of any range (and int() refuses past 4300 digits).
+_MAX_DIGITS: Final = 15
+
+#: The longest duration dripd accepts anywhere: ten years. A due time is scheduled at most
+#: one such duration (plus an `at` or `cron` wait) after the moment it is computed, so it
+#: stays far inside Python's datetime (year 9999) and Postgres' timestamptz and interval.
+MAX_DURATION: Final = timedelta(days=3650)
 
 
-def parse_duration(text: str, *, where: str = "duration") -> timedelta:
-    """Parse `"90s"`, `"15m"`, `"2h"`, `"3d"`, `"1w"` (and `"250ms"`) into a timedelta."""
-    match = _DURATION.match(text) if isinstance(text, str) else None
+@dataclass(frozen=True, slots=True)
+class Span:
+    """The durations a key accepts: `minimum` to `maximum`, both included."""
+
+    minimum: timedelta = timedelta(0)
+    maximum: timedelta = MAX_DURATION
+
+    def __post_init__(self) -> None:
+        if not timedelta(0) <= self.minimum <= self.maximum <= MAX_DURATION:
+            raise ValueError(f"a span runs from 0s up to {format_duration(MAX_DURATION)}")
+
+    def __str__(self) -> str:
+        low, high = format_duration(self.minimum), format_duration(self.maximum)
+        if self.minimum == _MS:
+            return f"longer than 0s and at most {high}"
+        return f"from {low} to {high}"
+
+
+# The ranges of a sequence file's durations (the config's are in config.py).
+DURATION: Final = Span()  # anything: 0s to ten years
+STEP_DELAY: Final = Span()  # a step's `after`
+WAIT_TIMEOUT: Final = Span(_MS)  # `wait_for.timeout`
+#: The longest window of a rate limit ("100/1d"): a year.
+MAX_RATE_WINDOW: Final = timedelta(days=366)
+#: The largest count of a rate or a quota (their ledgers count in 32-bit integers).
+MAX_COUNT: Final = 1_000_000_000
+#: The most attempts a step may take (`max_attempts`), so that the retry backoff
+#: `base·2^(n-1)` stays a finite float.
+MAX_ATTEMPTS: Final = 1000
+#: The largest integer a 32-bit column (a step's `max_length`, a transition's `priority`) holds.
+INT32_MAX: Final = 2**31 - 1
+
+
+def parse_duration(text: str, *, where: str = "duration", within: Span = DURATION) -> timedelta:
+    """Parse `"90s"`, `"15m"`, `"2h"`, `"3d"`, `"1w"` (and `"250ms"`) into a timedelta;
+    ConfigError naming `where` unless it is a duration `within` the span."""
+    match = _DURATION.fullmatch(text) if isinstance(text, str) else None
     if match is None:
         raise ConfigError(
             f"{where}: {text!r} is not a duration; use a whole number and a unit "
             '(ms, s, m, h, d, w), e.g. "90s" or "3d"'
         )
-    return timedelta(seconds=int(match.group(1)) * _UNIT_SECONDS[match.group(2)])
+    digits = match.group(1).lstrip("0") or "0"
+    ms = int(digits) * _UNIT_MS[match.group(2)] if len(digits) <= _MAX_DIGITS else None
+    if ms is None or not within.minimum // _MS <= ms <= within.maximum // _MS:
+        raise ConfigError(f"{where}: {text!r} is out of range; use a duration {within}")
+    return timedelta(milliseconds=ms)
 
 
-_RATE = re.compile(r"^\s*(\d+)\s*/\s*(\d*)\s*(s|m|h|d)\s*$")
+_RATE = re.compile(r"\s*([0-9]+)\s*/\s*([0-9]*)\s*(s|m|h|d)\s*", re.ASCII)
 
 
 def parse_rate(text: str, *, where: str = "rate") -> tuple[int, timedelta]:
-    """Parse `"100/1m"` (or `"100/m"`, `"10/15s"`) into (limit, window)."""
-    match = _RATE.match(text) if isinstance(text, str) else None
-    if match is None or int(match.group(1)) <= 0 or match.group(2) in ("0", "00"):
+    """Parse `"100/1m"` (or `"100/m"`, `"10/15s"`) into (limit, window): a count from 1 to
+    `MAX_COUNT` and a window from 1s to `MAX_RATE_WINDOW`."""
+    match = _RATE.fullmatch(text) if isinstance(text, str) else None
+    count = match.group(1).lstrip("0") if match else ""
+    amount = (match.group(2) or "1").lstrip("0") if match else ""
+    if match is None or not count or not amount:
         raise ConfigError(
             f'{where}: {text!r} is not a rate; use "<count>/<window>" with a positive count '
             'and a window such as 1s, 1m, 15m, 1h or 1d, e.g. "100/1m"'
         )
-    amount = int(match.group(2) or 1)
-    return int(match.group(1)), timedelta(seconds=amount * _UNIT_SECONDS[match.group(3)])
+    if len(count) > _MAX_DIGITS or int(count) > MAX_COUNT:
+        raise ConfigError(f"{where}: {text!r}: the count must be at most {MAX_COUNT}")
+    ms = int(amount) * _UNIT_MS[match.group(3)] if len(amount) <= _MAX_DIGITS else None
+    if ms is None or ms > MAX_RATE_WINDOW // _MS:
+        raise ConfigError(
+            f"{where}: {text!r}: the window must be at most {format_duration(MAX_RATE_WINDOW)}"
+        )
+    return int(count), timedelta(milliseconds=ms)
 
 
 def format_duration(delta: timedelta) -> str:
@@ -140,6 +206,56 @@ def format_duration(delta: timedelta) -> str:
         if ms % (seconds * 1000) == 0:
             return f"{ms // (seconds * 1000)}{unit}"
     return f"{ms}ms"
+
+
+#: The instants the Python API takes as `now`: aware, from this one ...
+EARLIEST_INSTANT: Final = datetime(2000, 1, 1, tzinfo=UTC)
+#: ... up to (not including) this one.
+LATEST_INSTANT: Final = datetime(2200, 1, 1, tzinfo=UTC)
+#: dripd schedules nothing at or after this instant: far inside Python's datetime (year
+#: 9999) and Postgres' timestamptz (294276 AD), with room for what may move a due time
+#: later (send windows, spreads, retries).
+LATEST_DUE: Final = datetime(9000, 1, 1, tzinfo=UTC)
+
+
+def check_instant(value: datetime, *, where: str) -> datetime:
+    """`value`, once it is an aware datetime from `EARLIEST_INSTANT` to before
+    `LATEST_INSTANT`; ConfigError naming `where` otherwise."""
+    if not isinstance(value, datetime) or value.utcoffset() is None:
+        raise ConfigError(f"{where}: must be an aware datetime (with a UTC offset)")
+    if not EARLIEST_INSTANT <= value < LATEST_INSTANT:
+        raise ConfigError(
+            f"{where}: {value.isoformat()} is out of range; use an instant from "
+            f"{EARLIEST_INSTANT.date()} to before {LATEST_INSTANT.date()}"
+        )
+    return value
+
+
+@contextmanager
+def scheduling(what: str) -> Iterator[None]:
+    """Around computing the due time of `what` (e.g. "step 'tips'"): an error that means it
+    cannot be computed becomes a ConfigError saying why. OverflowError: past year 9999;
+    ValueError: a cron expression without occurrence in 50 years; ConfigError or
+    ZoneInfoNotFoundError: a zone that no longer exists. Check the result with `check_due`."""
+    try:
+        yield
+    except OverflowError as exc:
+        raise ConfigError(f"{what} cannot be scheduled: it would fall due after 9999") from exc
+    except ZoneInfoNotFoundError as exc:
+        raise ConfigError(f"{what} cannot be scheduled: {exc.args[0]}") from exc
+    except (ValueError, ConfigError) as exc:
+        raise ConfigError(f"{what} cannot be scheduled: {exc}") from exc
+
+
+def check_due(due: datetime, *, what: str) -> datetime:
+    """`due`, once it is before `LATEST_DUE`; ConfigError saying `what` cannot be scheduled
+    otherwise."""
+    if due >= LATEST_DUE:
+        raise ConfigError(
+            f"{what} cannot be scheduled: it would fall due on {due.date()}; dripd schedules "
+            f"nothing from {LATEST_DUE.date()} on"
+        )
+    return due
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -15,7 +15,16 @@ from dripd.conditions.hookspecs import parse_hooks
 from dripd.content.liquid import TemplateError, compile_template
 from dripd.db.store import StepRow, TransitionRow, VersionRow
 from dripd.errors import ConfigError, SequenceFileError
-from dripd.model import CHANNELS, DEFAULT_RECIPIENT, SMS_CHANNELS, parse_duration
+from dripd.model import (
+    CHANNELS,
+    DEFAULT_RECIPIENT,
+    INT32_MAX,
+    MAX_ATTEMPTS,
+    SMS_CHANNELS,
+    STEP_DELAY,
+    WAIT_TIMEOUT,
+    parse_duration,
+)
 from dripd.rules.window import parse_window
 from dripd.timing import check_cron, parse_at, zone
 
@@ -216,6 +225,8 @@ def _validate(spec: SequenceFile, source: str) -> VersionRow:
             raise fail(f"{label}: key 'from': no step {t.from_!r} in this sequence")
         if t.to is not None and t.to not in seen:
             raise fail(f"{label}: key 'to': no step {t.to!r} in this sequence")
+        if not -INT32_MAX <= t.priority <= INT32_MAX:
+            raise fail(f"{label}: key 'priority': must be from {-INT32_MAX} to {INT32_MAX}")
         if t.when is not None:
             condition(t.when, label, event=t.from_ in waits)
         transitions.append(
@@ -223,9 +234,18 @@ def _validate(spec: SequenceFile, source: str) -> VersionRow:
                 from_key=t.from_, to_key=t.to, priority=t.priority, when=t.when, position=n
             )
         )
+    warnings: list[str] = []
     problem = _graph_problem(spec)
     if problem:
-        raise fail(problem)
+        if _graph_problem(spec, legacy_timeouts=True) is not None:
+            raise fail(problem)
+        # dripd used to send a timed-out wait to the next step by position, skipping its
+        # transitions; a file that relied on that still applies, with a warning saying how to
+        # keep the old path.
+        warnings.append(
+            f"{source}: {problem} (a timed-out wait without on_timeout now takes its "
+            "transitions with `event` null; set on_timeout to keep the old path)"
+        )
 
     source_doc = msgspec.to_builtins(spec)
     digest = hashlib.sha256(msgspec.json.encode(source_doc, order="sorted")).hexdigest()
@@ -245,6 +265,7 @@ def _validate(spec: SequenceFile, source: str) -> VersionRow:
         source=source_doc,
         steps=steps,
         transitions=transitions,
+        warnings=tuple(warnings),
     )
 
 
@@ -264,8 +285,13 @@ def _names_problem(expr: Expr, hooks: set[str], *, event: bool) -> str | None:
     return None
 
 
-def _graph_problem(spec: SequenceFile) -> str | None:
-    """Every step reachable from the first, and every reachable step able to complete."""
+def _graph_problem(spec: SequenceFile, *, legacy_timeouts: bool = False) -> str | None:
+    """Every step reachable from the first, and every reachable step able to complete.
+
+    A timed-out wait goes to its `on_timeout` step, else through its transitions (already
+    edges), else to the next step by position. `legacy_timeouts` adds the next step by
+    position for every wait without `on_timeout`, as dripd used to.
+    """
     keys = [s.key for s in spec.steps]
     after = {k: (keys[i + 1] if i + 1 < len(keys) else None) for i, k in enumerate(keys)}
     outgoing: dict[str, list[TransitionSpec]] = {}
@@ -284,7 +310,10 @@ def _graph_problem(spec: SequenceFile) -> str | None:
             out.add(after[step.key])
         if step.wait_for is not None:
             on_timeout = step.wait_for.on_timeout
-            out.add(None if on_timeout == "complete" else on_timeout or after[step.key])
+            if on_timeout is not None:
+                out.add(None if on_timeout == "complete" else on_timeout)
+            elif legacy_timeouts:
+                out.add(after[step.key])
         edges[step.key] = out
     reached: set[str] = set()
     todo = [keys[0]]
@@ -326,7 +355,7 @@ def _timezone(name: str, fail: Any, where: str) -> None:
 
 def _step(step: StepSpec, position: int, fail: Any, steps: set[str], hooks: set[str]) -> StepRow:
     try:
-        delay = parse_duration(step.after, where="key 'after'")
+        delay = parse_duration(step.after, where="key 'after'", within=STEP_DELAY)
         at_time = parse_at(step.at, where="key 'at'") if step.at is not None else None
         cron = check_cron(step.cron, where="key 'cron'") if step.cron is not None else None
     except ConfigError as exc:
@@ -352,11 +381,11 @@ def _step(step: StepSpec, position: int, fail: Any, steps: set[str], hooks: set[
         if not wait.event.strip():
             raise fail("key 'wait_for.event': must not be empty")
         try:
-            wait_timeout = parse_duration(wait.timeout, where="key 'wait_for.timeout'")
+            wait_timeout = parse_duration(
+                wait.timeout, where="key 'wait_for.timeout'", within=WAIT_TIMEOUT
+            )
         except ConfigError as exc:
             raise fail(exc.message) from exc
-        if wait_timeout.total_seconds() <= 0:
-            raise fail("key 'wait_for.timeout': must be longer than 0s")
         if wait.on_timeout not in (None, "complete", *steps):
             raise fail(
                 f"key 'wait_for.on_timeout': no step {wait.on_timeout!r} in this sequence "
@@ -370,8 +399,8 @@ def _step(step: StepSpec, position: int, fail: Any, steps: set[str], hooks: set[
                 raise fail(f"key {name!r}: a step without a channel sends nothing")
     else:
         template = _content(step, fail, hooks)
-    if step.max_attempts is not None and step.max_attempts <= 0:
-        raise fail("key 'max_attempts': must be a positive integer")
+    if step.max_attempts is not None and not 0 < step.max_attempts <= MAX_ATTEMPTS:
+        raise fail(f"key 'max_attempts': must be a positive integer, at most {MAX_ATTEMPTS}")
     if step.window is not None:
         if step.channel is None:
             raise fail("key 'window': a step without a channel sends nothing to hold back")
@@ -382,8 +411,10 @@ def _step(step: StepSpec, position: int, fail: Any, steps: set[str], hooks: set[
     if step.max_length is not None:
         if step.channel not in SMS_CHANNELS:
             raise fail(f"key 'max_length': only for {' and '.join(sorted(SMS_CHANNELS))} steps")
-        if step.max_length <= 0:
-            raise fail("key 'max_length': must be a positive number of characters")
+        if not 0 < step.max_length <= INT32_MAX:
+            raise fail(
+                f"key 'max_length': must be a positive number of characters, at most {INT32_MAX}"
+            )
     if step.require_verified and step.channel is None:
         raise fail("key 'require_verified': a step without a channel sends nothing")
     return StepRow(

@@ -15,7 +15,7 @@ from dripd.errors import ConfigError
 
 _AT = re.compile(r"([0-9]{2}):([0-9]{2})(?::([0-9]{2}))?", re.ASCII)
 _CRON_FIELDS: Final = "minute hour day-of-month month day-of-week"
-# Any aware instant works: check_cron only needs cronsim to parse the fields.
+# Any aware instant works: check_cron and _next_cron only need cronsim to parse the fields.
 _CRON_PROBE: Final = datetime(2000, 1, 1, tzinfo=UTC)
 
 
@@ -81,9 +81,15 @@ def next_due(timing: Timing, *, base: datetime, tz: ZoneInfo) -> datetime:
       exactly one instant each day: a time the clocks skip (spring forward, e.g. 02:30 in
       New York on 2026-03-08) means the instant the gap ends (03:00 local that day); a time
       they show twice (fall back) means the first of the two (fold=0), so a start between
-      the two waits for the next day. cron treats a fixed time of day the same way.
+      the two waits for the next day.
     - `cron`: the first occurrence in the zone not before `base + delay`; an occurrence
-      exactly at that instant counts. Occurrences are on whole minutes.
+      exactly at that instant counts. Occurrences are on whole minutes. Across DST what
+      counts is which hours the expression names, never its spelling (`*/30 2`, `0,30 2`
+      and `0-59/30 2-2` are one expression): naming specific hours, it reads local times as
+      `at` does (a time in a spring-forward gap fires once, when the gap ends; a repeated
+      time fires once, at its first occurrence); covering all 24 hours (`15 * * * *`,
+      `*/10 0-23 * * *`), it counts elapsed time, so the cadence holds through a change: a
+      time in the gap does not happen and a repeated one happens twice.
 
     Raises ValueError for a naive `base`, for `at` and `cron` together (callers validate
     timings first), and for a cron expression with no occurrence in the next 50 years.
@@ -133,22 +139,53 @@ def local_instant(wall: datetime, tz: ZoneInfo) -> datetime:
     return datetime.fromtimestamp(high, UTC)
 
 
+# How far a zone's offset moves at one change, at most (DST moves it by 30 minutes to 2
+# hours): the candidates _next_cron walks start this much before `start` and stop this much
+# after the best one found.
+_MAX_SHIFT: Final = timedelta(hours=3)
+_ZERO: Final = timedelta(0)
+
+
 def _next_cron(expression: str, start: datetime, tz: ZoneInfo) -> datetime:
-    # cronsim yields occurrences strictly after the whole second it is given (dropping
-    # microseconds), so seed it one second before the first whole second not before `start`.
-    seed = start.replace(microsecond=0)
-    if seed == start:
-        seed -= timedelta(seconds=1)
-    occurrences = CronSim(expression, seed.astimezone(tz))
-    try:
-        while True:
-            # Compared in UTC: aware datetimes sharing a tzinfo compare by wall time, ignoring
-            # fold. cronsim walks a fixed time of day in wall time (as cron does), so in a
-            # repeated hour it can land before `start`; step on until it does not.
-            due = next(occurrences).astimezone(UTC)
-            if due >= start:
-                return due
-    except StopIteration:
-        raise ValueError(
-            f"the cron expression {expression!r} has no occurrence in the next 50 years"
-        ) from None
+    """The first occurrence of `expression` in `tz` not before `start` (see next_due).
+
+    cronsim's own DST handling depends on spelling (it walks wall-clock time unless the
+    minute or hour field starts with "*", so `*/30 2` and `0,30 2` differed) and skips an
+    occurrence at a half-hour change (Lord Howe). So it is used only for calendar arithmetic:
+    it walks naive local wall-clock times, and each is mapped to the instants it stands for
+    here. Specific hours (fewer than 24, read from cronsim's parse, so `2` and `2-2/1` are
+    one) map like `at` through local_instant; every hour maps to each real instant showing
+    that wall time (none in a gap, two in a repeated hour).
+    """
+    every_hour = len(CronSim(expression, _CRON_PROBE).hours) == 24
+    wall_start = start.astimezone(tz).replace(tzinfo=None)
+    # cronsim yields times strictly after the whole second it is given.
+    seed = (wall_start - _shift(start, tz)).replace(microsecond=0) - timedelta(seconds=1)
+    best: datetime | None = None
+    best_wall = wall_start
+    for wall in CronSim(expression, seed):
+        if best is not None and wall > best_wall + _shift(best, tz):
+            return best
+        for due in _real_instants(wall, tz) if every_hour else (local_instant(wall, tz),):
+            if start <= due and (best is None or due < best):
+                best, best_wall = due, wall
+    raise ValueError(f"the cron expression {expression!r} has no occurrence in the next 50 years")
+
+
+def _shift(instant: datetime, tz: ZoneInfo) -> timedelta:
+    """_MAX_SHIFT when `tz` changes its offset within _MAX_SHIFT of `instant`, else zero:
+    away from a change, wall-clock order is time order and no margin is needed."""
+    offset = instant.astimezone(tz).utcoffset()
+    near = (instant + delta for delta in (-_MAX_SHIFT, _MAX_SHIFT))
+    return _MAX_SHIFT if any(t.astimezone(tz).utcoffset() != offset for t in near) else _ZERO
+
+
+def _real_instants(wall: datetime, tz: ZoneInfo) -> list[datetime]:
+    """The UTC instants at which the clocks in `tz` show naive `wall`: none in a gap, two
+    in a repeated hour."""
+    found = set()
+    for fold in (0, 1):
+        due = wall.replace(tzinfo=tz, fold=fold).astimezone(UTC)
+        if due.astimezone(tz).replace(tzinfo=None) == wall:
+            found.add(due)
+    return sorted(found)

@@ -26,6 +26,10 @@ from dripd.sequences import load_file, load_text
             "step 'a': key 'after': '2 days' is not a duration",
         ),
         (
+            "[sequence]\nkey='x'\n[[steps]]\nkey='a'\nchannel='sms'\nbody='b'\nafter='3000000d'\n",
+            "step 'a': key 'after': '3000000d' is out of range; use a duration from 0s to 3650d",
+        ),
+        (
             "[sequence]\nkey='x'\n[[steps]]\nkey='a'\nchannel='pigeon'\nbody='b'\n",
             "step 'a': key 'channel': 'pigeon' is not one of",
         ),

@@ -62,7 +62,14 @@ def test_apply_enroll_event_suppress_print_json(
     code, out, _ = run(capsys, "apply", "--dsn", dsn, "--json", str(seq_file))
     assert code == 0
     assert json.loads(out) == [
-        {"file": str(seq_file), "key": "welcome", "tenant": None, "version": 1, "created": True}
+        {
+            "file": str(seq_file),
+            "key": "welcome",
+            "tenant": None,
+            "version": 1,
+            "created": True,
+            "warnings": [],
+        }
     ]
     code, out, _ = run(capsys, "apply", "--dsn", dsn, str(seq_file))
     assert (code, out.strip()) == (0, f"{seq_file}: welcome v1 unchanged")
@@ -417,3 +424,49 @@ def test_secrets_are_stored_encrypted_listed_without_values_and_rotated(
     code, _, err = run(capsys, "secret", "delete", "crm_token", "--dsn", dsn)
     assert code == 1
     assert "no secret 'crm_token' for tenant (global)" in err
+
+
+LEGACY_TIMEOUT = """
+[sequence]
+key = "legacy"
+
+[[steps]]
+key = "wait"
+wait_for = { event = "activated", timeout = "1d" }
+
+[[steps]]
+key = "reminder"          # reached only by the wait's timeout, the old way
+channel = "email"
+subject = "Need a hand?"
+text = "Hi"
+
+[[steps]]
+key = "congrats"
+channel = "email"
+subject = "Congrats"
+text = "Well done"
+
+[[transitions]]
+from = "wait"
+to = "congrats"
+when = "event.key == 'activated'"
+"""
+
+
+def test_apply_accepts_a_file_that_relied_on_the_old_timeout_path_with_a_warning(
+    capsys: pytest.CaptureFixture[str], dsn: str, tmp_path: Path
+) -> None:
+    path = tmp_path / "legacy.toml"
+    path.write_text(LEGACY_TIMEOUT)
+    code, out, err = run(capsys, "apply", "--dsn", dsn, "--json", str(path))
+    assert code == 0
+    [warning] = json.loads(out)[0]["warnings"]
+    assert warning.startswith(f"{path}: step 'reminder': unreachable")
+    assert "set on_timeout to keep the old path" in warning
+    assert f"dripd: warning: {warning}" in err
+    # With on_timeout the path is explicit again and nothing is said.
+    path.write_text(
+        LEGACY_TIMEOUT.replace('timeout = "1d"', 'timeout = "1d", on_timeout = "reminder"')
+    )
+    code, out, err = run(capsys, "apply", "--dsn", dsn, "--json", str(path))
+    assert (code, json.loads(out)[0]["warnings"], err) == (0, [], "")

@@ -240,6 +240,95 @@ async def test_a_wait_times_out_to_its_on_timeout_step(
     assert (wait["status"], wait["reason"]) == ("done", "wait_timeout")
 
 
+TIMEOUT_BY_TRANSITIONS = """
+[sequence]
+key = "nudge"
+on_no_match = "{on_no_match}"
+
+[[steps]]
+key = "hello"
+channel = "email"
+subject = "Welcome"
+text = "Hi"
+
+[[steps]]
+key = "wait_activation"
+wait_for = {{ event = "activated", timeout = "1d" }}
+
+[[steps]]
+key = "congrats"
+channel = "email"
+subject = "Congrats"
+text = "Well done"
+
+[[steps]]
+key = "nudge"
+channel = "email"
+subject = "Still there?"
+text = "Activate your account"
+
+[[transitions]]
+from = "wait_activation"
+to = "congrats"
+when = "event.key == 'activated'"
+priority = 1
+{fallback}
+[[transitions]]
+from = "congrats"
+
+[[transitions]]
+from = "nudge"
+"""
+
+FALLBACK = """
+[[transitions]]
+from = "wait_activation"
+to = "nudge"
+priority = 2
+"""
+PRO_ONLY = FALLBACK.replace("priority = 2", "priority = 2\nwhen = \"event.data.plan == 'pro'\"")
+
+
+@pytest.mark.parametrize(
+    ("fallback", "on_no_match", "sent", "status", "reason"),
+    [
+        # The issue's case: no on_timeout, so the transitions run with `event` null and the
+        # catch-all sends the nudge, not the next step by position ("congrats").
+        (FALLBACK, "complete", ["hello", "nudge"], "completed", "completed"),
+        # No transition matches a null event: the version's on_no_match decides.
+        (PRO_ONLY, "complete", ["hello"], "completed", "no_matching_transition"),
+        (PRO_ONLY, "fail", ["hello"], "failed", "no_matching_transition"),
+    ],
+    ids=["catch-all", "no-match-completes", "no-match-fails"],
+)
+async def test_a_timed_out_wait_without_on_timeout_takes_its_transitions(
+    dsn: str,
+    pool: asyncpg.Pool,
+    clock: ManualClock,
+    outbox: Path,
+    tmp_path: Path,
+    fallback: str,
+    on_no_match: str,
+    sent: list[str],
+    status: str,
+    reason: str,
+) -> None:
+    await apply_text(
+        pool, TIMEOUT_BY_TRANSITIONS.format(fallback=fallback, on_no_match=on_no_match)
+    )
+    async with running_daemon(dsn, tmp_path, clock=clock):
+        e = await enroll_at(pool, clock, "nudge", "never")
+        await wait_for(lambda: len(outbox_messages(outbox)) == 1)
+        await quiet(pool, clock)
+        clock.advance(timedelta(days=1))
+        await wait_for(lambda: has_status(pool, e.id, status))
+    assert steps_sent(outbox) == sent
+    row = await pool.fetchrow("SELECT status_reason FROM dripd.enrollments WHERE id = $1", e.id)
+    assert row["status_reason"] == reason
+    wait = next(r for r in await executions(pool) if r["step_key"] == "wait_activation")
+    assert (wait["status"], wait["reason"]) == ("done", "wait_timeout")
+
+
 async def test_event_and_timeout_racing_give_exactly_one_path_per_enrollment(
     dsn: str, pool: asyncpg.Pool, clock: ManualClock, outbox: Path, tmp_path: Path
 ) -> None:

@@ -374,6 +374,32 @@ async def test_unknown_sequence_is_404_and_a_refused_reenrollment_409(
     assert await count(ctx.pool, "enrollments") == 1
 
 
+async def test_a_sequence_that_cannot_be_scheduled_is_422_and_its_entry_event_is_recorded(
+    client: httpx.AsyncClient, ctx: HttpContext, acme: dict[str, str]
+) -> None:
+    await apply_text(ctx.pool, ONBOARDING)
+    # A delay stored before `after` was range-checked: the due time would pass year 9999.
+    await ctx.pool.execute("UPDATE dripd.steps SET delay = '3000000 days'")
+    response = await client.post(
+        "/v1/enrollments", headers=acme, json={"sequence": "onboarding", "subscriber_id": "u1"}
+    )
+    assert response.status_code == 422
+    error = error_of(response)
+    assert error["field"] == "sequence"
+    assert "its first step cannot be scheduled" in error["message"]
+    assert await count(ctx.pool, "enrollments") == 0
+
+    response = await client.post(
+        "/v1/events", headers=acme, json={"subscriber_id": "u1", "key": "signed_up"}
+    )
+    assert response.status_code == 202, response.text
+    [refused] = response.json()["not_enrolled"]
+    assert refused["sequence"] == "onboarding"
+    assert "its first step cannot be scheduled" in refused["reason"]
+    assert await count(ctx.pool, "events") == 1
+    assert await count(ctx.pool, "enrollments") == 0
+
+
 # --- events and suppressions --------------------------------------------------------------
 
 

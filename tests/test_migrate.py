@@ -190,3 +190,39 @@ async def test_driver_errors_become_database_errors(server_dsn: str) -> None:
 
 async def test_template_clones_are_current(conn: asyncpg.Connection) -> None:
     await require_current(conn)
+
+
+async def test_0005_respells_the_email_suppressions_stored_before_it(
+    empty: asyncpg.Connection,
+) -> None:
+    before = [m for m in migrations() if m.version < 5]
+    await migrate(empty, available=before)
+    rows = [
+        # (tenant, channel, address as stored before 0005, created_at offset in seconds)
+        (None, "email", "bob <bob@example.com>", 1),  # a one-click unsubscribe's spelling
+        (None, "email", "jose\u0301@example.com", 2),  # decomposed
+        (None, "email", "josé@example.com", 3),  # composed: meets the one above, later
+        ("acme", "email", '"Bob, Jr." <bob@example.com>', 4),
+        (None, "email", "ann@xn--bcher-kva.example", 5),  # punycode: left as it is
+        (None, "sms", "+1 202 555 0143", 6),  # not email: untouched
+    ]
+    for tenant, channel, address, offset in rows:
+        await empty.execute(
+            "INSERT INTO dripd.suppressions (tenant_key, channel, address, created_at)"
+            " VALUES ($1, $2, $3, now() + make_interval(secs => $4))",
+            tenant,
+            channel,
+            address,
+            offset,
+        )
+    await migrate(empty)
+    found = await empty.fetch(
+        "SELECT tenant_key, channel, address FROM dripd.suppressions ORDER BY created_at"
+    )
+    assert [tuple(r) for r in found] == [
+        (None, "email", "bob@example.com"),
+        (None, "email", "josé@example.com"),
+        ("acme", "email", "bob@example.com"),
+        (None, "email", "ann@xn--bcher-kva.example"),
+        (None, "sms", "+1 202 555 0143"),
+    ]

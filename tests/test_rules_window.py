@@ -15,7 +15,9 @@ from dripd.errors import ConfigError
 from dripd.rules.window import (
     EVERY_DAY,
     Window,
+    defer_to_opening,
     next_opening,
+    next_span,
     parse_window,
     spread,
 )
@@ -370,3 +372,144 @@ def test_spread_over_nothing_is_zero() -> None:
 def test_spread_stays_below_over(key: uuid.UUID, over_us: int) -> None:
     over = timedelta(microseconds=over_us)
     assert timedelta(0) <= spread(key, over) < over
+
+
+# -- spread within the window ------------------------------------------------------------------
+
+TEN_MINUTES = timedelta(minutes=10)  # windows.spread's default
+KEYS = [uuid.UUID(int=n) for n in range(300)]
+
+
+def test_a_window_shorter_than_the_spread_gets_every_row_while_it_is_open() -> None:
+    # The reported case: "09:00-09:05" with the 10-minute spread sent 0 of 6 in 3 days, as
+    # every row whose offset passed 09:05 came back to a closed window, day after day.
+    short = window(hours="09:00-09:05")
+    now = utc("2026-01-05T15:00")  # Monday 10:00 in New York, just closed
+    opening, closing = utc("2026-01-06T14:00"), utc("2026-01-06T14:05")
+    assert next_span(short, now, NEW_YORK) == (opening, closing)
+    retries = [defer_to_opening(short, now, NEW_YORK, key=k, over=TEN_MINUTES) for k in KEYS]
+    assert all(r is not None and opening <= r < closing for r in retries)
+    assert all(next_opening(short, r, NEW_YORK) is None for r in retries if r is not None)
+    # Still spread over the whole span, not bunched at its start.
+    offsets = [r - opening for r in retries if r is not None]
+    assert max(offsets) > timedelta(minutes=4, seconds=30)
+    assert min(offsets) < timedelta(seconds=30)
+
+
+def test_a_window_longer_than_the_spread_spreads_by_the_spread() -> None:
+    now = utc("2026-01-05T12:00")  # Monday 07:00 in New York
+    opening = utc("2026-01-05T14:00")
+    for key in KEYS[:50]:
+        retry = defer_to_opening(OFFICE, now, NEW_YORK, key=key, over=TEN_MINUTES)
+        assert retry == opening + spread(key, TEN_MINUTES)
+
+
+def test_deferring_inside_the_window_is_none_and_a_zero_spread_is_the_opening() -> None:
+    key = KEYS[0]
+    assert (
+        defer_to_opening(OFFICE, utc("2026-01-05T17:00"), NEW_YORK, key=key, over=TEN_MINUTES)
+        is None
+    )
+    at_opening = defer_to_opening(
+        OFFICE, utc("2026-01-05T12:00"), NEW_YORK, key=key, over=timedelta(0)
+    )
+    assert at_opening == utc("2026-01-05T14:00")
+    with pytest.raises(ValueError, match="aware"):
+        defer_to_opening(OFFICE, datetime(2026, 1, 5, 12), NEW_YORK, key=key, over=TEN_MINUTES)
+
+
+# Windows whose real length on a DST day differs from what the wall clock says: the spread is
+# capped to the real span (UTC closing minus UTC opening).
+@pytest.mark.parametrize(
+    ("zone_name", "hours", "opens", "closes"),
+    [
+        # New York springs forward 02:00 EST -> 03:00 EDT at 07:00Z: 70 wall minutes, 10 real.
+        ("America/New_York", "01:55-03:05", "2026-03-08T06:55", "2026-03-08T07:05"),
+        # ...and falls back 02:00 EDT -> 01:00 EST at 06:00Z: 90 wall minutes, 150 real.
+        ("America/New_York", "00:30-02:00", "2026-11-01T04:30", "2026-11-01T07:00"),
+        # London springs forward 01:00 GMT -> 02:00 BST at 01:00Z: 80 wall minutes, 20 real.
+        ("Europe/London", "00:50-02:10", "2026-03-29T00:50", "2026-03-29T01:10"),
+        # ...and falls back 02:00 BST -> 01:00 GMT at 01:00Z: 5 wall minutes, 65 real.
+        ("Europe/London", "01:58-02:03", "2026-10-25T00:58", "2026-10-25T02:03"),
+        # Berlin springs forward 02:00 CET -> 03:00 CEST at 01:00Z: 64 wall minutes, 4 real.
+        ("Europe/Berlin", "01:58-03:02", "2026-03-29T00:58", "2026-03-29T01:02"),
+        # Sydney (southern hemisphere) springs forward in October, 02:00 AEST -> 03:00 AEDT.
+        ("Australia/Sydney", "01:57-03:03", "2026-10-03T15:57", "2026-10-03T16:03"),
+        # ...and falls back in April, 03:00 AEDT -> 02:00 AEST at 16:00Z: 30 minutes, 90 real.
+        ("Australia/Sydney", "02:30-03:00", "2026-04-04T15:30", "2026-04-04T17:00"),
+        # Santiago springs forward at midnight, 00:00 -04 -> 01:00 -03 at 04:00Z.
+        ("America/Santiago", "23:55-01:05", "2026-09-06T03:55", "2026-09-06T04:05"),
+        # Lord Howe Island moves by half an hour, 02:00 +10:30 -> 02:30 +11 at 15:30Z.
+        ("Australia/Lord_Howe", "01:50-02:40", "2026-10-03T15:20", "2026-10-03T15:40"),
+        # ...and back, 02:00 +11 -> 01:30 +10:30 at 15:00Z: 20 wall minutes, 50 real.
+        ("Australia/Lord_Howe", "01:40-02:00", "2026-04-04T14:40", "2026-04-04T15:30"),
+    ],
+)
+def test_on_a_dst_day_the_spread_is_capped_to_the_real_span(
+    zone_name: str, hours: str, opens: str, closes: str
+) -> None:
+    tz = ZoneInfo(zone_name)
+    shape = window(hours=hours)
+    opening, closing = utc(opens), utc(closes)
+    now = opening - timedelta(hours=6)  # after the day before's window closed
+    assert next_span(shape, now, tz) == (opening, closing)
+    over = timedelta(hours=1)
+    retries = [defer_to_opening(shape, now, tz, key=k, over=over) for k in KEYS]
+    assert all(r is not None and opening <= r < min(closing, opening + over) for r in retries)
+    assert all(next_opening(shape, r, tz) is None for r in retries if r is not None)
+    offsets = [r - opening for r in retries if r is not None]
+    assert max(offsets) > 0.9 * min(closing - opening, over)
+
+
+# Each zone with the UTC instants its clocks change at in 2026 (spring, then fall).
+ZONE_CHANGES = [
+    (ZoneInfo(name), utc(instant))
+    for name, instants in {
+        "America/New_York": ("2026-03-08T07:00", "2026-11-01T06:00"),
+        "Europe/London": ("2026-03-29T01:00", "2026-10-25T01:00"),
+        "Europe/Berlin": ("2026-03-29T01:00", "2026-10-25T01:00"),
+        "Australia/Sydney": ("2026-10-03T16:00", "2026-04-04T16:00"),
+        "America/Santiago": ("2026-09-06T04:00", "2026-04-05T03:00"),  # at midnight
+        "Australia/Lord_Howe": ("2026-10-03T15:30", "2026-04-04T15:00"),  # half an hour
+    }.items()
+    for instant in instants
+]
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    change=st.sampled_from(ZONE_CHANGES),
+    offset=st.integers(min_value=-2 * 86400, max_value=2 * 86400),
+    days=st.frozensets(st.integers(0, 6), min_size=1),
+    start=st.integers(0, 24 * 12 - 1),
+    length=st.integers(1, 24 * 12 - 1),
+    key=st.uuids(),
+    over=st.sampled_from([TEN_MINUTES, timedelta(minutes=1), timedelta(hours=3)]),
+)
+def test_the_spread_never_pushes_a_row_out_of_its_window(
+    change: tuple[ZoneInfo, datetime],
+    offset: int,
+    days: frozenset[int],
+    start: int,
+    length: int,
+    key: uuid.UUID,
+    over: timedelta,
+) -> None:
+    # Windows on a 5-minute grid, from 5 minutes to 23:55 long.
+    begin = datetime(2000, 1, 1) + timedelta(minutes=5 * start)
+    finish = begin + timedelta(minutes=5 * length)
+    shape = Window(days=days, start=begin.time(), end=finish.time())
+    tz, transition = change
+    now = transition + timedelta(seconds=offset)
+    retry = defer_to_opening(shape, now, tz, key=key, over=over)
+    span = next_span(shape, now, tz)
+    if retry is None:
+        assert span is None
+        assert next_opening(shape, now, tz) is None
+        return
+    assert span is not None
+    opening, closing = span
+    assert opening == next_opening(shape, now, tz)
+    assert opening <= retry < closing
+    assert retry - opening < over
+    assert next_opening(shape, retry, tz) is None

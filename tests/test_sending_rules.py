@@ -125,6 +125,42 @@ async def test_windows_defer_to_the_next_local_opening_with_a_spread(
     assert [m["channel"] for m in outbox_messages(outbox)] == ["email", "webhook", "sms"]
 
 
+SHORT_WINDOW = """
+[sequence]
+key = "short_window"
+
+[[steps]]
+key = "hello"
+channel = "email"
+window = { hours = "09:00-09:05" }
+subject = "Hello"
+text = "Hi"
+"""
+
+
+async def test_a_window_shorter_than_the_spread_sends_every_row_when_it_first_opens(
+    dsn: str, pool: asyncpg.Pool, clock: ManualClock, outbox: Path, tmp_path: Path
+) -> None:
+    # The report: "09:00-09:05" with the default 10-minute spread sent 0 of 6 in 3 days; the
+    # rows spread past 09:05 found the window closed and deferred again, day after day.
+    await apply_text(pool, SHORT_WINDOW)
+    async with running_daemon(dsn, tmp_path, clock=clock) as daemon:
+        for n in range(6):
+            await enroll_at(pool, clock, "short_window", f"s{n}", timezone="America/New_York")
+        await quiet(pool, clock)
+        # Sunday 2026-03-08, the day New York springs forward: 09:00 EDT is 13:00 UTC.
+        opening = datetime(2026, 3, 8, 13, 0, tzinfo=UTC)
+        closing = opening + timedelta(minutes=5)
+        due = sorted(row["due_at"] for row in await executions(pool))
+        assert len(due) == 6
+        assert opening <= due[0] <= due[-1] < closing
+        clock.set(closing - timedelta(microseconds=1))
+        await wait_for(lambda: len(outbox_messages(outbox)) == 6)
+        await quiet(pool, clock)
+        deferred = daemon.metrics.deferrals.labels(reason="outside_window")._value.get()
+    assert deferred == 6
+
+
 # -- per-step rules ------------------------------------------------------------------------------
 
 STEP_RULES = """

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dripd.errors import ConfigError
-from dripd.timing import Timing, check_cron, next_due, parse_at, zone
+from dripd.timing import Timing, check_cron, local_instant, next_due, parse_at, zone
 
 NEW_YORK = ZoneInfo("America/New_York")  # EST UTC-5, EDT UTC-4
 BERLIN = ZoneInfo("Europe/Berlin")  # CET UTC+1, CEST UTC+2
@@ -267,6 +267,227 @@ def test_at_agrees_with_the_equivalent_daily_cron(
         just_before = (by_at - timedelta(seconds=1)).astimezone(tz)
         assert just_before.utcoffset() != local.utcoffset()
         assert just_before.time() < time(hour, minute) < local.time()
+
+
+# -- cron across DST, however it is spelled ----------------------------------------------------
+
+# The UTC instants each zone springs forward and falls back at in 2026 (the tables below say
+# how its clocks move): both hemispheres, a gap at midnight, half-hour changes.
+DST_ZONES = {
+    "America/New_York": ("2026-03-08T07:00", "2026-11-01T06:00"),
+    "Europe/London": ("2026-03-29T01:00", "2026-10-25T01:00"),
+    "Europe/Berlin": ("2026-03-29T01:00", "2026-10-25T01:00"),
+    "Australia/Sydney": ("2026-10-03T16:00", "2026-04-04T16:00"),
+    "America/Santiago": ("2026-09-06T04:00", "2026-04-05T03:00"),
+    "Australia/Lord_Howe": ("2026-10-03T15:30", "2026-04-04T15:00"),
+}
+
+
+def test_a_stepped_minute_in_the_gap_fires_when_the_gap_ends() -> None:
+    # The report: enrolled Saturday 2026-03-07 17:00Z, `*/30 2` was due Monday 02:00 EDT while
+    # `0,30 2` was due Sunday 03:00 EDT, the end of the gap.
+    base = utc("2026-03-07T17:00")
+    for expression in ("*/30 2 * * *", "0,30 2 * * *", "0-59/30 2-2 * * *", "30,0 2 * * *"):
+        assert due(Timing(cron=expression), base) == utc("2026-03-08T07:00"), expression
+
+
+@pytest.mark.parametrize(
+    ("zone_name", "fields", "base", "expected", "then"),
+    [
+        # New York skips 02:00-02:59 on 2026-03-08, to 03:00 EDT (07:00Z).
+        ("America/New_York", "30 2", "03-07T17:00", "03-08T07:00", "03-09T06:30"),
+        ("America/New_York", "*/30 2", "03-07T17:00", "03-08T07:00", "03-09T06:00"),
+        ("America/New_York", "* 2", "03-07T17:00", "03-08T07:00", "03-09T06:00"),
+        ("America/New_York", "0-59 2", "03-07T17:00", "03-08T07:00", "03-09T06:00"),
+        # London skips 01:00-01:59 on 2026-03-29, to 02:00 BST (01:00Z).
+        ("Europe/London", "30 1", "03-28T12:00", "03-29T01:00", "03-30T00:30"),
+        ("Europe/London", "*/20 1", "03-28T12:00", "03-29T01:00", "03-30T00:00"),
+        ("Europe/London", "5-55/25 1/24", "03-28T12:00", "03-29T01:00", "03-30T00:05"),
+        # Berlin skips 02:00-02:59 on 2026-03-29, to 03:00 CEST (01:00Z).
+        ("Europe/Berlin", "15 2", "03-28T12:00", "03-29T01:00", "03-30T00:15"),
+        ("Europe/Berlin", "15/60 2", "03-28T12:00", "03-29T01:00", "03-30T00:15"),
+        ("Europe/Berlin", "*/15 2-2", "03-28T12:00", "03-29T01:00", "03-30T00:00"),
+        # Sydney skips 02:00-02:59 on 2026-10-04, to 03:00 AEDT (16:00Z the day before).
+        ("Australia/Sydney", "30 2", "10-03T00:00", "10-03T16:00", "10-04T15:30"),
+        ("Australia/Sydney", "*/30 2", "10-03T00:00", "10-03T16:00", "10-04T15:00"),
+        ("Australia/Sydney", "0,30 2,2", "10-03T00:00", "10-03T16:00", "10-04T15:00"),
+        # Santiago skips midnight, 00:00-00:59 on 2026-09-06, to 01:00 -03 (04:00Z).
+        ("America/Santiago", "0 0", "09-05T12:00", "09-06T04:00", "09-07T03:00"),
+        ("America/Santiago", "*/20 0", "09-05T12:00", "09-06T04:00", "09-07T03:00"),
+        ("America/Santiago", "* */24", "09-05T12:00", "09-06T04:00", "09-07T03:00"),
+        # Lord Howe skips half an hour, 02:00-02:29 on 2026-10-04, to 02:30 +11 (15:30Z).
+        ("Australia/Lord_Howe", "15 2", "10-03T12:00", "10-03T15:30", "10-04T15:15"),
+        ("Australia/Lord_Howe", "*/15 2", "10-03T12:00", "10-03T15:30", "10-03T15:45"),
+        ("Australia/Lord_Howe", "15-59/15 2", "10-03T12:00", "10-03T15:30", "10-03T15:45"),
+    ],
+)
+def test_specific_hours_in_a_gap_fire_when_it_ends_however_they_are_spelled(
+    zone_name: str, fields: str, base: str, expected: str, then: str
+) -> None:
+    tz = ZoneInfo(zone_name)
+    timing = Timing(cron=f"{fields} * * *")
+    assert due(timing, utc(f"2026-{base}"), tz) == utc(f"2026-{expected}")
+    # Once, not once per skipped time: the next is the next real time named, after the gap.
+    assert due(timing, utc(f"2026-{expected}:01"), tz) == utc(f"2026-{then}")
+
+
+@pytest.mark.parametrize(
+    ("zone_name", "specific", "hourly", "once", "twice"),
+    [
+        # New York repeats 01:00-01:59 on 2026-11-01 (EDT, then EST from 06:00Z).
+        ("America/New_York", "30 1", "30 *", "11-01T05:30", "11-01T06:30"),
+        ("America/New_York", "*/30 1", "*/30 0-23", "11-01T05:30", "11-01T06:00"),
+        # London repeats 01:00-01:59 on 2026-10-25 (BST, then GMT from 01:00Z).
+        ("Europe/London", "45 1", "45 */1", "10-25T00:45", "10-25T01:45"),
+        # Berlin repeats 02:00-02:59 on 2026-10-25 (CEST, then CET from 01:00Z).
+        ("Europe/Berlin", "10 2", "10 0-11,12-23", "10-25T00:10", "10-25T01:10"),
+        # Sydney repeats 02:00-02:59 on 2026-04-05 (AEDT, then AEST from 16:00Z).
+        ("Australia/Sydney", "0 2", "0 *", "04-04T15:00", "04-04T16:00"),
+        # Santiago repeats 23:00-23:59 on 2026-04-04 (-03, then -04 from 03:00Z).
+        ("America/Santiago", "30 23", "30 *", "04-05T02:30", "04-05T03:30"),
+        # Lord Howe repeats 01:30-01:59 on 2026-04-05 (+11, then +10:30 from 15:00Z).
+        ("Australia/Lord_Howe", "*/20 1", "*/20 *", "04-04T14:40", "04-04T15:10"),
+        # cronsim's own elapsed-time walk skips the second 01:40 here (it assumes whole-hour
+        # changes); dripd maps wall times itself.
+        ("Australia/Lord_Howe", "40 1", "40 *", "04-04T14:40", "04-04T15:10"),
+    ],
+)
+def test_a_repeated_time_fires_once_for_specific_hours_and_twice_every_hour(
+    zone_name: str, specific: str, hourly: str, once: str, twice: str
+) -> None:
+    tz = ZoneInfo(zone_name)
+    first, second = utc(f"2026-{once}"), utc(f"2026-{twice}")
+    # Every hour keeps its elapsed-time cadence: both occurrences of the repeated time.
+    every_hour = Timing(cron=f"{hourly} * * *")
+    assert due(every_hour, first - timedelta(seconds=1), tz) == first
+    assert due(every_hour, first + timedelta(seconds=1), tz) == second
+    # Specific hours read the wall clock: the first occurrence only, as `at` does.
+    named = Timing(cron=f"{specific} * * *")
+    assert due(named, first - timedelta(seconds=1), tz) == first
+    assert due(named, first + timedelta(seconds=1), tz) > second + timedelta(hours=12)
+
+
+def test_every_hour_at_a_minute_stays_hourly_through_the_gap() -> None:
+    # 01:15 EST, then 03:15 EDT an elapsed hour later: 02:15 does not happen.
+    for hours in ("*", "*/1", "0-23", "0-11,12-23"):
+        timing = Timing(cron=f"15 {hours} * * *")
+        assert due(timing, utc("2026-03-08T06:15:01")) == utc("2026-03-08T07:15"), hours
+
+
+def test_day_fields_keep_their_and_or_meaning() -> None:
+    # Day-of-month and day-of-week both restricted: the 1st OR a Monday. A day-of-month
+    # starting with "*" (`*/1`) makes it AND: Mondays only. Rewriting must not touch them.
+    base = utc("2026-06-02T00:00")  # Monday 2026-06-01 20:00 in New York
+    either = Timing(cron="0 9 1 * MON")
+    assert due(either, base) == utc("2026-06-08T13:00")  # the next Monday
+    assert due(either, utc("2026-06-09T00:00")) == utc("2026-06-15T13:00")
+    assert due(Timing(cron="0 9 1 7 MON"), base) == utc("2026-07-01T13:00")  # a Wednesday
+    assert due(Timing(cron="0 9 */1 7 MON"), base) == utc("2026-07-06T13:00")  # a Monday
+
+
+@st.composite
+def cron_field(draw: st.DrawFn, top: int) -> tuple[frozenset[int], list[str]]:
+    """A random set of the values 0..`top` and several spellings of it: the random terms it
+    was drawn as, a sorted list, a shuffled list, ranges, and the full-set forms."""
+    terms: list[tuple[str, range]] = []
+    for _ in range(draw(st.integers(1, 4))):
+        # a < b: cronsim reads a one-value range with a step ("5-5/10") as "5/10".
+        a, b = sorted(draw(st.lists(st.integers(0, top), min_size=2, max_size=2, unique=True)))
+        step = draw(st.integers(1, top + 1))
+        terms.append(
+            draw(
+                st.sampled_from(
+                    [
+                        (str(a), range(a, a + 1)),
+                        (f"{a}-{b}", range(a, b + 1)),
+                        (f"{a}/{step}", range(a, top + 1, step)),
+                        (f"{a}-{b}/{step}", range(a, b + 1, step)),
+                        (f"*/{step}", range(0, top + 1, step)),
+                        ("*", range(top + 1)),
+                    ]
+                )
+            )
+        )
+    values = frozenset(v for _, r in terms for v in r)
+    ordered = sorted(values)
+    runs: list[str] = []
+    for v in ordered:
+        if runs and v - 1 in values:
+            runs[-1] = f"{runs[-1].split('-')[0]}-{v}"
+        else:
+            runs.append(str(v))
+    spellings = [
+        ",".join(text for text, _ in terms),
+        ",".join(map(str, ordered)),
+        ",".join(map(str, draw(st.permutations(ordered)))),
+        ",".join(runs),
+    ]
+    if len(values) == top + 1:
+        spellings += ["*", "*/1", f"0-{top}", f"0/1,{top}"]
+    return values, spellings
+
+
+ZONE_CHANGES = [
+    (ZoneInfo(name), utc(instant)) for name, pair in DST_ZONES.items() for instant in pair
+]
+DAY_FIELDS = {
+    "* * *": frozenset(range(7)),
+    "* * MON-FRI": frozenset(range(5)),
+    "* * SUN": frozenset({6}),
+}
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    minutes=cron_field(59),
+    hours=cron_field(23),
+    days=st.sampled_from(sorted(DAY_FIELDS)),
+    change=st.sampled_from(ZONE_CHANGES),
+    offset=st.integers(min_value=-2 * 86400, max_value=2 * 86400),
+)
+def test_equivalent_cron_spellings_fall_due_at_the_same_instant(
+    minutes: tuple[frozenset[int], list[str]],
+    hours: tuple[frozenset[int], list[str]],
+    days: str,
+    change: tuple[ZoneInfo, datetime],
+    offset: int,
+) -> None:
+    tz, transition = change
+    base = transition + timedelta(seconds=offset)
+    (minute_set, minute_texts), (hour_set, hour_texts) = minutes, hours
+    expressions = [f"{m} {h} {days}" for m in minute_texts for h in hour_texts]
+    found = {text: due(Timing(cron=text), base, tz) for text in expressions}
+    assert len(set(found.values())) == 1, found
+    (result,) = set(found.values())
+    # And it is the instant the documented rule names: the first not before `base` of the
+    # instants the matching wall times stand for, on the local days from `base` to it.
+    first_day = base.astimezone(tz).date() - timedelta(days=1)
+    local_days = [
+        day
+        for n in range((result.astimezone(tz).date() - first_day).days + 2)
+        for day in [first_day + timedelta(days=n)]
+        if day.weekday() in DAY_FIELDS[days]
+    ]
+    walls = [
+        datetime(day.year, day.month, day.day, h, m)
+        for day in local_days
+        for h in hour_set
+        for m in minute_set
+    ]
+    if len(hour_set) < 24:
+        # Specific hours: each wall time once, as `at` reads it (a gap's end, a first repeat).
+        candidates = {local_instant(wall, tz) for wall in walls}
+    else:
+        # Every hour, elapsed time: each real occurrence (both of a repeated time, none of one
+        # in a gap).
+        candidates = {
+            instant
+            for wall in walls
+            for fold in (0, 1)
+            for instant in [wall.replace(tzinfo=tz, fold=fold).astimezone(UTC)]
+            if instant.astimezone(tz).replace(tzinfo=None) == wall
+        }
+    assert result == min(c for c in candidates if c >= base)
 
 
 # -- misuse ------------------------------------------------------------------------------------

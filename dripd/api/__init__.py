@@ -19,11 +19,11 @@ import asyncpg
 import email_validator
 import phonenumbers
 
+from dripd.addresses import InvalidAddress, normalize, phone_key
 from dripd.db import feedback, leads, store
 from dripd.db.leads import DuplicateLead
 from dripd.errors import ConfigError, Conflict, NotFound
-from dripd.model import EnrollmentStatus
-from dripd.rules.suppression import normalize
+from dripd.model import EnrollmentStatus, check_due, check_instant, scheduling
 from dripd.timing import Timing, next_due, zone
 
 __all__ = [
@@ -31,6 +31,7 @@ __all__ = [
     "DuplicateLead",
     "Enrollment",
     "Event",
+    "InvalidAddress",
     "InvalidLead",
     "Lead",
     "Replayed",
@@ -136,9 +137,9 @@ def _jsonable(value: dict[str, Any]) -> dict[str, Any]:
 
 
 async def _now(db: Db, now: datetime | None) -> datetime:
-    """`now` if given, else the database's clock: one clock for every due time, whatever
-    the host's clock says."""
-    return now if now is not None else await store.db_now(db)
+    """`now` if given (checked: see `check_instant`), else the database's clock: one clock
+    for every due time, whatever the host's clock says."""
+    return check_instant(now, where="now") if now is not None else await store.db_now(db)
 
 
 def _tenant(tenant: str | None) -> None:
@@ -211,6 +212,25 @@ async def _enroll_in(
     if seq.version_id is None or seq.first_step_id is None:
         raise Conflict(f"sequence {sequence_key!r} has no active version; run `dripd apply`")
     timezone = data.get("timezone")
+    # Computed before anything is written: a sequence stored before its durations were
+    # range-checked (or a cron expression that never fires) is refused as bad input.
+    first = f"sequence: {sequence_key!r}: its first step"
+    waiting_for = seq.wait_event
+    with scheduling(first):
+        if waiting_for is not None:
+            assert seq.wait_timeout is not None  # a CHECK pairs it with wait_event
+            due = at + seq.wait_timeout
+        else:
+            assert seq.first_delay is not None  # NOT NULL in the first step found
+            tz = zoneinfo.ZoneInfo(timezone or seq.timezone or default_timezone)
+            timing = Timing(
+                delay=seq.first_delay,
+                at=seq.at_time,
+                cron=seq.cron,
+                timezone=seq.step_timezone,
+            )
+            due = next_due(timing, base=at, tz=tz)
+    check_due(due, what=first)
     enrollment_id = await store.insert_enrollment(
         conn,
         tenant=tenant,
@@ -234,20 +254,6 @@ async def _enroll_in(
     if previous is not None:
         assert seq.reenroll is not None  # NOT NULL in the active version found
         _check_reenroll(seq.reenroll, previous, sequence_key)
-    waiting_for = seq.wait_event
-    if waiting_for is not None:
-        assert seq.wait_timeout is not None  # a CHECK pairs it with wait_event
-        due = at + seq.wait_timeout
-    else:
-        assert seq.first_delay is not None  # NOT NULL in the first step found
-        tz = zoneinfo.ZoneInfo(timezone or seq.timezone or default_timezone)
-        timing = Timing(
-            delay=seq.first_delay,
-            at=seq.at_time,
-            cron=seq.cron,
-            timezone=seq.step_timezone,
-        )
-        due = next_due(timing, base=at, tz=tz)
     await store.insert_execution(
         conn, tenant, enrollment_id, seq.first_step_id, due, now=at, waiting_for=waiting_for
     )
@@ -465,8 +471,11 @@ async def suppress(
 ) -> Suppression:
     """Stop every send to `address` on `channel` (in this tenant, or everywhere if global).
 
-    Any spelling works: email is trimmed and lowercased, a phone number becomes E.164 (read
-    in `default_region` when it has no country code; config `recipients.default_region`)."""
+    Any spelling works (see `dripd.addresses`): email is stored bare (without a display
+    name), NFC, lowercased, its domain as Unicode (`xn--` decoded); a phone number becomes
+    E.164 (read in `default_region` when it has no country code; config
+    `recipients.default_region`). An address that cannot be read raises InvalidAddress (a
+    ConfigError whose message starts with `address:`)."""
     _tenant(tenant)
     if not isinstance(channel, str) or not channel.strip():
         raise ConfigError("channel: must be a channel name such as email or sms")
@@ -524,11 +533,15 @@ async def report(
             return False
         suppression = _SUPPRESSES.get(type)
         if suppression and recorded.channel and recorded.recipient:
+            try:
+                address = normalize(recorded.channel, recorded.recipient)
+            except InvalidAddress:
+                address = recorded.recipient  # recorded before addresses were checked
             await store.insert_suppression(
                 conn,
                 tenant=tenant,
                 channel=recorded.channel,
-                address=recorded.recipient,
+                address=address,
                 reason=suppression,
                 source=source or "report",
                 now=at,
@@ -619,7 +632,11 @@ def _lead_email(email: str) -> str:
         checked = email_validator.validate_email(email, check_deliverability=False)
     except email_validator.EmailNotValidError as exc:
         raise InvalidLead("email", str(exc)) from exc
-    return normalize("email", checked.normalized)
+    # The one spelling suppressions and sends use too: duplicates are found in that form.
+    try:
+        return normalize("email", checked.normalized)
+    except InvalidAddress as exc:
+        raise InvalidLead("email", exc.message.removeprefix("address: ")) from exc
 
 
 def _lead_phone(phone: str, region: str) -> str:
@@ -629,7 +646,7 @@ def _lead_phone(phone: str, region: str) -> str:
         raise InvalidLead("phone", f"this is not a phone number ({_PHONE_HINT})") from exc
     if not phonenumbers.is_valid_number(number):
         raise InvalidLead("phone", f"this phone number is not valid ({_PHONE_HINT})")
-    return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+    return phone_key(number)
 
 
 async def create_lead(
@@ -647,7 +664,8 @@ async def create_lead(
 ) -> Lead:
     """Validate a lead, store it and enroll it in `sequence_key`, all in one transaction.
 
-    Email is stored normalized and lowercased, phone in E.164 (a national number is read in
+    Email is stored in the one spelling of `dripd.addresses` (NFC, lowercased, the domain
+    as Unicode), phone in E.164 (a national number is read in
     `default_region`); blank email, phone and notes count as absent, and one of email and
     phone is required. An invalid field raises InvalidLead and a lead already holding the
     email or phone raises DuplicateLead; both are ConfigErrors whose `.field` names the

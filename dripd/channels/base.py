@@ -42,6 +42,8 @@ class Message:
     idempotency_key: str
     message_id: str
     channel: str
+    # The bare recipient (email: local@domain, the domain in ASCII; phones: E.164); an
+    # email's rendered `to` with its display name comes as headers["To"].
     to: str
     subject: str | None = None
     text: str | None = None

@@ -576,6 +576,7 @@ class VersionRow:
     source: dict[str, Any]
     steps: list[StepRow]
     transitions: list[TransitionRow]
+    warnings: tuple[str, ...] = ()  # what apply accepts but the author should know
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -894,7 +895,8 @@ async def insert_suppression(
     source: str | None,
     now: datetime,
 ) -> SuppressionRow:
-    """Suppress an address (normalized); an existing suppression keeps its reason."""
+    """Suppress an address, given in its one spelling (`dripd.addresses.normalize`, as
+    `api.suppress` and the send path pass it); an existing suppression keeps its reason."""
     row = await conn.fetchrow(Q.insert_suppression, tenant, channel, address, reason, source, now)
     return from_record(SuppressionRow, row)
 

@@ -34,7 +34,8 @@ class CompiledStep:
     when: Expr | None
     edges: tuple[Edge, ...]
     next_by_position: uuid.UUID | None
-    timeout_to: uuid.UUID | None  # where a timed-out wait goes (None: complete)
+    # where a timed-out wait goes when it has `on_timeout` or no transitions (None: complete)
+    timeout_to: uuid.UUID | None
     fail_on_no_match: bool
     sequence_timezone: str | None
     hook_specs: Mapping[str, HookSpec]  # the version's hooks
@@ -148,13 +149,15 @@ def choose_next(
 ) -> Next:
     """The next step (None: the enrollment ends) and why.
 
-    A wait that timed out goes to its `on_timeout` step (else the next one). Otherwise, with
-    transitions, the first match by priority wins, and no match completes the enrollment
-    with reason `no_matching_transition` (or fails it, if the sequence says so); a condition
-    that cannot be evaluated counts as false (fail closed) and is reported through
-    `on_error`. Without transitions the next step by position follows.
+    A wait that timed out goes to its `on_timeout` step when it names one; otherwise it takes
+    its transitions like any step, with `event` null in `context` (a wait without transitions
+    goes to the next step by position). With transitions, the first match by priority wins,
+    and no match completes the enrollment with reason `no_matching_transition` (or fails it,
+    if the sequence says so); a condition that cannot be evaluated counts as false (fail
+    closed) and is reported through `on_error`. Without transitions the next step by
+    position follows.
     """
-    if timed_out:
+    if timed_out and (current.step.on_timeout is not None or not current.edges):
         return Next(current.timeout_to, "wait_timeout" if current.timeout_to else "completed")
     if current.edges:
         for edge in current.edges:

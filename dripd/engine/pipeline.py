@@ -9,13 +9,13 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from email.utils import parseaddr
 from typing import Any, Protocol
 from zoneinfo import ZoneInfo
 
 import structlog
 
 from dripd import config
+from dripd.addresses import InvalidAddress, domain_of, normalize, recipient
 from dripd.channels.base import Channel, Message, PermanentError, TransientError
 from dripd.channels.credentials import Vault
 from dripd.clock import Clock
@@ -40,9 +40,8 @@ from dripd.model import (
 from dripd.rules.checks import missing_fields, sms_too_long, unverified
 from dripd.rules.limiter import Bucket, Limiter, RateTable
 from dripd.rules.quota import QuotaBucket, drain_offset, quota_buckets
-from dripd.rules.suppression import normalize
 from dripd.rules.unsubscribe import make_token, unsubscribe_headers
-from dripd.rules.window import next_opening, spread
+from dripd.rules.window import defer_to_opening
 
 log = structlog.get_logger("dripd.pipeline")
 
@@ -218,7 +217,7 @@ class Pipeline:
                 self._rules.rates.buckets_for(
                     adapter=label,
                     provider=adapter.provider,
-                    sending_domain=_domain(mailbox),
+                    sending_domain=domain_of(mailbox),
                     recipient_domain=None,
                     tenant=tenant,
                     sequence=None,
@@ -342,14 +341,16 @@ class Pipeline:
         if window is not None:
             now = self._clock.now()
             zone = recipient_zone(step, item.timezone, self._rules.zone_of(item.tenant_key))
-            opening = next_opening(window, now, zone)
-            if opening is not None:
+            retry_at = defer_to_opening(
+                window, now, zone, key=item.id, over=self._rules.window_spread
+            )
+            if retry_at is not None:
                 return self._outcome(
                     item,
                     Verdict.DEFERRED,
                     channel=channel,
                     reason=Reason.OUTSIDE_WINDOW,
-                    retry_at=opening + spread(item.id, self._rules.window_spread),
+                    retry_at=retry_at,
                 )
         context = template_context(item, step)
         try:
@@ -383,18 +384,30 @@ class Pipeline:
                 reason=Reason.ADAPTER_PAUSED,
                 retry_at=self._clock.now() + self._rules.paused_adapter_retry,
             )
-        address = normalize(channel, to, default_region=self._rules.default_region)
+        try:
+            read = recipient(channel, to, default_region=self._rules.default_region, field="to")
+        except InvalidAddress as exc:
+            return self._outcome(
+                item,
+                Verdict.FAILED,
+                channel=channel,
+                error=f"step {step.step.key!r}: {exc.message}",
+            )
+        headers = self._unsubscribe_headers(item, channel, read.key)
+        if channel == "email" and to.strip() != read.address:
+            # The provider gets the bare address; the To header shows what was rendered.
+            headers["To"] = to.strip()
         message = Message(
             execution_id=item.id,
             idempotency_key=f"{item.id}:{item.replay}",
             message_id=f"<{item.id}.{item.replay}@{self._policy.message_id_domain}>",
             channel=channel,
-            to=address if channel in SMS_CHANNELS else to.strip(),  # phones as E.164
+            to=read.address,  # email bare (its display name in headers), phones in E.164
             subject=rendered.get("subject"),
             text=rendered.get("text"),
             html=rendered.get("html"),
             body=rendered.get("body"),
-            headers=self._unsubscribe_headers(item, channel, address),
+            headers=headers,
             metadata=_metadata(item, step),
         )
         return Prepared(
@@ -403,7 +416,7 @@ class Pipeline:
             adapter=adapter,
             channel=impl,
             message=message,
-            address=address,
+            address=read.key,
         )
 
     def _unsubscribe_headers(
@@ -446,8 +459,8 @@ class Pipeline:
             buckets = rules.rates.buckets_for(
                 adapter=adapter_label,
                 provider=adapter.provider,
-                sending_domain=_domain(mailbox),
-                recipient_domain=_domain(p.address) if p.message.channel == "email" else None,
+                sending_domain=domain_of(mailbox),
+                recipient_domain=domain_of(p.address) if p.message.channel == "email" else None,
                 tenant=item.tenant_key,
                 sequence=p.step.step.sequence_key,
             )
@@ -688,22 +701,15 @@ def _adapter_label(adapter: Adapter) -> str:
 
 
 def _mailbox(adapter: Adapter) -> str | None:
+    """The adapter's `from` in the one spelling of addresses (`"Name <A@B.c>"` → `a@b.c`),
+    or None when it has none that reads as an address."""
     sender = adapter.config.get("from")
-    return _address_of(sender) if isinstance(sender, str) else None
-
-
-def _address_of(value: str | None) -> str | None:
-    """The bare address of a `from` value (`"Name <a@b.c>"` → `a@b.c`), lowercased."""
-    if not value:
+    if not isinstance(sender, str) or not sender.strip():
         return None
-    _, address = parseaddr(value)
-    return address.lower() or None
-
-
-def _domain(address: str | None) -> str | None:
-    if not address or "@" not in address:
+    try:
+        return normalize("email", sender)
+    except InvalidAddress:
         return None
-    return address.rsplit("@", 1)[1].lower() or None
 
 
 def default_recipient(channel: str, data: Mapping[str, Any]) -> str | None:

@@ -17,7 +17,7 @@ from dripd.db import store
 from dripd.engine.advance import CompiledStep, choose_next, recipient_zone, schedule
 from dripd.engine.held import Held, Signal
 from dripd.engine.pipeline import Pipeline, condition_context
-from dripd.errors import Conflict, DripdError, Refused
+from dripd.errors import ConfigError, Conflict, DripdError, Refused
 from dripd.metrics import Metrics
 from dripd.model import (
     EnrollmentStatus,
@@ -27,6 +27,8 @@ from dripd.model import (
     Outcome,
     Reason,
     Verdict,
+    check_due,
+    scheduling,
 )
 
 log = structlog.get_logger("dripd.recorder")
@@ -52,6 +54,58 @@ class Planner:
     def plan(self, outcome: Outcome) -> store.RecordRow:
         item, verdict = outcome.execution, outcome.verdict
         step = self._steps[item.step_id]
+        row = self._own_row(outcome)
+        if verdict in (Verdict.DEFERRED, Verdict.RETRY) or outcome.enrollment_ended:
+            return row  # nothing follows yet, or nothing follows an enrollment that has ended
+        if verdict is Verdict.FAILED and step.step.on_failure is OnFailure.FAIL:
+            row.enrollment_status = EnrollmentStatus.FAILED.value
+            row.enrollment_reason = f"step {step.step.key!r} failed"
+            return row
+        nxt = choose_next(
+            step,
+            condition_context(item, outcome.finished_at),
+            partial(self._pipeline.condition_failed, item),
+            timed_out=step.step.wait_event is not None and item.event is None,
+        )
+        if nxt.step_id is None:
+            row.enrollment_status = (
+                EnrollmentStatus.FAILED if nxt.failed else EnrollmentStatus.COMPLETED
+            ).value
+            row.enrollment_reason = nxt.reason
+            return row
+        following = self._steps[nxt.step_id]
+        what = f"step {following.step.key!r}"
+        try:
+            with scheduling(what):
+                zone = recipient_zone(following, item.timezone, self._zone_of(item.tenant_key))
+                due, wait = schedule(following, base=outcome.finished_at, tz=zone)
+            check_due(due, what=what)
+        except ConfigError as exc:
+            log.error(
+                "the next step cannot be scheduled; the enrollment fails",
+                execution_id=str(item.id),
+                enrollment_id=str(item.enrollment_id),
+                error=exc.message,
+            )
+            return self.stranded(outcome, exc.message)
+        row.next_step_id = nxt.step_id
+        row.next_due_at, row.next_wait = due, wait
+        return row
+
+    def stranded(self, outcome: Outcome, error: str) -> store.RecordRow:
+        """The row of an outcome whose next step could not be planned: the execution keeps
+        what happened to it (a sent message stays sent) and the enrollment, which cannot go
+        on, fails with `error`."""
+        row = self._own_row(outcome)
+        if outcome.verdict not in (Verdict.DEFERRED, Verdict.RETRY):
+            row.enrollment_status = EnrollmentStatus.FAILED.value
+            row.enrollment_reason = error
+        return row
+
+    @staticmethod
+    def _own_row(outcome: Outcome) -> store.RecordRow:
+        """The execution's own status and message event, with nothing about what follows."""
+        item, verdict = outcome.execution, outcome.verdict
         row = store.RecordRow(
             id=item.id,
             token=item.claim_token,
@@ -73,34 +127,12 @@ class Planner:
             row.event_type = MessageEventType.DEFERRED.value
             if verdict is Verdict.RETRY:
                 row.reason = Reason.RETRY.value
-            return row
-        if outcome.enrollment_ended:
-            return row  # nothing follows an enrollment that has ended
-        if verdict is Verdict.DONE:
-            row.event_type = None  # nothing was sent: no message event
-        if outcome.bounced:
-            row.event_type = MessageEventType.BOUNCED.value
-            row.suppress = "bounce"
-        if verdict is Verdict.FAILED and step.step.on_failure is OnFailure.FAIL:
-            row.enrollment_status = EnrollmentStatus.FAILED.value
-            row.enrollment_reason = f"step {step.step.key!r} failed"
-            return row
-        nxt = choose_next(
-            step,
-            condition_context(item, outcome.finished_at),
-            partial(self._pipeline.condition_failed, item),
-            timed_out=step.step.wait_event is not None and item.event is None,
-        )
-        if nxt.step_id is None:
-            row.enrollment_status = (
-                EnrollmentStatus.FAILED if nxt.failed else EnrollmentStatus.COMPLETED
-            ).value
-            row.enrollment_reason = nxt.reason
-        else:
-            following = self._steps[nxt.step_id]
-            zone = recipient_zone(following, item.timezone, self._zone_of(item.tenant_key))
-            row.next_step_id = nxt.step_id
-            row.next_due_at, row.next_wait = schedule(following, base=outcome.finished_at, tz=zone)
+        elif not outcome.enrollment_ended:
+            if verdict is Verdict.DONE:
+                row.event_type = None  # nothing was sent: no message event
+            if outcome.bounced:
+                row.event_type = MessageEventType.BOUNCED.value
+                row.suppress = "bounce"
         return row
 
 
@@ -148,15 +180,8 @@ class Recorder:
             row = self._planner.plan(outcome)
         except Exception as exc:  # the per-step guard: never lose an outcome
             log.exception("planning the next step failed", execution_id=str(outcome.execution.id))
-            row = store.RecordRow(
-                id=outcome.execution.id,
-                token=outcome.execution.claim_token,
-                status=ExecutionStatus.FAILED.value,
-                error=f"internal error planning the next step: {type(exc).__name__}: {exc}",
-                finished_at=outcome.finished_at,
-                event_type=MessageEventType.FAILED.value,
-                enrollment_status=EnrollmentStatus.FAILED.value,
-                enrollment_reason="internal error",
+            row = self._planner.stranded(
+                outcome, f"internal error planning the next step: {type(exc).__name__}"
             )
         self._held.done(outcome.execution.id)
         self._buffer.append((outcome, row))

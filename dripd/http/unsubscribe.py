@@ -16,6 +16,7 @@ from starlette.responses import HTMLResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from dripd import api
+from dripd.addresses import InvalidAddress
 from dripd.channels.credentials import ENV_VAR
 from dripd.db import feedback, store
 from dripd.http.bodies import TooLarge, read_limited, urlencoded_fields
@@ -122,27 +123,32 @@ class _Unsubscribe:
                 ),
             )
         now = self.ctx.clock.now()
-        # One transaction: the suppression's row lock orders concurrent clicks, so the
-        # second one sees the first one's event and records none.
-        async with store.transaction(self.ctx.pool) as conn:
-            await api.suppress(
-                conn,
-                tenant=token.tenant,
-                channel=token.channel,
-                address=token.address,
-                reason="unsubscribe",
-                source="one_click",
-                now=now,
-            )
-            recorded = token.execution_id is not None and await feedback.record_feedback(
-                conn,
-                tenant=token.tenant,
-                execution_id=token.execution_id,
-                type=MessageEventType.UNSUBSCRIBED,
-                reason="one_click",
-                now=now,
-                once=True,
-            )
+        try:
+            # One transaction: the suppression's row lock orders concurrent clicks, so the
+            # second one sees the first one's event and records none.
+            async with store.transaction(self.ctx.pool) as conn:
+                await api.suppress(
+                    conn,
+                    tenant=token.tenant,
+                    channel=token.channel,
+                    address=token.address,  # stored in its one spelling, whatever this is
+                    reason="unsubscribe",
+                    source="one_click",
+                    now=now,
+                )
+                recorded = token.execution_id is not None and await feedback.record_feedback(
+                    conn,
+                    tenant=token.tenant,
+                    execution_id=token.execution_id,
+                    type=MessageEventType.UNSUBSCRIBED,
+                    reason="one_click",
+                    now=now,
+                    once=True,
+                )
+        except InvalidAddress:
+            # Tokens are sealed by us: only one made before sends checked addresses gets here.
+            invalid = _Rejected(400, "bad_token", "This link does not work", InvalidToken().message)
+            return _error(request, invalid)
         log.info(
             "unsubscribed",
             tenant=token.tenant,

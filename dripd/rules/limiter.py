@@ -57,6 +57,7 @@ import anyio
 import anyio.lowlevel
 
 from dripd import config
+from dripd.addresses import normalize_domain
 from dripd.model import parse_rate
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -164,7 +165,9 @@ class RateTable:
                 if value == "*":
                     self._wildcard[scope] = rate
                 else:
-                    exact[value.lower() if scope in _DOMAIN_SCOPES else value] = rate
+                    where = f"rate_limits.{scope}.{value}"
+                    key = normalize_domain(value, field=where) if scope in _DOMAIN_SCOPES else value
+                    exact[key] = rate
             self._exact[scope] = exact
         windows = [w for _, w in self._wildcard.values()]
         windows += [w for rates in self._exact.values() for _, w in rates.values()]
@@ -187,7 +190,7 @@ class RateTable:
     ) -> list[Bucket]:
         """The buckets of one send. Per scope, the value's own entry wins over `"*"` (which
         limits every value separately); a None value leaves the scope out; domains are
-        compared lowercased."""
+        compared in the one spelling of `dripd.addresses` (lowercase, `xn--` as Unicode)."""
         if self._empty:
             return []
         buckets: list[Bucket] = []
@@ -196,7 +199,7 @@ class RateTable:
             if not value:
                 continue
             if scope in _DOMAIN_SCOPES:
-                value = value.lower()
+                value = normalize_domain(value, field=scope)
             rate = self._exact[scope].get(value) or self._wildcard.get(scope)
             if rate is not None:
                 buckets.append(Bucket(key=f"rate:{scope}:{value}", limit=rate[0], window=rate[1]))

@@ -10,6 +10,7 @@ from urllib.parse import quote
 from zoneinfo import ZoneInfo
 
 from dripd import config
+from dripd.addresses import normalize
 from dripd.timing import local_instant
 
 _STEP: Final = {"day": timedelta(days=1), "hour": timedelta(hours=1)}
@@ -72,6 +73,14 @@ def _scope_value(
     return values.get(scope)
 
 
+def _key(quota: config.Quota) -> str:
+    """The quota's key as the send's value is spelled: a mailbox in the one spelling of
+    addresses (`Sales@Example.com` counts the sends of `sales@example.com`)."""
+    if quota.scope == "mailbox" and quota.key != "*":
+        return normalize("email", quota.key, field="quotas.key")
+    return quota.key
+
+
 def _bucket_key(quota: config.Quota, value: str | None, tenant: str | None) -> str:
     if quota.scope == "global":
         subject = ""
@@ -110,16 +119,16 @@ def quota_buckets(
     `quota:<scope>:<value>:<period>:<zone>`, e.g. `quota:sequence:lead-drip:day:UTC` (values
     percent-encoded; sequence values prefixed with `<tenant>/` for a tenant's sends, so each
     tenant is counted apart; `quota:global:day:UTC` for a global quota). Pass a tenant's
-    adapter as `<tenant>/<name>`: a global adapter's count is shared by every tenant.
-    Quotas that land on the same key count the same sends, so they share one bucket with
-    the smallest limit.
+    adapter as `<tenant>/<name>`: a global adapter's count is shared by every tenant, and
+    a mailbox normalized (`dripd.addresses.normalize`). Quotas that land on the same key
+    count the same sends, so they share one bucket with the smallest limit.
     """
     buckets: dict[str, QuotaBucket] = {}
     for quota in quotas:
         value = _scope_value(
             quota.scope, adapter=adapter, mailbox=mailbox, tenant=tenant, sequence=sequence
         )
-        if quota.scope != "global" and (value is None or quota.key not in ("*", value)):
+        if quota.scope != "global" and (value is None or _key(quota) not in ("*", value)):
             continue
         key = _bucket_key(quota, value, tenant)
         known = buckets.get(key)

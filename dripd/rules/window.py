@@ -152,8 +152,17 @@ def next_opening(window: Window, now: datetime, tz: ZoneInfo) -> datetime | None
     Raises ValueError for a naive `now`, and for a window that does not open in the next
     three weeks (parsing never makes one).
     """
+    span = next_span(window, now, tz)
+    return None if span is None else span[0]
+
+
+def next_span(window: Window, now: datetime, tz: ZoneInfo) -> tuple[datetime, datetime] | None:
+    """None when `now` is inside the window, else the UTC instants it next opens and closes
+    at, as `next_opening` reads them: the closing is after the opening, by the real time
+    between them (on a DST day an hour more or less than the wall clocks say).
+    """
     if now.utcoffset() is None:
-        raise ValueError(f"next_opening needs an aware now, got {now!r}")
+        raise ValueError(f"a window's next opening needs an aware now, got {now!r}")
     now = now.astimezone(UTC)
     today = now.astimezone(tz).date()
     # The window that opened yesterday may still be open (it runs past midnight).
@@ -167,8 +176,23 @@ def next_opening(window: Window, now: datetime, tz: ZoneInfo) -> datetime | None
         if opens <= now < closes:
             return None
         if opens > now:
-            return opens
+            return opens, closes
     raise ValueError(f"{window!r} does not open in the {_LOOKAHEAD_DAYS} days after {now}")
+
+
+def defer_to_opening(
+    window: Window, now: datetime, tz: ZoneInfo, *, key: uuid.UUID | str, over: timedelta
+) -> datetime | None:
+    """None when `now` is inside the window, else when the row `key` should try again: the
+    next opening plus the row's `spread` over `over`, capped to that opening's span so that
+    a window shorter than `over` ("09:00-09:05" with the 10-minute default) still gets it
+    while it is open.
+    """
+    span = next_span(window, now, tz)
+    if span is None:
+        return None
+    opens, closes = span
+    return opens + spread(key, min(over, closes - opens))
 
 
 def spread(key: uuid.UUID | str, over: timedelta) -> timedelta:
