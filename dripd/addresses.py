@@ -41,6 +41,7 @@ PHONE_CHANNELS: Final = frozenset({"sms", "whatsapp"})
 # specials.
 _PLAIN: Final = re.compile(r'[^\s()<>\[\]:;@\\,"\x00-\x1f\x7f-\x9f\ud800-\udfff]+')
 _CONTROL: Final = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+_CONTROL_RUN: Final = re.compile(r"\s*[\x00-\x1f\x7f-\x9f\u2028\u2029][\s\x00-\x1f\x7f-\x9f]*")
 # The inside of an address literal: `192.0.2.1` or `IPv6:2001:db8::1`.
 _LITERAL: Final = re.compile(r"[^\s\[\]\\\x00-\x1f\x7f-\x9f\ud800-\udfff]+")
 # The label separators UTS #46 maps to a full stop.
@@ -58,7 +59,9 @@ class Recipient:
 
     key: str  # the one spelling (see the module docstring)
     address: str  # bare: email as written but NFC, with an ASCII domain; phones E.164
-    display_name: str | None = None  # email only, as written
+    # email only: the phrase before `<…>` as text (quotes and escapes removed, control
+    # characters and line breaks as one space), for a header to quote again
+    display_name: str | None = None
 
 
 def normalize(
@@ -150,7 +153,7 @@ def _email(text: str, field: str) -> Recipient:
     return Recipient(
         key=f"{key}@{domain}",
         address=f"{local}@{_ascii_domain(domain)}",
-        display_name=display_name,
+        display_name=_phrase_text(display_name) if display_name is not None else None,
     )
 
 
@@ -191,6 +194,21 @@ def _one_phrase(name: str) -> bool:
         elif not quoted and c in "<>":
             return False
     return not quoted
+
+
+def _phrase_text(phrase: str) -> str | None:
+    """What a display name says: `"Bob, Jr."` is `Bob, Jr.`, `"a \\"b\\""` is `a "b"`; a run
+    of white space holding a control character (a line break) becomes one space."""
+    text, escaped = [], False
+    for c in phrase:
+        if escaped:
+            text.append(c)
+            escaped = False
+        elif c == "\\":
+            escaped = True
+        elif c != '"':
+            text.append(c)
+    return _CONTROL_RUN.sub(" ", "".join(text)).strip() or None
 
 
 def _u_label(label: str) -> str:

@@ -208,7 +208,7 @@ def test_the_provider_gets_the_bare_address_with_an_ascii_domain() -> None:
     read = recipient("email", ' "Zoë" <Zoe\u0308@Bücher.Example> ')
     assert read.key == "zoë@bücher.example"
     assert read.address == "Zoë@xn--bcher-kva.example"  # the local part as written, NFC
-    assert read.display_name == '"Zoë"'
+    assert read.display_name == "Zoë"  # as text: a header quotes it again
     assert recipient("sms", "(202) 555-0143", default_region="US").address == "+12025550143"
     assert recipient("webhook", " https://hooks.example.com/x ").address == (
         "https://hooks.example.com/x"
@@ -367,7 +367,8 @@ async def test_a_suppressed_address_is_skipped_whatever_its_spelling(
     # Ann's two mails: the provider gets the bare address, the To header the display name.
     sent = outbox_messages(outbox)
     assert [m["to"] for m in sent] == ["Ann@example.com", "Ann@example.com"]
-    assert {m["headers"]["To"] for m in sent} == {"Ann <Ann@Example.com>"}
+    assert {m["to_name"] for m in sent} == {"Ann"}
+    assert all("To" not in m["headers"] for m in sent)
     recorded = {r["recipient"] for r in rows if r["status"] == "sent"}
     assert recorded == {"ann@example.com"}
 
@@ -422,7 +423,7 @@ async def test_one_click_from_a_mail_to_a_display_name_stores_the_bare_address(
             )
             await wait_for(lambda: sink.count() == 1)
             mail = sink.messages[0]
-            assert str(mail["To"]) == "Bob <Bob@Example.com>"
+            assert str(mail["To"]) == "Bob <Bob@example.com>"  # the domain as sent
             assert sink.rcpt_tos == ["Bob@example.com"]
             found = re.fullmatch(
                 r"<https://mail\.example\.com/u/([A-Za-z0-9_-]+)>", str(mail["List-Unsubscribe"])
@@ -441,6 +442,44 @@ async def test_one_click_from_a_mail_to_a_display_name_stores_the_bare_address(
         assert sink.count() == 1
         again = next(r for r in await executions(pool) if r["step_key"] == "again")
         assert (again["status"], again["reason"]) == ("skipped", "suppressed")
+    finally:
+        sink.stop()
+
+
+@pytest.mark.parametrize(
+    ("first_name", "email", "name", "addr_spec"),
+    [
+        # A name that would read as a group or a second address once unquoted.
+        ("Eve\r\nBcc: evil@x.com", "i@example.com", "Eve Bcc: evil@x.com", "i@example.com"),
+        ('Ünï, "Q"', "i2@example.com", "Ünï, Q", "i2@example.com"),
+        # An internationalized domain goes out as its A-labels, never as an encoded word.
+        ("Zoë", "zoe@bücher.example", "Zoë", "zoe@xn--bcher-kva.example"),
+        ("", "w1@Bücher.example", "", "w1@xn--bcher-kva.example"),
+    ],
+)
+async def test_the_to_header_holds_exactly_the_one_recipient(
+    dsn: str,
+    pool: asyncpg.Pool,
+    clock: ManualClock,
+    tmp_path: Path,
+    first_name: str,
+    email: str,
+    name: str,
+    addr_spec: str,
+) -> None:
+    sink = RecordingSink().start()
+    try:
+        await apply_text(pool, NAMED)
+        await add_adapter(
+            pool, name="smtp", channel="email", provider="smtp", config=smtp_config(sink.port)
+        )
+        async with running_daemon(dsn, tmp_path, clock=clock):
+            await enroll_at(pool, clock, "named", "x", first_name=first_name, email=email)
+            await wait_for(lambda: sink.count() == 1)
+        [address] = sink.messages[0]["To"].addresses
+        assert (address.display_name, address.addr_spec) == (name, addr_spec)
+        assert "=?" not in addr_spec
+        assert sink.rcpt_tos == [addr_spec]
     finally:
         sink.stop()
 

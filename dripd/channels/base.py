@@ -31,6 +31,7 @@ __all__ = [
     "PermanentError",
     "Receipt",
     "TransientError",
+    "mailbox_header",
 ]
 
 
@@ -42,9 +43,9 @@ class Message:
     idempotency_key: str
     message_id: str
     channel: str
-    # The bare recipient (email: local@domain, the domain in ASCII; phones: E.164); an
-    # email's rendered `to` with its display name comes as headers["To"].
+    # The bare recipient (email: local@domain, the domain in ASCII; phones: E.164).
     to: str
+    to_name: str | None = None  # email: the recipient's display name, as text (unquoted)
     subject: str | None = None
     text: str | None = None
     html: str | None = None
@@ -52,6 +53,18 @@ class Message:
     sender: str | None = None
     headers: Mapping[str, str] = field(default_factory=dict)
     metadata: Mapping[str, str] = field(default_factory=dict)
+
+
+def mailbox_header(name: str | None, address: str) -> str:
+    """An RFC 5322 mailbox for a header: `address`, or `"name" <address>` with the name as
+    one quoted-string (RFC 5322 §3.2.4: backslash and double quote escaped), so no comma,
+    colon or `<` in a name can read as a second address or a group. `name` holds no line
+    break (dripd.addresses folds it); a non-ASCII name is encoded by the email library
+    (RFC 2047) or sent as UTF-8 under SMTPUTF8 (RFC 6532)."""
+    if not name:
+        return address
+    quoted = name.replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{quoted}" <{address}>'
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -54,6 +54,7 @@ def encode_line(message: Message, *, sent_at: datetime) -> bytes:
         "message_id": message.message_id,
         "channel": message.channel,
         "to": message.to,
+        "to_name": message.to_name,
         "subject": message.subject,
         "text": message.text,
         "html": message.html,

@@ -12,7 +12,14 @@ from typing import Any, assert_never
 
 import aiosmtplib
 
-from dripd.channels.base import ChannelError, Message, PermanentError, Receipt, TransientError
+from dripd.channels.base import (
+    ChannelError,
+    Message,
+    PermanentError,
+    Receipt,
+    TransientError,
+    mailbox_header,
+)
 from dripd.clock import Clock, SystemClock
 from dripd.errors import ConfigError
 from dripd.model import Adapter
@@ -172,7 +179,7 @@ class SmtpChannel:
         mail = EmailMessage()
         try:
             mail["From"] = message.sender or self._settings.sender
-            mail["To"] = message.to
+            mail["To"] = mailbox_header(message.to_name, message.to)
             if message.subject is not None:
                 mail["Subject"] = message.subject
             mail["Date"] = email.utils.format_datetime(self._clock.now())

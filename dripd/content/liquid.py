@@ -8,7 +8,7 @@ import json
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, TextIO
+from typing import Any, Final, TextIO
 
 from liquid import Environment, FalsyStrictUndefined, Markup, RenderContext, Undefined
 from liquid.builtin.output import Output, OutputNode
@@ -96,10 +96,15 @@ def _first_line(exc: LiquidError) -> str:
 # --- what a value prints as ---------------------------------------------------------------
 
 
+_SCALARS: Final = frozenset({str, int, float})
+
+
 def _text(value: object, *, autoescape: bool) -> str:
     """`value` as output prints it: nil as nothing, booleans as `true`/`false` (also inside
     arrays, whose items run together), a hash as JSON, anything else as python-liquid
     prints it (an undefined value raises)."""
+    if type(value) in _SCALARS:  # the common case, without the ABC checks below
+        return to_liquid_string(value, autoescape)
     if isinstance(value, (list, tuple)):
         parts = [_text(item, autoescape=autoescape) for item in value]
         return Markup("").join(parts) if autoescape else "".join(parts)
@@ -111,6 +116,8 @@ def _text(value: object, *, autoescape: bool) -> str:
 def _spelled(value: object) -> object:
     """`value` as a filter that turns it into a string should see it (Liquid's spelling of
     nil, booleans, arrays and hashes, not Python's); other values unchanged."""
+    if type(value) in _SCALARS:
+        return value
     hash_ = isinstance(value, Mapping) and not isinstance(value, Undefined)
     if value is None or isinstance(value, (bool, list, tuple)) or hash_:
         return _text(value, autoescape=False)
@@ -166,7 +173,7 @@ def _strict(name: str, func: Callable[..., Any]) -> Callable[..., Any]:
     takes_text = getattr(func, "__code__", None) is _STRING_FILTER_CODE
 
     def argument(param: str | None, value: object) -> object:
-        if param in nil_means_absent:
+        if type(value) in _SCALARS or param in nil_means_absent:
             return value
         if value is None or isinstance(value, bool) or takes_text:
             return _spelled(value)
@@ -179,10 +186,13 @@ def _strict(name: str, func: Callable[..., Any]) -> Callable[..., Any]:
                 value.poke()  # raises UndefinedError, as printing it does
         if takes_text:
             left = _spelled(left)
-        args = tuple(
-            argument(positions[i] if i < len(positions) else None, v) for i, v in enumerate(args)
-        )
-        kwargs = {k: argument(k, v) if k in positions else v for k, v in kwargs.items()}
+        if args:
+            args = tuple(
+                argument(positions[i] if i < len(positions) else None, v)
+                for i, v in enumerate(args)
+            )
+        if kwargs:
+            kwargs = {k: argument(k, v) if k in positions else v for k, v in kwargs.items()}
         try:
             return func(left, *args, **kwargs)
         except (ArithmeticError, LookupError, ValueError) as exc:

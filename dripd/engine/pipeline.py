@@ -393,21 +393,18 @@ class Pipeline:
                 channel=channel,
                 error=f"step {step.step.key!r}: {exc.message}",
             )
-        headers = self._unsubscribe_headers(item, channel, read.key)
-        if channel == "email" and to.strip() != read.address:
-            # The provider gets the bare address; the To header shows what was rendered.
-            headers["To"] = to.strip()
         message = Message(
             execution_id=item.id,
             idempotency_key=f"{item.id}:{item.replay}",
             message_id=f"<{item.id}.{item.replay}@{self._policy.message_id_domain}>",
             channel=channel,
-            to=read.address,  # email bare (its display name in headers), phones in E.164
+            to=read.address,  # email bare, phones in E.164
+            to_name=read.display_name,
             subject=rendered.get("subject"),
             text=rendered.get("text"),
             html=rendered.get("html"),
             body=rendered.get("body"),
-            headers=headers,
+            headers=self._unsubscribe_headers(item, channel, read.key),
             metadata=_metadata(item, step),
         )
         return Prepared(
