@@ -44,6 +44,10 @@ _CONTROL: Final = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 _CONTROL_RUN: Final = re.compile(r"\s*[\x00-\x1f\x7f-\x9f\u2028\u2029][\s\x00-\x1f\x7f-\x9f]*")
 # The inside of an address literal: `192.0.2.1` or `IPv6:2001:db8::1`.
 _LITERAL: Final = re.compile(r"[^\s\[\]\\\x00-\x1f\x7f-\x9f\ud800-\udfff]+")
+# RFC 5321 §4.5.3.1.1 (local part), RFC 1035 §2.3.4 (label and name, in A-label form).
+_MAX_LOCAL: Final = 64
+_MAX_LABEL: Final = 63
+_MAX_DOMAIN: Final = 253
 # The label separators UTS #46 maps to a full stop.
 _DOTS: Final = re.compile("[.\u3002\uff0e\uff61]")
 
@@ -112,7 +116,21 @@ def normalize_domain(domain: str, *, field: str = "domain") -> str:
     labels = _DOTS.split(mapped)
     if not all(labels):
         raise InvalidAddress(f"{field}: {domain!r} is not a domain name (an empty label)")
-    return ".".join(_u_label(label) for label in labels)
+    spelled = ".".join(_u_label(label, domain, field) for label in labels)
+    ascii_form = _ascii_domain(spelled)
+    # RFC 1035 §2.3.4 (labels of 63 octets, names of 253 in text form) and RFC 5891 §4.2.3.1
+    # (no hyphen first or last), on the A-label form a provider gets.
+    for label in ascii_form.split("."):
+        if len(label) > _MAX_LABEL or label.startswith("-") or label.endswith("-"):
+            raise InvalidAddress(
+                f"{field}: {domain!r} is not a domain name (a label is longer than "
+                f"{_MAX_LABEL} characters or starts or ends with '-')"
+            )
+    if len(ascii_form) > _MAX_DOMAIN:
+        raise InvalidAddress(
+            f"{field}: {domain!r} is not a domain name (longer than {_MAX_DOMAIN} characters)"
+        )
+    return spelled
 
 
 def domain_of(key: str | None) -> str | None:
@@ -147,6 +165,11 @@ def _email(text: str, field: str) -> Recipient:
         raise InvalidAddress(
             f"{field}: {text!r} is not an email address (the part before the @ holds a space, "
             'a control character or one of ()<>[]:;@\\," outside quotes)'
+        )
+    if len(local.encode("utf-8")) > _MAX_LOCAL:
+        raise InvalidAddress(
+            f"{field}: {text!r} is not an email address (the part before the @ is longer "
+            f"than {_MAX_LOCAL} octets)"
         )
     domain = normalize_domain(domain, field=field)
     key = unicodedata.normalize("NFC", local.lower())
@@ -211,18 +234,20 @@ def _phrase_text(phrase: str) -> str | None:
     return _CONTROL_RUN.sub(" ", "".join(text)).strip() or None
 
 
-def _u_label(label: str) -> str:
-    """A UTS #46 mapped label with an `xn--` label decoded; one that is not punycode of
-    some Unicode (or decodes to a separator) stays as it is."""
+def _u_label(label: str, domain: str, field: str) -> str:
+    """A UTS #46 mapped label with an `xn--` label decoded; InvalidAddress for an `xn--`
+    label that is not the punycode of a Unicode label (RFC 5890 §2.3.2.1)."""
     if not label.startswith("xn--"):
         return label
     try:
         decoded = label[4:].encode("ascii").decode("punycode")
         mapped = idna.uts46_remap(decoded, std3_rules=False, transitional=False)
     except (UnicodeError, idna.IDNAError):
-        return label
-    if mapped.isascii() or _DOTS.search(mapped) or not _plain(mapped):
-        return label
+        mapped = ""
+    if not mapped or mapped.isascii() or _DOTS.search(mapped) or not _plain(mapped):
+        raise InvalidAddress(
+            f"{field}: {domain!r} is not a domain name ({label!r} is not punycode of a label)"
+        )
     return mapped
 
 
