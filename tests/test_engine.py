@@ -629,3 +629,49 @@ async def test_transitions_pick_the_first_match_and_no_match_completes(
 
 async def _ended(pool: asyncpg.Pool, enrollment_id: uuid.UUID) -> bool:
     return await _status(pool, enrollment_id) != "active"
+
+
+async def test_a_stop_waits_for_the_batch_being_recorded_before_giving_rows_back(
+    dsn: str,
+    pool: asyncpg.Pool,
+    sink: SmtpSink,
+    clock: ManualClock,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # CI saw it: SIGTERM while the recorder was writing a batch; the stop found the buffer
+    # empty, released the rows of that batch (already sent) and the write then found
+    # their claims gone: "lease lost", and the next daemon sent them again.
+    import anyio
+
+    from dripd.db import store
+
+    order: list[str] = []
+    writing, gate = anyio.Event(), anyio.Event()
+    real_record, real_release = store.record, store.release
+
+    async def gated_record(*args: object, **kwargs: object) -> set[uuid.UUID]:
+        order.append("record")
+        writing.set()
+        await gate.wait()
+        owned = await real_record(*args, **kwargs)  # type: ignore[arg-type]
+        order.append("recorded")
+        return owned
+
+    async def noted_release(*args: object, **kwargs: object) -> int:
+        order.append("release")
+        return await real_release(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(store, "record", gated_record)
+    monkeypatch.setattr(store, "release", noted_release)
+    enrollment = await _enroll_ada(pool, sink.port, tmp_path, clock)
+    async with running_daemon(dsn, tmp_path, clock=clock) as daemon:
+        await writing.wait()  # the first step is sent; its outcome is being written
+        daemon.request_stop()
+        await anyio.wait_all_tasks_blocked()  # the stop has gone as far as it can
+        gate.set()
+    assert order == ["record", "recorded"]
+    rows = await executions(pool)
+    assert [r["status"] for r in rows] == ["sent", "scheduled"]
+    assert await _status(pool, enrollment.id) == "active"
+    assert sink.count() == 1

@@ -61,10 +61,14 @@ class Held:
         """(id, claim token) of every row still held under its own claim."""
         return [(i, r.item.claim_token) for i, r in self.rows.items() if not r.lost]
 
-    def by_token(self) -> dict[uuid.UUID, list[uuid.UUID]]:
+    def unsent_by_token(self) -> dict[uuid.UUID, list[uuid.UUID]]:
+        """Rows never sent, by claim token: the ones a stopping daemon gives back. A row
+        whose send is over stays claimed even if its outcome could not be recorded: only
+        its lease running out (or a late record) decides it, never a release that would
+        let it be sent again at once."""
         grouped: dict[uuid.UUID, list[uuid.UUID]] = {}
         for row_id, row in self.rows.items():
-            if not row.lost:
+            if row.busy and not row.lost:
                 grouped.setdefault(row.item.claim_token, []).append(row_id)
         return grouped
 

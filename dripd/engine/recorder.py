@@ -211,8 +211,17 @@ class Recorder:
                 await anyio.sleep(_RETRY_DELAY)
 
     async def flush(self, deadline: float) -> None:
-        """Write everything buffered, retrying until `deadline` (anyio.current_time())."""
-        while self._buffer:
+        """Write everything buffered, retrying until `deadline` (anyio.current_time()).
+
+        Returns only once no batch is being written either: run() takes its batch out of
+        the buffer before writing it, and a caller that released the held rows while that
+        write was under way would void their claims and the write with them (the rows,
+        already sent, would be sent again)."""
+        while True:
+            with anyio.move_on_at(deadline):
+                async with self._lock:  # wait out a batch run() is writing
+                    if not self._buffer:
+                        return
             try:
                 written = await self._flush_once()
             except Exception:

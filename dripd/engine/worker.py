@@ -203,7 +203,7 @@ class Worker:
                         senders.cancel_scope.deadline = self._deadline
                 grace = max(self._deadline, anyio.current_time() + 5.0)
                 await self._recorder.flush(grace)
-                await self._release(self._held.by_token())
+                await self._release(self._held.unsent_by_token())
                 tg.cancel_scope.cancel()
         finally:
             self._stopped.set()
