@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
+import anyio
 import asyncpg
 import msgspec
 import pytest
@@ -25,6 +26,7 @@ from dripd import api
 from dripd.channels.credentials import Vault, generate_key
 from dripd.clock import ManualClock
 from dripd.control import request
+from dripd.db import store
 from dripd.engine.daemon import Daemon
 
 DRIP = """
@@ -414,7 +416,6 @@ async def test_a_lost_lease_is_claimed_again_and_a_late_record_changes_nothing(
     first = (await executions(pool))[0]
     assert first["attempt"] == 1  # a lease that ran out spends an attempt
     # The dead daemon wakes up and tries to record: its token no longer matches.
-    from dripd.db import store
 
     async with store.acquire(pool) as conn:
         await store.init_connection(conn)
@@ -642,10 +643,6 @@ async def test_a_stop_waits_for_the_batch_being_recorded_before_giving_rows_back
     # CI saw it: SIGTERM while the recorder was writing a batch; the stop found the buffer
     # empty, released the rows of that batch (already sent) and the write then found
     # their claims gone: "lease lost", and the next daemon sent them again.
-    import anyio
-
-    from dripd.db import store
-
     order: list[str] = []
     writing, gate = anyio.Event(), anyio.Event()
     real_record, real_release = store.record, store.release

@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import anyio
 import asyncpg
 import pytest
 import structlog.testing
@@ -25,7 +26,8 @@ from support import (
 
 from dripd import api
 from dripd.clock import ManualClock
-from dripd.errors import Conflict
+from dripd.db import store
+from dripd.errors import Conflict, DatabaseError
 
 # Monday 2026-03-02 12:00 UTC: a week before New York's spring change (2026-03-08).
 START = datetime(2026, 3, 2, 12, 0, tzinfo=UTC)
@@ -612,6 +614,52 @@ async def test_a_failing_hook_is_retried_then_fails_the_step_naming_the_hook(
     assert row["status"] == "failed"
     assert row["last_error"].startswith("gave up after 2 attempts: hook 'plan'")
     assert outbox_messages(outbox) == []
+
+
+PLAIN = """
+[sequence]
+key = "plain"
+
+[[steps]]
+key = "hi"
+channel = "email"
+subject = "Hi"
+text = "Hi"
+"""
+
+
+async def test_a_failed_read_gives_the_batch_back_before_any_of_it_is_sent(
+    dsn: str,
+    pool: asyncpg.Pool,
+    clock: ManualClock,
+    outbox: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The batch's suppression check fails after a step with hooks was already queued: that
+    # one went out, the batch was given back, and it went out again.
+    real, calls = store.suppressed, []
+
+    async def fails_first(*args: Any, **kwargs: Any) -> Any:
+        calls.append(len(args[1]))
+        if len(calls) == 1:
+            await anyio.wait_all_tasks_blocked()  # whatever was handed on has gone as far
+            raise DatabaseError("connection lost")
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(store, "suppressed", fails_first)
+    await apply_text(pool, HOOKED.format(fn="plan_for"))
+    await apply_text(pool, PLAIN)
+    pro = await enroll_at(pool, clock, "hooked", "pro", plan="pro")
+    plain = await enroll_at(pool, clock, "plain", "plain")
+    async with running_daemon(dsn, tmp_path, clock=clock):
+        await wait_for(lambda: has_status(pool, pro.id, "completed"))
+        await wait_for(lambda: has_status(pool, plain.id, "completed"))
+    assert calls[0] == 1  # the batch's check: the plain step (the hooked one checks its own)
+    assert sorted(m["to"] for m in outbox_messages(outbox)) == [
+        "plain@example.com",
+        "pro@example.com",
+    ]
 
 
 def _one_with(pool: asyncpg.Pool, status: str, *, attempt: int):  # type: ignore[no-untyped-def]

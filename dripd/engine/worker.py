@@ -408,12 +408,17 @@ class Worker:
             self._on_change()
 
     async def _dispatch(self, items: list[ClaimedExecution]) -> None:
+        """Prepare a claimed batch and hand it on. Nothing is queued or recorded until
+        every database read has succeeded: when one fails, the caller gives the whole
+        batch back, which is only right while none of it has gone anywhere."""
         missing = {i.step_id for i in items if i.step_id not in self._steps}
         if missing:
             self._steps.update(
                 compile_version(await store.load_versions(self._pool, list(missing)))
             )
         await self._gather_events(items)
+        jobs: list[Job] = []
+        outcomes: list[Outcome] = []
         prepared: list[Prepared] = []
         for item in items:
             step = self._steps[item.step_id]
@@ -423,7 +428,7 @@ class Worker:
                 and item.enrollment_status is EnrollmentStatus.ACTIVE
                 and item.attempt < self._pipeline.max_attempts(step)
             ):
-                self._jobs.put_nowait(Hooked(item, step))  # network I/O: a sender runs it
+                jobs.append(Hooked(item, step))  # network I/O: a sender runs it
                 continue
             try:
                 result = self._pipeline.prepare(item, step)
@@ -437,18 +442,21 @@ class Worker:
                     finished_at=self._clock.now(),
                 )
             if isinstance(result, Outcome):
-                self._recorder.add(result)
+                outcomes.append(result)
             else:
                 prepared.append(result)
-        if not prepared:
-            return
-        keys = [(p.execution.tenant_key, p.message.channel, p.address) for p in prepared]
-        blocked = await store.suppressed(self._pool, keys)
-        for n, p in enumerate(prepared):
-            if n in blocked:
-                self._recorder.add(self._pipeline.suppressed(p))
-            else:
-                self._jobs.put_nowait(p)
+        if prepared:
+            keys = [(p.execution.tenant_key, p.message.channel, p.address) for p in prepared]
+            blocked = await store.suppressed(self._pool, keys)
+            for n, p in enumerate(prepared):
+                if n in blocked:
+                    outcomes.append(self._pipeline.suppressed(p))
+                else:
+                    jobs.append(p)
+        for outcome in outcomes:
+            self._recorder.add(outcome)
+        for job in jobs:
+            self._jobs.put_nowait(job)
 
     async def _gather_events(self, items: list[ClaimedExecution]) -> None:
         """Load `events.<key>` statistics for the items whose conditions read them."""
@@ -505,21 +513,22 @@ class Worker:
     async def _hooked(self, job: Hooked) -> Outcome | None:
         """The path of a step that reads hooks: call them, then prepare, check, send."""
         item, step = job.item, job.step
-        try:
-            result: Prepared | Outcome | None = await self._pipeline.run_hooks(item, step)
-            if result is None:
-                result = self._pipeline.prepare(item, step)
-            if isinstance(result, Prepared):
-                key = (item.tenant_key, result.message.channel, result.address)
-                if await store.suppressed(self._pool, [key]):
-                    return self._pipeline.suppressed(result)
-                return await self._pipeline.deliver(result)
+        result: Prepared | Outcome | None = await self._pipeline.run_hooks(item, step)
+        if result is None:
+            result = self._pipeline.prepare(item, step)
+        if not isinstance(result, Prepared):
             return result
+        key = (item.tenant_key, result.message.channel, result.address)
+        try:
+            blocked = await store.suppressed(self._pool, [key])
         except DripdError as exc:
-            # The database failed the suppression check: give the row back untouched.
+            # Nothing has gone out yet: give the row back untouched.
             log.warning("suppression check failed", execution_id=str(item.id), error=exc.message)
             await self._release({item.claim_token: [item.id]})
             return None
+        if blocked:
+            return self._pipeline.suppressed(result)
+        return await self._pipeline.deliver(result)
 
     async def _release(self, by_token: dict[uuid.UUID, list[uuid.UUID]]) -> None:
         for token, ids in by_token.items():
