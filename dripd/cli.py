@@ -11,6 +11,7 @@ import sys
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -79,7 +80,9 @@ async def _with_conn(
 
 
 async def cmd_migrate(args: argparse.Namespace, cfg: Config) -> None:
-    applied = await _with_conn(args, cfg, migrate_mod.migrate)
+    applied = await _with_conn(
+        args, cfg, partial(migrate_mod.migrate, allow_newer_server=args.allow_newer_server)
+    )
     _print(
         args,
         {"applied": applied},
@@ -731,7 +734,12 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="HTTP listen address (default 127.0.0.1:8025, or a free port if taken)",
     )
-    add("migrate", cmd_migrate, "apply pending schema migrations", [db])
+    mi = add("migrate", cmd_migrate, "apply pending schema migrations", [db])
+    mi.add_argument(
+        "--allow-newer-server",
+        action="store_true",
+        help=f"migrate a PostgreSQL newer than {migrate_mod.NEWEST_TESTED_SERVER} (untested)",
+    )
     add("check-schema", cmd_check_schema, "exit 1 unless the schema is current", [db])
     un = add("uninstall", cmd_uninstall, "print the teardown SQL (run it with --execute)", [db])
     un.add_argument("--execute", action="store_true", help="drop the dripd schema and all its data")

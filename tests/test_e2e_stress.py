@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import glob
 import os
-import pwd
 import signal
 import subprocess
 import time
@@ -21,7 +20,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import asyncpg
 import msgspec
@@ -53,7 +52,7 @@ from support import (
 )
 
 from dripd import config as dripd_config
-from dripd.db.cluster import ThrowawayCluster, find_bindir
+from dripd.db.cluster import ThrowawayCluster
 from dripd.db.migrate import migrate
 
 pytestmark = pytest.mark.slow
@@ -328,25 +327,6 @@ async def through_restarts(make: Callable[[], Awaitable[T]], timeout: float = 60
             await asyncio.sleep(0.1)
 
 
-def restart_server(cluster: ThrowawayCluster) -> None:
-    """`pg_ctl restart -m fast`, as the user the cluster runs as."""
-    assert cluster.dir is not None
-    kwargs: dict[str, Any] = {}
-    if cluster.run_as is not None:
-        entry = pwd.getpwnam(cluster.run_as)
-        kwargs = {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-    log = cluster.dir / "postgres.log"
-    done = subprocess.run(
-        [str(find_bindir() / "pg_ctl"), "-D", str(cluster.dir / "data"), "-l", str(log),
-         "-m", "fast", "-w", "-t", "60", "restart"],
-        capture_output=True, text=True, timeout=120, env=env, cwd=cluster.dir, **kwargs,
-    )  # fmt: skip
-    if done.returncode != 0:
-        tail = "\n".join(log.read_text(errors="replace").splitlines()[-20:])
-        raise AssertionError(f"pg_ctl restart: exit {done.returncode}\n{done.stdout}\n{tail}")
-
-
 @pytest.fixture
 async def own_server() -> AsyncIterator[tuple[ThrowawayCluster, str]]:
     """A Postgres server of this test's own (it will be restarted), with a migrated database."""
@@ -394,7 +374,7 @@ async def test_postgres_restarts_mid_run_lose_nothing(
                         f"{await through_restarts(lambda: statuses(pool))}\n{d.tail()}"
                     ) from None
                 before = await through_restarts(lambda: unrecorded(pool, relay))
-                await asyncio.to_thread(restart_server, cluster)
+                await asyncio.to_thread(cluster.restart_sync)
                 after = await through_restarts(lambda: unrecorded(pool, relay))
                 bound |= before | after
                 at_restarts.append((len(before), len(after)))

