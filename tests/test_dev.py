@@ -87,6 +87,22 @@ async def test_dev_with_a_throwaway_cluster_sends_and_cleans_up(tmp_path: Path) 
     assert not data_dir.exists()
 
 
+async def test_dev_names_binaries_it_cannot_use_and_leaves_nothing(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DRIPD_")}
+    env |= {"DRIPD_PG_BINARIES": str(tmp_path), "DRIPD_CONFIG": str(tmp_path / "none.toml")}
+    env["TMPDIR"] = str(tmp_path / "tmp")
+    (tmp_path / "tmp").mkdir()
+    (tmp_path / "none.toml").write_text("")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "dripd.cli", "dev", env=env, stderr=asyncio.subprocess.PIPE
+    )
+    _, err = await asyncio.wait_for(proc.communicate(), timeout=60)
+    assert proc.returncode == 2
+    assert f"DRIPD_PG_BINARIES={tmp_path}: not a directory holding initdb" in err.decode()
+    assert "Traceback" not in err.decode()
+    assert list((tmp_path / "tmp").iterdir()) == []  # its work directory is gone too
+
+
 def _without_machine_postgres() -> list[str]:
     """A command prefix that runs its command in a private mount namespace where this
     machine's PostgreSQL server binaries are hidden under empty file systems: the same

