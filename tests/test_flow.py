@@ -359,6 +359,44 @@ async def test_event_and_timeout_racing_give_exactly_one_path_per_enrollment(
     assert len(waits) == len(people)
 
 
+async def test_an_event_committed_while_its_wait_is_claimed_still_decides_the_path(
+    dsn: str, pool: asyncpg.Pool, clock: ManualClock, outbox: Path, tmp_path: Path
+) -> None:
+    # The race above, made certain: the claim of a timed-out wait locks the row's newest
+    # version, which an event released (event_id set) after the claim's snapshot was
+    # taken, so the claim's own read of dripd.events cannot see that event. A trigger
+    # plays the event's part, inside the claim: its insert is equally invisible to the
+    # statement. The claim read the event as null, and the subscriber got the timeout.
+    await apply_text(pool, ACTIVATION)
+    async with running_daemon(dsn, tmp_path, clock=clock):
+        e = await enroll_at(pool, clock, "activation", "late")
+        await wait_for(lambda: len(outbox_messages(outbox)) == 1)
+        await quiet(pool, clock)
+        await pool.execute(LATE_EVENT_TRIGGER)
+        clock.advance(timedelta(days=3))  # the wait times out: the daemon claims it
+        await wait_for(lambda: has_status(pool, e.id, "completed"))
+    assert steps_sent(outbox) == ["hello", "congrats"]
+    released = await pool.fetchval("SELECT count(*) FROM dripd.events WHERE key = 'activated'")
+    assert released == 1
+
+
+LATE_EVENT_TRIGGER = """
+CREATE FUNCTION public.late_event() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF OLD.status = 'scheduled' AND NEW.status = 'claimed'
+       AND NEW.waiting_for IS NOT NULL AND NEW.event_id IS NULL THEN
+        INSERT INTO dripd.events (subscriber_id, key)
+        SELECT en.subscriber_id, NEW.waiting_for FROM dripd.enrollments AS en
+        WHERE en.id = NEW.enrollment_id
+        RETURNING id INTO NEW.event_id;
+    END IF;
+    RETURN NEW;
+END $$;
+CREATE TRIGGER late_event BEFORE UPDATE ON dripd.step_executions
+    FOR EACH ROW EXECUTE FUNCTION public.late_event();
+"""
+
+
 async def test_a_paused_wait_released_by_an_event_continues_on_resume(
     dsn: str, pool: asyncpg.Pool, clock: ManualClock, outbox: Path, tmp_path: Path
 ) -> None:

@@ -134,6 +134,7 @@ class Queries:
     release: str
     release_held: str
     release_waits: str
+    released_events: str
     renew: str
     replay: str
     resume_adapter: str
@@ -329,13 +330,16 @@ async def claim(
     daemon: str,
 ) -> list[ClaimedExecution]:
     """Claim up to `limit` due rows of each (lane, limit), oldest first, under one claim
-    token and lease (claim.sql); returns them with what the pipeline needs."""
+    token and lease (claim.sql); returns them with what the pipeline needs, a released
+    wait with its event (read again when it committed while the claim ran)."""
     if not lanes:
         return []
     names, limits = [lane for lane, _ in lanes], [n for _, n in lanes]
     with translated():
         async with acquire(db) as conn:
             rows = await conn.fetch(Q.claim, names, limits, now, token, lease_until, daemon)
+            unseen = [r["event_id"] for r in rows if r["event_id"] is not None and not r["event"]]
+            late = dict(await conn.fetch(Q.released_events, unseen)) if unseen else {}
     return [
         ClaimedExecution(
             id=r["id"],
@@ -354,7 +358,7 @@ async def claim(
             data=r["data"],
             timezone=r["timezone"],
             created_at=r["created_at"],
-            event=_released_by(r["event"]),
+            event=_released_by(r["event"] or late.get(r["event_id"])),
         )
         for r in rows
     ]

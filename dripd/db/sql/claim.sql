@@ -32,8 +32,10 @@ WHERE e.id = ANY (ARRAY(
   AND en.id = e.enrollment_id
 RETURNING e.id, e.enrollment_id, e.step_id, e.tenant_key, e.lane, e.due_at, e.created_at,
           e.attempt, e.replay, e.advance, en.status AS enrollment_status, en.subscriber_type,
-          en.subscriber_id, en.data, en.timezone,
+          en.subscriber_id, en.data, en.timezone, e.event_id,
           -- A wait released by an event carries that event to the step's transitions.
+          -- (NULL with an event_id when the event committed after this statement began:
+          -- store.claim reads those in a statement of their own.)
           CASE WHEN e.event_id IS NOT NULL THEN
               (SELECT jsonb_build_object('key', ev.key, 'data', ev.data, 'id', ev.id,
                                          'occurred_at', ev.occurred_at)
