@@ -56,8 +56,6 @@ def busiest(arrivals: list[float], length: float) -> int:
     return most
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(180)
 def record_token_slices(monkeypatch: pytest.MonkeyPatch) -> dict[str, float]:
     """execution id → the start (epoch seconds) of the slice whose token its send spent."""
     slices: dict[str, float] = {}
@@ -84,6 +82,8 @@ def record_token_slices(monkeypatch: pytest.MonkeyPatch) -> dict[str, float]:
     return slices
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(180)
 async def test_two_daemons_never_deliver_more_than_the_limit_in_any_window(
     dsn: str, pool: asyncpg.Pool, sink: SmtpSink, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
