@@ -29,6 +29,7 @@ __all__ = [
     "InvalidAddress",
     "Recipient",
     "domain_of",
+    "mailbox",
     "normalize",
     "normalize_domain",
     "phone_key",
@@ -138,6 +139,18 @@ def domain_of(key: str | None) -> str | None:
     if not key or "@" not in key:
         return None
     return key.rsplit("@", 1)[1] or None
+
+
+def mailbox(key: str) -> str:
+    """The mailbox of a normalized email address (`normalize("email", …)`): the address
+    without the sub-address, i.e. the local part cut at its first `+` (`victim+1@example.com`
+    and `victim@example.com` are one mailbox). A local part that starts with `+` is kept
+    whole; nothing else (dots, `-` tags, provider aliases) is folded."""
+    local, at, domain = key.rpartition("@")
+    if not at:
+        return key
+    base = local.split("+", 1)[0]
+    return f"{base or local}@{domain}"
 
 
 def _email(text: str, field: str) -> Recipient:

@@ -7,17 +7,19 @@ import asyncio
 import base64
 import math
 import os
+import re
 import sys
+import traceback
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import msgspec
 
-from dripd import __version__, api, logs
+from dripd import __version__, api, inputs, logs
 from dripd import config as config_mod
 from dripd.channels import registry
 from dripd.channels.credentials import ENV_VAR, Vault, generate_key
@@ -28,6 +30,7 @@ from dripd.db import migrate as migrate_mod
 from dripd.engine.adapters import adapter_aad
 from dripd.engine.hookset import secret_aad
 from dripd.errors import ConfigError, CredentialsError, DripdError, NotFound
+from dripd.model import CHANNELS
 from dripd.sequences import load_file
 
 Handler = Callable[[argparse.Namespace, Config], Awaitable[Any]]
@@ -54,23 +57,77 @@ def _dsn(args: argparse.Namespace, cfg: Config) -> str:
     return dsn
 
 
-def _json_arg(text: str | None, name: str) -> dict[str, Any]:
+def _json_arg(text: str | None, name: str, *, where: str | None = None) -> dict[str, Any]:
+    """The JSON object in `text` ({} for None), checked as data every surface takes
+    (`dripd.inputs.check_json`, or `check_data` when `where` is "data"); ConfigError
+    naming the argument `name` and the path in the value (`--data: data.n: …`)."""
     if text is None:
         return {}
     try:
         value = msgspec.json.decode(text)
     except msgspec.DecodeError as exc:
-        raise ConfigError(f"{name}: not valid JSON: {exc}") from exc
+        raise ConfigError(f"{name}: not valid JSON: {exc}") from None
+    except RecursionError:
+        raise ConfigError(
+            f"{name}: nested deeper than {inputs.MAX_DEPTH} levels (and too deep to read)"
+        ) from None
     if not isinstance(value, dict):
         raise ConfigError(f"{name}: must be a JSON object")
+    try:
+        if where == "data":
+            return inputs.check_data(value, where=where)
+        inputs.check_json(value, where=where or name.lstrip("-"))
+    except inputs.InvalidInput as exc:
+        raise ConfigError(f"{name}: {exc.message}") from None
     return value
+
+
+#: The most a command reads of a file or stdin (credentials, secrets).
+MAX_INPUT_BYTES = 65536
+
+
+def _read_input(source: str, name: str) -> str:
+    """The UTF-8 text of the file `source`, or of stdin for "-", at most MAX_INPUT_BYTES;
+    ConfigError naming the argument `name` and the file otherwise. Never quotes the
+    content: it may be a secret."""
+    shown = "stdin" if source == "-" else source
+    try:
+        if source == "-":
+            stream = getattr(sys.stdin, "buffer", None)  # a text-only stdin (tests) has none
+            data = (
+                stream.read(MAX_INPUT_BYTES + 1)
+                if stream is not None
+                else sys.stdin.read(MAX_INPUT_BYTES + 1).encode("utf-8", "surrogateescape")
+            )
+        else:
+            with Path(source).open("rb") as file:
+                data = file.read(MAX_INPUT_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"{name}: cannot read {shown}: {exc.strerror or exc}") from None
+    except ValueError:  # a NUL in the path
+        raise ConfigError(f"{name}: {source!r} is not a file name") from None
+    if len(data) > MAX_INPUT_BYTES:
+        raise ConfigError(f"{name}: {shown} is larger than {MAX_INPUT_BYTES} bytes")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{name}: {shown} is not UTF-8 text (byte {exc.start})") from None
+
+
+# The commands that work on a database without dripd's (current) schema.
+_SCHEMA_COMMANDS = frozenset({"migrate", "check-schema", "uninstall"})
 
 
 async def _with_conn(
     args: argparse.Namespace, cfg: Config, body: Callable[[store.Connection], Awaitable[Any]]
 ) -> Any:
+    """`body` run on a fresh connection, once the schema is current (SchemaError saying what
+    to run otherwise: `schema not installed: run `dripd migrate``), except for the
+    commands that install or inspect it."""
     conn = await store.connect(_dsn(args, cfg), timeout=cfg.connect_timeout.total_seconds())
     try:
+        if getattr(args, "cmd", None) not in _SCHEMA_COMMANDS:
+            await migrate_mod.require_current(conn)
         return await body(conn)
     finally:
         await conn.close()
@@ -164,7 +221,7 @@ async def cmd_apply(args: argparse.Namespace, cfg: Config) -> None:
 
 
 async def cmd_enroll(args: argparse.Namespace, cfg: Config) -> None:
-    data = _json_arg(args.data, "--data")
+    data = _json_arg(args.data, "--data", where="data")
     enrollment = await _with_conn(
         args,
         cfg,
@@ -188,7 +245,7 @@ async def cmd_enroll(args: argparse.Namespace, cfg: Config) -> None:
 
 
 async def cmd_event(args: argparse.Namespace, cfg: Config) -> None:
-    data = _json_arg(args.data, "--data")
+    data = _json_arg(args.data, "--data", where="data")
     event = await _with_conn(
         args,
         cfg,
@@ -237,7 +294,7 @@ async def cmd_suppress(args: argparse.Namespace, cfg: Config) -> None:
 async def cmd_preview(args: argparse.Namespace, cfg: Config) -> int:
     from dripd.engine.preview import preview
 
-    data = _json_arg(args.data, "--data")
+    data = _json_arg(args.data, "--data", where="data")
     steps = await _with_conn(
         args,
         cfg,
@@ -295,21 +352,28 @@ def _uuid(text: str, name: str) -> uuid.UUID:
 def _read_credentials(source: str | None) -> dict[str, Any]:
     if source is None:
         return {}
-    try:
-        text = sys.stdin.read() if source == "-" else Path(source).read_text()
-    except OSError as exc:
-        raise ConfigError(f"--credentials-file: cannot read {source}: {exc.strerror}") from exc
+    text = _read_input(source, "--credentials-file")
     try:
         value = msgspec.json.decode(text)
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, RecursionError):
         # Never echo the content: it is a secret.
-        raise ConfigError("--credentials-file: not a JSON object") from exc
+        raise ConfigError("--credentials-file: not a JSON object") from None
     if not isinstance(value, dict):
         raise ConfigError("--credentials-file: not a JSON object")
+    try:
+        inputs.check_json(value, where="credentials")  # names keys only, never values
+    except inputs.InvalidInput as exc:
+        raise ConfigError(f"--credentials-file: {exc.message}") from None
     return value
 
 
 async def cmd_adapter_add(args: argparse.Namespace, cfg: Config) -> None:
+    served = registry.get(args.provider).channels
+    if served is not None and args.channel not in served:
+        raise ConfigError(
+            f"--channel: provider {args.provider!r} does not serve channel {args.channel!r}; "
+            f"it serves: {', '.join(sorted(served))}"
+        )
     config = _json_arg(args.config, "--config")
     credentials = _read_credentials(args.credentials_file)
     registry.validate(args.channel, args.provider, config, credentials)
@@ -448,7 +512,7 @@ async def cmd_hook_test(args: argparse.Namespace, cfg: Config) -> None:
     from dripd.conditions.netguard import NetPolicy
     from dripd.engine.hookset import HookSet
 
-    data = _json_arg(args.data, "--data")
+    data = _json_arg(args.data, "--data", where="data")
 
     async def run(conn: store.Connection) -> Any:
         seq = await store.find_sequence(conn, args.tenant, args.sequence)
@@ -504,11 +568,7 @@ async def cmd_hook_test(args: argparse.Namespace, cfg: Config) -> None:
 
 
 def _read_secret(source: str) -> str:
-    try:
-        text = sys.stdin.read() if source == "-" else Path(source).read_text()
-    except OSError as exc:
-        raise ConfigError(f"--from-file: cannot read {source}: {exc.strerror}") from exc
-    value = text.rstrip("\r\n")
+    value = _read_input(source, "--from-file").rstrip("\r\n")
     if not value:
         raise ConfigError("--from-file: the secret is empty")
     return value
@@ -644,7 +704,14 @@ async def cmd_ctl(args: argparse.Namespace, cfg: Config) -> None:
     elif command == "resume-adapter":
         if len(rest) not in (1, 2):
             raise ConfigError("ctl resume-adapter: takes NAME and, for a tenant's adapter, TENANT")
-        payload = {"name": rest[0], "tenant": rest[1] if len(rest) == 2 else None}
+        try:
+            name = inputs.check_name(rest[0], field="NAME", kind="adapter")
+            tenant = inputs.check_optional(
+                rest[1] if len(rest) == 2 else None, field="TENANT", kind="tenant"
+            )
+        except inputs.InvalidInput as exc:
+            raise ConfigError(f"ctl resume-adapter: {exc.message}") from None
+        payload = {"name": name, "tenant": tenant}
     elif rest:
         raise ConfigError(f"ctl {command}: takes no arguments")
     result = await control_request(socket_path, command, payload, timeout=args.timeout)
@@ -664,16 +731,55 @@ async def cmd_dev(args: argparse.Namespace, cfg: Config) -> None:
 def _tenant_arg(text: str) -> str:
     if not text.strip():
         raise argparse.ArgumentTypeError("must not be empty (leave --tenant out for global)")
-    return text
+    return _text("tenant")(text)
 
 
-def _name_arg(text: str) -> str:
-    if not text.strip():
+def _text(kind: str, *, name: bool = False) -> Callable[[str], str]:
+    """An argparse type: a name or id of `kind`, within the limits every surface applies
+    (`dripd.inputs.MAX_LENGTH`), and with `name` of the form the schema takes for the
+    name of an adapter or a secret; argparse names the argument in the error (exit 2)."""
+
+    def check(text: str) -> str:
+        try:
+            if name:
+                return inputs.check_name(text, field=kind)
+            return inputs.check_text(text, field=kind)
+        except inputs.InvalidInput as exc:
+            raise argparse.ArgumentTypeError(exc.reason) from None
+
+    check.__name__ = kind  # argparse names the type in some messages
+    return check
+
+
+def _count_arg(maximum: int) -> Callable[[str], int]:
+    """An argparse type: a whole number from 0 to `maximum`."""
+
+    def check(text: str) -> int:
+        if not (text.isascii() and text.isdigit() and len(text) <= 9) or int(text) > maximum:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number from 0 to {maximum}")
+        return int(text)
+
+    return check
+
+
+def _file_arg(text: str) -> str:
+    if not text:
         raise argparse.ArgumentTypeError("must not be empty")
     return text
 
 
+def _listen_arg(text: str) -> str:
+    try:
+        config_mod.parse_listen(text, where="address")
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(exc.message.removeprefix("address: ")) from None
+    return text
+
+
 _MAX_WAIT_SECONDS = 86400.0
+_MAX_DEMO_SUBSCRIBERS = 1000
+_SUBSCRIBER_TYPE = _text("subscriber_type")
+_TYPE_HELP = "subscriber type (default user)"
 
 
 def _seconds_arg(text: str) -> float:
@@ -688,36 +794,49 @@ def _seconds_arg(text: str) -> float:
     return seconds
 
 
+# The password of a URI's user info (`postgresql://ann:PASSWORD@host/…`), up to the
+# authority's last @.
+_URI_PASSWORD = re.compile(r"(://[^:/@\s]*:)[^/\s]*@")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, except that a usage error never echoes a DSN's password (argparse quotes
+    the arguments it could not place, `--dsn`'s value among them)."""
+
+    def error(self, message: str) -> NoReturn:
+        super().error(_URI_PASSWORD.sub(r"\1***@", message))
+
+
 def _parser() -> argparse.ArgumentParser:
     config_help = (
         "config file (default: $DRIPD_CONFIG, else /etc/dripd/dripd.toml, else built-in defaults)"
     )
     # `adapter add` owns `--config JSON` (a fixed point of the CLI), so its config file can
     # only be given before the command: `dripd --config PATH adapter add ...`.
-    output = argparse.ArgumentParser(add_help=False)
+    output = _Parser(add_help=False)
     output.add_argument("--json", action="store_true", help="print one JSON document")
     output.add_argument("-v", "--verbose", action="store_true", help="tracebacks on errors")
     output.add_argument("--dsn", help="Postgres DSN (default: $DRIPD_DSN, else database.dsn)")
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument(
         "--config", dest="config_path", type=Path, default=argparse.SUPPRESS, help=config_help
     )
     common.add_argument("--json", action="store_true", help="print one JSON document")
     common.add_argument("-v", "--verbose", action="store_true", help="tracebacks on errors")
-    db = argparse.ArgumentParser(add_help=False, parents=[common])
+    db = _Parser(add_help=False, parents=[common])
     db.add_argument("--dsn", help="Postgres DSN (default: $DRIPD_DSN, else database.dsn)")
-    tenant = argparse.ArgumentParser(add_help=False)
+    tenant = _Parser(add_help=False)
     tenant.add_argument(
         "--tenant", default=None, type=_tenant_arg, help="tenant key (absent: global)"
     )
 
-    p = argparse.ArgumentParser(prog="dripd", description="Drip and sequence messaging daemon.")
+    p = _Parser(prog="dripd", description="Drip and sequence messaging daemon.")
     p.add_argument("--version", action="version", version=f"dripd {__version__}")
     p.add_argument("--config", dest="config_path", type=Path, default=None, help=config_help)
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
     def add(
-        name: str, handler: Handler, help_: str, parents: Sequence[argparse.ArgumentParser]
+        name: str, handler: Handler, help_: str, parents: Sequence[_Parser]
     ) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help_, parents=list(parents), description=help_)
         sp.set_defaults(handler=handler)
@@ -728,10 +847,16 @@ def _parser() -> argparse.ArgumentParser:
         "dev", cmd_dev, "a throwaway Postgres, the examples, outbox adapters and the daemon", [db]
     )
     dev.add_argument("--examples", type=Path, default=None, help="sequence files directory")
-    dev.add_argument("--subscribers", type=int, default=3, help="demo subscribers to enroll")
+    dev.add_argument(
+        "--subscribers",
+        type=_count_arg(_MAX_DEMO_SUBSCRIBERS),
+        default=3,
+        help=f"demo subscribers to enroll (0 to {_MAX_DEMO_SUBSCRIBERS})",
+    )
     dev.add_argument(
         "--http",
         default=None,
+        type=_listen_arg,
         help="HTTP listen address (default 127.0.0.1:8025, or a free port if taken)",
     )
     mi = add("migrate", cmd_migrate, "apply pending schema migrations", [db])
@@ -744,21 +869,25 @@ def _parser() -> argparse.ArgumentParser:
     un = add("uninstall", cmd_uninstall, "print the teardown SQL (run it with --execute)", [db])
     un.add_argument("--execute", action="store_true", help="drop the dripd schema and all its data")
     ap = add("apply", cmd_apply, "create or update sequences from sequence files", [db])
-    ap.add_argument("files", nargs="+", metavar="FILE")
+    ap.add_argument("files", nargs="+", metavar="FILE", type=_file_arg)
     en = add("enroll", cmd_enroll, "enroll a subscriber in a sequence", [db, tenant])
-    en.add_argument("sequence", metavar="SEQUENCE_KEY")
-    en.add_argument("subscriber", metavar="SUBSCRIBER_ID")
-    en.add_argument("--type", default="user", help="subscriber type (default user)")
+    en.add_argument("sequence", metavar="SEQUENCE_KEY", type=_text("sequence"))
+    en.add_argument("subscriber", metavar="SUBSCRIBER_ID", type=_text("subscriber_id"))
+    en.add_argument("--type", default="user", type=_SUBSCRIBER_TYPE, help=_TYPE_HELP)
     en.add_argument("--data", help="subscriber data as a JSON object")
     ev = add("event", cmd_event, "record an event of a subscriber", [db, tenant])
-    ev.add_argument("subscriber", metavar="SUBSCRIBER_ID")
-    ev.add_argument("key", metavar="EVENT_KEY")
-    ev.add_argument("--type", default="user", help="subscriber type (default user)")
+    ev.add_argument("subscriber", metavar="SUBSCRIBER_ID", type=_text("subscriber_id"))
+    ev.add_argument("key", metavar="EVENT_KEY", type=_text("key"))
+    ev.add_argument("--type", default="user", type=_SUBSCRIBER_TYPE, help=_TYPE_HELP)
     ev.add_argument("--data", help="event data as a JSON object")
-    ev.add_argument("--id", help="idempotency id: the same id twice records one event")
+    ev.add_argument(
+        "--id",
+        type=_text("idempotency_id"),
+        help="idempotency id: the same id twice records one event",
+    )
     su = add("suppress", cmd_suppress, "stop all sends to an address on a channel", [db, tenant])
-    su.add_argument("channel", metavar="CHANNEL")
-    su.add_argument("address", metavar="ADDRESS")
+    su.add_argument("channel", metavar="CHANNEL", choices=sorted(CHANNELS))
+    su.add_argument("address", metavar="ADDRESS", type=_text("address"))
     su.add_argument(
         "--reason",
         default="manual",
@@ -771,11 +900,17 @@ def _parser() -> argparse.ArgumentParser:
         "render a sequence's steps for some data; sends nothing",
         [db, tenant],
     )
-    pv.add_argument("sequence", metavar="SEQUENCE_KEY")
-    pv.add_argument("subscriber", metavar="SUBSCRIBER_ID", nargs="?", default="preview")
-    pv.add_argument("--type", default="user", help="subscriber type (default user)")
+    pv.add_argument("sequence", metavar="SEQUENCE_KEY", type=_text("sequence"))
+    pv.add_argument(
+        "subscriber",
+        metavar="SUBSCRIBER_ID",
+        nargs="?",
+        default="preview",
+        type=_text("subscriber_id"),
+    )
+    pv.add_argument("--type", default="user", type=_SUBSCRIBER_TYPE, help=_TYPE_HELP)
     pv.add_argument("--data", help="subscriber data as a JSON object")
-    pv.add_argument("--step", help="only this step")
+    pv.add_argument("--step", type=_text("step"), help="only this step")
     rp = add("replay", cmd_replay, "send a failed execution again", [db])
     rp.add_argument("execution_id", metavar="EXECUTION_ID")
     rp.add_argument("--tenant", default=None, type=_tenant_arg, help="only within this tenant")
@@ -784,9 +919,9 @@ def _parser() -> argparse.ArgumentParser:
     ad_sub = ad.add_subparsers(dest="adapter_cmd", required=True, metavar="ACTION")
     aa = ad_sub.add_parser("add", parents=[output, tenant], help="add a channel adapter")
     aa.set_defaults(handler=cmd_adapter_add)
-    aa.add_argument("name", metavar="NAME")
-    aa.add_argument("--channel", required=True)
-    aa.add_argument("--provider", required=True)
+    aa.add_argument("name", metavar="NAME", type=_text("adapter", name=True))
+    aa.add_argument("--channel", required=True, choices=sorted(CHANNELS))
+    aa.add_argument("--provider", required=True, type=_text("provider"), choices=registry.names())
     aa.add_argument("--default", action="store_true", help="the default for its channel/tenant")
     aa.add_argument("--config", help="adapter config as a JSON object")
     aa.add_argument(
@@ -799,13 +934,13 @@ def _parser() -> argparse.ArgumentParser:
     al.add_argument("--all-tenants", action="store_true")
     adis = ad_sub.add_parser("disable", parents=[db, tenant], help="disable an adapter")
     adis.set_defaults(handler=cmd_adapter_disable)
-    adis.add_argument("name", metavar="NAME")
+    adis.add_argument("name", metavar="NAME", type=_text("adapter", name=True))
 
     se = sub.add_parser("secret", help="secrets for hooks: set, generate, list, delete")
     se_sub = se.add_subparsers(dest="secret_cmd", required=True, metavar="ACTION")
     ss = se_sub.add_parser("set", parents=[db, tenant], help="store a secret (encrypted)")
     ss.set_defaults(handler=cmd_secret_set)
-    ss.add_argument("name", metavar="NAME")
+    ss.add_argument("name", metavar="NAME", type=_text("secret", name=True))
     ss.add_argument(
         "--from-file",
         metavar="PATH|-",
@@ -818,13 +953,13 @@ def _parser() -> argparse.ArgumentParser:
         help="create a Standard Webhooks signing secret (whsec_…) and print it once",
     )
     sg.set_defaults(handler=cmd_secret_generate)
-    sg.add_argument("name", metavar="NAME")
+    sg.add_argument("name", metavar="NAME", type=_text("secret", name=True))
     sl = se_sub.add_parser("list", parents=[db, tenant], help="list secret names")
     sl.set_defaults(handler=cmd_secret_list)
     sl.add_argument("--all-tenants", action="store_true")
     sd = se_sub.add_parser("delete", parents=[db, tenant], help="delete a secret")
     sd.set_defaults(handler=cmd_secret_delete)
-    sd.add_argument("name", metavar="NAME")
+    sd.add_argument("name", metavar="NAME", type=_text("secret", name=True))
 
     tk = sub.add_parser("token", help="HTTP API tokens: create, list, revoke")
     tk_sub = tk.add_subparsers(dest="token_cmd", required=True, metavar="ACTION")
@@ -832,7 +967,9 @@ def _parser() -> argparse.ArgumentParser:
         "create", parents=[db, tenant], help="create an API token and print it (only this once)"
     )
     tc.set_defaults(handler=cmd_token_create)
-    tc.add_argument("--name", default="api", type=_name_arg, help="what it is for (default api)")
+    tc.add_argument(
+        "--name", default="api", type=_text("token"), help="what it is for (default api)"
+    )
     tl = tk_sub.add_parser("list", parents=[db, tenant], help="list API tokens (never the tokens)")
     tl.set_defaults(handler=cmd_token_list)
     tl.add_argument("--all-tenants", action="store_true")
@@ -846,11 +983,16 @@ def _parser() -> argparse.ArgumentParser:
         "test", parents=[db, tenant], help="run one hook of a sequence and print its result"
     )
     ht.set_defaults(handler=cmd_hook_test)
-    ht.add_argument("sequence", metavar="SEQUENCE")
-    ht.add_argument("hook", metavar="HOOK")
+    ht.add_argument("sequence", metavar="SEQUENCE", type=_text("sequence"))
+    ht.add_argument("hook", metavar="HOOK", type=_text("hook"))
     ht.add_argument("--data", help="subscriber data as a JSON object")
-    ht.add_argument("--subscriber", default="hook-test", help="subscriber id (default hook-test)")
-    ht.add_argument("--type", default="user", help="subscriber type (default user)")
+    ht.add_argument(
+        "--subscriber",
+        default="hook-test",
+        type=_text("subscriber_id"),
+        help="subscriber id (default hook-test)",
+    )
+    ht.add_argument("--type", default="user", type=_SUBSCRIBER_TYPE, help=_TYPE_HELP)
 
     add(
         "rotate-key",
@@ -873,24 +1015,69 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point: exit 0 ok, 1 error, 2 bad configuration or input."""
-    parser = _parser()
-    args = parser.parse_args(argv)
-    verbose = getattr(args, "verbose", False)
+    """Entry point: exit 0 ok, 1 error, 2 bad configuration or input (the message names
+    the argument, file or key). An error prints one or two lines, never a traceback
+    unless `-v`: this is the CLI's top, so it turns any exception into such a line."""
+    verbose = False
     try:
+        parser = _parser()
+        args = parser.parse_args(argv)
+        verbose = getattr(args, "verbose", False)
+        _check_arguments(parser, args)
         cfg = config_mod.load(args.config_path)
         logs.configure(cfg.log.level, cfg.log.format)
         result = asyncio.run(args.handler(args, cfg))
     except DripdError as exc:
         if verbose:
-            import traceback
-
             traceback.print_exc()
         print(f"dripd: {_chain(exc)}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:  # noqa: BLE001 - the CLI's top: one line, the traceback with -v
+        if verbose:
+            traceback.print_exc()
+        hint = "" if verbose else " (run again with -v for the traceback)"
+        print(f"dripd: internal error: {_one_line(exc)}{hint}", file=sys.stderr)
+        return 1
     return int(result) if isinstance(result, int) else 0
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    text = text if len(text) <= 200 else text[:199] + "…"
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """What argparse does not check of every argument: text in UTF-8 (bytes that are not
+    arrive as lone surrogates), and the DSN's form. ConfigError naming the argument."""
+    names = _argument_names(parser)
+    for dest, value in vars(args).items():
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, str | Path) and inputs.text_fault(str(item)) is not None:
+                raise ConfigError(
+                    f"argument {names.get(dest, dest)}: not valid UTF-8 text (dripd reads "
+                    "its arguments as UTF-8)"
+                )
+    dsn = getattr(args, "dsn", None)
+    if dsn is not None:
+        config_mod.check_dsn(dsn, where="--dsn")
+
+
+def _argument_names(parser: argparse.ArgumentParser) -> dict[str, str]:
+    """How the help names each argument (`--data`, `SUBSCRIBER_ID`), by its `dest`."""
+    names: dict[str, str] = {}
+    parsers = [parser]
+    while parsers:
+        for action in parsers.pop()._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                parsers.extend(action.choices.values())
+            elif action.option_strings:
+                names.setdefault(action.dest, max(action.option_strings, key=len))
+            else:
+                names.setdefault(action.dest, str(action.metavar or action.dest))
+    return names
 
 
 def _chain(exc: BaseException) -> str:

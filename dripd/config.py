@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import tomllib
+import urllib.parse
+from dataclasses import dataclass
 from datetime import timedelta
-from ipaddress import IPv4Network, IPv6Network, ip_network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_network
 from pathlib import Path
 from typing import Any, Final, Literal
 
@@ -15,7 +18,8 @@ import phonenumbers
 
 from dripd.addresses import normalize, normalize_domain
 from dripd.errors import ConfigError
-from dripd.model import MAX_ATTEMPTS, MAX_COUNT, Span, parse_duration, parse_rate
+from dripd.model import CHANNELS, MAX_ATTEMPTS, MAX_COUNT, Span, parse_duration, parse_rate
+from dripd.redaction import Redactor, dsn_secrets
 from dripd.timing import zone
 
 DEFAULT_PATH = Path("/etc/dripd/dripd.toml")
@@ -41,10 +45,76 @@ DURATIONS: Final[dict[str, Span]] = {
     "thresholds.window": Span(_MS, timedelta(days=365)),
     "thresholds.interval": Span(_MS, _DAY),
     "unsubscribe.token_ttl": Span(_MS),
+    "leads.confirm_ttl": Span(timedelta(minutes=1), timedelta(days=30)),
     "circuit.open_for": Span(_MS, _DAY),
     "circuit.max_open_for": Span(_MS, _DAY),
     "circuit.probe_timeout": Span(_SECOND, _HOUR),
+    "control.read_timeout": Span(_MS, _HOUR),
+    "control.idle_timeout": Span(_MS, _DAY),
+    "http.header_timeout": Span(_MS, _HOUR),
+    "http.body_timeout": Span(_MS, _HOUR),
+    "http.idle_timeout": Span(_MS, _HOUR),
 }
+
+
+@dataclass(frozen=True, slots=True)
+class Bounds:
+    """The integers a key accepts: `minimum` to `maximum`, both included."""
+
+    minimum: int
+    maximum: int
+
+    def __str__(self) -> str:
+        return f"from {self.minimum} to {self.maximum}"
+
+    def check(self, value: int, where: str) -> int:
+        """`value`, or ConfigError naming `where` unless it is within the bounds."""
+        if not self.minimum <= value <= self.maximum:
+            shown = str(value) if abs(value) < 10**18 else "an integer of 19 or more digits"
+            raise ConfigError(f"{where}: {shown} is out of range; use an integer {self}")
+        return value
+
+
+# The range of every integer key, checked when the config loads (README, Configuration):
+# a value that passes can neither overflow a 32-bit column nor exhaust memory, file
+# descriptors or Postgres connections. `quotas[].limit` is the `limit` of each [[quotas]].
+INTEGERS: Final[dict[str, Bounds]] = {
+    # A connection each: a descriptor here and a backend process in Postgres, whose own
+    # max_connections is 100 by default.
+    "database.pool_min": Bounds(1, 1000),
+    "database.pool_max": Bounds(1, 1000),
+    # The claim's LIMIT (an int4 parameter); every row claimed is held in memory.
+    "worker.batch_size": Bounds(1, 10_000),
+    # One sender task each, all started at once, and each send may hold a socket:
+    # 10 000 fit in memory and in a raised LimitNOFILE (10 000 000 starved the event loop).
+    "worker.concurrency": Bounds(1, 10_000),
+    # The retry backoff base·2^(n-1) stays a finite float.
+    "worker.max_attempts": Bounds(1, MAX_ATTEMPTS),
+    # Every body is read into memory whole before it is parsed.
+    "http.max_body_bytes": Bounds(1, 16 * 2**20),
+    # Compared with the sends counted in the window (32-bit counts).
+    "thresholds.min_volume": Bounds(1, MAX_COUNT),
+    # The ledgers count in 32-bit integers.
+    "quotas[].limit": Bounds(1, MAX_COUNT),
+    # Provider-wide failures in a row; a breaker that waits for more never opens.
+    "circuit.failures": Bounds(1, 1000),
+    # New leads of one mailbox (sub-addresses included) in any 24 hours.
+    "leads.max_per_mailbox_per_day": Bounds(1, 1000),
+    # Connections held at once, each a descriptor: the daemon checks at start that they fit
+    # RLIMIT_NOFILE with its others (dripd/engine/descriptors.py).
+    "http.max_connections": Bounds(1, 1_000_000),
+    "control.max_connections": Bounds(1, 10_000),
+}
+
+#: The largest config file dripd reads; the default one is 8 KiB.
+MAX_FILE_BYTES: Final = 2**20
+#: The longest control socket path, in bytes: `sun_path` holds 108 with the closing NUL.
+MAX_SOCKET_PATH: Final = 107
+#: The longest name (a tenant, an adapter, a provider or a sequence key) the config takes,
+#: as the HTTP API's (a btree index entry holds 2704 bytes).
+MAX_NAME: Final = 128
+#: The longest `unsubscribe.base_url`: it goes into a header of every mail, with a token.
+MAX_URL: Final = 1024
 
 
 class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -52,12 +122,22 @@ class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         key = f"{type(self).__name__.lower()}.{name}"
         return parse_duration(getattr(self, name), where=key, within=DURATIONS[key])
 
+    def seconds(self, name: str) -> float:
+        """The duration key `name` of this section, in seconds (its range checked at load)."""
+        return self._duration(name).total_seconds()
+
 
 class Database(_Section):
     dsn: str = ""
     pool_min: int = 2
     pool_max: int = 10
     connect_timeout: str = "10s"
+
+    def __repr__(self) -> str:
+        # The DSN may hold a password: a repr (a traceback's locals, a debugger) hides it.
+        shown = {name: getattr(self, name) for name in self.__struct_fields__}
+        shown["dsn"] = Redactor(dsn_secrets(self.dsn))(self.dsn)
+        return f"Database({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
 
 
 class Worker(_Section):
@@ -77,12 +157,20 @@ class Worker(_Section):
 class Control(_Section):
     socket: str = "/run/dripd/control.sock"
     mode: str = "0660"
+    read_timeout: str = "10s"
+    idle_timeout: str = "60s"
+    max_connections: int = 32
 
 
 class Http(_Section):
     listen: str = "127.0.0.1:8025"
+    admin_listen: str = "127.0.0.1:8026"  # "": none; the same as `listen`: one listener
     enabled: bool = True
     max_body_bytes: int = 65536
+    header_timeout: str = "10s"
+    body_timeout: str = "30s"
+    idle_timeout: str = "5s"
+    max_connections: int = 512
 
 
 class Log(_Section):
@@ -143,9 +231,40 @@ class Unsubscribe(_Section):
 
 
 class Leads(_Section):
+    """The lead form and `POST /v1/leads`, and their defences (README, Lead intake)."""
+
     enabled: bool = False
     sequence: str = ""
     tenant: str = ""
+    rate_limit: str = "10/1h"  # form posts per client address
+    api_rate_limit: str = "600/1h"  # `POST /v1/leads` per API token
+    trusted_proxies: list[str] = msgspec.field(default_factory=list)
+    honeypot_field: str = "website"  # "": no honeypot
+    max_per_mailbox_per_day: int = 3
+    double_opt_in: bool = False
+    confirm_sequence: str = ""
+    confirm_ttl: str = "2d"
+    base_url: str = ""  # where /leads/confirm/TOKEN is reachable, for confirmation links
+
+    @property
+    def form_rate(self) -> tuple[int, timedelta]:
+        """`rate_limit` as (count, window)."""
+        return parse_rate(self.rate_limit, where="leads.rate_limit")
+
+    @property
+    def api_rate(self) -> tuple[int, timedelta]:
+        """`api_rate_limit` as (count, window)."""
+        return parse_rate(self.api_rate_limit, where="leads.api_rate_limit")
+
+    @property
+    def proxies(self) -> tuple[IPv4Network | IPv6Network, ...]:
+        """`trusted_proxies` as networks."""
+        return tuple(ip_network(n, strict=False) for n in self.trusted_proxies)
+
+    @property
+    def confirm_for(self) -> timedelta:
+        """`confirm_ttl`: how long a pending lead's confirmation link works."""
+        return self._duration("confirm_ttl")
 
 
 class Hooks(_Section):
@@ -162,8 +281,7 @@ class Circuit(_Section):
     probe_timeout: str = "30s"
 
     def __post_init__(self) -> None:
-        if self.failures <= 0:
-            raise ConfigError(f"circuit.failures: must be a positive integer, got {self.failures}")
+        INTEGERS["circuit.failures"].check(self.failures, "circuit.failures")
         if self._duration("max_open_for") < self._duration("open_for"):
             raise ConfigError("circuit.max_open_for: must not be shorter than circuit.open_for")
         self._duration("probe_timeout")
@@ -241,113 +359,440 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     def http_host_port(self) -> tuple[str, int]:
         return parse_listen(self.http.listen, where="http.listen")
 
-
-def _positive(value: int, where: str) -> None:
-    if value <= 0:
-        raise ConfigError(f"{where}: must be a positive integer, got {value}")
+    @property
+    def admin_host_port(self) -> tuple[str, int] | None:
+        """Where the admin listener binds; None without one (`http.admin_listen = ""`)."""
+        if not self.http.admin_listen:
+            return None
+        return parse_listen(self.http.admin_listen, where="http.admin_listen")
 
 
 def _validate(cfg: Config) -> None:
-    _positive(cfg.database.pool_min, "database.pool_min")
-    _positive(cfg.database.pool_max, "database.pool_max")
+    """Every key in its range and of its syntax (README, Configuration); ConfigError naming
+    the key path of the first that is not."""
+    _plain_text(msgspec.to_builtins(cfg), "")
+    for key, bounds in INTEGERS.items():
+        section, _, name = key.partition(".")
+        if not section.endswith("[]"):
+            bounds.check(getattr(getattr(cfg, section), name), key)
+    for key in DURATIONS:
+        section, _, name = key.partition(".")
+        getattr(cfg, section)._duration(name)
     if cfg.database.pool_min > cfg.database.pool_max:
         raise ConfigError("database.pool_min: must not exceed database.pool_max")
-    _positive(cfg.worker.batch_size, "worker.batch_size")
-    _positive(cfg.worker.concurrency, "worker.concurrency")
-    _positive(cfg.worker.max_attempts, "worker.max_attempts")
-    if cfg.worker.max_attempts > MAX_ATTEMPTS:
-        raise ConfigError(f"worker.max_attempts: must be at most {MAX_ATTEMPTS}")
-    for name in (
-        "lease",
-        "poll_interval",
-        "retry_base",
-        "retry_max",
-        "record_linger",
-        "shutdown_timeout",
-        "stats_interval",
-        "analyze_interval",
-    ):
-        cfg.worker._duration(name)
-    cfg.database._duration("connect_timeout")
+    if cfg.database.dsn:
+        check_dsn(cfg.database.dsn, where="database.dsn")
+    _socket_path(cfg.control.socket, "control.socket")
     if not re.fullmatch(r"0?[0-7]{3}", cfg.control.mode):
         raise ConfigError(
-            f'control.mode: {cfg.control.mode!r} is not an octal file mode like "0660"'
+            f'control.mode: {_shown(cfg.control.mode)} is not an octal file mode like "0660"'
         )
-    if cfg.http.enabled:
-        parse_listen(cfg.http.listen, where="http.listen")
-    if not re.fullmatch(r"[A-Za-z0-9.-]+", cfg.email.message_id_domain):
-        raise ConfigError("email.message_id_domain: must be a host name")
+    parse_listen(cfg.http.listen, where="http.listen")
+    if cfg.http.admin_listen:
+        parse_listen(cfg.http.admin_listen, where="http.admin_listen")
+    if not _host_name(cfg.email.message_id_domain):
+        raise ConfigError(
+            f"email.message_id_domain: {_shown(cfg.email.message_id_domain)} is not a host "
+            "name (labels of 1 to 63 letters, digits and inner hyphens, joined by dots)"
+        )
     zone(cfg.recipients.default_timezone, where="recipients.default_timezone")
     if cfg.recipients.default_region not in phonenumbers.SUPPORTED_REGIONS:
         raise ConfigError(
-            f"recipients.default_region: {cfg.recipients.default_region!r} is not a region "
-            'code such as "US" or "DE"'
+            f"recipients.default_region: {_shown(cfg.recipients.default_region)} is not a "
+            'region code such as "US" or "DE"'
         )
-    _positive(cfg.http.max_body_bytes, "http.max_body_bytes")
     for key, tenant in cfg.tenants.items():
+        _name(key, _path("tenants", key))
         if tenant.timezone is not None:
-            zone(tenant.timezone, where=f"tenants.{key}.timezone")
-    cfg.windows._duration("spread")
-    for scope in (
-        "adapter",
-        "provider",
-        "sending_domain",
-        "recipient_domain",
-        "tenant",
-        "sequence",
-    ):
+            zone(tenant.timezone, where=f"{_path('tenants', key)}.timezone")
+    for n, channel in enumerate(cfg.windows.channels):
+        if channel not in CHANNELS:
+            raise ConfigError(
+                f"windows.channels[{n}]: {_shown(channel)} is not a channel; use "
+                + ", ".join(sorted(CHANNELS))
+            )
+    for scope in RateLimits.__struct_fields__:
         for key, rate in getattr(cfg.rate_limits, scope).items():
-            parse_rate(rate, where=f"rate_limits.{scope}.{key}")
-            if scope.endswith("_domain") and key != "*":
-                normalize_domain(key, field=f"rate_limits.{scope}.{key}")
+            where = _path(f"rate_limits.{scope}", key)
+            parse_rate(rate, where=where)
+            if key == "*":
+                continue
+            if scope.endswith("_domain"):
+                normalize_domain(key, field=where)
+            else:
+                _name(key, where)
     for n, quota in enumerate(cfg.quotas):
-        _positive(quota.limit, f"quotas[{n}].limit")
-        if quota.limit > MAX_COUNT:
-            raise ConfigError(f"quotas[{n}].limit: must be at most {MAX_COUNT}")
-        zone(quota.timezone, where=f"quotas[{n}].timezone")
-        if quota.scope == "global" and quota.key != "*":
-            raise ConfigError(f"quotas[{n}].key: a global quota has no key")
-        if quota.scope == "mailbox" and quota.key != "*":
-            normalize("email", quota.key, field=f"quotas[{n}].key")
-    t = cfg.thresholds
-    for name in ("window", "interval"):
-        t._duration(name)
+        _quota(quota, f"quotas[{n}]")
     for name in ("bounce_rate", "complaint_rate"):
-        if not 0 < getattr(t, name) <= 1:
-            raise ConfigError(f"thresholds.{name}: must be a fraction in (0, 1], e.g. 0.02")
-    _positive(t.min_volume, "thresholds.min_volume")
-    cfg.unsubscribe._duration("token_ttl")
-    base_url = cfg.unsubscribe.base_url
-    if base_url and not re.fullmatch(r"https://[^\s/,<>\"]+(/[^\s,<>\"]*)?", base_url):
-        # RFC 8058: one-click unsubscribe URIs must be https.
+        rate = getattr(cfg.thresholds, name)
+        if not (math.isfinite(rate) and 0 < rate <= 1):
+            raise ConfigError(
+                f"thresholds.{name}: must be a fraction in (0, 1], e.g. 0.02; got {rate}"
+            )
+    _base_url(cfg.unsubscribe.base_url, "unsubscribe.base_url")
+    if cfg.unsubscribe.mailto:
+        _mailto(cfg.unsubscribe.mailto, "unsubscribe.mailto")
+    if cfg.leads.sequence and not _SEQUENCE_KEY.fullmatch(cfg.leads.sequence):
         raise ConfigError(
-            f"unsubscribe.base_url: {base_url!r} is not an https URL like "
-            '"https://mail.example.com" (RFC 8058 requires https)'
+            f"leads.sequence: {_shown(cfg.leads.sequence)} is not a sequence key (a letter or "
+            f"digit, then letters, digits, '_', '.' or '-'; at most {MAX_NAME} characters)"
         )
     if cfg.leads.enabled and not cfg.leads.sequence:
         raise ConfigError("leads.sequence: required when leads.enabled (the sequence leads enter)")
+    if cfg.leads.tenant:
+        _name(cfg.leads.tenant, "leads.tenant")
+    _leads(cfg.leads)
     for n, network in enumerate(cfg.hooks.allowed_networks):
         try:
             ip_network(network, strict=False)
-        except ValueError as exc:
+        except ValueError:
             raise ConfigError(
-                f"hooks.allowed_networks[{n}]: {network!r} is not a network like "
+                f"hooks.allowed_networks[{n}]: {_shown(network)} is not a network like "
                 '"10.0.0.0/8" or "fd00::/8"'
-            ) from exc
+            ) from None
+
+
+# Control characters (NUL, line breaks, …) and unpaired surrogates: no key has a use for
+# one, Postgres text cannot hold NUL, and a line break in a header would start another.
+_UNPRINTABLE: Final = re.compile(r"[\x00-\x1f\x7f\ud800-\udfff]")
+# The deepest a key nests (quotas → a quota → its key is 3); a deeper value is no config.
+_MAX_DEPTH: Final = 8
+# A sequence key as sequence files spell it, no longer than the HTTP API accepts.
+_SEQUENCE_KEY: Final = re.compile(rf"[A-Za-z0-9][A-Za-z0-9_.-]{{0,{MAX_NAME - 1}}}")
+# A host name label (RFC 1123): letters, digits and inner hyphens.
+_LABEL: Final = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+# What a URI in a List-Unsubscribe header cannot hold (RFC 2369: `<uri>, <uri>`).
+_UNSAFE_IN_HEADER: Final = re.compile(r"[^!-~]|[<>,\"]")
+
+
+def _shown(text: str) -> str:
+    """`text` quoted for a message, at most about 60 characters of it."""
+    return repr(text) if len(text) <= 60 else repr(text[:57]) + "…"
+
+
+def _path(where: str, key: str) -> str:
+    """The path of `key` in the table at `where`; an odd key is quoted."""
+    plain = re.fullmatch(r"[A-Za-z0-9_*.@+-]{1,60}", key) is not None
+    return f"{where}.{key if plain else _shown(key)}"
+
+
+def _plain_text(value: object, where: str, depth: int = 0) -> None:
+    """ConfigError naming the key unless every string in `value` (keys included) is free
+    of control characters and unpaired surrogates, and no value nests deeper than any
+    key of the config does."""
+    if depth > _MAX_DEPTH:
+        raise ConfigError(f"{where}: nested too deeply")
+    if isinstance(value, str):
+        found = _UNPRINTABLE.search(value)
+        if found is not None:
+            raise ConfigError(
+                f"{where}: must not hold a control character or an unpaired surrogate "
+                f"(found {found.group()!r} at index {found.start()})"
+            )
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):  # not from TOML; msgspec names it
+                continue
+            path = _path(where, key) if where else key
+            _plain_text(key, path)
+            _plain_text(item, path, depth + 1)
+    elif isinstance(value, list):
+        for n, item in enumerate(value):
+            _plain_text(item, f"{where}[{n}]", depth + 1)
+
+
+def _name(text: str, where: str) -> None:
+    """A tenant, adapter, provider or sequence name: 1 to MAX_NAME characters, not blank."""
+    if not text.strip() or len(text) > MAX_NAME:
+        raise ConfigError(f"{where}: a name must be 1 to {MAX_NAME} characters, not blank")
+
+
+def _quota(quota: Quota, where: str) -> None:
+    INTEGERS["quotas[].limit"].check(quota.limit, f"{where}.limit")
+    zone(quota.timezone, where=f"{where}.timezone")
+    if quota.key == "*":
+        return
+    if quota.scope == "global":
+        raise ConfigError(f"{where}.key: a global quota has no key")
+    if quota.scope == "mailbox":
+        normalize("email", quota.key, field=f"{where}.key")
+    else:
+        _name(quota.key, f"{where}.key")
+
+
+def _host_name(text: str) -> bool:
+    """Whether `text` is a host name: labels of 1 to 63 letters, digits and inner hyphens
+    joined by dots, at most 253 characters, the last label not all digits (RFC 1123, 3696)."""
+    labels = text.split(".")
+    return (
+        len(text) <= 253
+        and all(_LABEL.fullmatch(label) for label in labels)
+        and not labels[-1].isdigit()
+    )
+
+
+def _host(text: str) -> bool:
+    """Whether `text` is an IPv4 address or a host name."""
+    try:
+        IPv4Address(text)
+    except ValueError:
+        return _host_name(text)
+    return True
+
+
+def _ipv6(text: str) -> bool:
+    try:
+        IPv6Address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _socket_path(path: str, where: str) -> None:
+    """A Unix socket path: absolute, naming a file, and no longer than `sun_path` holds."""
+    if not path.startswith("/") or path.endswith("/"):
+        raise ConfigError(
+            f'{where}: {_shown(path)} is not an absolute file path like "/run/dripd/control.sock"'
+        )
+    size = len(os.fsencode(path))
+    if size > MAX_SOCKET_PATH:
+        raise ConfigError(
+            f"{where}: the path is {size} bytes long; a Unix socket's path holds at most "
+            f"{MAX_SOCKET_PATH}"
+        )
+
+
+def _base_url(url: str, where: str) -> None:
+    """Empty, or an https URL without query or fragment that can go in a header (RFC 8058)."""
+    if not url:
+        return
+    if "@" in url.partition("//")[2].partition("/")[0]:  # its password is not echoed
+        raise ConfigError(f"{where}: must not hold user information (user:password@)")
+    match = re.fullmatch(r"https://([^/?#@]+)(/[^?#]*)?", url)
+    authority = match and re.fullmatch(r"(?:\[([^\]]*)\]|([^:\[\]]+))(?::([0-9]{1,5}))?", match[1])
+    if (
+        len(url) > MAX_URL
+        or _UNSAFE_IN_HEADER.search(url)
+        or not authority
+        or not (_ipv6(authority[1]) if authority[1] is not None else _host(authority[2]))
+        or not 1 <= int(authority[3] or 443) <= 65535
+    ):
+        # RFC 8058: one-click unsubscribe URIs must be https.
+        raise ConfigError(
+            f"{where}: {_shown(url)} is not an https URL like "
+            f'"https://mail.example.com" (RFC 8058 requires https; at most {MAX_URL} '
+            "characters, no query or fragment)"
+        )
+
+
+def _mailto(text: str, where: str) -> None:
+    """An email address for List-Unsubscribe, `mailto:` and `?subject=…` optional (RFC 6068):
+    printable ASCII without space, comma, quote or angle bracket."""
+    rest = text[len("mailto:") :] if text[:7].lower() == "mailto:" else text
+    address = rest.partition("?")[0]
+    normalize("email", address, field=where)
+    if _UNSAFE_IN_HEADER.search(text):
+        raise ConfigError(
+            f"{where}: {_shown(text)} cannot go in a List-Unsubscribe header (use a bare "
+            "ASCII address without spaces, commas, quotes or angle brackets)"
+        )
+
+
+#: The most posts a lead budget counts (it keeps the time of each one in its window).
+MAX_LEAD_POSTS: Final = 1000
+#: The fields of the lead form, which the honeypot must not take the name of.
+LEAD_FIELDS: Final = frozenset({"name", "email", "phone", "notes"})
+_FIELD_NAME: Final = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")
+
+
+def _leads(leads: Leads) -> None:
+    """The `leads.*` keys, each in its range, and together: double opt-in needs a
+    confirmation sequence other than the lead sequence and a public base URL."""
+    for name in ("rate_limit", "api_rate_limit"):
+        count, _ = parse_rate(getattr(leads, name), where=f"leads.{name}")
+        if count > MAX_LEAD_POSTS:
+            raise ConfigError(
+                f"leads.{name}: {_shown(getattr(leads, name))}: the count must be at most "
+                f"{MAX_LEAD_POSTS}"
+            )
+    for n, network in enumerate(leads.trusted_proxies):
+        try:
+            ip_network(network, strict=False)
+        except ValueError:
+            raise ConfigError(
+                f"leads.trusted_proxies[{n}]: {_shown(network)} is not an address or a network "
+                'like "127.0.0.1", "10.0.0.0/8" or "fd00::/8"'
+            ) from None
+    field = leads.honeypot_field
+    if field and (not _FIELD_NAME.fullmatch(field) or field in LEAD_FIELDS):
+        raise ConfigError(
+            f"leads.honeypot_field: {_shown(field)} is not a field name the form can use (a "
+            "letter, then up to 63 letters, digits, '_' or '-'; not name, email, phone or "
+            'notes); "" turns the honeypot off'
+        )
+    if leads.confirm_sequence and not _SEQUENCE_KEY.fullmatch(leads.confirm_sequence):
+        raise ConfigError(
+            f"leads.confirm_sequence: {_shown(leads.confirm_sequence)} is not a sequence key "
+            f"(a letter or digit, then letters, digits, '_', '.' or '-'; at most {MAX_NAME} "
+            "characters)"
+        )
+    _leads_base_url(leads.base_url)
+    if not leads.double_opt_in:
+        return
+    if not leads.confirm_sequence:
+        raise ConfigError(
+            "leads.confirm_sequence: required when leads.double_opt_in (the sequence whose "
+            "message carries the confirmation link, {{ confirm_url }})"
+        )
+    if leads.confirm_sequence == leads.sequence:
+        raise ConfigError(
+            "leads.confirm_sequence: must not be leads.sequence (a lead enters that one only "
+            "once confirmed)"
+        )
+    if not leads.base_url:
+        raise ConfigError(
+            "leads.base_url: required when leads.double_opt_in (where /leads/confirm/TOKEN is "
+            'reachable, e.g. "https://mail.example.com")'
+        )
+
+
+def _leads_base_url(url: str) -> None:
+    """ "" or an https URL without query or fragment (http only for a loopback host)."""
+    if not url:
+        return
+    match = re.fullmatch(r"(https?)://([^/?#@\s<>\"]+)(/[^?#\s<>\"]*)?", url)
+    host = None
+    if match is not None and len(url) <= MAX_URL:
+        try:
+            host = urllib.parse.urlsplit(url).hostname
+            urllib.parse.urlsplit(url).port  # noqa: B018 - raises ValueError when out of range
+        except ValueError:
+            host = None
+    if host is None or (match is not None and match[1] == "http" and not _loopback(host)):
+        raise ConfigError(
+            f"leads.base_url: {_shown(url)} is not an https URL like "
+            f'"https://mail.example.com" (http only on a loopback host; at most {MAX_URL} '
+            "characters, no query or fragment)"
+        )
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ip_network(host).network_address.is_loopback
+    except ValueError:
+        return False
+
+
+_LISTEN: Final = re.compile(r"(?:\[(?P<v6>[^\]]*)\]|(?P<host>[^:\[\]]+)):(?P<port>[0-9]{1,5})")
 
 
 def parse_listen(text: str, *, where: str) -> tuple[str, int]:
-    """Split `"127.0.0.1:8025"` (or `"[::1]:8025"`) into host and port."""
-    match = re.fullmatch(r"\[?([^\]]*?)\]?:(\d{1,5})", text)
-    if match is None or not 0 <= int(match.group(2)) <= 65535:
-        raise ConfigError(f'{where}: {text!r} is not a "host:port" address')
-    return match.group(1), int(match.group(2))
+    """Split `"127.0.0.1:8025"`, `"[::1]:8025"` or `"localhost:8025"` into host and port.
+
+    ConfigError naming `where` unless the host is an IPv4 address, a bracketed IPv6 address
+    or a host name, and the port is 0 (any free port) to 65535."""
+    match = _LISTEN.fullmatch(text)
+    if match is None or int(match["port"]) > 65535:
+        raise ConfigError(
+            f'{where}: {_shown(text)} is not a "host:port" address like "127.0.0.1:8025" or '
+            '"[::1]:8025" (port 0 to 65535)'
+        )
+    if match["v6"] is not None:
+        if not _ipv6(match["v6"]):
+            raise ConfigError(f"{where}: {_shown(match['v6'])} is not an IPv6 address")
+        return match["v6"], int(match["port"])
+    if not _host(match["host"]):
+        raise ConfigError(
+            f"{where}: {_shown(match['host'])} is neither an IPv4 address nor a host name"
+        )
+    return match["host"], int(match["port"])
 
 
 def _path_of(error: msgspec.ValidationError) -> str:
     message = str(error)
     match = re.search(r"at `\$\.?(.*)`$", message)
     return match.group(1) if match else ""
+
+
+_DSN_FORM: Final = "a PostgreSQL URI like postgresql://user:password@host:5432/dbname"
+_SSLMODES: Final = frozenset({"disable", "allow", "prefer", "require", "verify-ca", "verify-full"})
+_SESSION_ATTRS: Final = frozenset(
+    {"any", "primary", "standby", "read-write", "read-only", "prefer-standby"}
+)
+_IPV6_HOST: Final = re.compile(r"\[[^\]]+\](?::([^:]*))?")
+
+
+def check_dsn(text: str, *, where: str) -> str:
+    """`text`, once it is a DSN the driver (asyncpg) can use: a `postgresql://` or
+    `postgres://` URI with hosts, ports and query as libpq spells them. ConfigError naming
+    `where` (`--dsn`, `DRIPD_DSN`, `database.dsn`) and the part at fault otherwise; the
+    message never quotes the DSN, which may hold a password."""
+    fault = _dsn_fault(text)
+    if fault is not None:
+        # A password with an unencoded '/', '?' or '#' reads as a port: never show it.
+        shown = Redactor(dsn_secrets(text))(fault)
+        raise ConfigError(f"{where}: not {_DSN_FORM}: {shown}")
+    return text
+
+
+def _dsn_fault(text: str) -> str | None:
+    if not isinstance(text, str) or not text.strip():
+        return "it is empty"
+    if _UNPRINTABLE.search(text) or any(c.isspace() for c in text):
+        return (
+            "it holds whitespace, a control character or bytes that are not UTF-8 "
+            "(percent-encode them, e.g. %20 for a space)"
+        )
+    try:
+        parts = urllib.parse.urlsplit(text)
+    except ValueError:
+        return "a host in brackets is not an IPv6 address like [::1]"
+    if parts.scheme not in ("postgresql", "postgres"):
+        return "it must start with postgresql:// or postgres://"
+    hosts = parts.netloc.partition("@")[2] if "@" in parts.netloc else parts.netloc
+    if "@" in hosts:  # the driver splits at the first @
+        return "the user or password holds '@': percent-encode it as %40"
+    for n, spec in enumerate(hosts.split(",") if hosts else []):
+        fault = _host_fault(spec, n + 1)
+        if fault is not None:
+            return fault
+    try:
+        query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True, strict_parsing=True)
+    except ValueError:
+        return "its query is not name=value pairs joined by '&'"
+    for name, value in query if parts.query else []:
+        if name == "port" and not all(_port(p) for p in value.split(",")):
+            return f"port {_shown(value)} is not a port number (1 to 65535)"
+        if name == "sslmode" and value not in _SSLMODES:
+            return f"sslmode must be one of {', '.join(sorted(_SSLMODES))}"
+        if name == "target_session_attrs" and value not in _SESSION_ATTRS:
+            return f"target_session_attrs must be one of {', '.join(sorted(_SESSION_ATTRS))}"
+    return None
+
+
+def _host_fault(spec: str, n: int) -> str | None:
+    """What is wrong with the `n`th `host[:port]` of a DSN (`[v6]:port`, or a socket
+    directory), if anything."""
+    if spec.startswith(("/", "%2F", "%2f")):
+        return None
+    if spec.startswith("["):
+        match = _IPV6_HOST.fullmatch(spec)
+        if match is None:
+            return f"host {n} is not an IPv6 address in brackets like [::1]:5432"
+        port = match.group(1)
+    else:
+        host, _, port = spec.partition(":")
+        if not host:
+            return f"host {n} is empty"
+    if port and not _port(urllib.parse.unquote(port)):
+        return f"port {_shown(port)} is not a port number (1 to 65535)"
+    return None
+
+
+def _port(text: str) -> bool:
+    return text.isascii() and text.isdigit() and len(text) <= 5 and 1 <= int(text) <= 65535
 
 
 def load(path: Path | None = None, *, env: dict[str, str] | None = None) -> Config:
@@ -359,25 +804,46 @@ def load(path: Path | None = None, *, env: dict[str, str] | None = None) -> Conf
     env = dict(os.environ) if env is None else env
     explicit = path is not None or bool(env.get("DRIPD_CONFIG"))
     source = path or (Path(env["DRIPD_CONFIG"]) if env.get("DRIPD_CONFIG") else DEFAULT_PATH)
-    raw: dict[str, Any] = {}
-    if source.exists():
-        try:
-            raw = tomllib.loads(source.read_text())
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{source}: not valid TOML: {exc}") from exc
-        except OSError as exc:
-            raise ConfigError(f"{source}: cannot read: {exc.strerror}") from exc
-    elif explicit:
-        raise ConfigError(f"{source}: config file does not exist")
-    cfg = from_dict(raw, source=str(source))
+    cfg = from_dict(_read(source, explicit=explicit), source=str(source))
     if env.get("DRIPD_DSN"):
-        cfg.database.dsn = env["DRIPD_DSN"]
+        cfg.database.dsn = check_dsn(env["DRIPD_DSN"], where="DRIPD_DSN")
     return cfg
 
 
-def from_dict(raw: dict[str, Any], *, source: str = "config") -> Config:
-    """Build a Config from parsed TOML, naming the key path of any error."""
+def _read(source: Path, *, explicit: bool) -> dict[str, Any]:
+    """The TOML of `source`, at most MAX_FILE_BYTES of UTF-8; {} when the default file is
+    absent. ConfigError naming the file if it cannot be read or parsed."""
     try:
+        with source.open("rb") as file:
+            data = file.read(MAX_FILE_BYTES + 1)
+    except FileNotFoundError:
+        if explicit:
+            raise ConfigError(f"{source}: config file does not exist") from None
+        return {}
+    except OSError as exc:
+        raise ConfigError(f"{source}: cannot read: {exc.strerror}") from None
+    except ValueError:  # a NUL in the path, from an API caller: the OS takes none
+        raise ConfigError(f"{str(source)!r}: not a file name") from None
+    if len(data) > MAX_FILE_BYTES:
+        raise ConfigError(f"{source}: larger than {MAX_FILE_BYTES} bytes; not a config file")
+    try:
+        return tomllib.loads(data.decode())
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{source}: not UTF-8 text (byte {exc.start})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: not valid TOML: nested too deeply") from None
+    except ValueError as exc:  # an integer of more than 4300 digits
+        raise ConfigError(f"{source}: not valid TOML: {str(exc).split(';')[0]}") from None
+
+
+def from_dict(raw: dict[str, Any], *, source: str = "config") -> Config:
+    """Build a Config from parsed TOML, naming the key path of any error.
+
+    The message is the whole story (the CLI prints it as one line): no cause is chained."""
+    try:
+        _plain_text(raw, "")  # before msgspec, which cannot encode a lone surrogate
         return msgspec.convert(raw, Config)
     except msgspec.ValidationError as exc:
         key = _path_of(exc)
@@ -386,6 +852,8 @@ def from_dict(raw: dict[str, Any], *, source: str = "config") -> Config:
         if unknown:
             key = f"{key}.{unknown.group(1)}" if key else unknown.group(1)
             text = "unknown key"
-        raise ConfigError(f"{source}: {key or 'top level'}: {text}") from exc
+        raise ConfigError(f"{source}: {key or 'top level'}: {text}") from None
     except ConfigError as exc:
-        raise ConfigError(f"{source}: {exc.message}") from exc
+        raise ConfigError(f"{source}: {exc.message}") from None
+    except RecursionError:  # msgspec and the checks walk nested values
+        raise ConfigError(f"{source}: top level: nested too deeply") from None

@@ -1,7 +1,8 @@
 """The Unix control socket: newline-delimited JSON requests to the running daemon, and its client.
 
 A request is `{"cmd": "...", "args": {...}}`; the answer is `{"ok": true, "result": ...}` or
-`{"ok": false, "error": {"code": "...", "message": "..."}}`. One connection may carry many.
+`{"ok": false, "error": {"code": "...", "message": "..."}}`. One connection may carry many,
+within the limits of `Limits`.
 """
 
 from __future__ import annotations
@@ -10,7 +11,8 @@ import asyncio
 import contextlib
 import os
 import stat
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,7 @@ import anyio.abc
 import msgspec
 
 from dripd import logs
+from dripd.config import Config
 from dripd.errors import ConfigError, DripdError
 
 Handler = Callable[[str, dict[str, Any]], Awaitable[Any]]
@@ -70,13 +73,49 @@ def _error_line(code: str, message: str) -> bytes:
     return _encoder.encode({"ok": False, "error": {"code": code, "message": message}}) + b"\n"
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Limits:
+    """What the control socket allows a client (config `[control]`; seconds).
+
+    - `read_timeout`: a request line must arrive whole within this long of its first byte,
+      and its answer be read within this long;
+    - `idle_timeout`: a connection without a request in progress is closed after this long;
+    - `max_connections`: connections served at once; one more is answered with the error
+      `busy` and closed.
+
+    Either timeout is answered with the error `timeout` before the connection is closed. A
+    request line is at most `MAX_LINE` bytes.
+    """
+
+    read_timeout: float = 10.0
+    idle_timeout: float = 60.0
+    max_connections: int = 32
+
+    @classmethod
+    def of(cls, cfg: Config) -> Limits:
+        return cls(
+            read_timeout=cfg.control.seconds("read_timeout"),
+            idle_timeout=cfg.control.seconds("idle_timeout"),
+            max_connections=cfg.control.max_connections,
+        )
+
+
+class _Timeout(Exception):
+    """The client took too long; the message says what it did not do."""
+
+
 class ControlServer:
     """Serves control requests on a Unix socket, handing each to `handler(cmd, args)`."""
 
-    def __init__(self, path: str, mode: int, handler: Handler) -> None:
+    def __init__(
+        self, path: str, mode: int, handler: Handler, *, limits: Limits | None = None
+    ) -> None:
         self.path = path
         self.mode = mode
+        self.limits = limits or Limits()
         self._handler = handler
+        self._open = 0  # connections being served
+        self._refusals = logs.Throttle(10.0)
 
     async def serve(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
@@ -120,6 +159,10 @@ class ControlServer:
                 task_status.started()
                 while True:
                     reader, writer = await accepted.get()
+                    if self._open >= self.limits.max_connections:
+                        self._refuse(writer)
+                        continue
+                    self._open += 1
                     tg.start_soon(self._serve_connection, reader, writer)
         finally:
             server.close()
@@ -157,14 +200,28 @@ class ControlServer:
                 await writer.wait_closed()
         raise ConfigError(f"control.socket: another daemon already listens on {self.path}")
 
+    def _refuse(self, writer: asyncio.StreamWriter) -> None:
+        # Answered and closed at once: no task, no wait for the client.
+        limit = self.limits.max_connections
+        message = f"the daemon serves {limit} control connections at once (control.max_connections)"
+        writer.write(_error_line("busy", f"{message}; try again later"))
+        writer.close()
+        held = self._refusals.due()
+        if held is not None:
+            _log.warning("control connections refused", max_connections=limit, suppressed=held)
+
     async def _serve_connection(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
         try:
             await self._answer_lines(reader, writer)
+        except _Timeout as exc:
+            with contextlib.suppress(ConnectionError):
+                writer.write(_error_line("timeout", f"{exc}; closing the connection"))
         except (ConnectionError, asyncio.IncompleteReadError):
             pass  # The client went away; nothing to answer.
         finally:
+            self._open -= 1
             writer.close()
             with contextlib.suppress(OSError):
                 await writer.wait_closed()
@@ -172,20 +229,29 @@ class ControlServer:
     async def _answer_lines(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
+        limits = self.limits
         while True:
             try:
-                line = await reader.readline()
+                # The first byte under the idle timeout, the rest of the line under the read
+                # timeout: a client that never sends, or sends a line a byte at a time, is
+                # disconnected (`_Timeout`), so it cannot hold a connection for ever.
+                async with _deadline(limits.idle_timeout, "no request"):
+                    first = await reader.read(1)
+                if not first:
+                    return
+                if first == b"\n":
+                    continue
+                async with _deadline(limits.read_timeout, "the request line was not whole"):
+                    line = first + await reader.readline()
             except ValueError:
                 # readline() turns a line over `limit` into ValueError.
                 writer.write(_error_line("bad_request", f"request line exceeds {MAX_LINE} bytes"))
-                await writer.drain()
-                return
-            if not line:
+                await _drain(writer, limits.read_timeout)
                 return
             if not line.strip():
                 continue
             writer.write(await self._answer(line))
-            await writer.drain()
+            await _drain(writer, limits.read_timeout)
 
     async def _answer(self, line: bytes) -> bytes:
         try:
@@ -200,6 +266,21 @@ class ControlServer:
         except Exception:  # noqa: BLE001 - the client gets a generic error, the log the traceback
             _log.exception("control_command_failed", cmd=request.cmd)
             return _error_line("internal", _INTERNAL_MESSAGE)
+
+
+@contextlib.asynccontextmanager
+async def _deadline(seconds: float, what: str) -> AsyncIterator[None]:
+    """`_Timeout` ("<what> within <seconds>s") when the body takes longer than `seconds`."""
+    try:
+        async with asyncio.timeout(seconds):
+            yield
+    except TimeoutError:
+        raise _Timeout(f"{what} within {seconds:g}s") from None
+
+
+async def _drain(writer: asyncio.StreamWriter, seconds: float) -> None:
+    async with _deadline(seconds, "the answer was not read"):
+        await writer.drain()
 
 
 async def request(

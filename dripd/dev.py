@@ -61,14 +61,17 @@ async def run_dev(args: argparse.Namespace, cfg: Config) -> None:
         sequences = await _prepare(dsn, args, outbox)
         cfg.database.dsn = dsn
         cfg.control.socket = str(workdir / "control.sock")
-        cfg.http.listen = args.http or _dev_listen()
+        cfg.http.listen = args.http or _dev_listen(8025)
+        if cfg.http.admin_listen:  # "": the configuration wants no admin listener
+            cfg.http.admin_listen = _dev_listen(8026, besides=cfg.http.listen)
         cfg.worker.poll_interval = "5s"
         if "leads" in sequences:
             cfg.leads.enabled, cfg.leads.sequence = True, "leads"
         daemon = Daemon(cfg)
+        admin = f"http://{cfg.http.admin_listen}/metrics" if cfg.http.admin_listen else "none"
         _say(
-            f"control socket {cfg.control.socket}; http://{cfg.http.listen}/metrics; "
-            f"outbox {outbox}"
+            f"control socket {cfg.control.socket}; public http://{cfg.http.listen}/; "
+            f"admin {admin}; outbox {outbox}"
         )
         if cfg.leads.enabled:
             _say(f"lead form: http://{cfg.http.listen}/leads/new")
@@ -161,11 +164,14 @@ async def _tail(path: Path) -> None:
             sys.stdout.flush()
 
 
-def _dev_listen() -> str:
-    """127.0.0.1:8025 when it is free, else any free port: the demo must start anyway."""
+def _dev_listen(port: int, *, besides: str = "") -> str:
+    """127.0.0.1:`port` when it is free (and not `besides`), else any free port: the demo
+    must start anyway."""
     with socket.socket() as probe:
         try:
-            probe.bind(("127.0.0.1", 8025))
+            if f"127.0.0.1:{port}" == besides:
+                raise OSError("taken by the other listener")
+            probe.bind(("127.0.0.1", port))
         except OSError:
             probe.bind(("127.0.0.1", 0))
         return f"127.0.0.1:{probe.getsockname()[1]}"

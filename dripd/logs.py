@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import logging
 import re
 import sys
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from typing import Any, Literal, TextIO, cast
 
 import structlog
 from structlog.typing import EventDict, FilteringBoundLogger, Processor, WrappedLogger
+
+from dripd.redaction import urls_for_log
 
 REDACTED = "[REDACTED]"
 
@@ -24,6 +29,27 @@ _LEVELS = {
 
 # Marks the one stdlib handler we install, so configuring again replaces it.
 _HANDLER_NAME = "dripd"
+
+# The HTTP client libraries hooks (and HTTP providers) use: their records are cut down.
+_HTTP_CLIENT_LOGGERS = ("httpx", "httpcore")
+
+
+def http_client_records(record: logging.LogRecord) -> bool:
+    """A stdlib logging filter for the HTTP client libraries' records (always kept, changed).
+
+    httpx logs every request at INFO with its whole URL (`HTTP Request: POST https://…?email=…
+    "HTTP/1.1 200 OK"`): a hook's rendered URL can carry subscriber data in its query, and an
+    HTTP API's its key. Its URLs are cut to scheme, host and path. httpcore's DEBUG traces
+    (`receive_response_headers.complete return_value=(…headers…)`) keep their step name only.
+    """
+    name = record.name
+    if not any(name == n or name.startswith(f"{n}.") for n in _HTTP_CLIENT_LOGGERS):
+        return True
+    message = record.getMessage()
+    if name == "httpcore" or name.startswith("httpcore."):
+        message = message.split(" ", 1)[0]
+    record.msg, record.args = urls_for_log(message), None
+    return True
 
 
 def _redact_value(value: Any) -> Any:
@@ -81,6 +107,12 @@ def _add_logger_name(logger: WrappedLogger, _method: str, event_dict: EventDict)
     return event_dict
 
 
+CACHE_LOGGERS = True
+"""Whether `configure` caches loggers on first use (fast; a daemon configures once). The test
+suite turns it off: it configures many times in one process, and a logger cached under an
+earlier configuration would keep writing where that one did."""
+
+
 def configure(
     level: str,
     fmt: Literal["json", "console"] = "json",
@@ -118,19 +150,24 @@ def configure(
         processors=[_add_logger_name, *shared, *tail, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
         logger_factory=_NamedWriteLoggerFactory(out),
-        cache_logger_on_first_use=True,
+        cache_logger_on_first_use=CACHE_LOGGERS,
     )
-    _route_stdlib(numeric, out, shared, renderer)
+    _route_stdlib(numeric, out, shared, [*tail, renderer])
 
 
-def _route_stdlib(level: int, out: TextIO, shared: list[Processor], renderer: Processor) -> None:
+def _route_stdlib(
+    level: int, out: TextIO, shared: list[Processor], rendering: list[Processor]
+) -> None:
+    # `rendering` formats a record's `exc_info` as the traceback text (for JSON), as it does
+    # for structlog's own events: without it, a 500's line held the repr of a traceback object.
     formatter = structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared],
-        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *rendering],
     )
     handler = logging.StreamHandler(out)
     handler.set_name(_HANDLER_NAME)
     handler.setFormatter(formatter)
+    handler.addFilter(http_client_records)
     root = logging.getLogger()
     for old in [h for h in root.handlers if h.get_name() == _HANDLER_NAME]:
         root.removeHandler(old)
@@ -141,3 +178,92 @@ def _route_stdlib(level: int, out: TextIO, shared: list[Processor], renderer: Pr
 def get(name: str) -> FilteringBoundLogger:
     """A logger whose events carry `logger=name`; safe to create at import time (it is lazy)."""
     return cast(FilteringBoundLogger, structlog.get_logger(name))
+
+
+class Throttle:
+    """Lets a recurring event be logged at most once per `every` seconds, and counts the
+    occurrences it holds back. `clock` gives monotonic seconds (tests pass a fake one)."""
+
+    def __init__(self, every: float, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.every = every
+        self.suppressed = 0  # occurrences since the last one logged
+        self._clock = clock
+        self._last: float | None = None
+
+    def due(self) -> int | None:
+        """Call once per occurrence: None when this one is held back (and counted), else the
+        number held back since the last one logged (then the count starts again)."""
+        now = self._clock()
+        if self._last is not None and now - self._last < self.every:
+            self.suppressed += 1
+            return None
+        self._last = now
+        held, self.suppressed = self.suppressed, 0
+        return held
+
+
+# What asyncio's selector loop reports when accept() fails for lack of descriptors or
+# memory (EMFILE, ENFILE, ENOBUFS, ENOMEM); it then retries that listener a second later.
+ACCEPT_FAILED = "socket.accept() out of system resource"
+
+
+class AcceptErrors:
+    """An event loop exception handler that logs asyncio's accept failures at most once per
+    `every` seconds, with the count held back since the last line, and hands every other
+    error to the handler it replaced. Python 3.11 reports such a failure once per pending
+    connection, up to the listener's backlog, each second: under a flood of connections
+    that was 162 831 lines in 12 s.
+
+    `install(loop)` puts it in place; `uninstall(loop)` restores the previous handler and
+    logs the count still held back, if any."""
+
+    def __init__(self, every: float = 10.0, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.throttle = Throttle(every, clock=clock)
+        self._previous: Callable[[asyncio.AbstractEventLoop, dict[str, Any]], object] | None
+        self._previous = None
+        self._log = get("dripd.accept")
+
+    def install(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._previous = loop.get_exception_handler()
+        loop.set_exception_handler(self)
+
+    def uninstall(self, loop: asyncio.AbstractEventLoop) -> None:
+        loop.set_exception_handler(self._previous)
+        if self.throttle.suppressed:
+            self._log.warning(
+                "connections not accepted since the last report",
+                suppressed=self.throttle.suppressed,
+            )
+            self.throttle.suppressed = 0
+
+    def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        if context.get("message") != ACCEPT_FAILED:
+            if self._previous is not None:
+                self._previous(loop, context)
+            else:
+                loop.default_exception_handler(context)
+            return
+        held = self.throttle.due()
+        if held is None:
+            return
+        exc = context.get("exception")
+        code = exc.errno if isinstance(exc, OSError) and exc.errno is not None else 0
+        self._log.error(
+            "connections not accepted: out of file descriptors or memory (each listener "
+            "retries a second later)",
+            error=errno.errorcode.get(code, str(exc)),
+            reason=exc.strerror if isinstance(exc, OSError) else None,
+            listener=_sockname(context.get("socket")),
+            suppressed=held,
+            every_s=self.throttle.every,
+        )
+
+
+def _sockname(sock: Any) -> str | None:
+    try:
+        name = sock.getsockname()
+    except (AttributeError, OSError):
+        return None
+    if isinstance(name, tuple):
+        return f"{name[0]}:{name[1]}" if ":" not in str(name[0]) else f"[{name[0]}]:{name[1]}"
+    return str(name)

@@ -158,6 +158,13 @@ class Metrics:
             ["adapter", "to"],
             registry=r,
         )
+        self.leads = Counter(
+            "dripd_leads_total",
+            "Lead posts and confirmations by outcome (created, pending, confirmed, duplicate, "
+            "mailbox_limited, honeypot, rate_limited, invalid, unavailable); replays excluded.",
+            ["outcome"],
+            registry=r,
+        )
         self.info = Gauge("dripd_info", "Build information; always 1.", ["version"], registry=r)
         self.info.labels(version=version).set(1)
 

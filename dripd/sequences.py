@@ -1,4 +1,11 @@
-"""Sequence files: parse the TOML, validate all of it, and turn it into a version to store."""
+"""Sequence files: parse the TOML, validate all of it, and turn it into a version to store.
+
+Everything a file holds is checked here, before anything is written: what Postgres could
+not store (a NUL or a lone surrogate in any text, a number too large for its column), what
+the daemon could not run (a duration past ten years, a template breaking a limit), and
+what is too big to handle (README, "Sequence file and template limits"). Every refusal is a
+SequenceFileError (exit 2) naming the file, the step and the key.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +13,7 @@ import hashlib
 import re
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 import msgspec
 
@@ -15,6 +22,7 @@ from dripd.conditions.hookspecs import parse_hooks
 from dripd.content.liquid import TemplateError, compile_template
 from dripd.db.store import StepRow, TransitionRow, VersionRow
 from dripd.errors import ConfigError, SequenceFileError
+from dripd.inputs import MAX_LENGTH, text_fault
 from dripd.model import (
     CHANNELS,
     DEFAULT_RECIPIENT,
@@ -35,7 +43,18 @@ _CONTENT = {
     "chat": ({"body"}, "body"),
     "webhook": ({"body"}, "body"),
 }
-_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+# A sequence or step key (the CHECK of dripd.sequences.key and dripd.steps.key). Always
+# `fullmatch`: `$` would also match before a trailing newline.
+_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*", re.ASCII)
+
+#: The largest sequence file, in bytes.
+MAX_FILE_BYTES: Final = 1_048_576
+#: The most `[[steps]]` and `[[transitions]]` one sequence may have.
+MAX_STEPS: Final = 500
+MAX_TRANSITIONS: Final = 2000
+#: How deep a file's tables and arrays may nest (`[[steps]]` is level 1, a step's
+#: `window` level 3).
+MAX_DEPTH: Final = 32
 CONDITION_ROOTS = frozenset(
     {"data", "event", "events", "now", "hooks", "subscriber_id", "subscriber_type", "tenant_key"}
 )
@@ -102,55 +121,182 @@ class SequenceFile(_Strict):
 
 
 def load_file(path: Path) -> VersionRow:
-    """Read and fully validate one sequence file; every error names file, step and key."""
+    """Read and fully validate one sequence file (UTF-8, at most MAX_FILE_BYTES); every
+    error names file, step and key."""
     try:
-        text = path.read_text()
+        with path.open("rb") as file:
+            data = file.read(MAX_FILE_BYTES + 1)
     except OSError as exc:
-        raise SequenceFileError(f"{path}: cannot read: {exc.strerror}") from exc
+        raise SequenceFileError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    if len(data) > MAX_FILE_BYTES:
+        raise SequenceFileError(
+            f"{path}: larger than {MAX_FILE_BYTES} bytes (the limit for a sequence file)"
+        )
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise SequenceFileError(
+            f"{path}: line {line}: not UTF-8 (byte 0x{data[exc.start]:02x}); save the file as UTF-8"
+        ) from exc
     return load_text(text, source=str(path))
 
 
 def load_text(text: str, *, source: str) -> VersionRow:
-    try:
-        raw = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise SequenceFileError(f"{source}: not valid TOML: {exc}") from exc
+    """Fully validate the text of one sequence file (`source` names it in errors)."""
+    if len(text) > MAX_FILE_BYTES:
+        raise SequenceFileError(
+            f"{source}: larger than {MAX_FILE_BYTES} characters (the limit for a sequence file)"
+        )
+    raw = _parse_toml(text, source)
+    _check_document(raw, source)
     try:
         spec = msgspec.convert(raw, SequenceFile)
     except msgspec.ValidationError as exc:
         raise SequenceFileError(f"{source}: {_where(exc, raw)}") from exc
+    if len(spec.steps) > MAX_STEPS:
+        raise SequenceFileError(
+            f"{source}: key 'steps': {len(spec.steps)} steps; a sequence may have at most "
+            f"{MAX_STEPS}"
+        )
+    if len(spec.transitions) > MAX_TRANSITIONS:
+        raise SequenceFileError(
+            f"{source}: key 'transitions': {len(spec.transitions)} transitions; a sequence "
+            f"may have at most {MAX_TRANSITIONS}"
+        )
     return _validate(spec, source)
 
 
+def _parse_toml(text: str, source: str) -> dict[str, Any]:
+    """tomllib's document, or SequenceFileError naming the line. tomllib itself raises
+    RecursionError for very deep nesting and ValueError for an integer of more digits
+    than Python converts (4300)."""
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise SequenceFileError(f"{source}: not valid TOML: {exc}") from exc
+    except RecursionError:
+        line, key = _too_deep(text)
+        problem = f"tables or arrays nested deeper than {MAX_DEPTH} levels"
+    except ValueError:
+        line, key = _long_integer(text)
+        problem = "an integer with more than 4300 digits"
+    where = f"line {line}: key {key!r}: " if key else f"line {line}: " if line else ""
+    raise SequenceFileError(f"{source}: {where}{problem}") from None
+
+
+def _too_deep(text: str) -> tuple[int, str]:
+    """The line where brackets and braces (outside strings and comments) first nest
+    deeper than MAX_DEPTH, and the key whose value that is; (0, "") if none do."""
+    depth, key, quote = 0, "", ""
+    for number, line in enumerate(text.split("\n"), start=1):
+        i = 0
+        while i < len(line):
+            char = line[i]
+            if quote:
+                if char == "\\" and quote.startswith('"'):
+                    i += 1
+                elif line.startswith(quote, i):
+                    i, quote = i + len(quote) - 1, ""
+            elif line.startswith(('"""', "'''"), i):
+                quote = line[i : i + 3]
+                i += 2
+            elif char in "\"'":
+                quote = char
+            elif char == "#":
+                break
+            elif char == "=" and depth == 0:
+                key = line[:i].strip()
+            elif char in "[{":
+                depth += 1
+                if depth > MAX_DEPTH:
+                    return number, key
+            elif char in "]}":
+                depth -= 1
+            i += 1
+        if quote in ('"', "'"):
+            quote = ""  # a one-line string does not continue on the next line
+    return 0, ""
+
+
+def _long_integer(text: str) -> tuple[int, str]:
+    """The line of the first run of more than 4300 digits, and the key it is assigned to."""
+    for number, line in enumerate(text.split("\n"), start=1):
+        if re.search(r"[0-9][0-9_]{4300,}", line):
+            key, equals, _ = line.partition("=")
+            return number, key.strip() if equals else ""
+    return 0, ""
+
+
+def _check_document(raw: dict[str, Any], source: str) -> None:
+    """Refuse what no key may hold: text Postgres cannot store (a NUL, a lone surrogate)
+    in any key or string, and nesting deeper than MAX_DEPTH. Iterative, so that no depth
+    exhausts the stack."""
+    stack: list[tuple[tuple[str | int, ...], Any]] = [((), raw)]
+    while stack:
+        path, value = stack.pop()
+        if len(path) > MAX_DEPTH:
+            raise SequenceFileError(
+                f"{source}: {_place(path, raw)}: nested deeper than {MAX_DEPTH} levels"
+            )
+        if isinstance(value, str):
+            fault = text_fault(value)
+            if fault is not None:
+                raise SequenceFileError(f"{source}: {_place(path, raw)}: {fault}")
+        elif isinstance(value, dict):
+            for name, item in value.items():
+                fault = text_fault(name)
+                if fault is not None:
+                    where = _place((*path, name), raw)
+                    raise SequenceFileError(f"{source}: {where}: a key name {fault}")
+                stack.append(((*path, name), item))
+        elif isinstance(value, list):
+            stack.extend(((*path, n), item) for n, item in enumerate(value))
+
+
+def _place(path: tuple[str | int, ...], raw: dict[str, Any]) -> str:
+    """Where `path` (keys and list positions from the document's top) is, as errors say
+    it: `step 'hello': key 'window.days'`, `transition #2 (from 'a'): key 'when'`, `key
+    'sequence.entry_events[1]'`."""
+    label = ""
+    if len(path) >= 2 and path[0] in ("steps", "transitions") and isinstance(path[1], int):
+        items = raw.get(str(path[0]))
+        item = items[path[1]] if isinstance(items, list) and path[1] < len(items) else None
+        item = item if isinstance(item, dict) else {}
+        if path[0] == "steps":
+            key = item.get("key")
+            label = f"step {key!r}" if isinstance(key, str) else f"step #{path[1] + 1}"
+        else:
+            origin = item.get("from")
+            label = f"transition #{path[1] + 1}"
+            label += f" (from {origin!r})" if isinstance(origin, str) else ""
+        path = path[2:]
+    rest = ""
+    for part in path:
+        rest += f"[{part}]" if isinstance(part, int) else f".{part}" if rest else part
+    if not rest:
+        return label
+    return f"{label}: key {rest!r}" if label else f"key {rest!r}"
+
+
 def _where(exc: msgspec.ValidationError, raw: dict[str, Any]) -> str:
+    """A msgspec error (`… - at `$.steps[0].after``) as `step 'hello': key 'after': …`."""
     message = str(exc)
-    match = re.search(r" - at `\$(.*)`$", message)
+    match = re.search(r" - at `\$(.*)`\Z", message, re.DOTALL)
     path = match.group(1) if match else ""
     text = message[: match.start()] if match else message
-    unknown = re.fullmatch(r"Object contains unknown field `(.*)`", text)
+    unknown = re.fullmatch(r"Object contains unknown field `(.*)`", text, re.DOTALL)
     if unknown:
         path, text = f"{path}.{unknown.group(1)}", "unknown key"
-    missing = re.fullmatch(r"Object missing required field `(.*)`", text)
+    missing = re.fullmatch(r"Object missing required field `(.*)`", text, re.DOTALL)
     if missing:
         path, text = f"{path}.{missing.group(1)}", "required key is missing"
-    step = re.match(r"\.steps\[(\d+)\]", path)
-    if step:
-        index = int(step.group(1))
-        steps = raw.get("steps") or []
-        key = (
-            steps[index].get("key")
-            if index < len(steps) and isinstance(steps[index], dict)
-            else None
-        )
-        label = f"step {key!r}" if isinstance(key, str) else f"step #{index + 1}"
-        rest = path[step.end() :].lstrip(".")
-        return f"{label}: key {rest!r}: {text}" if rest else f"{label}: {text}"
-    transition = re.match(r"\.transitions\[(\d+)\]", path)
-    if transition:
-        rest = path[transition.end() :].lstrip(".")
-        label = f"transition #{int(transition.group(1)) + 1}"
-        return f"{label}: key {rest!r}: {text}" if rest else f"{label}: {text}"
-    return f"key {path.lstrip('.')!r}: {text}" if path else text
+    parts: list[str | int] = [
+        int(index) if index else name
+        for name, index in re.findall(r"\.([^.\[]+)|\[([0-9]+)\]", path, re.DOTALL)
+    ]
+    place = _place(tuple(parts), raw)
+    return f"{place}: {text}" if place else text
 
 
 def _validate(spec: SequenceFile, source: str) -> VersionRow:
@@ -159,10 +305,15 @@ def _validate(spec: SequenceFile, source: str) -> VersionRow:
     def fail(message: str) -> SequenceFileError:
         return SequenceFileError(f"{source}: {message}")
 
-    if not _KEY.match(head.key):
+    if not _KEY.fullmatch(head.key):
         raise fail(f"key 'sequence.key': {head.key!r} must be letters, digits, '_', '.' or '-'")
-    if head.tenant is not None and not head.tenant:
-        raise fail("key 'sequence.tenant': must not be empty (leave it out for a global sequence)")
+    _check_length(head.key, "sequence", fail, "key 'sequence.key'")
+    if head.tenant is not None:
+        if not head.tenant.strip():
+            raise fail(
+                "key 'sequence.tenant': must not be empty (leave it out for a global sequence)"
+            )
+        _check_length(head.tenant, "tenant", fail, "key 'sequence.tenant'")
     if head.timezone is not None:
         _timezone(head.timezone, fail, "key 'sequence.timezone'")
     if head.mode == "outbound":
@@ -171,6 +322,8 @@ def _validate(spec: SequenceFile, source: str) -> VersionRow:
         keys = getattr(head, name)
         if any(not k.strip() for k in keys):
             raise fail(f"key 'sequence.{name}': event keys must not be empty")
+        for key in keys:
+            _check_length(key, "key", fail, f"key 'sequence.{name}'")
         if len(set(keys)) != len(keys):
             raise fail(f"key 'sequence.{name}': lists an event twice")
     both = sorted(set(head.entry_events) & set(head.exit_events))
@@ -191,8 +344,9 @@ def _validate(spec: SequenceFile, source: str) -> VersionRow:
     seen: set[str] = set()
     for step in spec.steps:
         label = f"step {step.key!r}"
-        if not _KEY.match(step.key):
+        if not _KEY.fullmatch(step.key):
             raise fail(f"{label}: key 'key': must be letters, digits, '_', '.' or '-'")
+        _check_length(step.key, "step", fail, f"{label}: key 'key'")
         if step.key in seen:
             raise fail(f"{label}: key 'key': duplicate step key")
         seen.add(step.key)
@@ -346,6 +500,14 @@ def _graph_problem(spec: SequenceFile, *, legacy_timeouts: bool = False) -> str 
     return None
 
 
+def _check_length(text: str, kind: str, fail: Any, where: str) -> None:
+    """`text` is at most as long as the CLI and the HTTP API take a name of `kind`
+    (dripd.inputs.MAX_LENGTH): a longer one could never be enrolled into or sent."""
+    limit = MAX_LENGTH[kind]
+    if len(text) > limit:
+        raise fail(f"{where}: must be at most {limit} characters (it has {len(text)})")
+
+
 def _timezone(name: str, fail: Any, where: str) -> None:
     try:
         zone(name, where=where)
@@ -380,6 +542,7 @@ def _step(step: StepSpec, position: int, fail: Any, steps: set[str], hooks: set[
             )
         if not wait.event.strip():
             raise fail("key 'wait_for.event': must not be empty")
+        _check_length(wait.event, "key", fail, "key 'wait_for.event'")
         try:
             wait_timeout = parse_duration(
                 wait.timeout, where="key 'wait_for.timeout'", within=WAIT_TIMEOUT
@@ -393,6 +556,8 @@ def _step(step: StepSpec, position: int, fail: Any, steps: set[str], hooks: set[
             )
         wait_event, on_timeout = wait.event, wait.on_timeout
     template: dict[str, str] = {}
+    if step.adapter is not None:
+        _check_length(step.adapter, "adapter", fail, "key 'adapter'")
     if step.channel is None:
         for name in ("subject", "text", "html", "body", "to", "adapter"):
             if getattr(step, name) is not None:

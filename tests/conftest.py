@@ -15,6 +15,8 @@ Tests only ever touch databases they created (`dripd_tpl_*`, `dripd_t_*`) and dr
 from __future__ import annotations
 
 import asyncio
+import io
+import logging
 import os
 import secrets
 from collections.abc import AsyncIterator, Iterator
@@ -23,10 +25,16 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
+import structlog
 from support import Launch, launcher, socket_dir
 
+from dripd import logs
 from dripd.db.cluster import ThrowawayCluster
 from dripd.db.migrate import migrate
+
+# Tests configure logging many times in one process (in-process CLI runs, log captures): a
+# logger cached under one configuration would write where that one did for the rest of the run.
+logs.CACHE_LOGGERS = False
 
 LOCAL_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
 
@@ -180,3 +188,19 @@ async def launch(dsn: str, tmp_path: Path, sockdir: Path) -> AsyncIterator[Launc
     the end (tests/support.py `launcher`)."""
     async with launcher(dsn, tmp_path, sockdir) as make:
         yield make
+
+
+@pytest.fixture
+def json_logs() -> Iterator[io.StringIO]:
+    """dripd's log output as in production (structlog JSON, stdlib routed), at debug level;
+    the previous logging configuration is restored after the test."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    out = io.StringIO()
+    logs.configure("debug", "json", out)
+    try:
+        yield out
+    finally:
+        structlog.reset_defaults()
+        root.handlers[:] = handlers
+        root.setLevel(level)

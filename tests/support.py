@@ -284,7 +284,9 @@ def write_config(
     if http_port is None:
         lines.append("enabled = false")
     else:
+        # One listener for the public routes and the admin ones (health, metrics).
         lines.append(f'listen = "127.0.0.1:{http_port}"')
+        lines.append(f'admin_listen = "127.0.0.1:{http_port}"')
     lines += ["", "[worker]"]
     for key, value in worker.items():
         lines.append(f"{key} = {toml_value(value)}")
@@ -321,14 +323,19 @@ async def running_daemon(
     **worker: Any,
 ) -> AsyncIterator[Daemon]:
     """`dripd run` in this event loop (no signal handlers), stopped and awaited on exit.
-    `sections` adds config sections (e.g. hooks); `worker` sets worker keys."""
+    `sections` adds config sections (e.g. hooks); `worker` sets worker keys. An `http`
+    section with a `listen` address and no `admin_listen` gets one listener for both (the
+    default admin address, 127.0.0.1:8026, would be shared by every test)."""
+    sections = dict(sections or {})
+    if "listen" in sections.get("http", {}):
+        sections["http"] = {"admin_listen": sections["http"]["listen"], **sections["http"]}
     cfg = from_dict(
         {
             "database": {"dsn": dsn, "pool_min": 1, "pool_max": 4},
             "control": {"socket": str(tmp_path / "control.sock")},
             "http": {"enabled": False},
             "worker": {"poll_interval": "1h", **worker},
-            **(sections or {}),
+            **sections,
         }
     )
     daemon = Daemon(cfg, clock=clock, env=env or {})

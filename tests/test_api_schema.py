@@ -122,7 +122,11 @@ class LiveApi:
                         {
                             "database": {"dsn": dsn, "pool_min": 1, "pool_max": 8},
                             "control": {"socket": f"{sockets}/c.sock"},
-                            "http": {"listen": f"127.0.0.1:{port}"},
+                            # One listener: the API and its document.
+                            "http": {
+                                "listen": f"127.0.0.1:{port}",
+                                "admin_listen": f"127.0.0.1:{port}",
+                            },
                             "leads": {"enabled": True, "sequence": "welcome"},
                             "log": {"level": "error"},
                         }

@@ -13,7 +13,7 @@ import msgspec
 import pytest
 
 from dripd.channels import registry
-from dripd.channels.base import Message, TransientError
+from dripd.channels.base import Message, RedactedChannel, TransientError
 from dripd.channels.outbox import OutboxChannel, OutboxSettings
 from dripd.clock import ManualClock
 from dripd.model import Adapter
@@ -117,5 +117,6 @@ def test_registry_builds_an_outbox_for_any_channel(tmp_path: Path) -> None:
             enabled=True,
         )
         built = registry.build(adapter)
-        assert isinstance(built, OutboxChannel)
+        assert isinstance(built, RedactedChannel)
+        assert isinstance(built.wrapped, OutboxChannel)
         assert built.provider == "outbox"

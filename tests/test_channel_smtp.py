@@ -26,7 +26,7 @@ from cryptography.x509.oid import NameOID
 from support import free_port, stop_controller
 
 from dripd.channels import registry
-from dripd.channels.base import Message, PermanentError, TransientError
+from dripd.channels.base import Message, PermanentError, RedactedChannel, TransientError
 from dripd.channels.smtp import SmtpChannel, SmtpSettings
 from dripd.errors import ConfigError
 from dripd.model import Adapter
@@ -290,13 +290,28 @@ async def test_wrong_password_is_permanent_and_not_echoed(smtp_server: ServerFac
         authenticator=authenticator, auth_require_tls=False, auth_required=True
     )
     creds = {"username": "mailer", "password": "wrong-pass-123"}
-    channel = SmtpChannel(settings(port, credentials=creds))
+    channel = registry.build(
+        Adapter(
+            id=uuid.uuid4(),
+            tenant_key=None,
+            name="relay",
+            channel="email",
+            provider="smtp",
+            config={"host": "127.0.0.1", "port": port, "tls": "none", "from": "a@acme.test"},
+            credentials=creds,
+            is_default=True,
+            enabled=True,
+        )
+    )
     try:
         with pytest.raises(PermanentError, match="authentication failed") as caught:
             await channel.send(make_message())
     finally:
         await channel.aclose()
-    assert "535" in str(caught.value)
+    assert str(caught.value) == (
+        f"smtp 127.0.0.1:{port}: authentication failed: 535 5.7.8 Authentication credentials "
+        "invalid"
+    )
     assert "wrong-pass-123" not in str(caught.value)
     assert "wrong-pass-123" not in repr(channel)
     assert collector.received == []
@@ -618,8 +633,10 @@ def test_build_names_the_adapter_and_makes_an_smtp_channel() -> None:
         enabled=True,
     )
     channel = registry.build(adapter)
-    assert isinstance(channel, SmtpChannel)
+    assert isinstance(channel, RedactedChannel)
+    assert isinstance(channel.wrapped, SmtpChannel)
     assert channel.provider == "smtp"
+    assert channel.capacity == 4  # the pool size, which the claim reads
     assert "hunter22" not in repr(channel)
     broken = Adapter(**{**_fields(adapter), "config": {**GOOD_CONFIG, "tls": "tlsv1"}})
     with pytest.raises(ConfigError, match=r"^adapter 'transactional': .*`tls`"):

@@ -18,8 +18,9 @@ import msgspec
 import pytest
 from background import background
 from structlog.testing import capture_logs
+from support import wait_for
 
-from dripd.control import MAX_LINE, ControlError, ControlServer, request
+from dripd.control import MAX_LINE, ControlError, ControlServer, Limits, request
 from dripd.errors import ConfigError, DripdError, NotFound
 
 
@@ -244,3 +245,96 @@ async def test_no_daemon_listening(sock_path: str) -> None:
 async def test_request_times_out(server: ControlServer) -> None:
     with pytest.raises(DripdError, match=r"did not answer within 0\.2s"):
         await request(server.path, "hang", timeout=0.2)
+
+
+# --- limits --------------------------------------------------------------------------------
+# A safety net for reads that the server ends: never reached when the code works.
+SAFETY = 30.0
+
+
+async def _until_closed(reader: asyncio.StreamReader) -> list[dict[str, Any]]:
+    """The answers the server sends until it closes the connection."""
+    async with asyncio.timeout(SAFETY):
+        return [msgspec.json.decode(line) for line in (await reader.read()).splitlines()]
+
+
+async def test_a_client_that_never_sends_is_disconnected(sock_path: str) -> None:
+    srv = ControlServer(sock_path, 0o660, handler, limits=Limits(idle_timeout=0.2))
+    async with background(srv.serve):
+        reader, writer = await asyncio.open_unix_connection(sock_path)
+        assert await _until_closed(reader) == [
+            {
+                "ok": False,
+                "error": {
+                    "code": "timeout",
+                    "message": "no request within 0.2s; closing the connection",
+                },
+            }
+        ]
+        writer.close()
+        # Between requests too: the idle timer starts again after each answer.
+        reader, writer = await asyncio.open_unix_connection(sock_path)
+        writer.write(b'{"cmd": "status"}\n')
+        answers = await _until_closed(reader)
+        writer.close()
+    assert [a["ok"] for a in answers] == [True, False]
+    assert answers[1]["error"]["code"] == "timeout"
+
+
+async def test_a_request_line_that_is_not_finished_is_cut(sock_path: str) -> None:
+    srv = ControlServer(sock_path, 0o660, handler, limits=Limits(read_timeout=0.2))
+    async with background(srv.serve):
+        reader, writer = await asyncio.open_unix_connection(sock_path)
+        writer.write(b'{"cmd": "sta')  # and never the rest
+        await writer.drain()
+        assert await _until_closed(reader) == [
+            {
+                "ok": False,
+                "error": {
+                    "code": "timeout",
+                    "message": "the request line was not whole within 0.2s; closing the connection",
+                },
+            }
+        ]
+        writer.close()
+
+
+async def test_connections_past_the_cap_are_refused(sock_path: str) -> None:
+    srv = ControlServer(sock_path, 0o660, handler, limits=Limits(max_connections=2))
+    async with background(srv.serve):
+        held = []
+        for _ in range(2):
+            reader, writer = await asyncio.open_unix_connection(sock_path)
+            writer.write(b'{"cmd": "echo"}\n')
+            assert msgspec.json.decode(await reader.readline())["ok"] is True
+            held.append((reader, writer))
+        reader, writer = await asyncio.open_unix_connection(sock_path)
+        assert await _until_closed(reader) == [
+            {
+                "ok": False,
+                "error": {
+                    "code": "busy",
+                    "message": "the daemon serves 2 control connections at once "
+                    "(control.max_connections); try again later",
+                },
+            }
+        ]
+        writer.close()
+        with pytest.raises(ControlError, match="at once") as info:
+            await request(sock_path, "echo")
+        assert info.value.code == "busy"
+        # The connections held are still served; once one closes, a new one is too.
+        first_reader, first_writer = held.pop()
+        first_writer.write(b'{"cmd": "status"}\n')
+        assert msgspec.json.decode(await first_reader.readline())["ok"] is True
+        first_writer.close()
+
+        async def answered() -> bool:
+            try:
+                return await request(sock_path, "echo") == {"cmd": "echo", "args": {}}
+            except ControlError:
+                return False
+
+        await wait_for(answered, timeout=SAFETY)
+        for _, w in held:
+            w.close()

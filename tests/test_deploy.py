@@ -12,6 +12,7 @@ from pathlib import Path
 
 from dripd import __version__
 from dripd.config import from_dict
+from dripd.engine import descriptors
 
 ROOT = Path(__file__).resolve().parents[1]
 INSTRUCTIONS = {
@@ -54,8 +55,12 @@ def test_dockerfile_parses_and_copies_what_exists() -> None:
             json.loads(arg)
     entry = json.loads(dict(steps)["ENTRYPOINT"])
     assert entry == ["/usr/local/bin/dripd-entrypoint"]
-    container = tomllib.loads((ROOT / "deploy" / "dripd.container.toml").read_text())
-    assert from_dict(container).http.listen == "0.0.0.0:8025"
+    container = from_dict(tomllib.loads((ROOT / "deploy" / "dripd.container.toml").read_text()))
+    assert container.http.listen == "0.0.0.0:8025"
+    # The admin listener (health, metrics) has its own port, and the health check uses it.
+    assert container.http.admin_listen == "0.0.0.0:8026"
+    assert dict(steps)["EXPOSE"].split() == ["8025", "8026"]
+    assert "http://127.0.0.1:8026/healthz" in dict(steps)["HEALTHCHECK"]
 
 
 def _env() -> dict[str, str]:
@@ -99,3 +104,5 @@ def test_systemd_unit_parses_and_points_at_dripd() -> None:
     assert service["KillSignal"] == "SIGTERM"
     assert service["RuntimeDirectory"] == "dripd"
     assert service["User"] == "dripd"
+    # Room for the connections the default configuration allows (dripd checks it at start).
+    assert int(service["LimitNOFILE"]) >= descriptors.Budget.of(from_dict({})).total

@@ -170,6 +170,11 @@ async def test_dev_with_a_dsn_uses_that_database(tmp_path: Path, server_dsn: str
         code, out, err = await _dev(tmp_path, "--dsn", server_dsn)
     assert code == 0, err[-2000:]
     assert "http://127.0.0.1:8025/" not in err
+    # Both listeners are announced: the public one and the admin one (health, metrics).
+    [announced] = [ln for ln in err.splitlines() if "; public http://127.0.0.1:" in ln]
+    public = announced.split("public http://")[1].split("/")[0]
+    admin = announced.split("admin http://")[1].split("/metrics")[0]
+    assert public != admin
     assert "Welcome, Ada" in out
     conn = await asyncpg.connect(server_dsn)
     try:
@@ -179,7 +184,9 @@ async def test_dev_with_a_dsn_uses_that_database(tmp_path: Path, server_dsn: str
         await conn.close()
 
 
-async def test_the_daemon_refuses_an_out_of_date_schema(server_dsn: str, tmp_path: Path) -> None:
-    with pytest.raises(SchemaError, match=r"migration 0001_init\.sql is not applied"):
+async def test_the_daemon_refuses_a_database_without_the_schema(
+    server_dsn: str, tmp_path: Path
+) -> None:
+    with pytest.raises(SchemaError, match=r"^schema not installed: run `dripd migrate`$"):
         async with running_daemon(server_dsn, tmp_path):
             pass

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import io
+import json
 import secrets as random_secrets
 import socket
 import ssl
@@ -522,6 +524,78 @@ async def test_missing_and_unusable_secrets(receiver: Receiver, harness: Harness
     assert "secret 'crm_signing' is not a Standard Webhooks key" in str(caught.value)
     assert "whsec_!" not in str(caught.value)
     assert receiver.seen == []
+
+
+async def test_logs_show_a_hook_url_host_and_path_only(
+    receiver: Receiver, harness: Harness, json_logs: io.StringIO
+) -> None:
+    receiver.replies = [
+        JSONResponse({"ok": True}, headers={"set-cookie": "session=cookie-SECRET-19c4"}),
+        Response(status_code=400),
+    ]
+    url = receiver.url("/score/{{ subscriber_id }}?email={{ email }}&src=dripd#{{ team }}")
+    hooks = harness.hooks({"score": http_hook(url)})
+    assert await run(hooks, "score") == {"ok": True}
+    with pytest.raises(HookError) as caught:
+        await run(hooks, "score")
+    assert str(caught.value) == "hook 'score' (GET 127.0.0.1): answered HTTP 400"
+    assert receiver.seen[0].query == "email=ann@example.com&src=dripd"  # it was sent
+    lines = [json.loads(line) for line in json_logs.getvalue().splitlines()]
+    requests = [line["event"] for line in lines if line.get("logger") == "httpx"]
+    shown = f"http://127.0.0.1:{receiver.port}/score/sub-42"
+    assert requests == [
+        f'HTTP Request: GET {shown} "HTTP/1.1 200 OK"',
+        f'HTTP Request: GET {shown} "HTTP/1.1 400 Bad Request"',
+    ]
+    # httpcore's debug traces keep their step name only (not the response's headers).
+    traces = [line["event"] for line in lines if line.get("logger", "").startswith("httpcore")]
+    assert "receive_response_headers.complete" in traces
+    assert all(" " not in trace for trace in traces)
+    output = json_logs.getvalue()
+    for private in ("ann@example.com", "ann%40example.com", "email=", "growth", "cookie-SECRET"):
+        assert private not in output, private
+
+
+async def test_hook_errors_show_the_url_host_and_path_only(harness: Harness) -> None:
+    def refuse(request: httpx.Request) -> httpx.Response:
+        # A transport that quotes the request in its error, as some do.
+        raise httpx.ConnectError(
+            f"cannot reach {request.url} with {request.headers['authorization']}",
+            request=request,
+        )
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(refuse)) as client:
+        harness.client = client
+        hooks = harness.hooks(
+            {
+                "score": http_hook(
+                    "http://127.0.0.1:9/score/{{ subscriber_id }}?email={{ email }}",
+                    auth={"type": "bearer", "secret": "crm_token"},
+                    retries=0,
+                ),
+                "port": http_hook("http://127.0.0.1:{{ team }}/x?email={{ email }}"),
+            }
+        )
+        with pytest.raises(HookError) as caught:
+            await run(hooks, "score")
+        assert str(caught.value) == (
+            "hook 'score' (GET 127.0.0.1): ConnectError: cannot reach "
+            "http://127.0.0.1:9/score/sub-42 with Bearer [REDACTED] (gave up after 1 attempt)"
+        )
+        assert_no_secret(caught.value)
+        with pytest.raises(HookError) as bad_url:
+            await run(hooks, "port")
+    assert str(bad_url.value) == "hook 'port': the URL is not valid: Invalid port: 'growth'"
+    assert "ann@example.com" not in chain_text(caught.value) + chain_text(bad_url.value)
+
+
+def chain_text(exc: BaseException) -> str:
+    seen: BaseException | None = exc
+    parts = []
+    while seen is not None:
+        parts += [str(seen), repr(seen.args)]
+        seen = seen.__cause__ or seen.__context__
+    return "\n".join(parts)
 
 
 # -- TLS: the certificate is verified against the host name, not the address -----------------

@@ -291,9 +291,13 @@ def test_config_refuses_each_duration_out_of_range_naming_the_key(key: str) -> N
         ),
         (
             {"quotas": [{"scope": "global", "limit": MAX_COUNT + 1}]},
-            f"quotas[0].limit: must be at most {MAX_COUNT}",
+            f"quotas[0].limit: {MAX_COUNT + 1} is out of range; "
+            f"use an integer from 1 to {MAX_COUNT}",
         ),
-        ({"worker": {"max_attempts": 1001}}, "worker.max_attempts: must be at most 1000"),
+        (
+            {"worker": {"max_attempts": 1001}},
+            "worker.max_attempts: 1001 is out of range; use an integer from 1 to 1000",
+        ),
     ],
 )
 def test_config_refuses_counts_and_rates_out_of_range_naming_the_key(

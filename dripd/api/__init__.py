@@ -11,33 +11,41 @@ import uuid
 import zoneinfo
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
-from enum import Enum
+from datetime import datetime, timedelta
+from enum import Enum, StrEnum
 from typing import Any, Final, TypeAlias
 
 import asyncpg
 import email_validator
 import phonenumbers
 
-from dripd.addresses import InvalidAddress, normalize, phone_key
+from dripd.addresses import InvalidAddress, mailbox, normalize, phone_key
 from dripd.db import feedback, leads, store
-from dripd.db.leads import DuplicateLead
+from dripd.db.leads import DuplicateLead, LeadStatus
 from dripd.errors import ConfigError, Conflict, NotFound
-from dripd.model import EnrollmentStatus, check_due, check_instant, scheduling
+from dripd.inputs import InvalidInput, check_data, check_optional, check_text
+from dripd.model import CHANNELS, EnrollmentStatus, check_due, check_instant, scheduling
 from dripd.timing import Timing, next_due, zone
 
 __all__ = [
     "ALL_TENANTS",
+    "ConfirmOutcome",
     "DuplicateLead",
     "Enrollment",
     "Event",
     "InvalidAddress",
+    "InvalidInput",
     "InvalidLead",
     "Lead",
+    "LeadConfirmation",
+    "LeadStatus",
+    "MailboxLimited",
     "Replayed",
     "Suppression",
+    "confirm_lead",
     "create_lead",
     "enroll",
+    "expire_leads",
     "get_enrollment",
     "pause",
     "replay",
@@ -145,6 +153,7 @@ async def _now(db: Db, now: datetime | None) -> datetime:
 def _tenant(tenant: str | None) -> None:
     if tenant is not None and (not isinstance(tenant, str) or not tenant.strip()):
         raise ConfigError("tenant: must be a non-empty string, or None for the global scope")
+    check_optional(tenant, field="tenant")
 
 
 def _subscriber(subscriber_id: str, subscriber_type: str) -> None:
@@ -152,6 +161,8 @@ def _subscriber(subscriber_id: str, subscriber_type: str) -> None:
         raise ConfigError("subscriber_id: must be a non-empty string")
     if not isinstance(subscriber_type, str) or not subscriber_type.strip():
         raise ConfigError("subscriber_type: must be a non-empty string")
+    check_text(subscriber_id, field="subscriber_id")
+    check_text(subscriber_type, field="subscriber_type")
 
 
 async def enroll(
@@ -174,8 +185,9 @@ async def enroll(
     `recipients.default_timezone`).
     """
     _tenant(tenant)
+    check_text(sequence_key, field="sequence_key", kind="sequence")
     _subscriber(subscriber_id, subscriber_type)
-    data = dict(data or {})
+    data = check_data(data or {}, where="data")
     _zone(default_timezone, "default_timezone")
     at = await _now(db, now)
     async with store.transaction(db) as conn:
@@ -412,6 +424,9 @@ async def track_event(
         raise ConfigError("key: an event needs a non-empty key")
     if idempotency_id is not None and not idempotency_id:
         raise ConfigError("idempotency_id: must not be empty")
+    check_text(key, field="key")
+    check_optional(idempotency_id, field="idempotency_id")
+    data = check_data(data or {}, where="data")
     _zone(default_timezone, "default_timezone")
     at = await _now(db, now)
     async with store.transaction(db) as conn:
@@ -421,7 +436,7 @@ async def track_event(
             subscriber_type=subscriber_type,
             subscriber_id=subscriber_id,
             key=key,
-            data=dict(data or {}),
+            data=data,
             idempotency_id=idempotency_id,
             now=at,
         )
@@ -439,7 +454,7 @@ async def track_event(
                 async with conn.transaction():  # a savepoint: a refusal undoes only itself
                     enrollment_id, new = await _enroll_in(
                         conn, tenant, sequence_key, subscriber_type, subscriber_id,
-                        dict(data or {}), at, default_timezone,
+                        dict(data), at, default_timezone,
                     )  # fmt: skip
             except (Conflict, ConfigError) as exc:
                 refused.append({"sequence": sequence_key, "reason": exc.message})
@@ -479,8 +494,13 @@ async def suppress(
     _tenant(tenant)
     if not isinstance(channel, str) or not channel.strip():
         raise ConfigError("channel: must be a channel name such as email or sms")
+    if channel not in CHANNELS:
+        raise InvalidInput(
+            "channel", f"{channel[:64]!r} is not a channel; channels: {', '.join(sorted(CHANNELS))}"
+        )
     if not isinstance(address, str) or not address.strip():
         raise ConfigError("address: must not be empty")
+    check_text(address, field="address")
     if reason not in SUPPRESSION_REASONS:
         raise ConfigError(
             f"reason: {reason!r} is not one of {', '.join(sorted(SUPPRESSION_REASONS))}"
@@ -595,6 +615,9 @@ class InvalidLead(ConfigError):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Lead:
+    """A stored lead: `active` and in the lead sequence (`enrollment_id`), or `pending` until
+    its confirmation (double opt-in), before `confirm_expires_at`."""
+
     id: uuid.UUID
     tenant_key: str | None
     name: str
@@ -603,9 +626,43 @@ class Lead:
     notes: str | None
     enrollment_id: uuid.UUID | None
     created_at: datetime
+    status: LeadStatus = LeadStatus.ACTIVE
+    confirm_expires_at: datetime | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return _jsonable(asdict(self))
+
+
+#: The span of `leads.max_per_mailbox_per_day`: a rolling day, not a calendar one.
+MAILBOX_DAY: Final = timedelta(days=1)
+
+
+class MailboxLimited(Conflict):
+    """The mailbox got as many new leads in the last 24 hours as it may."""
+
+    def __init__(self, cap: int, retry_at: datetime) -> None:
+        super().__init__(
+            f"email: this mailbox got {cap} new lead{'s' if cap != 1 else ''} in the last "
+            "24 hours; try again later"
+        )
+        self.field = "email"
+        self.retry_at = retry_at
+
+
+class ConfirmOutcome(StrEnum):
+    """What confirming a lead did."""
+
+    CONFIRMED = "confirmed"  # it is active now, in the lead sequence
+    ALREADY = "already_confirmed"  # it was active before: nothing changed
+    EXPIRED = "expired"  # it was not confirmed in time (or it is gone)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LeadConfirmation:
+    """The outcome of `confirm_lead`, and the lead (None when there is none)."""
+
+    outcome: ConfirmOutcome
+    lead: Lead | None
 
 
 def _blank_to_none(value: str | None, field: str) -> str | None:
@@ -661,17 +718,27 @@ async def create_lead(
     default_region: str = "US",
     default_timezone: str = "UTC",
     now: datetime | None = None,
+    confirm_sequence: str | None = None,
+    confirm_ttl: timedelta | None = None,
+    max_per_mailbox: int | None = None,
 ) -> Lead:
-    """Validate a lead, store it and enroll it in `sequence_key`, all in one transaction.
+    """Validate a lead, store it and enroll it in `sequence_key`, all in one transaction;
+    with `confirm_sequence` (double opt-in), store it pending until `now + confirm_ttl` and
+    enroll it in `confirm_sequence` instead (its message carries the link that
+    `confirm_lead` answers), so it enters `sequence_key` only once confirmed.
 
     Email is stored in the one spelling of `dripd.addresses` (NFC, lowercased, the domain
     as Unicode), phone in E.164 (a national number is read in
     `default_region`); blank email, phone and notes count as absent, and one of email and
     phone is required. An invalid field raises InvalidLead and a lead already holding the
-    email or phone raises DuplicateLead; both are ConfigErrors whose `.field` names the
-    field and whose message starts with it. The enrollment (subscriber type "lead", the
-    lead's id as subscriber id) gets name, first_name, email, phone, notes and lead_id as
-    data; if it fails (NotFound, Conflict) no lead is stored.
+    email, its mailbox (the email without a `+tag`, `dripd.addresses.mailbox`) or the phone
+    raises DuplicateLead; both are ConfigErrors whose `.field` names the field and whose
+    message starts with it. A pending lead past its expiry holds none of them: it expires,
+    its confirmation enrollment ends, and the new lead takes its place. With
+    `max_per_mailbox`, a mailbox that got that many new leads in the last 24 hours (expired
+    ones included) raises MailboxLimited (a Conflict, with `.retry_at`). The enrollment
+    (subscriber type "lead", the lead's id as subscriber id) gets name, first_name, email,
+    phone, notes and lead_id as data; if it fails (NotFound, Conflict) no lead is stored.
     """
     _tenant(tenant)
     name = _lead_name(name)
@@ -689,23 +756,137 @@ async def create_lead(
     if notes is not None and "\x00" in notes:  # Postgres text cannot hold it
         raise InvalidLead("notes", "the notes must not contain NUL characters")
     _zone(default_timezone, "default_timezone")
+    if (confirm_sequence is None) != (confirm_ttl is None):
+        raise ConfigError("confirm_ttl: give it together with confirm_sequence, or neither")
+    if confirm_ttl is not None and confirm_ttl <= timedelta(0):
+        raise ConfigError("confirm_ttl: must be longer than 0s")
+    if max_per_mailbox is not None and max_per_mailbox < 1:
+        raise ConfigError("max_per_mailbox: must be a positive integer")
+    box = mailbox(email) if email is not None else None
     at = await _now(db, now)
     async with store.transaction(db) as conn:
+        expired = await leads.expire_matching(
+            conn, tenant=tenant, mailbox=box, email=email, phone=phone, now=at
+        )
+        for old in expired:
+            await _end_confirmation(conn, old, "confirmation_expired", at)
         inserted = await leads.insert_lead(
-            conn, tenant=tenant, name=name, email=email, phone=phone, notes=notes, now=at
+            conn,
+            tenant=tenant,
+            name=name,
+            email=email,
+            phone=phone,
+            notes=notes,
+            mailbox=box,
+            confirm_expires_at=None if confirm_ttl is None else at + confirm_ttl,
+            now=at,
         )
-        data = {
-            "name": name,
-            "first_name": name.split()[0],
-            "email": email,
-            "phone": phone,
-            "notes": notes,
-            "lead_id": str(inserted.id),
-        }
+        if max_per_mailbox is not None and box is not None:
+            created = await leads.mailbox_leads(
+                conn, tenant=tenant, mailbox=box, since=at - MAILBOX_DAY
+            )
+            if len(created) > max_per_mailbox:  # this lead is one of them
+                raise MailboxLimited(max_per_mailbox, created[max_per_mailbox] + MAILBOX_DAY)
+        data = _lead_data(inserted)
+        if confirm_sequence is not None:
+            enrollment_id, _ = await _enroll_in(
+                conn, tenant, confirm_sequence, LEAD, str(inserted.id), data, at, default_timezone
+            )
+            row = await leads.set_confirm_enrollment(conn, inserted.id, enrollment_id)
+        else:
+            enrollment_id, _ = await _enroll_in(
+                conn, tenant, sequence_key, LEAD, str(inserted.id), data, at, default_timezone
+            )
+            row = await leads.set_lead_enrollment(conn, inserted.id, enrollment_id)
+    return _lead_of(row)
+
+
+async def confirm_lead(
+    db: Db,
+    *,
+    tenant: str | None,
+    lead_id: uuid.UUID,
+    sequence_key: str,
+    default_timezone: str = "UTC",
+    now: datetime | None = None,
+) -> LeadConfirmation:
+    """Confirm a pending lead (double opt-in), in one transaction: it becomes active, enters
+    `sequence_key` and its enrollment in the confirmation sequence exits (reason
+    `lead_confirmed`). Idempotent: a lead confirmed before stays as it is (ALREADY), and the
+    lead row's lock orders a confirmation racing another one or a new post of the lead. A
+    lead past its `confirm_expires_at` expires (EXPIRED), as does one that is gone.
+    NotFound or Conflict from the enrollment (no such sequence, no active version) roll
+    everything back.
+    """
+    _tenant(tenant)
+    at = await _now(db, now)
+    async with store.transaction(db) as conn:
+        row = await leads.lock_lead(conn, lead_id, tenant)
+        if row is None or row.status is LeadStatus.EXPIRED:
+            return LeadConfirmation(
+                outcome=ConfirmOutcome.EXPIRED, lead=None if row is None else _lead_of(row)
+            )
+        if row.status is LeadStatus.ACTIVE:
+            return LeadConfirmation(outcome=ConfirmOutcome.ALREADY, lead=_lead_of(row))
+        assert row.confirm_expires_at is not None  # a CHECK pairs it with pending
+        if at >= row.confirm_expires_at:
+            expired = await leads.expire_lead(conn, lead_id)
+            assert expired is not None
+            await _end_confirmation(conn, expired, "confirmation_expired", at)
+            return LeadConfirmation(outcome=ConfirmOutcome.EXPIRED, lead=_lead_of(expired))
         enrollment_id, _ = await _enroll_in(
-            conn, tenant, sequence_key, "lead", str(inserted.id), data, at, default_timezone
+            conn, tenant, sequence_key, LEAD, str(row.id), _lead_data(row), at, default_timezone
         )
-        row = await leads.set_lead_enrollment(conn, inserted.id, enrollment_id)
+        confirmed = await leads.activate_lead(conn, lead_id, enrollment_id=enrollment_id, now=at)
+        await _end_confirmation(conn, confirmed, "lead_confirmed", at)
+    return LeadConfirmation(outcome=ConfirmOutcome.CONFIRMED, lead=_lead_of(confirmed))
+
+
+async def expire_leads(db: Db, *, now: datetime | None = None) -> int:
+    """Expire every pending lead past its `confirm_expires_at` and end its confirmation
+    enrollment (reason `confirmation_expired`); how many expired. The daemon's housekeeping
+    calls it; a new post or a confirmation of such a lead expires it on its own too."""
+    at = await _now(db, now)
+    async with store.transaction(db) as conn:
+        expired = await leads.expire_due(conn, at)
+        for old in expired:
+            await _end_confirmation(conn, old, "confirmation_expired", at)
+    return len(expired)
+
+
+#: The subscriber type of a lead's enrollments.
+LEAD: Final = "lead"
+
+
+def _lead_data(row: leads.LeadRow) -> dict[str, Any]:
+    return {
+        "name": row.name,
+        "first_name": row.name.split()[0],
+        "email": row.email,
+        "phone": row.phone,
+        "notes": row.notes,
+        "lead_id": str(row.id),
+    }
+
+
+async def _end_confirmation(
+    conn: asyncpg.Connection,
+    lead: leads.LeadRow | leads.ExpiredLead,
+    reason: str,
+    at: datetime,
+) -> None:
+    """End a lead's enrollment in the confirmation sequence, if it is still running."""
+    enrollment_id = lead.confirm_enrollment_id
+    if enrollment_id is None:
+        return
+    running = [EnrollmentStatus.ACTIVE.value, EnrollmentStatus.PAUSED.value]
+    if await store.set_enrollment_status(
+        conn, lead.tenant_key, enrollment_id, EnrollmentStatus.EXITED.value, running, reason, at
+    ):
+        await store.skip_pending(conn, enrollment_id, reason, at)
+
+
+def _lead_of(row: leads.LeadRow) -> Lead:
     return Lead(
         id=row.id,
         tenant_key=row.tenant_key,
@@ -715,4 +896,6 @@ async def create_lead(
         notes=row.notes,
         enrollment_id=row.enrollment_id,
         created_at=row.created_at,
+        status=row.status,
+        confirm_expires_at=row.confirm_expires_at,
     )

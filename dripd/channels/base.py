@@ -12,17 +12,25 @@
           .bounce              True: the recipient's address is refused for good (suppress it)
 
 Providers translate their library's errors into these at the one place they call it,
-with `raise … from exc`. Messages never contain credentials.
+with `raise … from exc`. Messages never contain credentials: every channel the registry
+builds is wrapped in a `RedactedChannel`, which passes each error's text through the
+redactor of the adapter's credentials (dripd.redaction) and drops the cause chain (the
+library's exception holds the unredacted text, e.g. an SMTP reply echoing the AUTH line).
 """
 
 from __future__ import annotations
 
+import copy
+import traceback
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import structlog
+
 from dripd.errors import DripdError
+from dripd.redaction import Redactor
 
 __all__ = [
     "Channel",
@@ -30,9 +38,12 @@ __all__ = [
     "Message",
     "PermanentError",
     "Receipt",
+    "RedactedChannel",
     "TransientError",
     "mailbox_header",
 ]
+
+log = structlog.get_logger("dripd.channels")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -114,3 +125,94 @@ class Channel(Protocol):
     async def aclose(self) -> None:
         """Release connections and files; the channel is not used afterwards."""
         ...
+
+
+class RedactedChannel:
+    """A channel whose errors never carry its adapter's credentials, in any encoding.
+
+    Every error leaving `send` or `aclose` is a ChannelError whose message went through
+    `redact`, with no cause chain. A provider bug (any other exception) becomes a
+    TransientError naming its type, after its redacted traceback is logged: the pipeline
+    would otherwise log and store the raw text.
+    """
+
+    __slots__ = ("_channel", "_redact", "provider")
+
+    def __init__(self, channel: Channel, redact: Redactor) -> None:
+        self._channel = channel
+        self._redact = redact
+        self.provider = channel.provider
+
+    @property
+    def capacity(self) -> int | None:
+        """The wrapped channel's `capacity` (sends it can run at once), if it has one."""
+        capacity = getattr(self._channel, "capacity", None)
+        return capacity if isinstance(capacity, int) else None
+
+    @property
+    def wrapped(self) -> Channel:
+        """The provider's own channel (for tests and statistics; its errors are raw)."""
+        return self._channel
+
+    def __repr__(self) -> str:
+        return self._redact(repr(self._channel))
+
+    async def send(self, message: Message) -> Receipt:
+        """Deliver `message` through the wrapped channel; its errors redacted."""
+        try:
+            return await self._channel.send(message)
+        except ChannelError as exc:
+            error = self._redacted(exc)
+        except Exception as exc:  # noqa: BLE001 - a provider bug: its text may hold a credential
+            error = self._unexpected(exc, "send", execution_id=str(message.execution_id))
+        # Raised outside the handler, so neither `__cause__` nor `__context__` leads back
+        # to the unredacted exception.
+        raise error from None
+
+    async def aclose(self) -> None:
+        """Close the wrapped channel; its errors redacted."""
+        try:
+            await self._channel.aclose()
+            return
+        except ChannelError as exc:
+            error = self._redacted(exc)
+        except Exception as exc:  # noqa: BLE001 - a provider bug: its text may hold a credential
+            error = self._unexpected(exc, "aclose")
+        raise error from None
+
+    def _redacted(self, exc: ChannelError) -> ChannelError:
+        # A copy keeps the class and its fields (`provider_wide`, `bounce`, a provider's
+        # own); only the text changes.
+        text = self._redact(exc.message)
+        try:
+            clean = copy.copy(exc)
+        except TypeError:  # a constructor that takes more than the message
+            clean = _same_kind(exc, text)
+        clean.args = (text,)
+        notes = getattr(exc, "__notes__", None)
+        if notes:
+            clean.__notes__ = [self._redact(str(note)) for note in notes]
+        return clean
+
+    def _unexpected(
+        self, exc: Exception, method: str, *, execution_id: str | None = None
+    ) -> TransientError:
+        log.error(
+            "adapter raised an unexpected error",
+            provider=self.provider,
+            method=method,
+            execution_id=execution_id,
+            exception=self._redact("".join(traceback.format_exception(exc)).rstrip()),
+        )
+        text = self._redact(str(exc))
+        detail = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+        return TransientError(f"{self.provider} adapter error: {detail}")
+
+
+def _same_kind(exc: ChannelError, text: str) -> ChannelError:
+    """A base-class error with `exc`'s kind and flags, saying `text`."""
+    if isinstance(exc, PermanentError):
+        return PermanentError(text, bounce=exc.bounce)
+    if isinstance(exc, TransientError):
+        return TransientError(text, provider_wide=exc.provider_wide)
+    return ChannelError(text)

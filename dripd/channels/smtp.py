@@ -254,11 +254,12 @@ class SmtpChannel:
 
     def _translate(self, exc: BaseException, *, session: bool = False) -> ChannelError:
         """The channel error for `exc`; `session`: it came while opening the connection,
-        before anything of the message was sent."""
+        before anything of the message was sent. The text is the server's as it came (a
+        server may echo the AUTH line): the registry's RedactedChannel redacts it."""
         where = self._where
         match exc:
             case aiosmtplib.SMTPAuthenticationError(code=code, message=text):
-                reply = self._redact(f"{code} {text}")
+                reply = f"{code} {text}"
                 if code >= 500:
                     return PermanentError(f"{where}: authentication failed: {reply}")
                 return TransientError(
@@ -271,25 +272,21 @@ class SmtpChannel:
             case aiosmtplib.SMTPConnectResponseError(code=code, message=text):
                 # The greeting refused us (421 busy, 554 no service here): no message of
                 # this adapter can go until the server takes connections again.
-                reply = self._redact(f"{code} {text}").rstrip()
+                reply = f"{code} {text}".rstrip()
                 return TransientError(f"{where}: greeting refused: {reply}", provider_wide=True)
             case aiosmtplib.SMTPResponseException(code=code, message=text):
                 return self._by_code(code, text, "", session=session)
             case aiosmtplib.SMTPNotSupported():
-                return PermanentError(f"{where}: {self._redact(str(exc))}")
+                return PermanentError(f"{where}: {exc}")
             case aiosmtplib.SMTPTimeoutError() | TimeoutError():
-                return TransientError(
-                    f"{where}: timed out: {self._redact(str(exc))}", provider_wide=True
-                )
+                return TransientError(f"{where}: timed out: {exc}", provider_wide=True)
             case aiosmtplib.SMTPServerDisconnected() | aiosmtplib.SMTPConnectError() | OSError():
-                return TransientError(
-                    f"{where}: connection failed: {self._redact(str(exc))}", provider_wide=True
-                )
+                return TransientError(f"{where}: connection failed: {exc}", provider_wide=True)
             case aiosmtplib.SMTPException():
                 # What is left (no AUTH offered, no usable mechanism) is a setup mismatch.
-                return PermanentError(f"{where}: {self._redact(str(exc))}")
+                return PermanentError(f"{where}: {exc}")
             case ValueError():
-                return PermanentError(f"{where}: cannot send: {self._redact(str(exc))}")
+                return PermanentError(f"{where}: cannot send: {exc}")
             case _:
                 return TransientError(f"{where}: {type(exc).__name__}")
 
@@ -302,7 +299,7 @@ class SmtpChannel:
         recipient: bool = False,
         session: bool = False,
     ) -> ChannelError:
-        reply = f"{self._where}: {what}server replied {code} {self._redact(text)}".rstrip()
+        reply = f"{self._where}: {what}server replied {code} {text}".rstrip()
         if 500 <= code < 600:
             # A 5xx to RCPT TO (550 no such user, 551, 553 bad mailbox…) refuses the
             # address itself: a hard bounce. Other 5xx refuse this message or this sender.
@@ -310,13 +307,6 @@ class SmtpChannel:
         # 421 at any point closes the session for every message; other 4xx replies to
         # MAIL/RCPT/DATA (451 local error, 452 storage) are about this message's transaction.
         return TransientError(reply, provider_wide=session or code == _SERVICE_UNAVAILABLE)
-
-    def _redact(self, text: str) -> str:
-        # Servers sometimes echo the login; on some relays the login is itself an API key.
-        for secret in (self._settings.password, self._settings.username):
-            if secret and len(secret) >= 3:
-                text = text.replace(secret, "***")
-        return text
 
 
 async def _quit(client: aiosmtplib.SMTP, timeout: float) -> None:

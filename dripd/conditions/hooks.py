@@ -8,8 +8,10 @@ verified against that name, not the address (httpcore passes the extension to
 `ssl.SSLContext.wrap_socket(server_hostname=…)`). Redirects are never followed. Each request
 is signed with Standard Webhooks headers.
 
-Every failure at run time is a `HookError` that names the hook and never contains a secret;
-the engine treats it as a transient failure of the step.
+Every failure at run time is a `HookError` that names the hook and never contains a secret
+(the text of a network error passes through the redactor of the call's secrets) nor more of
+the rendered URL than its host and path (its query can carry subscriber data); the engine
+treats it as a transient failure of the step.
 """
 
 from __future__ import annotations
@@ -21,10 +23,11 @@ import inspect
 import math
 import ssl
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final, TypeAlias, assert_never, cast
 
+import anyio
 import httpx
 import msgspec
 from standardwebhooks import Webhook
@@ -49,9 +52,10 @@ from dripd.conditions.netguard import (
     parse_target,
     resolve_host,
 )
-from dripd.content.liquid import Template, TemplateError
+from dripd.content.liquid import RENDER_THREADS, Template, TemplateError, render_fields
 from dripd.errors import HookError
 from dripd.model import format_duration
+from dripd.redaction import Redactor, urls_for_log
 
 __all__ = [
     "MAX_RESPONSE_BYTES",
@@ -173,13 +177,20 @@ class _Retry(Exception):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class _Prepared:
-    """One hook call's request, rendered and authenticated once for all its attempts."""
+    """One hook call's request, rendered and authenticated once for all its attempts.
+    Only the target shows in its repr: the rest holds secrets and subscriber data."""
 
     target: Target
-    headers: dict[str, str]
-    body: str
-    auth: httpx.Auth | None
-    signer: Webhook
+    headers: dict[str, str] = field(repr=False)
+    body: str = field(repr=False)
+    auth: httpx.Auth | None = field(repr=False)
+    signer: Webhook = field(repr=False)
+    secrets: tuple[str, ...] = field(repr=False)  # the signing key and the auth secret
+
+    def clean(self, text: str) -> str:
+        """`text` (a network error's) without this call's secrets, in any encoding, and
+        with every URL in it cut to scheme, host and path."""
+        return Redactor(self.secrets)(urls_for_log(text))
 
 
 def _wall_now() -> datetime:
@@ -215,6 +226,7 @@ class Hooks:
         self._now = now
         self._sleep = sleep
         self._loaded: dict[str, PythonHook] = {}
+        self._render_limiter = anyio.CapacityLimiter(RENDER_THREADS)  # slow renders' threads
 
     async def run(
         self,
@@ -283,22 +295,22 @@ class Hooks:
             try:
                 return await self._attempt(spec, prepared, webhook_id, attempt)
             except _Retry as exc:
-                reason = str(exc)
+                reason = prepared.clean(str(exc))
             except HookError as exc:
                 raise HookError(f"{label}: {exc.message}") from exc
         tries = "1 attempt" if attempts == 1 else f"{attempts} attempts"
         raise HookError(f"{label}: {reason} (gave up after {tries})")
 
     async def _prepare(self, spec: HttpHookSpec, context: Mapping[str, Any]) -> _Prepared:
-        url = _render(spec.url, context)
+        url = await self._render(spec.url, context)
         target = parse_target(url, self._policy)
         headers = {}
         for header, template in spec.headers.items():
-            value = _render(template, context)
+            value = await self._render(template, context)
             if not _header_safe(value):
                 raise HookError(f"header {header!r}: the rendered value has a control character")
             headers[header] = value
-        body = "" if spec.body is None else _render(spec.body, context)
+        body = "" if spec.body is None else await self._render(spec.body, context)
         if spec.body is not None and not any(h.lower() == "content-type" for h in headers):
             headers["content-type"] = "application/json"
         headers["host"] = _host_header(target)
@@ -311,8 +323,10 @@ class Hooks:
                 f"secret {spec.signing_secret!r} is not a Standard Webhooks key (whsec_…)"
             ) from None
         auth: httpx.Auth | None = None
+        secrets = [signing_key]
         if spec.auth is not None:
             secret = await self._secret(spec.auth.secret)
+            secrets.append(secret)
             if isinstance(spec.auth, BearerAuth):
                 headers["authorization"] = f"Bearer {secret}"
             elif isinstance(spec.auth, BasicAuth):
@@ -327,7 +341,18 @@ class Hooks:
             body=body,
             auth=auth,
             signer=signer,
+            secrets=tuple(secrets),
         )
+
+    async def _render(self, template: Template, context: Mapping[str, Any]) -> str:
+        """`template` rendered (off the event loop when it is slow: `render_fields`)."""
+        try:
+            rendered = await render_fields(
+                {template.field: template}, context, limiter=self._render_limiter
+            )
+        except TemplateError as exc:
+            raise HookError(f"cannot render {exc}") from exc
+        return rendered[template.field]
 
     async def _secret(self, name: str) -> str:
         # A value h11 would refuse would be quoted in h11's error: refuse it here, by name.
@@ -414,13 +439,6 @@ async def _result(response: httpx.Response) -> Any:
         return content.decode(response.charset_encoding or "utf-8", errors="replace")
     except LookupError:  # an unknown charset
         return content.decode("utf-8", errors="replace")
-
-
-def _render(template: Template, context: Mapping[str, Any]) -> str:
-    try:
-        return template.render(context)
-    except TemplateError as exc:
-        raise HookError(f"cannot render {exc}") from exc
 
 
 def _host_header(target: Target) -> str:

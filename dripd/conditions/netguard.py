@@ -13,7 +13,7 @@ import asyncio
 import ipaddress
 import socket
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final, TypeAlias
 
 import httpx
@@ -119,7 +119,7 @@ async def resolve_host(host: str, port: int) -> list[IPAddress]:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Target:
-    url: httpx.URL
+    url: httpx.URL = field(repr=False)  # rendered: its query can hold subscriber data
     host: str  # ASCII (IDNA) host name or address, without brackets
     port: int
 
@@ -128,7 +128,9 @@ def parse_target(url: str, policy: NetPolicy) -> Target:
     try:
         parsed = httpx.URL(url)
     except httpx.InvalidURL as exc:
-        raise HookError(f"{url!r} is not a URL: {exc}") from exc
+        # The URL is not quoted: rendered, its query can hold subscriber data. httpx's
+        # message names the part it refused (a port, a character's position).
+        raise HookError(f"the URL is not valid: {exc}") from None
     if parsed.scheme != "https" and not (parsed.scheme == "http" and policy.allow_http):
         allowed = "https or http" if policy.allow_http else "https"
         raise HookError(f"URL scheme {parsed.scheme!r} is not allowed; use {allowed}")

@@ -6,10 +6,13 @@ import base64
 import hashlib
 import secrets
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+
+import msgspec
 
 from dripd.db import store
 from dripd.errors import Refused
@@ -53,6 +56,10 @@ class Token:
         }
 
 
+def _header_fields(text: str) -> dict[str, str]:
+    return {str(k): str(v) for k, v in msgspec.json.decode(text, type=dict[str, str]).items()}
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class StoredResponse:
     """The first response to an idempotency key, and what identified its request."""
@@ -62,6 +69,7 @@ class StoredResponse:
     request_hash: bytes = field(metadata={"convert": bytes})
     status: int
     body: bytes = field(metadata={"convert": bytes})
+    headers: dict[str, str] = field(metadata={"convert": _header_fields})
     created_at: datetime
 
 
@@ -114,7 +122,7 @@ async def revoke_token(db: store.Executor, token_id: uuid.UUID, now: datetime) -
 async def claim_idempotency(
     conn: store.Connection,
     *,
-    token_id: uuid.UUID,
+    token_id: uuid.UUID | None,
     key: str,
     method: str,
     path: str,
@@ -122,6 +130,7 @@ async def claim_idempotency(
     now: datetime,
 ) -> StoredResponse | None:
     """Take `key` for this request inside the caller's transaction, or find who took it.
+    `token_id` is the token the key belongs to, None for a public route's (one namespace).
 
     None: the key is ours; a request with the same key waits until our transaction ends
     and then finds our response (if we committed) or takes the key itself (if we rolled
@@ -140,10 +149,18 @@ async def claim_idempotency(
 
 
 async def finish_idempotency(
-    conn: store.Connection, *, token_id: uuid.UUID, key: str, status: int, body: bytes
+    conn: store.Connection,
+    *,
+    token_id: uuid.UUID | None,
+    key: str,
+    status: int,
+    body: bytes,
+    headers: Mapping[str, str],
 ) -> None:
-    """Store the response to a key taken with `claim_idempotency`, in the same transaction."""
-    await conn.execute(Q.finish_idempotency, token_id, key, status, body)
+    """Store the response to a key taken with `claim_idempotency`, in the same transaction:
+    its status, body and header fields."""
+    fields = msgspec.json.encode(dict(headers)).decode()
+    await conn.execute(Q.finish_idempotency, token_id, key, status, body, fields)
 
 
 async def purge_idempotency(db: store.Executor, before: datetime) -> int:

@@ -26,7 +26,11 @@ LOCK_KEY = 0x64726970646D6967
 OLDEST_SERVER = 15
 NEWEST_TESTED_SERVER = 18
 
-_FILENAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
+#: What every command, the daemon and `/readyz` say of a database without dripd's schema.
+NOT_INSTALLED = "schema not installed: run `dripd migrate`"
+
+# Matched whole (`fullmatch`): `$` would also match before a trailing newline.
+_FILENAME = re.compile(r"([0-9]{4})_([a-z0-9_]+)\.sql", re.ASCII)
 
 _LEDGER_DDL = """
 CREATE SCHEMA IF NOT EXISTS dripd;
@@ -118,7 +122,7 @@ def migrations() -> list[Migration]:
     for entry in where.iterdir():
         if not entry.name.endswith(".sql"):
             continue
-        match = _FILENAME.match(entry.name)
+        match = _FILENAME.fullmatch(entry.name)
         if match is None:
             # A misnamed migration silently skipped would leave the schema short.
             raise SchemaError(
@@ -178,15 +182,25 @@ async def require_current(
     conn: asyncpg.Connection, *, available: Sequence[Migration] | None = None
 ) -> None:
     """Raise SchemaError unless every migration is applied, unedited, and known, on a
-    server that is not too old (a newer one passed `dripd migrate --allow-newer-server`)."""
+    server that is not too old (a newer one passed `dripd migrate --allow-newer-server`).
+
+    Its message says what to run: `NOT_INSTALLED` for a database without dripd's schema
+    (no migration applied), else which migrations are pending, edited or unknown."""
     check_server(await server_version(conn), allow_newer=True)
     files = _files(available)
     ledger = await _ledger_if_any(conn)
+    if not ledger:
+        raise SchemaError(NOT_INSTALLED)
     _refuse_drift(files, ledger)
     pending = _compare(files, ledger).pending
-    if pending:
+    if len(pending) == 1:
         raise SchemaError(
             f"schema is out of date: migration {pending[0]} is not applied; run `dripd migrate`"
+        )
+    if pending:
+        raise SchemaError(
+            f"schema is out of date: migrations {', '.join(pending)} are not applied; "
+            "run `dripd migrate`"
         )
 
 

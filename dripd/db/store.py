@@ -14,8 +14,10 @@ from typing import TYPE_CHECKING, Any, Final, TypeAlias, TypeVar
 import asyncpg
 import msgspec
 
-from dripd.errors import Conflict, DatabaseError, DripdError, Refused, SchemaError
+from dripd.db.migrate import NOT_INSTALLED
+from dripd.errors import ConfigError, Conflict, DatabaseError, DripdError, Refused, SchemaError
 from dripd.model import ClaimedExecution, EnrollmentStatus, VersionStepRow
+from dripd.redaction import Redactor, dsn_secrets
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
@@ -217,6 +219,8 @@ async def connect(dsn: str, *, timeout: float = 10.0) -> Connection:
         conn = await asyncpg.connect(dsn, timeout=timeout)
     except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
         raise DatabaseError(f"cannot connect to Postgres: {_describe(exc)}") from exc
+    except ValueError as exc:  # asyncpg's ClientConfigurationError too
+        raise _bad_dsn(dsn, exc) from None
     await init_connection(conn)
     return conn
 
@@ -229,8 +233,17 @@ async def create_pool(dsn: str, *, min_size: int, max_size: int, timeout: float 
         )
     except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
         raise DatabaseError(f"cannot connect to Postgres: {_describe(exc)}") from exc
+    except ValueError as exc:  # asyncpg's ClientConfigurationError too
+        raise _bad_dsn(dsn, exc) from None
     assert pool is not None
     return pool
+
+
+def _bad_dsn(dsn: str, exc: ValueError) -> ConfigError:
+    """The driver refused the DSN itself (config.check_dsn lets few such through): say so
+    without its password, which the driver's message may quote (a bad query string)."""
+    text = Redactor(dsn_secrets(dsn))(_describe(exc))
+    return ConfigError(f"the database DSN is invalid: {text}")
 
 
 def _describe(exc: BaseException) -> str:
@@ -280,7 +293,7 @@ def translated() -> Any:
         # Postgres names the missing relation or schema only in the message: every dripd
         # statement qualifies its relations with the schema `dripd`.
         if '"dripd.' in exc.message or 'schema "dripd"' in exc.message:
-            raise SchemaError("schema not installed: run `dripd migrate`") from exc
+            raise SchemaError(NOT_INSTALLED) from exc
         raise Refused(f"Postgres refused: {_describe(exc)}") from exc
     except _CONNECTION_ERRORS as exc:
         raise DatabaseError(f"lost the database connection: {_describe(exc)}") from exc
@@ -702,7 +715,8 @@ class SequenceRow:
 
 async def find_sequence(conn: Connection, tenant: str | None, key: str) -> SequenceRow | None:
     """The tenant's own sequence `key`, else the global one; None if neither exists."""
-    row = await conn.fetchrow(Q.find_sequence, tenant, key)
+    with translated():
+        row = await conn.fetchrow(Q.find_sequence, tenant, key)
     return None if row is None else from_record(SequenceRow, row)
 
 
@@ -991,7 +1005,8 @@ async def insert_adapter(
 async def list_adapters(
     conn: Connection, tenant: str | None, *, all_tenants: bool
 ) -> list[AdapterRow]:
-    rows = await conn.fetch(Q.list_adapters, tenant, all_tenants)
+    with translated():
+        rows = await conn.fetch(Q.list_adapters, tenant, all_tenants)
     return [from_record(AdapterRow, r) for r in rows]
 
 

@@ -11,7 +11,7 @@ from zoneinfo import ZoneInfo
 
 from dripd.conditions.expr import Expr, evaluate_safely, parse
 from dripd.conditions.hookspecs import HookSpec, parse_hooks
-from dripd.content.liquid import Template, compile_template
+from dripd.content.liquid import Template, compile_stored
 from dripd.model import OnFailure, Step, VersionStepRow
 from dripd.rules.window import Window, parse_window
 from dripd.timing import Timing, next_due
@@ -99,7 +99,7 @@ def compile_version(rows: list[VersionStepRow]) -> dict[uuid.UUID, CompiledStep]
                 )
                 for t in row.transitions
             )
-            templates = {k: compile_template(v, field=k) for k, v in step.template.items()}
+            templates = {k: compile_stored(v, field=k) for k, v in step.template.items()}
             when = parse(step.when) if step.when else None
             conditions = [e.when for e in edges if e.when is not None]
             if when is not None:

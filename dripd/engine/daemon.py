@@ -18,15 +18,18 @@ from typing import Any
 import anyio
 import structlog
 
-from dripd import __version__
-from dripd.api import ALL_TENANTS, replay
+from dripd import __version__, logs
+from dripd.api import ALL_TENANTS, expire_leads, replay
 from dripd.channels.credentials import ENV_VAR, Vault
 from dripd.clock import Clock, DatabaseClock, SystemClock
 from dripd.conditions.netguard import NetPolicy
 from dripd.config import Config
 from dripd.control import ControlServer
+from dripd.control import Limits as ControlLimits
 from dripd.db import circuits, intake, limits, migrate, store
+from dripd.db import leads as lead_store
 from dripd.db.listener import Listener
+from dripd.engine import descriptors
 from dripd.engine.adapters import AdapterSet
 from dripd.engine.held import Signal
 from dripd.engine.hookset import HookSet
@@ -35,9 +38,10 @@ from dripd.engine.rulebook import build_rules
 from dripd.engine.thresholds import watch_thresholds
 from dripd.engine.worker import Settings, Worker
 from dripd.errors import ConfigError, DatabaseError, DripdError, NotFound
-from dripd.http.app import HttpServer, build_app
+from dripd.http.app import ADMIN_MAX_CONNECTIONS, HttpServer, Limits, build_app, public_app
 from dripd.http.context import HttpContext
-from dripd.http.routes import http_routes
+from dripd.http.routes import admin_routes, http_routes
+from dripd.inputs import check_optional, check_text
 from dripd.metrics import Metrics
 from dripd.rules.breaker import Breaker
 from dripd.rules.limiter import RateTable
@@ -103,7 +107,24 @@ class Daemon:
         self._stop.set()
 
     async def run(self, *, install_signals: bool = True) -> None:
-        """Run until request_stop() (or SIGTERM/SIGINT), then stop cleanly."""
+        """Run until request_stop() (or SIGTERM/SIGINT), then stop cleanly.
+
+        First a ConfigError if the connections the configuration allows would not fit
+        RLIMIT_NOFILE (the soft limit is raised to the hard one if that is needed)."""
+        raised = descriptors.fit(self.config)
+        if raised is not None:
+            log.info("raised the soft RLIMIT_NOFILE", old=raised[0], new=raised[1])
+        # asyncio logs a failed accept (EMFILE…) once per pending connection: thousands a
+        # second under a flood. This handler logs them at most every 10 s, with a count.
+        loop = asyncio.get_running_loop()
+        accept_errors = logs.AcceptErrors(10.0)
+        accept_errors.install(loop)
+        try:
+            await self._run(install_signals=install_signals)
+        finally:
+            accept_errors.uninstall(loop)
+
+    async def _run(self, *, install_signals: bool) -> None:
         cfg = self.config
         vault = Vault.from_env(self._env) if self._env.get(ENV_VAR) else None
         pool = await store.create_pool(
@@ -125,6 +146,8 @@ class Daemon:
             async with store.acquire(pool) as conn:
                 with store.translated():
                     await migrate.require_current(conn)
+                    self._check_double_opt_in(vault)
+                    await self._check_lead_sequences(conn)
             if self._own_clock:
                 clock = DatabaseClock(partial(store.db_now, pool))
                 await self._sync_clock(clock)
@@ -196,27 +219,26 @@ class Daemon:
                     adapters_changed.set()
                     circuits_changed.set()
 
-            control = ControlServer(cfg.control.socket, int(cfg.control.mode, 8), self.handle)
-            http: HttpServer | None = None
+            control = ControlServer(
+                cfg.control.socket,
+                int(cfg.control.mode, 8),
+                self.handle,
+                limits=ControlLimits.of(cfg),
+            )
+            http: list[tuple[HttpServer, tuple[str, int]]] = []
             if cfg.http.enabled:
                 context = HttpContext(
                     pool=pool, config=cfg, clock=self.clock, metrics=self.metrics, vault=vault
                 )
-                http = HttpServer(
-                    build_app(
-                        metrics=self.metrics,
-                        readiness=self.readiness,
-                        routes=http_routes(context),
-                    )
-                )
+                http = self._http_servers(context)
             # The task group owns every background task; cancelling it at stop ends them
             # all, the servers after a graceful shutdown of their own. A task's own error
             # (a taken `http.listen`, a crashed worker) leaves it as itself, not in a group.
             with _one_error():
                 async with anyio.create_task_group() as tg:
                     await tg.start(control.serve)
-                    if http is not None:
-                        await tg.start(http.serve, *cfg.http_host_port)
+                    for server, (host, port) in http:
+                        await tg.start(server.serve, host, port)
                     listener = Listener(
                         cfg.database.dsn,
                         {
@@ -252,6 +274,7 @@ class Daemon:
                         version=__version__,
                         control=cfg.control.socket,
                         http=cfg.http.listen if http else None,
+                        admin=cfg.http.admin_listen if len(http) > 1 else None,
                     )
                     self.ready.set()
                     await self._stop.wait()
@@ -266,6 +289,61 @@ class Daemon:
                 await adapters.aclose()
                 await hooks.aclose()
                 await pool.close()
+
+    def _check_double_opt_in(self, vault: Vault | None) -> None:
+        """With `leads.double_opt_in`: a ConfigError without DRIPD_ENCRYPTION_KEY (the
+        confirmation links are sealed with it, as unsubscribe links are)."""
+        cfg = self.config
+        if cfg.leads.enabled and cfg.leads.double_opt_in and vault is None:
+            raise ConfigError(
+                f"leads.double_opt_in: needs {ENV_VAR} (confirmation links are sealed with "
+                "it, as unsubscribe links are)"
+            )
+
+    async def _check_lead_sequences(self, conn: store.Connection) -> None:
+        """Say at start when the lead form is served but `leads.sequence` (or, with double
+        opt-in, `leads.confirm_sequence`) names no sequence with an active version. The
+        daemon still starts: it sends every other sequence, and `dripd apply` may add the
+        sequence at any time; until then each lead is answered 503 ("try again later"),
+        stored nowhere, and logged."""
+        cfg = self.config
+        if not (cfg.leads.enabled and cfg.http.enabled):
+            return
+        keys = {"leads.sequence": cfg.leads.sequence}
+        if cfg.leads.double_opt_in:
+            keys["leads.confirm_sequence"] = cfg.leads.confirm_sequence
+        tenant = cfg.leads.tenant or None
+        for key, sequence in keys.items():
+            found = await store.find_sequence(conn, tenant, sequence)
+            if found is not None and None not in (found.version_id, found.first_step_id):
+                continue
+            log.error(
+                f"{key} names no sequence with an active version: every lead is refused "
+                "(503, try again later) until `dripd apply` adds it",
+                key=key,
+                sequence=sequence,
+                tenant=tenant,
+                problem="no such sequence" if found is None else "no active version",
+            )
+
+    def _http_servers(self, context: HttpContext) -> list[tuple[HttpServer, tuple[str, int]]]:
+        """The public listener (`http.listen`) and the admin one (`http.admin_listen`: health,
+        metrics and the API document), with the address of each; one listener serving both
+        when the two keys are the same string, none for admin when `http.admin_listen` is
+        ""."""
+        cfg = self.config
+        public, admin = http_routes(context), admin_routes(context)
+        if cfg.http.admin_listen == cfg.http.listen:
+            app = build_app(
+                metrics=self.metrics, readiness=self.readiness, routes=[*public, *admin]
+            )
+            return [(HttpServer(app, limits=Limits.of(cfg)), cfg.http_host_port)]
+        servers = [(HttpServer(public_app(public), limits=Limits.of(cfg)), cfg.http_host_port)]
+        if (address := cfg.admin_host_port) is not None:
+            app = build_app(metrics=self.metrics, readiness=self.readiness, routes=admin)
+            limits = Limits.of(cfg, max_connections=ADMIN_MAX_CONNECTIONS)
+            servers.append((HttpServer(app, limits=limits, key="http.admin_listen"), address))
+        return servers
 
     async def _signals(self) -> None:
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as received:
@@ -318,12 +396,16 @@ class Daemon:
             await anyio.sleep(interval)
 
     async def _housekeeping(self, pool: store.Pool) -> None:
-        """Hourly: drop rate-limit windows and idempotency keys nobody needs any more."""
+        """Hourly: drop rate-limit windows, lead budgets and idempotency keys nobody needs
+        any more, and expire the pending leads past their confirmation's expiry."""
         rates = RateTable(self.config.rate_limits)
+        lead_window = max(self.config.leads.form_rate[1], self.config.leads.api_rate[1])
         while True:
             now = self.clock.now()
             try:
                 await limits.purge(pool, now - rates.longest_window - _HOUSEKEEPING)
+                await lead_store.purge_budgets(pool, now - lead_window)
+                await expire_leads(pool, now=now)
                 await intake.purge_idempotency(pool, now - _IDEMPOTENCY_KEPT)
                 await store.purge_quota_ledger(pool, now - _QUOTA_KEPT)
             except DripdError as exc:
@@ -428,6 +510,8 @@ class Daemon:
                 raise ConfigError("name: the adapter to resume")
             if tenant is not None and (not isinstance(tenant, str) or not tenant):
                 raise ConfigError("tenant: a tenant key, or absent for a global adapter")
+            check_text(name, field="name", kind="adapter")  # the limits of every surface
+            check_optional(tenant, field="tenant")
             row = await store.resume_adapter(self.pool, tenant, name, self.clock.now())
             if row is None:
                 raise NotFound(f"no adapter {name!r} for tenant {tenant or '(global)'}")

@@ -12,6 +12,7 @@ from datetime import datetime, timedelta
 from typing import Any, Protocol
 from zoneinfo import ZoneInfo
 
+import anyio
 import structlog
 
 from dripd import config
@@ -22,7 +23,7 @@ from dripd.clock import Clock
 from dripd.conditions.expr import evaluate_safely
 from dripd.conditions.hooks import HookEnrollment, HookError, Hooks, HookStep
 from dripd.conditions.hookspecs import PythonHookSpec
-from dripd.content.liquid import TemplateError
+from dripd.content.liquid import RENDER_THREADS, TemplateError, render_fields
 from dripd.engine.advance import CompiledStep, recipient_zone
 from dripd.errors import DripdError
 from dripd.metrics import Metrics
@@ -38,6 +39,7 @@ from dripd.model import (
     Verdict,
 )
 from dripd.rules.checks import missing_fields, sms_too_long, unverified
+from dripd.rules.leadconfirm import ConfirmLinks
 from dripd.rules.limiter import Bucket, Limiter, RateTable
 from dripd.rules.quota import QuotaBucket, drain_offset, quota_buckets
 from dripd.rules.unsubscribe import make_token, unsubscribe_headers
@@ -74,6 +76,7 @@ class Rules:
     window_spread: timedelta = timedelta(minutes=10)
     paused_adapter_retry: timedelta = timedelta(minutes=5)
     unsubscribe: Unsubscribe | None = None
+    lead_confirm: ConfirmLinks | None = None  # `confirm_url` of double opt-in
     rates: RateTable | None = None
     limiter: Limiter | None = None
     quotas: Sequence[config.Quota] = ()
@@ -199,6 +202,8 @@ class Pipeline:
         # Quota reservations refused for every send of some lanes, until the period ends:
         # a lane whose own buckets include such a set cannot send before then.
         self._exhausted: dict[frozenset[str], datetime] = {}
+        # Renders too slow for the event loop run in worker threads, this many at once.
+        self._render_limiter = anyio.CapacityLimiter(RENDER_THREADS)
 
     def lane_target(self, lane: str) -> LaneTarget:
         """Resolve a lane (tenant, channel, adapter name) to what its sends go through."""
@@ -288,7 +293,7 @@ class Pipeline:
     def max_attempts(self, step: CompiledStep) -> int:
         return step.step.max_attempts or self._policy.max_attempts
 
-    def prepare(self, item: ClaimedExecution, step: CompiledStep) -> Prepared | Outcome:
+    async def prepare(self, item: ClaimedExecution, step: CompiledStep) -> Prepared | Outcome:
         """Gate, decide and render; an Outcome when the execution ends here (a step that
         sends nothing, a skip, a defer or a failure). Hooks must have run (`run_hooks`)."""
         channel = step.step.channel
@@ -352,9 +357,9 @@ class Pipeline:
                     reason=Reason.OUTSIDE_WINDOW,
                     retry_at=retry_at,
                 )
-        context = template_context(item, step)
+        context = template_context(item, step) | self._confirm_names(item, step)
         try:
-            rendered = {name: t.render(context) for name, t in step.templates.items()}
+            rendered = await render_fields(step.templates, context, limiter=self._render_limiter)
         except TemplateError as exc:
             return self._outcome(
                 item,
@@ -414,6 +419,19 @@ class Pipeline:
             channel=impl,
             message=message,
             address=read.key,
+        )
+
+    def _confirm_names(self, item: ClaimedExecution, step: CompiledStep) -> dict[str, str]:
+        """`confirm_url` for a lead's confirmation message (double opt-in), else nothing."""
+        links = self._rules.lead_confirm
+        if links is None:
+            return {}
+        return links.names(
+            tenant=item.tenant_key,
+            sequence_key=step.step.sequence_key,
+            subscriber_type=item.subscriber_type,
+            subscriber_id=item.subscriber_id,
+            now=self._clock.now(),
         )
 
     def _unsubscribe_headers(

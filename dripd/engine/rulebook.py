@@ -13,6 +13,7 @@ from dripd.config import Config
 from dripd.db import limits, store
 from dripd.engine.ledger import DbLedger
 from dripd.engine.pipeline import Rules, Unsubscribe
+from dripd.rules.leadconfirm import ConfirmLinks
 from dripd.rules.limiter import Limiter, RateTable
 
 log = structlog.get_logger("dripd.rules")
@@ -26,6 +27,21 @@ def zones(cfg: Config) -> Callable[[str | None], ZoneInfo]:
         return ZoneInfo(cfg.timezone_of(tenant))
 
     return zone_of
+
+
+def _confirm_links(cfg: Config, vault: Vault | None) -> ConfirmLinks | None:
+    """The `confirm_url` of double opt-in (`leads.double_opt_in`); the daemon refuses to
+    start with it but without a vault (`check_leads`)."""
+    leads = cfg.leads
+    if not leads.double_opt_in or vault is None:
+        return None
+    return ConfirmLinks(
+        vault=vault,
+        base_url=leads.base_url,
+        tenant=leads.tenant or None,
+        sequence_key=leads.confirm_sequence,
+        ttl=leads.confirm_for,
+    )
 
 
 def build_rules(cfg: Config, *, pool: store.Executor, vault: Vault | None) -> Rules:
@@ -64,6 +80,7 @@ def build_rules(cfg: Config, *, pool: store.Executor, vault: Vault | None) -> Ru
         window_spread=cfg.windows._duration("spread"),
         paused_adapter_retry=cfg.thresholds._duration("interval") * 5,
         unsubscribe=unsubscribe,
+        lead_confirm=_confirm_links(cfg, vault),
         quotas=tuple(cfg.quotas),
         ledger=DbLedger(pool) if cfg.quotas else None,
     )

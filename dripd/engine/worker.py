@@ -413,9 +413,10 @@ class Worker:
         batch back, which is only right while none of it has gone anywhere."""
         missing = {i.step_id for i in items if i.step_id not in self._steps}
         if missing:
-            self._steps.update(
-                compile_version(await store.load_versions(self._pool, list(missing)))
-            )
+            rows = await store.load_versions(self._pool, list(missing))
+            # Compiling a version's templates takes up to about 2 s for the largest file
+            # (a megabyte of template tags): not on the event loop.
+            self._steps.update(await anyio.to_thread.run_sync(compile_version, rows))
         await self._gather_events(items)
         jobs: list[Job] = []
         outcomes: list[Outcome] = []
@@ -431,7 +432,7 @@ class Worker:
                 jobs.append(Hooked(item, step))  # network I/O: a sender runs it
                 continue
             try:
-                result = self._pipeline.prepare(item, step)
+                result = await self._pipeline.prepare(item, step)
             except Exception as exc:  # the per-step guard: one bad row never stops a batch
                 log.exception("prepare failed", execution_id=str(item.id))
                 result = Outcome(
@@ -515,7 +516,7 @@ class Worker:
         item, step = job.item, job.step
         result: Prepared | Outcome | None = await self._pipeline.run_hooks(item, step)
         if result is None:
-            result = self._pipeline.prepare(item, step)
+            result = await self._pipeline.prepare(item, step)
         if not isinstance(result, Prepared):
             return result
         key = (item.tenant_key, result.message.channel, result.address)

@@ -2,18 +2,15 @@
 
 Every route needs a bearer token (see `auth`). A tenant token acts in its tenant only;
 a global token acts in the tenant a body names, or in the global scope. The POST routes
-take an `Idempotency-Key`: the request's transaction first inserts the key's row, so a
-concurrent request with the same key waits on that row's primary key, then finds and
-replays the stored response; nothing runs twice. A malformed enrollment id is a 404, like
-an unknown one.
+take an `Idempotency-Key` (`dripd.http.idempotency`, as every POST route does): the first
+answer to a key is kept and replayed, and nothing runs twice. A malformed enrollment id is a
+404, like an unknown one.
 """
 
 from __future__ import annotations
 
-import hashlib
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Annotated, Any, Literal, TypeVar, get_args
 
@@ -23,28 +20,34 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from dripd import api
-from dripd.db import intake, store
+from dripd.db import store
 from dripd.errors import DripdError, NotFound
 from dripd.http.auth import ApiToken, authenticate
 from dripd.http.bodies import decode_json, read_body
 from dripd.http.context import HttpContext
-from dripd.http.errors import ApiError, api_endpoint, error_body, error_from_dripd
+from dripd.http.errors import ApiError, api_endpoint, api_error_response, error_from_dripd
+from dripd.http.idempotency import key_of, once
 from dripd.http.openapi import Operation, Reply, error_replies
+from dripd.inputs import MAX_LENGTH, text_fault
 from dripd.model import EnrollmentStatus
 
 _encode = msgspec.json.Encoder().encode
 
-# Lengths that keep every indexed column well inside a btree entry (2704 bytes).
+# The lengths every surface applies (dripd.inputs.MAX_LENGTH).
 Tenant = Annotated[
     str,
     msgspec.Meta(
         min_length=1,
-        max_length=128,
+        max_length=MAX_LENGTH["tenant"],
         description="Tenant key; a tenant token may only name its own (or leave it out)",
     ),
 ]
-SubscriberId = Annotated[str, msgspec.Meta(min_length=1, max_length=200, examples=["user-42"])]
-SubscriberType = Annotated[str, msgspec.Meta(min_length=1, max_length=64, examples=["user"])]
+SubscriberId = Annotated[
+    str, msgspec.Meta(min_length=1, max_length=MAX_LENGTH["subscriber_id"], examples=["user-42"])
+]
+SubscriberType = Annotated[
+    str, msgspec.Meta(min_length=1, max_length=MAX_LENGTH["subscriber_type"], examples=["user"])
+]
 Data = Annotated[
     dict[str, Any],
     msgspec.Meta(
@@ -68,7 +71,10 @@ class EnrollmentRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True
     sequence: Annotated[
         str,
         msgspec.Meta(
-            min_length=1, max_length=128, description="Sequence key", examples=["welcome"]
+            min_length=1,
+            max_length=MAX_LENGTH["sequence"],
+            description="Sequence key",
+            examples=["welcome"],
         ),
     ]
     subscriber_id: SubscriberId
@@ -83,7 +89,12 @@ class EventRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     subscriber_id: SubscriberId
     key: Annotated[
         str,
-        msgspec.Meta(min_length=1, max_length=128, description="Event key", examples=["signed_up"]),
+        msgspec.Meta(
+            min_length=1,
+            max_length=MAX_LENGTH["key"],
+            description="Event key",
+            examples=["signed_up"],
+        ),
     ]
     subscriber_type: SubscriberType = "user"
     data: Data = msgspec.field(default_factory=dict)
@@ -92,7 +103,7 @@ class EventRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             str,
             msgspec.Meta(
                 min_length=1,
-                max_length=200,
+                max_length=MAX_LENGTH["idempotency_id"],
                 description="Idempotency id of the event: the same id twice records one event",
             ),
         ]
@@ -106,10 +117,16 @@ class SuppressionRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=Tru
 
     channel: Annotated[
         str,
-        msgspec.Meta(min_length=1, max_length=64, description="Channel", examples=["email"]),
+        msgspec.Meta(
+            min_length=1,
+            max_length=MAX_LENGTH["channel"],
+            description="Channel: email, sms, whatsapp, chat or webhook",
+            examples=["email"],
+        ),
     ]
     address: Annotated[
-        str, msgspec.Meta(min_length=1, max_length=320, examples=["ann@example.com"])
+        str,
+        msgspec.Meta(min_length=1, max_length=MAX_LENGTH["address"], examples=["ann@example.com"]),
     ]
     reason: SuppressionReason = "manual"
     tenant: Tenant | None = None
@@ -187,19 +204,6 @@ _FIELDS = {
 _S = TypeVar("_S", bound=msgspec.Struct)
 
 
-@dataclass(frozen=True, slots=True)
-class _Reply:
-    status: int
-    body: bytes
-    headers: Mapping[str, str]
-
-    def response(self, *, replayed: bool = False) -> Response:
-        headers = {**self.headers, **({"Idempotent-Replayed": "true"} if replayed else {})}
-        return Response(
-            self.body, status_code=self.status, headers=headers, media_type="application/json"
-        )
-
-
 def _enrollment_headers(status: int, body: bytes) -> dict[str, str]:
     if status != 201:
         return {}
@@ -225,17 +229,6 @@ def _scope(token: ApiToken, named: str | None) -> str | None:
     )
 
 
-def _idempotency_key(request: Request) -> str | None:
-    key = request.headers.get("idempotency-key")
-    if key is None:
-        return None
-    if not 1 <= len(key) <= 255:
-        raise ApiError(
-            400, "invalid_idempotency_key", "Idempotency-Key must be 1 to 255 characters"
-        )
-    return key
-
-
 class _Routes:
     def __init__(self, ctx: HttpContext) -> None:
         self.ctx = ctx
@@ -247,56 +240,32 @@ class _Routes:
         run: Callable[[store.Executor, str | None, _S], Awaitable[tuple[int, Any]]],
         headers_of: Callable[[int, bytes], dict[str, str]],
     ) -> Response:
-        """Authenticate, decode, scope, and run once per idempotency key."""
+        """Authenticate, decode, scope, and run once per idempotency key (`idempotency`)."""
         ctx = self.ctx
         token = await authenticate(request, ctx)
-        key = _idempotency_key(request)
+        key_of(request)  # a malformed key is refused before the body is read
         raw = await read_body(request, ctx)
         body = decode_json(raw, type_)
         tenant = _scope(token, getattr(body, "tenant", None))
 
-        async def reply(db: store.Executor) -> _Reply:
-            status, payload = await run(db, tenant, body)
-            encoded = _encode(payload)
-            return _Reply(status, encoded, headers_of(status, encoded))
-
-        if key is None:
-            return (await reply(ctx.pool)).response()
-        method, path = request.method, request.url.path
-        request_hash = hashlib.sha256(b"\n".join([method.encode(), path.encode(), raw])).digest()
-        async with store.transaction(ctx.pool) as conn:
-            stored = await intake.claim_idempotency(
-                conn,
-                token_id=token.id,
-                key=key,
-                method=method,
-                path=path,
-                request_hash=request_hash,
-                now=ctx.clock.now(),
-            )
-            if stored is not None:
-                if stored.request_hash != request_hash:
-                    raise ApiError(
-                        422,
-                        "idempotency_key_reuse",
-                        f"Idempotency-Key {key!r} was used for a different request "
-                        f"({stored.method} {stored.path})",
-                    )
-                return _Reply(
-                    stored.status, stored.body, headers_of(stored.status, stored.body)
-                ).response(replayed=True)
+        async def answer(db: store.Executor) -> Response:
             try:
-                result = await reply(conn)
+                status, payload = await run(db, tenant, body)
             except (ApiError, DripdError) as exc:
                 error = exc if isinstance(exc, ApiError) else error_from_dripd(exc, fields=_FIELDS)
-                if error.status >= 500:
-                    raise  # the transaction rolls back: a retry runs again
+                if error.status == 500:
+                    raise  # unexpected: the app's handler logs it and answers 500
                 # A refusal is the request's answer too: kept and replayed like a success.
-                result = _Reply(error.status, _encode(error_body(error)), error.headers)
-            await intake.finish_idempotency(
-                conn, token_id=token.id, key=key, status=result.status, body=result.body
+                return api_error_response(error)
+            encoded = _encode(payload)
+            return Response(
+                encoded,
+                status_code=status,
+                headers=headers_of(status, encoded),
+                media_type="application/json",
             )
-        return result.response()
+
+        return await once(request, ctx, owner=token.id, body=raw, run=answer)
 
     async def enroll(self, request: Request) -> Response:
         ctx = self.ctx
@@ -369,8 +338,15 @@ class _Routes:
         token = await authenticate(request, ctx)
         raw_id: str = request.path_params["id"]
         named = request.query_params.get("tenant")
-        if named is not None and (not named.strip() or "\x00" in named):
+        if named is not None and (not named.strip() or text_fault(named) is not None):
             raise ApiError(422, "invalid_input", "tenant: must be a tenant key", field="tenant")
+        if named is not None and len(named) > MAX_LENGTH["tenant"]:
+            raise ApiError(
+                422,
+                "invalid_input",
+                f"tenant: must be at most {MAX_LENGTH['tenant']} characters",
+                field="tenant",
+            )
         if token.tenant_key is not None and named not in (None, token.tenant_key):
             # Reads never say 403: another tenant's enrollments do not exist for this token.
             raise ApiError(404, "not_found", f"no enrollment {raw_id!r}")

@@ -38,8 +38,18 @@ def _unauthorized(message: str, *, invalid: bool) -> ApiError:
 
 async def authenticate(request: Request, ctx: HttpContext) -> ApiToken:
     """The token of `Authorization: Bearer <token>`; 401 when missing, malformed, unknown or
-    revoked. Tokens are looked up by their SHA-256, never compared in the clear."""
-    header = request.headers.get("authorization")
+    revoked, 400 when the header is sent more than once. Tokens are looked up by their
+    SHA-256, never compared in the clear."""
+    headers = request.headers.getlist("authorization")
+    if len(headers) > 1:
+        # RFC 6750 §3.1 `invalid_request` (400): a proxy and dripd may pick different ones.
+        raise ApiError(
+            400,
+            "bad_request",
+            f"{len(headers)} Authorization headers: send exactly one",
+            headers={"WWW-Authenticate": f'{_REALM}, error="invalid_request"'},
+        )
+    header = headers[0] if headers else None
     if header is None or not header.strip():
         raise _unauthorized(
             "authentication required: send `Authorization: Bearer <token>`", invalid=False

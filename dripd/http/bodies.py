@@ -10,8 +10,10 @@ from urllib.parse import parse_qsl
 import msgspec
 from starlette.requests import Request
 
+from dripd import inputs
 from dripd.http.context import HttpContext
 from dripd.http.errors import ApiError
+from dripd.inputs import InvalidInput, check_json
 
 T = TypeVar("T", bound=msgspec.Struct)
 
@@ -89,8 +91,8 @@ async def read_body(request: Request, ctx: HttpContext) -> bytes:
         raise _too_large(limit) from None
 
 
-#: How deep a JSON body may nest (Struct fields count as a level).
-MAX_DEPTH = 32
+#: How deep a JSON body may nest (Struct fields count as a level): `dripd.inputs.MAX_DEPTH`.
+MAX_DEPTH = inputs.MAX_DEPTH
 
 _DECODERS: dict[type[Any], msgspec.json.Decoder[Any]] = {}
 
@@ -136,33 +138,9 @@ def _validation_field(message: str) -> tuple[str, str | None]:
 
 
 def _check_values(value: msgspec.Struct) -> None:
-    # Iterative, and bounded in depth: encoding (for Postgres, for the response) recurses,
-    # from deeper in the stack than decoding did.
-    stack: list[tuple[str, Any, int]] = [
-        (name, getattr(value, name), 1) for name in value.__struct_fields__
-    ]
-    while stack:
-        path, item, depth = stack.pop()
-        if depth > MAX_DEPTH:
-            raise ApiError(
-                422, "invalid_input", f"{path}: nested deeper than {MAX_DEPTH} levels", field=path
-            )
-        if isinstance(item, str):
-            if "\x00" in item:
-                raise ApiError(
-                    422, "invalid_input", f"{path}: must not contain NUL (\\u0000)", field=path
-                )
-        elif isinstance(item, dict):
-            for key, sub in item.items():
-                if "\x00" in key:
-                    raise ApiError(
-                        422, "invalid_input", f"{path}: keys must not contain NUL (\\u0000)",
-                        field=path,
-                    )  # fmt: skip
-                stack.append((f"{path}.{key}", sub, depth + 1))
-        elif isinstance(item, list | tuple):
-            stack.extend((f"{path}[{i}]", sub, depth + 1) for i, sub in enumerate(item))
-        elif isinstance(item, msgspec.Struct):
-            stack.extend(
-                (f"{path}.{n}", getattr(item, n), depth + 1) for n in item.__struct_fields__
-            )
+    # The one check of every surface (dripd.inputs): NUL, text that is not Unicode, nesting
+    # (encoding, for Postgres and for the response, recurses deeper than decoding did).
+    try:
+        check_json(value, where="", level=0)
+    except InvalidInput as exc:
+        raise ApiError(422, "invalid_input", exc.message, field=exc.field or None) from None

@@ -1,12 +1,19 @@
-"""Lead intake over HTTP: the public lead form (`/leads/new`) and `POST /v1/leads` for clients."""
+"""Lead intake over HTTP: the public lead form (`/leads/new`), `POST /v1/leads` for clients,
+and the confirmation link of double opt-in (`/leads/confirm/{token}`).
+
+The defences of the public surface: a per-client budget of posts shared by every daemon
+(429 with Retry-After), a honeypot field, a daily cap per mailbox (`victim+N@` is one
+mailbox), double opt-in, and answers that tell nobody which addresses the form knows.
+"""
 
 from __future__ import annotations
 
 import base64
 import hashlib
+import math
 import uuid
 from collections.abc import Mapping
-from datetime import datetime
+from datetime import datetime, timedelta
 from html import escape
 from typing import Annotated, Any
 
@@ -17,13 +24,20 @@ from starlette.responses import HTMLResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from dripd import api
+from dripd.db import leads as lead_store
+from dripd.db import store
 from dripd.errors import DripdError
 from dripd.http.auth import authenticate
-from dripd.http.bodies import TooLarge, read_json, read_limited, urlencoded_fields
+from dripd.http.bodies import TooLarge, decode_json, read_body, read_limited, urlencoded_fields
+from dripd.http.clients import client_address, client_key
 from dripd.http.context import HttpContext
-from dripd.http.errors import ApiError, Error, api_endpoint
+from dripd.http.errors import ApiError, Error, api_endpoint, api_error_response
+from dripd.http.idempotency import keep_successes, key_of, once
 from dripd.http.openapi import Operation, Reply, describe, error_replies
 from dripd.http.responses import json_response
+from dripd.model import format_duration
+from dripd.rules.leadconfirm import PATH as CONFIRM_PATH
+from dripd.rules.leadconfirm import ConfirmToken, InvalidConfirmToken, read_confirm_token
 
 log = structlog.get_logger("dripd.leads")
 
@@ -62,7 +76,8 @@ class NewLead(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 class Lead(msgspec.Struct, kw_only=True):
-    """A stored lead and the enrollment it entered."""
+    """A stored lead and the enrollment it entered: `active` (in the lead sequence), or
+    `pending` until its confirmation (double opt-in, before `confirm_expires_at`)."""
 
     id: uuid.UUID
     tenant_key: str | None
@@ -72,6 +87,17 @@ class Lead(msgspec.Struct, kw_only=True):
     notes: str | None
     enrollment_id: uuid.UUID | None
     created_at: datetime
+    status: api.LeadStatus
+    confirm_expires_at: datetime | None
+
+
+_RETRY_AFTER = {
+    "Retry-After": {
+        "description": "Seconds until the request can be taken",
+        "required": True,
+        "schema": {"type": "string"},
+    }
+}
 
 
 OPERATION = Operation(
@@ -81,13 +107,29 @@ OPERATION = Operation(
     summary="Add a lead and enroll it in the lead sequence",
     description=(
         "Validates the lead (email syntax; phone parsed to E.164, a national number read in "
-        "`recipients.default_region`), refuses a lead whose email or phone another lead of "
-        "the tenant has, and enrolls it in the sequence `leads.sequence` in the same "
-        "transaction. A tenant token must be of the tenant `leads.tenant`."
+        "`recipients.default_region`), refuses a lead whose email, mailbox (the email "
+        "without a `+tag`) or phone another lead of the tenant has, and enrolls it in the "
+        "sequence `leads.sequence` in the same transaction; with `leads.double_opt_in`, it "
+        "is stored `pending` and enrolled in `leads.confirm_sequence` instead, until the "
+        "link in that message confirms it. A tenant token must be of the tenant "
+        "`leads.tenant`. Each token may add `leads.api_rate_limit` leads, and a mailbox "
+        "gets at most `leads.max_per_mailbox_per_day` new leads in any 24 hours."
     ),
     request=NewLead,
+    idempotency_key=True,
     responses={
-        201: Reply(description="The lead, stored and enrolled", body=Lead),
+        201: Reply(
+            description="The lead, stored and enrolled (`pending` until confirmed)", body=Lead
+        ),
+        429: Reply(
+            description=(
+                "The token's budget of leads is spent (`rate_limited`), or the mailbox got its "
+                "most new leads in the last 24 hours (`mailbox_limited`): retry after "
+                "`Retry-After` seconds"
+            ),
+            body=Error,
+            headers=_RETRY_AFTER,
+        ),
         **error_replies(400, 413, 415),
         403: Reply(
             description="A tenant token of another tenant than `leads.tenant` (`forbidden_tenant`)",
@@ -95,9 +137,10 @@ OPERATION = Operation(
         ),
         422: Reply(
             description=(
-                f"The body does not fit the schema or a field is invalid (`{INVALID}`), or "
-                "another lead of the tenant has this email or phone (`duplicate`); `field` "
-                "names the field"
+                f"The body does not fit the schema or a field is invalid (`{INVALID}`), "
+                "another live lead of the tenant has this email, its mailbox or this phone "
+                "(`duplicate`), or an `Idempotency-Key` is reused for a different request "
+                "(`idempotency_key_reuse`); `field` names the field"
             ),
             body=Error,
         ),
@@ -127,15 +170,23 @@ def openapi_components() -> dict[str, Any]:
 
 
 def routes(ctx: HttpContext) -> list[BaseRoute]:
-    """The lead form and `POST /v1/leads`; none unless `leads.enabled`."""
+    """The lead form and `POST /v1/leads`, and with `leads.double_opt_in` the confirmation
+    link's page (`/leads/confirm/{token}`); none unless `leads.enabled`. Every POST takes an
+    `Idempotency-Key` (dripd.http.idempotency)."""
     if not ctx.config.leads.enabled:
         return []
     intake = _Intake(ctx)
-    return [
+    found: list[BaseRoute] = [
         Route(FORM_PATH, intake.show_form, methods=["GET"], name="lead_form"),
         Route(FORM_PATH, intake.submit_form, methods=["POST"]),
         Route(API_PATH, api_endpoint(intake.create), methods=["POST"], name="create_lead"),
     ]
+    if ctx.config.leads.double_opt_in:
+        found += [
+            Route(CONFIRM_PATH, intake.show_confirm, methods=["GET"], name="confirm_lead"),
+            Route(CONFIRM_PATH, intake.confirm, methods=["POST"]),
+        ]
+    return found
 
 
 class _Unavailable(Exception):
@@ -145,15 +196,44 @@ class _Unavailable(Exception):
 class _Intake:
     def __init__(self, ctx: HttpContext) -> None:
         self.ctx = ctx
-        self.tenant = ctx.config.leads.tenant or None
+        settings = ctx.config.leads
+        self.tenant = settings.tenant or None
+        self.form_rate = settings.form_rate
+        self.api_rate = settings.api_rate
+        self.proxies = settings.proxies
+        self.honeypot = settings.honeypot_field or None
+        self.double_opt_in = settings.double_opt_in
 
-    async def _create_lead(self, values: Mapping[str, str | None]) -> api.Lead:
-        """api.create_lead with the configured sequence, tenant, region and zone.
-        InvalidLead and DuplicateLead pass; a fault of the setup becomes _Unavailable."""
+    def _count(self, outcome: str) -> None:
+        self.ctx.metrics.leads.labels(outcome=outcome).inc()
+
+    async def _take(
+        self, db: store.Executor, client: str, rate: tuple[int, timedelta]
+    ) -> datetime | None:
+        """Take one post of `client`'s shared budget: None when taken, else when to retry.
+        A database that fails raises _Unavailable."""
+        limit, window = rate
+        try:
+            budget = await lead_store.take_budget(
+                db, client=client, limit=limit, window=window, now=self.ctx.clock.now()
+            )
+        except DripdError as exc:
+            log.error("lead budget unavailable", error=exc.message)
+            raise _Unavailable(exc.message) from exc
+        if budget.taken:
+            return None
+        self._count("rate_limited")
+        return budget.retry_at or self.ctx.clock.now() + window
+
+    async def _create_lead(self, db: store.Executor, values: Mapping[str, str | None]) -> api.Lead:
+        """api.create_lead with the configured sequences, tenant, region, zone and cap.
+        InvalidLead, DuplicateLead and MailboxLimited pass (counted); a fault of the setup
+        becomes _Unavailable."""
         cfg = self.ctx.config
+        confirm = cfg.leads.confirm_sequence if self.double_opt_in else None
         try:
             lead = await api.create_lead(
-                self.ctx.pool,
+                db,
                 tenant=self.tenant,
                 sequence_key=cfg.leads.sequence,
                 name=values.get("name") or "",
@@ -163,16 +243,35 @@ class _Intake:
                 default_region=cfg.recipients.default_region,
                 default_timezone=cfg.timezone_of(self.tenant),
                 now=self.ctx.clock.now(),
+                confirm_sequence=confirm,
+                confirm_ttl=cfg.leads.confirm_for if confirm else None,
+                max_per_mailbox=cfg.leads.max_per_mailbox_per_day,
             )
-        except (api.InvalidLead, api.DuplicateLead):
+        except api.InvalidLead:
+            self._count("invalid")
+            raise
+        except api.DuplicateLead:
+            self._count("duplicate")
+            raise
+        except api.MailboxLimited:
+            self._count("mailbox_limited")
+            log.info("lead refused: mailbox limit", limit=cfg.leads.max_per_mailbox_per_day)
             raise
         except DripdError as exc:
             # A missing lead sequence (NotFound), one without an active version (Conflict),
             # or the database: the operator's to fix, so the log says what, and the client
             # is only told to come back.
-            log.error("lead not taken", sequence=cfg.leads.sequence, error=exc.message)
+            self._count("unavailable")
+            sequence = confirm or cfg.leads.sequence
+            log.error("lead not taken", sequence=sequence, error=exc.message)
             raise _Unavailable(exc.message) from exc
-        log.info("lead created", lead_id=str(lead.id), enrollment_id=str(lead.enrollment_id))
+        self._count(lead.status.value if lead.status is api.LeadStatus.PENDING else "created")
+        log.info(
+            "lead created",
+            lead_id=str(lead.id),
+            status=lead.status.value,
+            enrollment_id=str(lead.enrollment_id) if lead.enrollment_id else None,
+        )
         return lead
 
     # The JSON API.
@@ -186,38 +285,193 @@ class _Intake:
                 f"a token of tenant {token.tenant_key!r} cannot add leads to "
                 + (f"tenant {self.tenant!r}" if self.tenant else "the global scope"),
             )
-        body = await read_json(request, self.ctx, NewLead)
+        key_of(request)  # a malformed key is refused before the body is read
+        raw = await read_body(request, self.ctx)
+        body = decode_json(raw, NewLead)
         values = {"name": body.name, "email": body.email, "phone": body.phone, "notes": body.notes}
+
+        async def run(db: store.Executor) -> Response:
+            try:
+                return await self._create_json(db, token.id, values)
+            except ApiError as exc:
+                return api_error_response(exc)
+
+        return await once(request, self.ctx, owner=token.id, body=raw, run=run)
+
+    async def _create_json(
+        self, db: store.Executor, token_id: uuid.UUID, values: Mapping[str, str | None]
+    ) -> Response:
+        unavailable = ApiError(
+            503,
+            "unavailable",
+            "leads cannot be taken right now; try again later",
+            headers={"Retry-After": "60"},
+        )
         try:
-            lead = await self._create_lead(values)
+            retry_at = await self._take(db, f"token:{token_id}", self.api_rate)
+            if retry_at is not None:
+                limit, window = self.api_rate
+                raise ApiError(
+                    429,
+                    "rate_limited",
+                    f"this token may add at most {limit} leads in {format_duration(window)}; "
+                    "try again later",
+                    headers={"Retry-After": _retry_after(retry_at, self.ctx.clock.now())},
+                )
+            lead = await self._create_lead(db, values)
         except api.DuplicateLead as exc:
             raise ApiError(422, "duplicate", exc.message, field=exc.field) from exc
+        except api.MailboxLimited as exc:
+            raise ApiError(
+                429,
+                "mailbox_limited",
+                exc.message,
+                field=exc.field,
+                headers={"Retry-After": _retry_after(exc.retry_at, self.ctx.clock.now())},
+            ) from exc
         except api.InvalidLead as exc:
             raise ApiError(422, INVALID, exc.message, field=exc.field) from exc
         except _Unavailable as exc:
-            raise ApiError(
-                503, "unavailable", "leads cannot be taken right now; try again later"
-            ) from exc
+            raise unavailable from exc
         return json_response(msgspec.convert(lead, Lead, from_attributes=True), 201)
 
     # The form.
 
     async def show_form(self, _request: Request) -> Response:
-        return _html(_form_page({}, None))
+        return _html(_form_page({}, None, honeypot=self.honeypot))
 
     async def submit_form(self, request: Request) -> Response:
         try:
-            values = await _read_form(request, self.ctx.config.http.max_body_bytes)
+            raw, values = await _read_form(
+                request, self.ctx.config.http.max_body_bytes, honeypot=self.honeypot
+            )
         except _FormRejected as exc:
             return _html(_message_page(exc.title, exc.text), exc.status)
+        client = client_key(client_address(request, self.proxies))
+
+        async def run(db: store.Executor) -> Response:
+            return await self._submit(db, client, values)
+
+        # Only a thank-you page is kept for a key: a refusal stored for every key would let
+        # anyone fill the table.
+        return await once(request, self.ctx, owner=None, body=raw, run=run, keep=keep_successes)
+
+    async def _submit(self, db: store.Executor, client: str, values: dict[str, str]) -> Response:
+        """One form post: the client's budget, the honeypot, then the lead. The thank-you
+        page is the same whether the lead was new, a duplicate, over its mailbox's daily
+        cap or a bot's, so the form tells nobody which addresses it knows."""
+        unavailable = "We could not take your details right now. Please try again later."
         try:
-            lead = await self._create_lead(values)
-        except (api.InvalidLead, api.DuplicateLead) as exc:
-            return _html(_form_page(values, (exc.field, exc.message)), 422)
+            retry_at = await self._take(db, client, self.form_rate)
         except _Unavailable:
-            text = "We could not take your details right now. Please try again later."
-            return _html(_message_page("Sorry", text), 503)
-        return _html(_thanks_page(lead))
+            return _html(_form_page(values, ("", unavailable), honeypot=self.honeypot), 503)
+        if retry_at is not None:
+            wait = _retry_after(retry_at, self.ctx.clock.now())
+            text = (
+                "We have had too many forms from your network. Please try again in "
+                f"{_in_words(int(wait))}."
+            )
+            return _html(_message_page("Too many requests", text), 429, {"Retry-After": wait})
+        thanks = _thanks_page(values.get("name", ""), confirming=self.double_opt_in)
+        if self.honeypot is not None and values.get(self.honeypot):
+            # A field no person sees or reaches was filled in: a bot. It is told what a
+            # person is told, and nothing is stored or sent.
+            self._count("honeypot")
+            log.info("lead form honeypot filled: nothing stored")
+            return _html(thanks)
+        try:
+            await self._create_lead(db, values)
+        except api.InvalidLead as exc:
+            return _html(_form_page(values, (exc.field, exc.message), honeypot=self.honeypot), 422)
+        except (api.DuplicateLead, api.MailboxLimited):
+            return _html(thanks)
+        except _Unavailable:
+            # The form comes back filled in: sending it again later is all the visitor does.
+            return _html(_form_page(values, ("", unavailable), honeypot=self.honeypot), 503)
+        return _html(thanks)
+
+    # The confirmation link (double opt-in).
+
+    def _confirm_token(self, request: Request) -> ConfirmToken:
+        if self.ctx.vault is None:
+            raise _FormRejected(
+                503,
+                "Confirmation is not available",
+                "This server cannot read confirmation links right now. Please try later.",
+            )
+        try:
+            token = read_confirm_token(
+                self.ctx.vault, request.path_params["token"], now=self.ctx.clock.now()
+            )
+        except InvalidConfirmToken:
+            token = None
+        if token is None or token.tenant != self.tenant:
+            raise _FormRejected(
+                400,
+                "This link does not work",
+                "The confirmation link is not valid or has expired. Please send the form again.",
+            )
+        return token
+
+    async def show_confirm(self, request: Request) -> Response:
+        """The confirmation page: a button that POSTs to this same URL. Nothing changes on
+        GET, so a mail scanner that follows the link confirms nobody."""
+        try:
+            self._confirm_token(request)
+        except _FormRejected as exc:
+            return _html(_message_page(exc.title, exc.text), exc.status, _NO_INDEX)
+        main = (
+            "<h1>Confirm your details</h1>\n"
+            "<p>Confirm that you asked us to get in touch.</p>\n"
+            # No action: the form posts to the URL of this page, token included.
+            '<form method="post">\n<button type="submit">Confirm</button>\n</form>\n'
+        )
+        return _html(_document("Confirm your details", main), 200, _NO_INDEX)
+
+    async def confirm(self, request: Request) -> Response:
+        """Confirm the link's lead: it enters the lead sequence (api.confirm_lead)."""
+        try:
+            token = self._confirm_token(request)
+            raw = await read_limited(request, self.ctx.config.http.max_body_bytes)
+        except _FormRejected as exc:
+            return _html(_message_page(exc.title, exc.text), exc.status, _NO_INDEX)
+        except TooLarge:
+            return _html(_message_page("Too long", "The request is too long."), 413, _NO_INDEX)
+
+        async def run(db: store.Executor) -> Response:
+            return await self._confirm(db, token)
+
+        return await once(request, self.ctx, owner=None, body=raw, run=run, keep=keep_successes)
+
+    async def _confirm(self, db: store.Executor, token: ConfirmToken) -> Response:
+        cfg = self.ctx.config
+        try:
+            done = await api.confirm_lead(
+                db,
+                tenant=self.tenant,
+                lead_id=token.lead_id,
+                sequence_key=cfg.leads.sequence,
+                default_timezone=cfg.timezone_of(self.tenant),
+                now=self.ctx.clock.now(),
+            )
+        except DripdError as exc:
+            self._count("unavailable")
+            log.error("lead not confirmed", sequence=cfg.leads.sequence, error=exc.message)
+            text = "We could not confirm your details right now. Please try again later."
+            return _html(_message_page("Sorry", text), 503, {**_NO_INDEX, "Retry-After": "60"})
+        if done.outcome is api.ConfirmOutcome.EXPIRED:
+            text = "This confirmation link has expired. Please send the form again."
+            return _html(_message_page("This link has expired", text), 410, _NO_INDEX)
+        if done.outcome is api.ConfirmOutcome.CONFIRMED:
+            self._count("confirmed")
+            assert done.lead is not None
+            log.info(
+                "lead confirmed",
+                lead_id=str(done.lead.id),
+                enrollment_id=str(done.lead.enrollment_id),
+            )
+        text = "Your details are confirmed. We will be in touch."
+        return _html(_message_page("Thank you", text), 200, _NO_INDEX)
 
 
 class _FormRejected(Exception):
@@ -226,8 +480,24 @@ class _FormRejected(Exception):
         self.status, self.title, self.text = status, title, text
 
 
-async def _read_form(request: Request, limit: int) -> dict[str, str]:
-    """The form's fields (first value of each), read within `limit` bytes."""
+def _retry_after(at: datetime, now: datetime) -> str:
+    """A `Retry-After` value: whole seconds from `now` until `at`, at least 1."""
+    return str(max(1, math.ceil((at - now).total_seconds())))
+
+
+def _in_words(seconds: int) -> str:
+    if seconds < 120:
+        return f"{seconds} seconds"
+    if seconds < 7200:
+        return f"{math.ceil(seconds / 60)} minutes"
+    return f"{math.ceil(seconds / 3600)} hours"
+
+
+async def _read_form(
+    request: Request, limit: int, *, honeypot: str | None
+) -> tuple[bytes, dict[str, str]]:
+    """The raw body and the form's fields (first value of each, the honeypot's included),
+    read within `limit` bytes."""
     media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
     if media_type != "application/x-www-form-urlencoded":
         raise _FormRejected(415, "Unsupported form", "Send the form as a web browser does.")
@@ -239,11 +509,12 @@ async def _read_form(request: Request, limit: int) -> dict[str, str]:
         pairs = urlencoded_fields(body, max_fields=_MAX_FORM_FIELDS)
     except ValueError as exc:  # UnicodeDecodeError included
         raise _FormRejected(400, "Unreadable form", "The form could not be read.") from exc
+    names = {*_FIELDS, honeypot} if honeypot else set(_FIELDS)
     values: dict[str, str] = {}
     for key, value in pairs:
-        if key in _FIELDS:
+        if key in names:
             values.setdefault(key, value)
-    return values
+    return body, values
 
 
 # --- pages --------------------------------------------------------------------------------
@@ -259,6 +530,8 @@ _STYLE = (
     "[aria-invalid=true]{border:2px solid #b00020}"
     ".summary{border:3px solid #b00020;padding:0 1rem;margin:1rem 0}"
     ".hint{color:#555}"
+    # The honeypot: off the screen, not hidden, so a bot that skips hidden inputs fills it.
+    ".hp{position:absolute;left:-10000px;top:auto;width:1px;height:1px;overflow:hidden}"
 )
 _STYLE_HASH = base64.b64encode(hashlib.sha256(_STYLE.encode()).digest()).decode()
 _HEADERS = {
@@ -282,8 +555,12 @@ _INPUTS = {
 _HINTS = {"phone": "With the country code if it is not a local number."}
 
 
-def _html(body: str, status: int = 200) -> Response:
-    return HTMLResponse(body, status_code=status, headers=_HEADERS)
+# The confirmation link's token is the lead's: no search engine indexes its pages.
+_NO_INDEX = {"X-Robots-Tag": "noindex"}
+
+
+def _html(body: str, status: int = 200, headers: Mapping[str, str] | None = None) -> Response:
+    return HTMLResponse(body, status_code=status, headers={**_HEADERS, **(headers or {})})
 
 
 def _document(title: str, main: str) -> str:
@@ -323,9 +600,24 @@ def _field(name: str, value: str, error: str | None) -> str:
     return "\n".join(parts) + "\n</div>\n"
 
 
-def _form_page(values: dict[str, str], error: tuple[str, str] | None) -> str:
+def _honeypot(name: str) -> str:
+    """A field for bots only: off the screen, hidden from screen readers (`aria-hidden`),
+    out of the tab order and never autofilled; a person leaves it empty."""
+    return (
+        '<div class="hp" aria-hidden="true">\n'
+        f'<label for="{name}">Leave this field empty</label>\n'
+        f'<input id="{name}" name="{name}" type="text" tabindex="-1" autocomplete="off" '
+        'value="">\n'
+        "</div>\n"
+    )
+
+
+def _form_page(
+    values: dict[str, str], error: tuple[str, str] | None, *, honeypot: str | None = None
+) -> str:
     """The lead form with `values` filled in and, for `(field, message)`, the error shown
-    beside that field and in a summary that links to it."""
+    beside that field and in a summary that links to it (field "": the form's as a whole);
+    with the `honeypot` field (config `leads.honeypot_field`) when it is named."""
     field, message = error or ("", "")
     reason = _reason(message, field) if error else None
     summary = ""
@@ -333,7 +625,13 @@ def _form_page(values: dict[str, str], error: tuple[str, str] | None) -> str:
         summary = (
             '<div class="summary" role="alert" aria-labelledby="summary-title">\n'
             '<h2 id="summary-title">There is a problem</h2>\n'
-            f'<ul><li><a href="#{escape(field, quote=True)}">{escape(reason)}</a></li></ul>\n'
+            "<ul><li>"
+            + (
+                f'<a href="#{escape(field, quote=True)}">{escape(reason)}</a>'
+                if field
+                else escape(reason)
+            )
+            + "</li></ul>\n"
             "</div>\n"
         )
     fields = "".join(
@@ -345,18 +643,25 @@ def _form_page(values: dict[str, str], error: tuple[str, str] | None) -> str:
         f'<form method="post" action="{FORM_PATH}" accept-charset="utf-8">\n'
         "<p>Leave your name and an email address, a phone number, or both.</p>\n"
         f"{fields}"
+        f"{_honeypot(honeypot) if honeypot else ''}"
         '<button type="submit">Send</button>\n'
         "</form>\n"
     )
     return _document(("Error: " if error else "") + "Get in touch", main)
 
 
-def _thanks_page(lead: api.Lead) -> str:
-    return _document(
-        "Thank you",
-        f"<h1>Thanks, {escape(lead.name)}</h1>\n"
-        "<p>We have your details and will be in touch.</p>\n",
+def _thanks_page(name: str, *, confirming: bool) -> str:
+    """The page after a post, the same whatever became of it (a new lead, a duplicate, one
+    over its mailbox's cap, a bot's): it tells nobody which addresses the form knows."""
+    shown = name.strip()[: api.LEAD_NAME_MAX]
+    text = (
+        "If these details are new to us, we have sent you a message to confirm them: "
+        "follow its link to finish."
+        if confirming
+        else "We have your details and will be in touch."
     )
+    heading = f"Thanks, {escape(shown)}" if shown else "Thank you"
+    return _document("Thank you", f"<h1>{heading}</h1>\n<p>{escape(text)}</p>\n")
 
 
 def _message_page(title: str, text: str) -> str:

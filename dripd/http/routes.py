@@ -1,4 +1,4 @@
-"""Every route of the daemon's HTTP surface beyond health: the API, intake, unsubscribe."""
+"""The HTTP routes beyond health: the public API, intake and unsubscribe; the API document."""
 
 from __future__ import annotations
 
@@ -10,11 +10,18 @@ from dripd.http.openapi import openapi_route
 
 
 def http_routes(ctx: HttpContext) -> list[BaseRoute]:
-    """The routes the configuration enables (the lead form only with `leads.enabled`), and
-    `/openapi.json` describing the API among them."""
+    """The public listener's routes the configuration enables (the lead form only with
+    `leads.enabled`)."""
     routes = [*api.routes(ctx), *unsubscribe.routes(ctx)]
-    operations = list(api.OPERATIONS)
     if ctx.config.leads.enabled:
         routes += leads.routes(ctx)
+    return routes
+
+
+def admin_routes(ctx: HttpContext) -> list[BaseRoute]:
+    """The admin listener's routes beside health and metrics: `/openapi.json`, describing
+    the API routes among `http_routes`."""
+    operations = list(api.OPERATIONS)
+    if ctx.config.leads.enabled:
         operations.append(leads.OPERATION)
-    return [*routes, openapi_route(operations)]
+    return [openapi_route(operations)]

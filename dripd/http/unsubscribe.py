@@ -9,6 +9,7 @@ from email.parser import BytesParser
 from email.policy import HTTP
 from html import escape
 from typing import Final
+from urllib.parse import urlencode
 
 import structlog
 from starlette.requests import Request
@@ -21,6 +22,7 @@ from dripd.channels.credentials import ENV_VAR
 from dripd.db import feedback, store
 from dripd.http.bodies import TooLarge, read_limited, urlencoded_fields
 from dripd.http.context import HttpContext
+from dripd.http.idempotency import keep_successes, once
 from dripd.http.responses import error_response, json_response
 from dripd.model import MessageEventType
 from dripd.rules.unsubscribe import InvalidToken, UnsubscribeToken, read_token
@@ -106,7 +108,7 @@ class _Unsubscribe:
 
     async def unsubscribe(self, request: Request) -> Response:
         """Suppress the token's address, record the unsubscribe on the message that carried
-        the link, and confirm; idempotent."""
+        the link, and confirm; idempotent, and with an `Idempotency-Key` replayed."""
         try:
             token = self._token(request)
             fields = await _read_form(request, self.ctx.config.http.max_body_bytes)
@@ -122,11 +124,23 @@ class _Unsubscribe:
                     f"The request body must be the form field {FIELD}={VALUE}.",
                 ),
             )
+
+        async def run(db: store.Executor) -> Response:
+            return await self._unsubscribe(request, db, token)
+
+        # A form body's fields identify the request; only a success is kept for a key (a
+        # refusal kept for every key would let anyone fill the table).
+        body = urlencode(fields).encode()
+        return await once(request, self.ctx, owner=None, body=body, run=run, keep=keep_successes)
+
+    async def _unsubscribe(
+        self, request: Request, db: store.Executor, token: UnsubscribeToken
+    ) -> Response:
         now = self.ctx.clock.now()
         try:
             # One transaction: the suppression's row lock orders concurrent clicks, so the
             # second one sees the first one's event and records none.
-            async with store.transaction(self.ctx.pool) as conn:
+            async with store.transaction(db) as conn:
                 await api.suppress(
                     conn,
                     tenant=token.tenant,
