@@ -31,6 +31,7 @@ from dripd.engine.adapters import adapter_aad
 from dripd.engine.hookset import secret_aad
 from dripd.errors import ConfigError, CredentialsError, DripdError, NotFound
 from dripd.model import CHANNELS
+from dripd.redaction import REDACTED, dsn_secrets
 from dripd.sequences import load_file
 
 Handler = Callable[[argparse.Namespace, Config], Awaitable[Any]]
@@ -66,7 +67,7 @@ def _json_arg(text: str | None, name: str, *, where: str | None = None) -> dict[
     try:
         value = msgspec.json.decode(text)
     except msgspec.DecodeError as exc:
-        raise ConfigError(f"{name}: not valid JSON: {exc}") from None
+        raise ConfigError(f"{name}: not valid JSON: {inputs.json_fault(text, exc)}") from None
     except RecursionError:
         raise ConfigError(
             f"{name}: nested deeper than {inputs.MAX_DEPTH} levels (and too deep to read)"
@@ -794,17 +795,21 @@ def _seconds_arg(text: str) -> float:
     return seconds
 
 
-# The password of a URI's user info (`postgresql://ann:PASSWORD@host/…`), up to the
-# authority's last @.
-_URI_PASSWORD = re.compile(r"(://[^:/@\s]*:)[^/\s]*@")
-
-
 class _Parser(argparse.ArgumentParser):
     """argparse, except that a usage error never echoes a DSN's password (argparse quotes
-    the arguments it could not place, `--dsn`'s value among them)."""
+    the arguments it could not place, `--dsn`'s value among them, in any of its forms)."""
 
     def error(self, message: str) -> NoReturn:
-        super().error(_URI_PASSWORD.sub(r"\1***@", message))
+        super().error(re.sub(r"'[^']*'|\"[^\"]*\"", _masked, message))
+
+
+def _masked(quoted: re.Match[str]) -> str:
+    """A quoted argument of a usage error with every password it may hold as a DSN masked
+    (`dripd.redaction.dsn_secrets`: URI user info, `password=`, as written and decoded)."""
+    text = quoted.group(0)
+    for secret in sorted(dsn_secrets(text[1:-1]), key=len, reverse=True):
+        text = text.replace(secret, REDACTED)
+    return text
 
 
 def _parser() -> argparse.ArgumentParser:

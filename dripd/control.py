@@ -23,6 +23,7 @@ import msgspec
 from dripd import logs
 from dripd.config import Config
 from dripd.errors import ConfigError, DripdError
+from dripd.inputs import json_fault
 
 Handler = Callable[[str, dict[str, Any]], Awaitable[Any]]
 
@@ -257,7 +258,7 @@ class ControlServer:
         try:
             request = _decode_request(line)
         except msgspec.DecodeError as exc:
-            return _error_line("bad_request", f"malformed request: {exc}")
+            return _error_line("bad_request", f"malformed request: {json_fault(line, exc)}")
         try:
             result = await self._handler(request.cmd, request.args)
             return _encoder.encode({"ok": True, "result": result}) + b"\n"

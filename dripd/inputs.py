@@ -21,6 +21,7 @@ with the path of the offending value, e.g. `data.address.city: must not contain 
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping
 from types import MappingProxyType
@@ -190,3 +191,14 @@ def check_data(value: Any, *, where: str = "data") -> dict[str, Any]:
     if size > MAX_DATA_BYTES:
         raise InvalidInput(where, f"must be at most {MAX_DATA_BYTES} bytes as JSON (it has {size})")
     return data
+
+
+def json_fault(raw: str | bytes, error: msgspec.DecodeError) -> str:
+    """Why msgspec could not decode `raw`, in words that name the fault: msgspec reports a
+    `\\u` escape of a lone UTF-16 surrogate (`"\\ud800"`, which no text can hold) as
+    "Input data was truncated"; RFC 8259 section 8.2 leaves such escapes to the reader."""
+    try:
+        json.loads(raw)
+    except (ValueError, RecursionError):
+        return str(error)
+    return "a \\u escape names a lone UTF-16 surrogate, which is not a character"

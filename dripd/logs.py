@@ -37,10 +37,11 @@ _HTTP_CLIENT_LOGGERS = ("httpx", "httpcore")
 def http_client_records(record: logging.LogRecord) -> bool:
     """A stdlib logging filter for the HTTP client libraries' records (always kept, changed).
 
-    httpx logs every request at INFO with its whole URL (`HTTP Request: POST https://…?email=…
-    "HTTP/1.1 200 OK"`): a hook's rendered URL can carry subscriber data in its query, and an
-    HTTP API's its key. Its URLs are cut to scheme, host and path. httpcore's DEBUG traces
-    (`receive_response_headers.complete return_value=(…headers…)`) keep their step name only.
+    httpx logs every request at INFO with its whole URL (`HTTP Request: POST
+    https://…?email=… "HTTP/1.1 200 OK"`): a hook's rendered URL can carry subscriber data
+    in its path and query, and an HTTP API's its key. Its URLs are cut to scheme and host
+    (`url_for_log`). httpcore's DEBUG traces (`receive_response_headers.complete
+    return_value=(…headers…)`) keep their step name only.
     """
     name = record.name
     if not any(name == n or name.startswith(f"{n}.") for n in _HTTP_CLIENT_LOGGERS):

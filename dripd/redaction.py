@@ -1,5 +1,5 @@
 """Secrets out of text: credentials in every encoding dripd sends them in, and URLs cut to
-host and path.
+scheme and host.
 
 A `Redactor` is built from the secrets one adapter (or one hook call) holds and is applied
 wherever text about it leaves: an error message, `last_error`, a message event, a log field.
@@ -294,14 +294,17 @@ _URL: Final = re.compile(r"\b[A-Za-z][A-Za-z0-9+.-]*://[^\s\"'<>]*")
 
 
 def url_for_log(url: str) -> str:
-    """`url` as logs and errors may show it: scheme, host, port and path; no user
-    information, query or fragment (they can carry credentials and subscriber data)."""
+    """`url` as logs and errors may show it: scheme, host and port, then `/…` where it had
+    a path. No user information, path, query or fragment: a rendered hook URL carries
+    subscriber data in its path as readily as in its query (`/score/{{ email }}`), and an
+    API's URL its key."""
     try:
         parts = urllib.parse.urlsplit(url)
     except ValueError:
         return "<url>"
     host = parts.netloc.rpartition("@")[2]
-    return f"{parts.scheme}://{host}{parts.path}" if parts.scheme else parts.path
+    rest = "/…" if parts.path.strip("/") or parts.query or parts.fragment else ""
+    return f"{parts.scheme}://{host}{rest}" if parts.scheme else "<url>"
 
 
 def urls_for_log(text: str) -> str:

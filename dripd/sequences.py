@@ -22,7 +22,7 @@ from dripd.conditions.hookspecs import parse_hooks
 from dripd.content.liquid import TemplateError, compile_template
 from dripd.db.store import StepRow, TransitionRow, VersionRow
 from dripd.errors import ConfigError, SequenceFileError
-from dripd.inputs import MAX_LENGTH, text_fault
+from dripd.inputs import MAX_LENGTH, NAME, text_fault
 from dripd.model import (
     CHANNELS,
     DEFAULT_RECIPIENT,
@@ -45,7 +45,6 @@ _CONTENT = {
 }
 # A sequence or step key (the CHECK of dripd.sequences.key and dripd.steps.key). Always
 # `fullmatch`: `$` would also match before a trailing newline.
-_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*", re.ASCII)
 
 #: The largest sequence file, in bytes.
 MAX_FILE_BYTES: Final = 1_048_576
@@ -305,7 +304,7 @@ def _validate(spec: SequenceFile, source: str) -> VersionRow:
     def fail(message: str) -> SequenceFileError:
         return SequenceFileError(f"{source}: {message}")
 
-    if not _KEY.fullmatch(head.key):
+    if not NAME.fullmatch(head.key):
         raise fail(f"key 'sequence.key': {head.key!r} must be letters, digits, '_', '.' or '-'")
     _check_length(head.key, "sequence", fail, "key 'sequence.key'")
     if head.tenant is not None:
@@ -344,7 +343,7 @@ def _validate(spec: SequenceFile, source: str) -> VersionRow:
     seen: set[str] = set()
     for step in spec.steps:
         label = f"step {step.key!r}"
-        if not _KEY.fullmatch(step.key):
+        if not NAME.fullmatch(step.key):
             raise fail(f"{label}: key 'key': must be letters, digits, '_', '.' or '-'")
         _check_length(step.key, "step", fail, f"{label}: key 'key'")
         if step.key in seen:
@@ -557,6 +556,8 @@ def _step(step: StepSpec, position: int, fail: Any, steps: set[str], hooks: set[
         wait_event, on_timeout = wait.event, wait.on_timeout
     template: dict[str, str] = {}
     if step.adapter is not None:
+        if not NAME.fullmatch(step.adapter):  # what `dripd adapter add` takes as a name
+            raise fail(f"key 'adapter': {step.adapter!r} must be letters, digits, '_', '.' or '-'")
         _check_length(step.adapter, "adapter", fail, "key 'adapter'")
     if step.channel is None:
         for name in ("subject", "text", "html", "body", "to", "adapter"):

@@ -550,3 +550,34 @@ async def test_a_tenant_in_a_query_has_the_same_limit(client: httpx.AsyncClient)
     }
     response = await client.get(path, params={"tenant": "t" * 128})
     assert response.status_code == 404
+
+
+@pytest.mark.parametrize(
+    ("dsn", "password"),
+    [
+        ("postgresql://user:s3cret/pw@host/db", "s3cret/pw"),  # '/': read as a port
+        ("postgresql://user:s3cret#pw@host/db", "s3cret#pw"),
+        ("postgresql://user:p%40ssword@host/db", "p%40ssword"),
+        ("host=localhost password=s3cretpw", "s3cretpw"),
+        ("host=localhost password='s3 cret pw'", "s3 cret pw"),
+    ],
+)
+def test_a_usage_error_never_echoes_a_dsn_password(
+    capsys: pytest.CaptureFixture[str], dsn: str, password: str
+) -> None:
+    # `--dsn` before the command: argparse takes the DSN for the command and quotes it.
+    code, _, err = run(capsys, "--dsn", dsn, "adapter", "list")
+    assert code == 2
+    assert "invalid choice: " in err
+    assert "[REDACTED]" in err
+    for piece in {password, *password.split("/"), *password.split("#"), *password.split()}:
+        assert piece not in err.split("(choose from")[0], piece
+
+
+def test_a_lone_surrogate_escape_in_data_is_named(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(capsys, "enroll", "welcome", "u1", "--data", '{"n": "\\ud800"}')
+    assert code == 2
+    assert err == (
+        "dripd: --data: not valid JSON: a \\u escape names a lone UTF-16 surrogate, which is "
+        "not a character\n"
+    )

@@ -113,6 +113,15 @@ async def test_malformed_requests_are_bad_request_and_keep_the_connection(
     assert all(a["error"]["message"] for a in answers[:4])
 
 
+async def test_a_lone_surrogate_escape_is_named(server: ControlServer) -> None:
+    [answer] = await exchange(server.path, b'{"cmd": "echo", "args": {"x": "\\ud800"}}\n')
+    assert answer["error"] == {
+        "code": "bad_request",
+        "message": "malformed request: a \\u escape names a lone UTF-16 surrogate, which is "
+        "not a character",
+    }
+
+
 async def test_an_oversized_line_is_refused_and_closes(server: ControlServer) -> None:
     reader, writer = await asyncio.open_unix_connection(server.path, limit=MAX_LINE * 4)
     writer.write(b'{"cmd": "echo", "args": {"x": "' + b"a" * (MAX_LINE + 10) + b'"}}\n')

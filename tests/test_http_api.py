@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import hashlib
+import io
 import json
 import uuid
 from collections.abc import AsyncIterator
@@ -617,6 +618,71 @@ async def test_a_body_that_does_not_parse_is_400(
     assert error_of(response)["code"] == "invalid_json"
 
 
+async def test_a_lone_surrogate_escape_is_named(
+    client: httpx.AsyncClient, acme: dict[str, str]
+) -> None:
+    response = await client.post(
+        "/v1/enrollments",
+        headers={**acme, "Content-Type": "application/json"},
+        content=b'{"sequence": "welcome", "subscriber_id": "u1", "data": {"n": "\\ud800"}}',
+    )
+    assert response.status_code == 400
+    assert error_of(response)["message"] == (
+        "the body is not valid JSON: a \\u escape names a lone UTF-16 surrogate, which is "
+        "not a character"
+    )
+
+
+async def suppress_failing(
+    client: httpx.AsyncClient, ctx: HttpContext, token: dict[str, str], exception: str
+) -> httpx.Response:
+    """`POST /v1/suppressions` while a trigger makes Postgres raise `exception` (PL/pgSQL)."""
+    await ctx.pool.execute(
+        f"""
+        CREATE FUNCTION dripd.fail() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN RAISE EXCEPTION {exception}; END $$;
+        CREATE TRIGGER fail BEFORE INSERT ON dripd.suppressions
+            FOR EACH ROW EXECUTE FUNCTION dripd.fail();
+        """
+    )
+    return await client.post(
+        "/v1/suppressions", headers=token, json={"channel": "email", "address": "a@example.com"}
+    )
+
+
+async def test_a_statement_postgres_refuses_is_a_logged_500_not_the_servers_text(
+    client: httpx.AsyncClient,
+    ctx: HttpContext,
+    acme: dict[str, str],
+    json_logs: io.StringIO,
+) -> None:
+    response = await suppress_failing(client, ctx, acme, "'boom from trigger'")
+    assert response.status_code == 500
+    assert error_of(response) == {
+        "code": "internal",
+        "message": "internal error; see the daemon log",
+    }
+    lines = [json.loads(line) for line in json_logs.getvalue().splitlines()]
+    [logged] = [line for line in lines if line.get("level") == "error"]
+    assert "Postgres refused: boom from trigger" in logged["exception"]
+    assert "Traceback (most recent call last)" in logged["exception"]
+
+
+async def test_an_unreachable_database_is_a_logged_503(
+    client: httpx.AsyncClient,
+    ctx: HttpContext,
+    acme: dict[str, str],
+    json_logs: io.StringIO,
+) -> None:
+    response = await suppress_failing(client, ctx, acme, "'too many' USING ERRCODE = '53300'")
+    assert response.status_code == 503
+    assert error_of(response)["code"] == "database"
+    lines = [json.loads(line) for line in json_logs.getvalue().splitlines()]
+    [logged] = [line for line in lines if line.get("event") == "HTTP request answered 503"]
+    assert logged["level"] == "warning"
+    assert logged["error"] == error_of(response)["message"]
+
+
 class Contact(msgspec.Struct, forbid_unknown_fields=True):
     email: str
 
@@ -705,6 +771,17 @@ async def test_an_idempotency_key_reused_for_another_request_is_422(
     )
     assert response.status_code == 400
     assert error_of(response)["code"] == "invalid_idempotency_key"
+    response = await client.post(
+        "/v1/enrollments",
+        headers=[*acme.items(), ("Idempotency-Key", "k2"), ("Idempotency-Key", "k3")],
+        json={**body, "subscriber_id": "u3"},
+    )
+    assert response.status_code == 400
+    assert error_of(response) == {
+        "code": "invalid_idempotency_key",
+        "message": "Idempotency-Key must be given once",
+    }
+    assert await count(ctx.pool, "enrollments") == 1
 
 
 async def test_what_an_idempotency_key_keeps(

@@ -241,15 +241,17 @@ def test_credential_values_of_every_shape_are_secrets() -> None:
     ("url", "shown"),
     [
         (
-            "https://crm.example.com/score/42?email=ann@example.com",
-            "https://crm.example.com/score/42",
+            "https://crm.example.com/score/ann@example.com?email=ann@example.com",
+            "https://crm.example.com/…",
         ),
-        ("http://user:pw@127.0.0.1:8080/a/b#frag", "http://127.0.0.1:8080/a/b"),
-        ("https://[::1]:8443/?token=t", "https://[::1]:8443/"),
+        ("http://user:pw@127.0.0.1:8080/a/b#frag", "http://127.0.0.1:8080/…"),
+        ("https://[::1]:8443/?token=t", "https://[::1]:8443/…"),
+        ("https://crm.example.com/", "https://crm.example.com"),
         ("https://crm.example.com", "https://crm.example.com"),
+        ("https://crm.example.com/#x", "https://crm.example.com/…"),
     ],
 )
-def test_urls_are_cut_to_host_and_path(url: str, shown: str) -> None:
+def test_urls_are_cut_to_scheme_and_host(url: str, shown: str) -> None:
     assert url_for_log(url) == shown
     assert urls_for_log(f'HTTP Request: POST {url} "HTTP/1.1 200 OK"') == (
         f'HTTP Request: POST {shown} "HTTP/1.1 200 OK"'
@@ -748,7 +750,7 @@ def test_http_client_log_lines_show_no_query_or_headers(json_logs: io.StringIO) 
     logging.getLogger("dripd.other").info("left alone: %s", url)
     events = [json.loads(line)["event"] for line in json_logs.getvalue().splitlines()]
     assert events == [
-        'HTTP Request: POST https://api.example.com/v1/send "HTTP/1.1 200 OK"',
+        'HTTP Request: POST https://api.example.com/… "HTTP/1.1 200 OK"',
         "receive_response_headers.complete",
         f"left alone: {url}",
     ]

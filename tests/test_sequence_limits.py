@@ -138,6 +138,17 @@ def test_a_key_with_a_trailing_newline_is_refused() -> None:
     assert load_text(seq(), source="test.toml").key == "welcome"
 
 
+@pytest.mark.parametrize("adapter", ["ad\\n", "bad name! /", "-x", ""])
+def test_an_adapter_name_no_adapter_can_have_is_refused(adapter: str) -> None:
+    shown = adapter.replace("\\n", "\n")
+    assert refusal(seq(step=f'adapter = "{adapter}"')) == (
+        f"step 'hello': key 'adapter': {shown!r} {NOT_A_KEY}"
+    )
+    assert load_text(seq(step='adapter = "mail.eu-1_b"'), source="t").steps[0].adapter == (
+        "mail.eu-1_b"
+    )
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [

@@ -10,7 +10,7 @@ is signed with Standard Webhooks headers.
 
 Every failure at run time is a `HookError` that names the hook and never contains a secret
 (the text of a network error passes through the redactor of the call's secrets) nor more of
-the rendered URL than its host and path (its query can carry subscriber data); the engine
+the rendered URL than its scheme and host (its path and query can carry subscriber data); the engine
 treats it as a transient failure of the step.
 """
 
@@ -189,7 +189,7 @@ class _Prepared:
 
     def clean(self, text: str) -> str:
         """`text` (a network error's) without this call's secrets, in any encoding, and
-        with every URL in it cut to scheme, host and path."""
+        with every URL in it cut to scheme and host (`url_for_log`)."""
         return Redactor(self.secrets)(urls_for_log(text))
 
 

@@ -25,7 +25,7 @@ from dripd.errors import DripdError, NotFound
 from dripd.http.auth import ApiToken, authenticate
 from dripd.http.bodies import decode_json, read_body
 from dripd.http.context import HttpContext
-from dripd.http.errors import ApiError, api_endpoint, api_error_response, error_from_dripd
+from dripd.http.errors import ApiError, api_endpoint, api_error_response, dripd_error_response
 from dripd.http.idempotency import key_of, once
 from dripd.http.openapi import Operation, Reply, error_replies
 from dripd.inputs import MAX_LENGTH, text_fault
@@ -251,12 +251,12 @@ class _Routes:
         async def answer(db: store.Executor) -> Response:
             try:
                 status, payload = await run(db, tenant, body)
-            except (ApiError, DripdError) as exc:
-                error = exc if isinstance(exc, ApiError) else error_from_dripd(exc, fields=_FIELDS)
-                if error.status == 500:
-                    raise  # unexpected: the app's handler logs it and answers 500
-                # A refusal is the request's answer too: kept and replayed like a success.
-                return api_error_response(error)
+            # A refusal is the request's answer too: kept and replayed like a success (not a
+            # 5xx: `once` keeps none); what maps to 500 passes to the app's handler.
+            except ApiError as exc:
+                return api_error_response(exc)
+            except DripdError as exc:
+                return dripd_error_response(exc, fields=_FIELDS)
             encoded = _encode(payload)
             return Response(
                 encoded,

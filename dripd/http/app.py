@@ -9,7 +9,7 @@ import socket
 from collections.abc import Awaitable, Callable, Generator, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Any
+from typing import Any, Final
 
 import anyio
 import anyio.abc
@@ -27,7 +27,7 @@ from uvicorn.server import ServerState
 from dripd import logs
 from dripd.config import Config
 from dripd.errors import ConfigError, DripdError
-from dripd.http.errors import api_error_response, error_from_dripd
+from dripd.http.errors import dripd_error_response
 from dripd.http.responses import error_response, json_response
 from dripd.metrics import Metrics
 
@@ -86,11 +86,9 @@ async def _http_error(_request: Request, exc: Exception) -> Response:
 async def _dripd_error(_request: Request, exc: Exception) -> Response:
     # The API's mapping, for every route: one answer per error (e.g. bad input is 422 and
     # names its field).
+    # What maps to 500 is raised again: `_internal_error` answers, uvicorn logs the traceback.
     assert isinstance(exc, DripdError)
-    mapped = error_from_dripd(exc)
-    if mapped.status == 500:
-        raise exc  # unexpected: `_internal_error` answers, and uvicorn logs the traceback
-    return api_error_response(mapped)
+    return dripd_error_response(exc)
 
 
 async def _internal_error(_request: Request, _exc: Exception) -> Response:
@@ -196,11 +194,26 @@ def _ambiguous(headers: Sequence[tuple[bytes, bytes]]) -> str | None:
     return None
 
 
+MAX_HEAD_BYTES: Final = 16384
+"""The longest request head (request line and header fields) the listeners take."""
+
+
+def _head_bytes(request: h11.Request) -> int:
+    """The size of a request head as sent: its request line and header lines with CRLFs."""
+    line = len(request.method) + len(request.target) + len(b" HTTP/1.1\r\n") + 1
+    return line + sum(len(name) + len(value) + 4 for name, value in request.headers) + 2
+
+
 class _StrictConnection(h11.Connection):
-    """h11's server side, refusing the request heads `_ambiguous` names (h11 accepts them),
-    and keeping why it refused a request (`refusal`), for the 400's message."""
+    """h11's server side, refusing the request heads `_ambiguous` names (h11 accepts them)
+    and heads over `MAX_HEAD_BYTES` (h11 bounds only a head that arrives in pieces: one
+    read of 70 000 bytes passed), and keeping why it refused a request (`refusal`), for the
+    400's message."""
 
     refusal: str | None = None
+
+    def __init__(self) -> None:
+        super().__init__(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
 
     def next_event(self) -> h11.Event | type[h11.NEED_DATA] | type[h11.PAUSED]:
         try:
@@ -209,7 +222,12 @@ class _StrictConnection(h11.Connection):
             self.refusal = str(exc)
             raise
         if isinstance(event, h11.Request):
-            problem = _ambiguous(event.headers)
+            size = _head_bytes(event)
+            problem = _ambiguous(event.headers) or (
+                f"the request head is {size} bytes, more than {MAX_HEAD_BYTES}"
+                if size > MAX_HEAD_BYTES
+                else None
+            )
             if problem is not None:
                 self.refusal = problem
                 raise h11.RemoteProtocolError(problem, error_status_hint=400)
@@ -249,10 +267,7 @@ class _GuardedProtocol(H11Protocol):
         self.limits = config.limits
         self._refusals = config.refusals
         self._key = config.key
-        size = config.h11_max_incomplete_event_size  # the longest head; None: h11's 16 KiB
-        self._strict = (
-            _StrictConnection(h11.SERVER) if size is None else _StrictConnection(h11.SERVER, size)
-        )
+        self._strict = _StrictConnection()
         self.conn = self._strict
         self._timer: asyncio.TimerHandle | None = None
         self._waiting_for: str | None = None  # "head" or "body", while its timer runs

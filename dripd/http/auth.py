@@ -9,9 +9,8 @@ from dataclasses import dataclass
 from starlette.requests import Request
 
 from dripd.db import intake
-from dripd.errors import DripdError
 from dripd.http.context import HttpContext
-from dripd.http.errors import ApiError, error_from_dripd
+from dripd.http.errors import ApiError
 
 # The realm every WWW-Authenticate challenge names.
 _REALM = 'Bearer realm="dripd"'
@@ -62,10 +61,8 @@ async def authenticate(request: Request, ctx: HttpContext) -> ApiToken:
     token = match.group(1)
     found = None
     if _TOKEN.fullmatch(token):
-        try:
-            found = await intake.find_token(ctx.pool, intake.hash_token(token))
-        except DripdError as exc:
-            raise error_from_dripd(exc) from exc
+        # A database error passes: the route's handler answers it (`dripd_error_response`).
+        found = await intake.find_token(ctx.pool, intake.hash_token(token))
     if found is None:
         raise _unauthorized("unknown token", invalid=True)
     if found.revoked_at is not None:

@@ -13,7 +13,7 @@ from starlette.requests import Request
 from dripd import inputs
 from dripd.http.context import HttpContext
 from dripd.http.errors import ApiError
-from dripd.inputs import InvalidInput, check_json
+from dripd.inputs import InvalidInput, check_json, json_fault
 
 T = TypeVar("T", bound=msgspec.Struct)
 
@@ -114,7 +114,10 @@ def decode_json(body: bytes, type_: type[T]) -> T:
     except msgspec.ValidationError as exc:
         text, field = _validation_field(str(exc))
         raise ApiError(422, "invalid_input", text, field=field) from None
-    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+    except msgspec.DecodeError as exc:
+        message = f"the body is not valid JSON: {json_fault(body, exc)}"
+        raise ApiError(400, "invalid_json", message) from None
+    except UnicodeDecodeError as exc:
         raise ApiError(400, "invalid_json", f"the body is not valid JSON: {exc}") from None
     except RecursionError:
         raise ApiError(400, "invalid_json", "the body's JSON is nested too deeply") from None

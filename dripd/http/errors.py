@@ -13,17 +13,21 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
+from dripd import logs
 from dripd.errors import (
     ConfigError,
     Conflict,
     DatabaseError,
     DripdError,
     NotFound,
+    Refused,
     SchemaError,
 )
 from dripd.http.responses import json_response
 
 Endpoint = Callable[[Request], Awaitable[Response]]
+
+_log = logs.get("dripd.http")
 
 
 class ApiError(Exception):
@@ -78,7 +82,9 @@ _FIELD_PREFIX = re.compile(r"([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z0-9_]+)*): ")
 
 
 def error_from_dripd(exc: DripdError, *, fields: Mapping[str, str] | None = None) -> ApiError:
-    """The HTTP form of a dripd error: bad input 422, NotFound 404, Conflict 409, database 503.
+    """The HTTP form of a dripd error: bad input 422, NotFound 404, Conflict 409, an
+    unreachable or busy database 503; anything else, a statement Postgres refused among
+    them (retrying will not help, and its text is the server's), 500 without details.
 
     A message that starts with a field path (`"data.timezone: …"`) names that field; with
     `fields` (names in dripd's messages → JSON fields of the request), only those count and
@@ -90,7 +96,9 @@ def error_from_dripd(exc: DripdError, *, fields: Mapping[str, str] | None = None
         return ApiError(404, "not_found", exc.message)
     if isinstance(exc, Conflict):
         return ApiError(409, "conflict", exc.message)
-    if isinstance(exc, SchemaError | DatabaseError):
+    if isinstance(exc, SchemaError) or (
+        isinstance(exc, DatabaseError) and not isinstance(exc, Refused)
+    ):
         return ApiError(503, exc.code, exc.message)
     return ApiError(500, "internal", "internal error; see the daemon log")
 
@@ -116,9 +124,18 @@ def api_endpoint(handler: Endpoint, *, fields: Mapping[str, str] | None = None) 
         except ApiError as exc:
             return api_error_response(exc)
         except DripdError as exc:
-            mapped = error_from_dripd(exc, fields=fields)
-            if mapped.status == 500:
-                raise  # unexpected: the app's handler logs it and answers 500
-            return api_error_response(mapped)
+            return dripd_error_response(exc, fields=fields)
 
     return endpoint
+
+
+def dripd_error_response(exc: DripdError, *, fields: Mapping[str, str] | None = None) -> Response:
+    """The answer to a DripdError (`error_from_dripd`); a 503 is logged as a warning (the
+    operator's to see, not only the client's), and what maps to 500 is re-raised for the
+    app's handler, which logs its traceback and answers 500."""
+    mapped = error_from_dripd(exc, fields=fields)
+    if mapped.status == 500:
+        raise exc
+    if mapped.status == 503:
+        _log.warning("HTTP request answered 503", error=exc.message, code=exc.code)
+    return api_error_response(mapped)

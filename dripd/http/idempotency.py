@@ -49,10 +49,13 @@ def keep_successes(status: int) -> bool:
 
 def key_of(request: Request) -> str | None:
     """The request's `Idempotency-Key`; ApiError 400 `invalid_idempotency_key` unless it is
-    1 to 255 characters."""
-    key = request.headers.get(HEADER.lower())
-    if key is None:
+    1 to 255 characters, or the header comes more than once (which one would count?)."""
+    keys = request.headers.getlist(HEADER.lower())
+    if not keys:
         return None
+    if len(keys) > 1:
+        raise ApiError(400, "invalid_idempotency_key", f"{HEADER} must be given once")
+    [key] = keys
     if not 1 <= len(key) <= MAX_KEY_LENGTH:
         raise ApiError(
             400, "invalid_idempotency_key", f"{HEADER} must be 1 to {MAX_KEY_LENGTH} characters"
