@@ -387,6 +387,12 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(
             f'control.mode: {_shown(cfg.control.mode)} is not an octal file mode like "0660"'
         )
+    if int(cfg.control.mode, 8) & 0o002:
+        # Whoever may write to the socket may drain, pause or replay: never every local user.
+        raise ConfigError(
+            f"control.mode: {cfg.control.mode} lets every local user control the daemon; "
+            'give the socket a group instead, e.g. "0660"'
+        )
     parse_listen(cfg.http.listen, where="http.listen")
     if cfg.http.admin_listen:
         parse_listen(cfg.http.admin_listen, where="http.admin_listen")

@@ -197,8 +197,10 @@ def json_fault(raw: str | bytes, error: msgspec.DecodeError) -> str:
     """Why msgspec could not decode `raw`, in words that name the fault: msgspec reports a
     `\\u` escape of a lone UTF-16 surrogate (`"\\ud800"`, which no text can hold) as
     "Input data was truncated"; RFC 8259 section 8.2 leaves such escapes to the reader."""
+    if str(error) != "Input data was truncated":
+        return str(error)
     try:
-        json.loads(raw)
+        json.loads(raw)  # takes the escape, and fails on input that is truncated indeed
     except (ValueError, RecursionError):
         return str(error)
     return "a \\u escape names a lone UTF-16 surrogate, which is not a character"

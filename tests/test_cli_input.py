@@ -581,3 +581,7 @@ def test_a_lone_surrogate_escape_in_data_is_named(capsys: pytest.CaptureFixture[
         "dripd: --data: not valid JSON: a \\u escape names a lone UTF-16 surrogate, which is "
         "not a character\n"
     )
+    # Truncated indeed, with or without such an escape: msgspec's words stand.
+    for text in ['{"n": "\\ud800', '{"n": "x']:
+        code, _, err = run(capsys, "enroll", "welcome", "u1", "--data", text)
+        assert (code, err) == (2, "dripd: --data: not valid JSON: Input data was truncated\n")

@@ -285,9 +285,17 @@ def test_a_socket_path_of_107_bytes_is_fine() -> None:
     assert from_dict({"control": {"socket": "/" + "s" * 106}}).control.socket == "/" + "s" * 106
 
 
-@pytest.mark.parametrize("mode", ["660", "0660", "0600", "0777"])
+@pytest.mark.parametrize("mode", ["660", "0660", "0600", "0775"])
 def test_control_modes_that_are_octal(mode: str) -> None:
     assert from_dict({"control": {"mode": mode}}).control.mode == mode
+
+
+@pytest.mark.parametrize("mode", ["0666", "0777", "662", "0002"])
+def test_a_world_writable_control_socket_is_refused(mode: str) -> None:
+    assert refused({"control": {"mode": mode}}) == (
+        f"config: control.mode: {mode} lets every local user control the daemon; give the "
+        'socket a group instead, e.g. "0660"'
+    )
 
 
 @pytest.mark.parametrize("mode", ["", "0668", "rw-rw----", "00660", "٠٦٦٠"])

@@ -334,6 +334,21 @@ async def test_a_head_over_the_limit_is_refused_however_it_arrives() -> None:
         writer.close()
 
 
+async def test_malformed_requests_are_logged_once_per_period(json_logs: io.StringIO) -> None:
+    async with serving([]) as server:
+        for _ in range(20):
+            reader, writer = await connect(server)
+            writer.write(b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n")
+            await writer.drain()
+            assert parse(await until_closed(reader))[0] == 400
+            writer.close()
+    lines = [json.loads(line) for line in json_logs.getvalue().splitlines()]
+    warned = [line for line in lines if line["event"].startswith("Invalid HTTP request")]
+    assert [(w["event"], w["level"]) for w in warned] == [
+        ("Invalid HTTP request received.", "warning")
+    ]
+
+
 # --- a 500's log line --------------------------------------------------------------------------
 
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import logging
 import socket
 from collections.abc import Awaitable, Callable, Generator, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import anyio
 import anyio.abc
@@ -242,6 +243,33 @@ class _Config(uvicorn.Config):
         self.limits = limits
         self.key = key  # the config key of this listener, for the log
         self.refusals = logs.Throttle(10.0)
+        self.malformed = logs.Throttle(10.0)
+
+
+class _ThrottledWarnings:
+    """uvicorn's logger for one listener, except that its warning for each request h11
+    refuses ("Invalid HTTP request received.") is logged at most once per `throttle` period
+    with the count held back: a client may send thousands (the client gets each reason in
+    its 400)."""
+
+    def __init__(self, logger: logging.Logger, throttle: logs.Throttle) -> None:
+        self._logger = logger
+        self._throttle = throttle
+
+    def warning(self, msg: str, *args: Any, **kwargs: Any) -> None:
+        if msg == _MALFORMED:
+            held = self._throttle.due()
+            if held is None:
+                return
+            if held:
+                msg = f"{msg} ({held} more held back since the last such line)"
+        self._logger.warning(msg, *args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._logger, name)
+
+
+_MALFORMED: Final = "Invalid HTTP request received."  # uvicorn's words (h11_impl)
 
 
 class _GuardedProtocol(H11Protocol):
@@ -267,6 +295,8 @@ class _GuardedProtocol(H11Protocol):
         self.limits = config.limits
         self._refusals = config.refusals
         self._key = config.key
+        # uvicorn only calls its logger's level methods: the wrapper stands in for it.
+        self.logger = cast(logging.Logger, _ThrottledWarnings(self.logger, config.malformed))
         self._strict = _StrictConnection()
         self.conn = self._strict
         self._timer: asyncio.TimerHandle | None = None
