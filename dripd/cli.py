@@ -11,11 +11,11 @@ import re
 import sys
 import traceback
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import Any, ClassVar, NoReturn, TypeVar
 
 import msgspec
 
@@ -369,7 +369,10 @@ def _read_credentials(source: str | None) -> dict[str, Any]:
 
 
 async def cmd_adapter_add(args: argparse.Namespace, cfg: Config) -> None:
-    served = registry.get(args.provider).channels
+    try:  # built-in providers, and those installed under the `dripd.providers` entry points
+        served = registry.get(args.provider).channels
+    except ConfigError as exc:
+        raise ConfigError(f"--provider: {exc.message}") from None
     if served is not None and args.channel not in served:
         raise ConfigError(
             f"--channel: provider {args.provider!r} does not serve channel {args.channel!r}; "
@@ -449,6 +452,60 @@ async def cmd_adapter_disable(args: argparse.Namespace, cfg: Config) -> None:
     _print(args, _adapter_dict(row), lambda r: f"adapter {r['name']} disabled")
 
 
+def _merge_patch(current: Mapping[str, Any], patch: Mapping[str, Any]) -> dict[str, Any]:
+    """`current` with `patch` applied at the top level, as JSON Merge Patch does (RFC 7396):
+    a key set to null is removed, any other value replaces the key's."""
+    merged = dict(current)
+    for key, value in patch.items():
+        if value is None:
+            merged.pop(key, None)
+        else:
+            merged[key] = value
+    return merged
+
+
+async def cmd_adapter_update(args: argparse.Namespace, cfg: Config) -> None:
+    config_patch = _json_arg(args.config, "--config") if args.config is not None else None
+    credentials_patch = (
+        _read_credentials(args.credentials_file) if args.credentials_file is not None else None
+    )
+
+    async def run(conn: store.Connection) -> store.AdapterRow:
+        async with store.transaction(conn) as tx:
+            row = await store.lock_adapter(tx, args.tenant, args.name)
+            if row is None:
+                raise NotFound(f"no adapter {args.name!r} for tenant {args.tenant or '(global)'}")
+            config = _merge_patch(row.config, config_patch or {})
+            blob = row.credentials
+            if config_patch is not None or credentials_patch is not None:
+                # The adapter is checked whole, as `adapter add` checks it: its sealed
+                # credentials are opened for that (and sealed again when they change).
+                vault = Vault.from_env() if blob is not None or credentials_patch else None
+                current = {}
+                if vault is not None and blob is not None:
+                    current = vault.decrypt(blob, aad=adapter_aad(row.id))
+                credentials = _merge_patch(current, credentials_patch or {})
+                registry.validate(row.channel, row.provider, config, credentials)
+                if credentials_patch is not None:
+                    blob = None
+                    if vault is not None and credentials:
+                        blob = vault.encrypt(credentials, aad=adapter_aad(row.id))
+            updated = await store.update_adapter(
+                tx,
+                row,
+                config=config,
+                credentials=blob,
+                is_default=row.is_default if args.default is None else args.default,
+                enabled=row.enabled if args.enabled is None else args.enabled,
+                now=datetime.now(UTC),
+            )
+            await store.notify_adapters(tx)
+            return updated
+
+    row = await _with_conn(args, cfg, run)
+    _print(args, _adapter_dict(row), lambda r: f"adapter {r['name']} updated")
+
+
 async def cmd_rotate_key(args: argparse.Namespace, cfg: Config) -> None:
     vault = Vault.from_env()
 
@@ -510,8 +567,8 @@ async def cmd_rotate_key(args: argparse.Namespace, cfg: Config) -> None:
 async def cmd_hook_test(args: argparse.Namespace, cfg: Config) -> None:
     from dripd.conditions.hooks import HookEnrollment, HookStep
     from dripd.conditions.hookspecs import parse_hooks
-    from dripd.conditions.netguard import NetPolicy
     from dripd.engine.hookset import HookSet
+    from dripd.netguard import NetPolicy
 
     data = _json_arg(args.data, "--data", where="data")
 
@@ -796,11 +853,24 @@ def _seconds_arg(text: str) -> float:
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, except that a usage error never echoes a DSN's password (argparse quotes
-    the arguments it could not place, `--dsn`'s value among them, in any of its forms)."""
+    """argparse, except that a usage error never echoes a DSN's password: argparse quotes
+    the arguments it could not place (`invalid choice: '…'`) and lists unrecognized ones
+    bare, `--dsn`'s value among them, in any of its forms. `argv_secrets` holds the
+    passwords of every argument of this run read as a DSN (set by `main`)."""
+
+    argv_secrets: ClassVar[set[str]] = set()
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # No abbreviations: `--credentials '{"key": …}'` must not be read as an abbreviated
+        # `--credentials-file` whose "path" (the secret) the error then quotes.
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
-        super().error(re.sub(r"'[^']*'|\"[^\"]*\"", _masked, message))
+        masked = re.sub(r"'[^']*'|\"[^\"]*\"", _masked, message)
+        for secret in sorted(self.argv_secrets, key=len, reverse=True):
+            masked = masked.replace(secret, REDACTED)
+        super().error(masked)
 
 
 def _masked(quoted: re.Match[str]) -> str:
@@ -920,13 +990,18 @@ def _parser() -> argparse.ArgumentParser:
     rp.add_argument("execution_id", metavar="EXECUTION_ID")
     rp.add_argument("--tenant", default=None, type=_tenant_arg, help="only within this tenant")
 
-    ad = sub.add_parser("adapter", help="channel adapters: add, list, disable")
+    ad = sub.add_parser("adapter", help="channel adapters: add, update, list, disable")
     ad_sub = ad.add_subparsers(dest="adapter_cmd", required=True, metavar="ACTION")
     aa = ad_sub.add_parser("add", parents=[output, tenant], help="add a channel adapter")
     aa.set_defaults(handler=cmd_adapter_add)
     aa.add_argument("name", metavar="NAME", type=_text("adapter", name=True))
     aa.add_argument("--channel", required=True, choices=sorted(CHANNELS))
-    aa.add_argument("--provider", required=True, type=_text("provider"), choices=registry.names())
+    aa.add_argument(
+        "--provider",
+        required=True,
+        type=_text("provider"),
+        help=f"built in: {', '.join(registry.names())}; or an installed custom provider",
+    )
     aa.add_argument("--default", action="store_true", help="the default for its channel/tenant")
     aa.add_argument("--config", help="adapter config as a JSON object")
     aa.add_argument(
@@ -934,6 +1009,27 @@ def _parser() -> argparse.ArgumentParser:
         metavar="PATH|-",
         help="credentials as a JSON object, from a file or - for stdin",
     )
+    au = ad_sub.add_parser(
+        "update",
+        parents=[output, tenant],
+        help="change an adapter's config, credentials, default or enabled state",
+    )
+    au.set_defaults(handler=cmd_adapter_update)
+    au.add_argument("name", metavar="NAME", type=_text("adapter", name=True))
+    au.add_argument(
+        "--config",
+        help="config keys to change, as a JSON object (a key set to null is removed)",
+    )
+    au.add_argument(
+        "--credentials-file",
+        metavar="PATH|-",
+        help="credentials to change, as a JSON object from a file or - for stdin "
+        "(a key set to null is removed)",
+    )
+    au.add_argument("--default", dest="default", action="store_true", default=None)
+    au.add_argument("--no-default", dest="default", action="store_false")
+    au.add_argument("--enable", dest="enabled", action="store_true", default=None)
+    au.add_argument("--disable", dest="enabled", action="store_false")
     al = ad_sub.add_parser("list", parents=[db, tenant], help="list adapters")
     al.set_defaults(handler=cmd_adapter_list)
     al.add_argument("--all-tenants", action="store_true")
@@ -1026,6 +1122,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     verbose = False
     try:
         parser = _parser()
+        given = sys.argv[1:] if argv is None else argv
+        _Parser.argv_secrets = {secret for arg in given for secret in dsn_secrets(arg)}
         args = parser.parse_args(argv)
         verbose = getattr(args, "verbose", False)
         _check_arguments(parser, args)

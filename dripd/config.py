@@ -46,6 +46,9 @@ DURATIONS: Final[dict[str, Span]] = {
     "thresholds.interval": Span(_MS, _DAY),
     "unsubscribe.token_ttl": Span(_MS),
     "leads.confirm_ttl": Span(timedelta(minutes=1), timedelta(days=30)),
+    # Providers retry a failed delivery for up to three days (SendGrid 72 h).
+    "webhooks.replay_window": Span(timedelta(seconds=30), timedelta(hours=1)),
+    "webhooks.retention": Span(timedelta(days=4), timedelta(days=365)),
     "circuit.open_for": Span(_MS, _DAY),
     "circuit.max_open_for": Span(_MS, _DAY),
     "circuit.probe_timeout": Span(_SECOND, _HOUR),
@@ -92,6 +95,7 @@ INTEGERS: Final[dict[str, Bounds]] = {
     "worker.max_attempts": Bounds(1, MAX_ATTEMPTS),
     # Every body is read into memory whole before it is parsed.
     "http.max_body_bytes": Bounds(1, 16 * 2**20),
+    "webhooks.max_body_bytes": Bounds(1024, 16 * 2**20),
     # Compared with the sends counted in the window (32-bit counts).
     "thresholds.min_volume": Bounds(1, MAX_COUNT),
     # The ledgers count in 32-bit integers.
@@ -272,6 +276,18 @@ class Hooks(_Section):
     allowed_networks: list[str] = msgspec.field(default_factory=list)
 
 
+class Webhooks(_Section):
+    """Provider feedback at `POST /webhooks/{provider}/{adapter}` (README, Channels)."""
+
+    # Where providers reach the HTTP listener, e.g. "https://dripd.example.com": the base of
+    # the URL Twilio signs and of the status-callback URL dripd hands it. "": the URL as
+    # each request names it (no proxy in front).
+    public_url: str = ""
+    replay_window: str = "5m"  # a signed timestamp further off than this is refused
+    max_body_bytes: int = 1_048_576
+    retention: str = "30d"  # how long a provider event id is kept against redeliveries
+
+
 class Circuit(_Section):
     """The circuit breaker of every adapter: provider-wide failures open it (see rules/breaker)."""
 
@@ -296,6 +312,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     email: Email = msgspec.field(default_factory=Email)
     recipients: Recipients = msgspec.field(default_factory=Recipients)
     hooks: Hooks = msgspec.field(default_factory=Hooks)
+    webhooks: Webhooks = msgspec.field(default_factory=Webhooks)
     tenants: dict[str, Tenant] = msgspec.field(default_factory=dict)
     windows: Windows = msgspec.field(default_factory=Windows)
     rate_limits: RateLimits = msgspec.field(default_factory=RateLimits)
@@ -436,6 +453,7 @@ def _validate(cfg: Config) -> None:
                 f"thresholds.{name}: must be a fraction in (0, 1], e.g. 0.02; got {rate}"
             )
     _base_url(cfg.unsubscribe.base_url, "unsubscribe.base_url")
+    _base_url(cfg.webhooks.public_url, "webhooks.public_url", allow_http=True)
     if cfg.unsubscribe.mailto:
         _mailto(cfg.unsubscribe.mailto, "unsubscribe.mailto")
     if cfg.leads.sequence and not _SEQUENCE_KEY.fullmatch(cfg.leads.sequence):
@@ -568,13 +586,16 @@ def _socket_path(path: str, where: str) -> None:
         )
 
 
-def _base_url(url: str, where: str) -> None:
-    """Empty, or an https URL without query or fragment that can go in a header (RFC 8058)."""
+def _base_url(url: str, where: str, *, allow_http: bool = False) -> None:
+    """Empty, or an https URL without query or fragment that can go in a header (RFC 8058);
+    `allow_http`: http too (where providers call us, which RFC 8058 does not govern)."""
     if not url:
         return
     if "@" in url.partition("//")[2].partition("/")[0]:  # its password is not echoed
         raise ConfigError(f"{where}: must not hold user information (user:password@)")
-    match = re.fullmatch(r"https://([^/?#@]+)(/[^?#]*)?", url)
+    match = re.fullmatch(
+        r"https?://([^/?#@]+)(/[^?#]*)?" if allow_http else r"https://([^/?#@]+)(/[^?#]*)?", url
+    )
     authority = match and re.fullmatch(r"(?:\[([^\]]*)\]|([^:\[\]]+))(?::([0-9]{1,5}))?", match[1])
     if (
         len(url) > MAX_URL
@@ -585,7 +606,7 @@ def _base_url(url: str, where: str) -> None:
     ):
         # RFC 8058: one-click unsubscribe URIs must be https.
         raise ConfigError(
-            f"{where}: {_shown(url)} is not an https URL like "
+            f"{where}: {_shown(url)} is not an {'http(s)' if allow_http else 'https'} URL like "
             f'"https://mail.example.com" (RFC 8058 requires https; at most {MAX_URL} '
             "characters, no query or fragment)"
         )

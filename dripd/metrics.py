@@ -165,6 +165,20 @@ class Metrics:
             ["outcome"],
             registry=r,
         )
+        self.webhooks = Counter(
+            "dripd_webhooks_total",
+            "Provider webhook requests by provider and outcome (accepted, unverified, "
+            "bad_payload, too_large, not_found, unavailable).",
+            ["provider", "outcome"],
+            registry=r,
+        )
+        self.feedback_events = Counter(
+            "dripd_feedback_events_total",
+            "Provider feedback events by provider and type (delivered, bounced, …); "
+            "`duplicate` counts redeliveries that changed nothing.",
+            ["provider", "type"],
+            registry=r,
+        )
         self.info = Gauge("dripd_info", "Build information; always 1.", ["version"], registry=r)
         self.info.labels(version=version).set(1)
 

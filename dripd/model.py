@@ -16,8 +16,12 @@ from dripd.errors import ConfigError
 from dripd.timing import Timing
 
 # Channels, and the subscriber data key each takes its recipient from when a step has no `to`.
-CHANNELS = frozenset({"email", "sms", "whatsapp", "chat", "webhook"})
-DEFAULT_RECIPIENT = {"email": "email", "sms": "phone", "whatsapp": "phone"}
+CHANNELS = frozenset({"email", "sms", "whatsapp", "chat", "webhook", "pubsub"})
+DEFAULT_RECIPIENT = {"email": "email", "sms": "phone", "whatsapp": "phone", "chat": "chat_id"}
+# Channels whose adapter is the destination (a webhook URL, a Slack channel, a NOTIFY
+# channel): with neither a `to` nor the data key above, the recipient is the subscriber id,
+# which suppressions and the execution's record then name.
+SUBSCRIBER_RECIPIENT = frozenset({"chat", "webhook", "pubsub"})
 # Channels whose body is a text message with a length limit (`max_length`, default 1600).
 SMS_CHANNELS = frozenset({"sms", "whatsapp"})
 SMS_MAX_LENGTH = 1600

@@ -17,9 +17,10 @@ from typing import Any, Final, Literal
 
 import msgspec
 
+from dripd.addresses import InvalidAddress, recipient
 from dripd.conditions.expr import Expr, ExprSyntaxError, parse
 from dripd.conditions.hookspecs import parse_hooks
-from dripd.content.liquid import TemplateError, compile_template
+from dripd.content.liquid import HEADER_PREFIX, TemplateError, compile_template
 from dripd.db.store import StepRow, TransitionRow, VersionRow
 from dripd.errors import ConfigError, SequenceFileError
 from dripd.inputs import MAX_LENGTH, NAME, text_fault
@@ -30,6 +31,7 @@ from dripd.model import (
     MAX_ATTEMPTS,
     SMS_CHANNELS,
     STEP_DELAY,
+    SUBSCRIBER_RECIPIENT,
     WAIT_TIMEOUT,
     parse_duration,
 )
@@ -42,6 +44,7 @@ _CONTENT = {
     "whatsapp": ({"body"}, "body"),
     "chat": ({"body"}, "body"),
     "webhook": ({"body"}, "body"),
+    "pubsub": ({"body"}, "body"),
 }
 # A sequence or step key (the CHECK of dripd.sequences.key and dripd.steps.key). Always
 # `fullmatch`: `$` would also match before a trailing newline.
@@ -100,6 +103,9 @@ class StepSpec(_Strict):
     html: str | None = None
     body: str | None = None
     to: str | None = None
+    from_: str | None = msgspec.field(default=None, name="from")
+    reply_to: str | None = None
+    headers: dict[str, str] | None = None
     adapter: str | None = None
     on_failure: Literal["fail", "continue"] = "fail"
     max_attempts: int | None = None
@@ -560,9 +566,12 @@ def _step(step: StepSpec, position: int, fail: Any, steps: set[str], hooks: set[
             raise fail(f"key 'adapter': {step.adapter!r} must be letters, digits, '_', '.' or '-'")
         _check_length(step.adapter, "adapter", fail, "key 'adapter'")
     if step.channel is None:
-        for name in ("subject", "text", "html", "body", "to", "adapter"):
+        for name in ("subject", "text", "html", "body", "to", "adapter", "from_", "reply_to"):
             if getattr(step, name) is not None:
-                raise fail(f"key {name!r}: a step without a channel sends nothing")
+                key = name.rstrip("_")
+                raise fail(f"key {key!r}: a step without a channel sends nothing")
+        if step.headers is not None:
+            raise fail("key 'headers': a step without a channel sends nothing")
     else:
         template = _content(step, fail, hooks)
     if step.max_attempts is not None and not 0 < step.max_attempts <= MAX_ATTEMPTS:
@@ -605,6 +614,56 @@ def _step(step: StepSpec, position: int, fail: Any, steps: set[str], hooks: set[
     )
 
 
+#: How many extra headers one step may set.
+MAX_HEADERS: Final = 50
+#: Headers dripd writes itself (or the provider must): a step may not set them.
+RESERVED_HEADERS: Final = frozenset(
+    {
+        "bcc",
+        "cc",
+        "content-transfer-encoding",
+        "content-type",
+        "date",
+        "dkim-signature",
+        "from",
+        "list-unsubscribe",
+        "list-unsubscribe-post",
+        "message-id",
+        "mime-version",
+        "received",
+        "reply-to",
+        "return-path",
+        "sender",
+        "subject",
+        "to",
+    }
+)
+# RFC 5322 §3.6.8: a field name is printable US-ASCII but the colon.
+_HEADER_NAME = re.compile(r"[\x21-\x39\x3b-\x7e]{1,76}")
+
+
+def _field_key(name: str) -> str:
+    """The sequence-file key a template field came from."""
+    if name.startswith(HEADER_PREFIX):
+        return f"headers.{name.removeprefix(HEADER_PREFIX)}"
+    return name
+
+
+def _check_header(name: str, fail: Any) -> None:
+    """A step's extra header name: an RFC 5322 field name that dripd does not set itself."""
+    if not _HEADER_NAME.fullmatch(name):
+        raise fail(
+            f"key 'headers': {name[:80]!r} is not a header name (printable ASCII without ':', "
+            "at most 76 characters)"
+        )
+    lowered = name.lower()
+    if lowered in RESERVED_HEADERS or lowered.startswith("x-dripd-"):
+        raise fail(
+            f"key 'headers.{name}': dripd sets this header itself (use the step's "
+            "`from`, `reply_to`, `subject` or `to`, or the unsubscribe settings)"
+        )
+
+
 def _content(step: StepSpec, fail: Any, hooks: set[str]) -> dict[str, str]:
     channel = step.channel
     assert channel is not None
@@ -612,25 +671,50 @@ def _content(step: StepSpec, fail: Any, hooks: set[str]) -> dict[str, str]:
         raise fail(f"key 'channel': {channel!r} is not one of {', '.join(sorted(CHANNELS))}")
     allowed, needs = _CONTENT[channel]
     template: dict[str, str] = {}
-    for name in ("subject", "text", "html", "body", "to"):
-        value = getattr(step, name)
+    fields: list[tuple[str, str | None]] = [
+        (name, getattr(step, name)) for name in ("subject", "text", "html", "body", "to")
+    ]
+    fields += [("from", step.from_), ("reply_to", step.reply_to)]
+    fields += [(f"{HEADER_PREFIX}{name}", value) for name, value in (step.headers or {}).items()]
+    if channel != "email":
+        for key, given in (("from", step.from_), ("reply_to", step.reply_to)):
+            if given is not None:
+                raise fail(f"key {key!r}: only email steps take it")
+        if step.headers is not None:
+            raise fail("key 'headers': only email steps take extra headers")
+    for name, value in fields:
         if value is None:
             continue
-        if name != "to" and name not in allowed:
+        key = _field_key(name)
+        if name in ("subject", "text", "html", "body") and name not in allowed:
             raise fail(f"key {name!r}: not used by channel {channel!r} (it takes {needs})")
+        if name.startswith(HEADER_PREFIX):
+            _check_header(name.removeprefix(HEADER_PREFIX), fail)
         try:
             compiled = compile_template(value, field=name)
         except TemplateError as exc:
-            raise fail(f"key {name!r}: {exc}") from exc
+            raise fail(f"key {key!r}: {exc}") from exc
         unknown = compiled.hooks() - hooks - {"*"}
         if unknown:
-            raise fail(f"key {name!r}: 'hooks.{min(unknown)}' names no declared hook")
+            raise fail(f"key {key!r}: 'hooks.{min(unknown)}' names no declared hook")
+        if name in ("from", "reply_to") and "{" not in value:
+            # A fixed address is checked now; a rendered one when the step sends.
+            try:
+                recipient("email", value, field=f"key {name!r}")
+            except InvalidAddress as exc:
+                raise fail(exc.message) from None
         template[name] = value
+    if step.headers is not None and len(step.headers) > MAX_HEADERS:
+        raise fail(f"key 'headers': at most {MAX_HEADERS} headers")
     if channel == "email":
         if "subject" not in template or not ({"text", "html"} & template.keys()):
             raise fail("an email step needs 'subject' and 'text' or 'html'")
     elif "body" not in template:
         raise fail(f"key 'body': required for channel {channel!r}")
-    if channel not in DEFAULT_RECIPIENT and "to" not in template:
+    if (
+        channel not in DEFAULT_RECIPIENT
+        and channel not in SUBSCRIBER_RECIPIENT
+        and ("to" not in template)
+    ):
         raise fail(f"key 'to': required for channel {channel!r} (no default recipient)")
     return template

@@ -46,8 +46,24 @@ from dripd.sequences import load_file, load_text
             "step 'a': key 'subject': not used by channel 'sms'",
         ),
         (
-            "[sequence]\nkey='x'\n[[steps]]\nkey='a'\nchannel='webhook'\nbody='b'\n",
-            "step 'a': key 'to': required for channel 'webhook'",
+            "[sequence]\nkey='x'\n[[steps]]\nkey='a'\nchannel='email'\nsubject='s'\ntext='t'\n"
+            "headers={To='x@example.com'}\n",
+            "step 'a': key 'headers.To': dripd sets this header itself",
+        ),
+        (
+            "[sequence]\nkey='x'\n[[steps]]\nkey='a'\nchannel='email'\nsubject='s'\ntext='t'\n"
+            "headers={'Bad Name'='v'}\n",
+            "step 'a': key 'headers': 'Bad Name' is not a header name",
+        ),
+        (
+            "[sequence]\nkey='x'\n[[steps]]\nkey='a'\nchannel='email'\nsubject='s'\ntext='t'\n"
+            "from='not an address'\n",
+            "step 'a': key 'from'",
+        ),
+        (
+            "[sequence]\nkey='x'\n[[steps]]\nkey='a'\nchannel='sms'\nbody='b'\n"
+            "reply_to='a@example.com'\n",
+            "step 'a': key 'reply_to': only email steps take it",
         ),
         (
             "[sequence]\nkey='x'\n[[steps]]\nkey='a'\nchannel='sms'\nbody='b'\n"

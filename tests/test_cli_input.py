@@ -281,7 +281,7 @@ async def test_the_python_api_applies_the_same_limits(pool: asyncpg.Pool) -> Non
 
 
 def test_unknown_channels_exit_2_naming_the_argument(capsys: pytest.CaptureFixture[str]) -> None:
-    choices = "(choose from 'chat', 'email', 'sms', 'webhook', 'whatsapp')"
+    choices = "(choose from 'chat', 'email', 'pubsub', 'sms', 'webhook', 'whatsapp')"
     code, _, err = run(capsys, "adapter", "add", "a", "--channel", "fax", "--provider", "outbox")
     assert code == 2
     assert err.endswith(f"error: argument --channel: invalid choice: 'fax' {choices}\n")
@@ -294,7 +294,7 @@ async def test_the_python_api_refuses_an_unknown_channel(pool: asyncpg.Pool) -> 
     with pytest.raises(InvalidInput) as info:
         await api.suppress(pool, tenant=None, channel="fax", address="someone")
     assert info.value.message == (
-        "channel: 'fax' is not a channel; channels: chat, email, sms, webhook, whatsapp"
+        "channel: 'fax' is not a channel; channels: chat, email, pubsub, sms, webhook, whatsapp"
     )
     assert await pool.fetchval("SELECT count(*) FROM dripd.suppressions") == 0
 
@@ -333,8 +333,8 @@ async def test_post_suppressions_refuses_an_unknown_channel_with_422(
     assert response.json() == {
         "error": {
             "code": "invalid_input",
-            "message": "channel: 'fax' is not a channel; channels: chat, email, sms, webhook, "
-            "whatsapp",
+            "message": "channel: 'fax' is not a channel; channels: chat, email, pubsub, sms, "
+            "webhook, whatsapp",
             "field": "channel",
         }
     }
@@ -572,6 +572,25 @@ def test_a_usage_error_never_echoes_a_dsn_password(
     assert "[REDACTED]" in err
     for piece in {password, *password.split("/"), *password.split("#"), *password.split()}:
         assert piece not in err.split("(choose from")[0], piece
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["adapter", "list", "--dsn", "", "postgresql://ann:hunter2@[::1:5432/db"],
+        ["rotate-key", "--", "--dsn", "postgresql://ann:hunter2@db/x"],
+        ["adapter", "list", "host=db password=hunter2", "--json"],
+    ],
+)
+def test_unrecognized_arguments_never_echo_a_dsn_password(
+    capsys: pytest.CaptureFixture[str], argv: list[str]
+) -> None:
+    # argparse lists the arguments it could not place bare, not quoted (found by the fuzzer).
+    code, _, err = run(capsys, *argv)
+    assert code == 2
+    assert "unrecognized arguments" in err
+    assert "hunter2" not in err
+    assert "[REDACTED]" in err
 
 
 def test_a_lone_surrogate_escape_in_data_is_named(capsys: pytest.CaptureFixture[str]) -> None:

@@ -69,7 +69,8 @@ def refused(raw: dict[str, Any]) -> str:
         ),
         (
             {"windows": {"channels": ["email", "fax"]}},
-            "windows.channels[1]: 'fax' is not a channel; use chat, email, sms, webhook, whatsapp",
+            "windows.channels[1]: 'fax' is not a channel; "
+            "use chat, email, pubsub, sms, webhook, whatsapp",
         ),
         (
             {"worker": {"batch_size": 10**12}},

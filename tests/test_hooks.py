@@ -48,9 +48,9 @@ from dripd.conditions.hookspecs import (
     PythonHookSpec,
     parse_hooks,
 )
-from dripd.conditions.netguard import NetPolicy, check_url
 from dripd.errors import SequenceFileError
 from dripd.http.app import HttpServer
+from dripd.netguard import NetPolicy, check_url
 
 SIGNING_KEY = "whsec_" + base64.b64encode(random_secrets.token_bytes(24)).decode()
 SECRETS = {

@@ -50,10 +50,10 @@ from dripd.channels.credentials import Vault, generate_key
 from dripd.channels.smtp import SmtpSettings
 from dripd.cli import main
 from dripd.clock import ManualClock
-from dripd.conditions.netguard import NetPolicy, parse_target
 from dripd.db import store
 from dripd.errors import ConfigError
 from dripd.model import Adapter
+from dripd.netguard import NetPolicy, parse_target
 from dripd.redaction import (
     REDACTED,
     Redactor,
@@ -321,7 +321,7 @@ def leaky(monkeypatch: pytest.MonkeyPatch) -> dict[str, Exception]:
         required_config=frozenset(),
         credential_keys=frozenset({"api_key"}),
         required_credentials=frozenset({"api_key"}),
-        factory=lambda a: Leaky(a.credentials["api_key"], raising["error"]),
+        factory=lambda a, _context: Leaky(a.credentials["api_key"], raising["error"]),
         check=check,
     )
     monkeypatch.setitem(registry._providers, "leaky", spec)

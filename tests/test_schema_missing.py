@@ -42,6 +42,7 @@ COMMANDS: dict[str, list[str]] = {
     "adapter add": ["adapter", "add", "out", "--channel", "email", "--provider", "outbox",
                     "--config", '{"path": "{tmp}/outbox"}'],
     "adapter list": ["adapter", "list"],
+    "adapter update": ["adapter", "update", "out", "--no-default"],
     "adapter disable": ["adapter", "disable", "out"],
     "secret set": ["secret", "set", "s", "--from-file", "{tmp}/secret"],
     "secret generate": ["secret", "generate", "s"],

@@ -304,6 +304,7 @@ async def test_feedback_copies_the_message_from_its_execution(pool: asyncpg.Pool
         "provider_message_id": "<m1@example.com>",
         "data": "{}",
         "occurred_at": NOW,
+        "provider_event_id": None,
     }
 
 

@@ -8,8 +8,15 @@
     │                          counts it and the send is deferred without spending an attempt.
     │                          False: this message was refused for now (SMTP 451/452 to
     │                          RCPT/DATA): the retry spends one of its attempts.
-    └── PermanentError       do not retry: SMTP 5xx, invalid recipient, bad configuration
-          .bounce              True: the recipient's address is refused for good (suppress it)
+    │     .retry_after         seconds the provider asked to wait (HTTP `Retry-After`, RFC 9110
+    │                          §10.2.3, or the provider's own field), or None: the retry or
+    │                          the circuit's next probe waits at least this long.
+    ├── PermanentError       do not retry: SMTP 5xx, invalid recipient, bad content
+    │     .bounce              True: the recipient's address is refused for good (suppress it)
+    └── AdapterError         no message can go through this adapter until an operator acts
+                             (credentials refused, OAuth grant revoked, account suspended,
+                             webhook URL gone): the adapter is paused with this reason and
+                             the message waits for `dripd ctl resume-adapter`, no attempt spent
 
 Providers translate their library's errors into these at the one place they call it,
 with `raise … from exc`. Messages never contain credentials: every channel the registry
@@ -23,17 +30,25 @@ from __future__ import annotations
 import copy
 import traceback
 import uuid
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 
 from dripd.errors import DripdError
 from dripd.redaction import Redactor
 
+if TYPE_CHECKING:
+    import httpx
+
+    from dripd.netguard import NetPolicy
+
 __all__ = [
+    "AdapterError",
+    "BatchChannel",
     "Channel",
+    "ChannelContext",
     "ChannelError",
     "Message",
     "PermanentError",
@@ -61,7 +76,8 @@ class Message:
     text: str | None = None
     html: str | None = None
     body: str | None = None
-    sender: str | None = None
+    sender: str | None = None  # email: the From mailbox (the step's `from`, else the adapter's)
+    reply_to: str | None = None  # email: the step's `reply_to` mailbox
     headers: Mapping[str, str] = field(default_factory=dict)
     metadata: Mapping[str, str] = field(default_factory=dict)
 
@@ -96,10 +112,18 @@ class TransientError(ChannelError):
 
     code = "transient"
 
-    def __init__(self, message: str | None = None, *, provider_wide: bool = False) -> None:
+    def __init__(
+        self,
+        message: str | None = None,
+        *,
+        provider_wide: bool = False,
+        retry_after: float | None = None,
+    ) -> None:
         super().__init__(message)
         # The provider failed, not this message: every send through it would fail now.
         self.provider_wide = provider_wide
+        # Seconds the provider asked us to wait before the next try (None: not said).
+        self.retry_after = retry_after
 
 
 class PermanentError(ChannelError):
@@ -113,6 +137,35 @@ class PermanentError(ChannelError):
         self.bounce = bounce
 
 
+class AdapterError(ChannelError):
+    """The adapter cannot send any message until an operator acts: credentials refused, an
+    OAuth grant revoked, an account suspended or paused, a webhook URL gone. The pipeline
+    pauses the adapter with this text as the reason; the message is deferred (no attempt
+    spent) and goes out after `dripd ctl resume-adapter`."""
+
+    code = "adapter"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ChannelContext:
+    """What the daemon gives a provider's factory besides the adapter.
+
+    `transport`: the httpx transport every HTTP client of the channel uses (None: httpx's
+    own; tests give an `httpx.MockTransport`). `pool`: the daemon's Postgres pool (the
+    `postgres` pubsub provider). `net_policy`: where user-configured URLs may point (the
+    HTTP hooks' SSRF guard, dripd.netguard). `webhook_url`: the public URL of
+    this adapter's `POST /webhooks/{provider}/{adapter}` (config `webhooks.public_url`),
+    or None. `save_credentials`: seals and stores the adapter's credentials again (an OAuth
+    provider's rotated refresh token); None outside the daemon.
+    """
+
+    transport: httpx.AsyncBaseTransport | None = None
+    pool: Any = None
+    net_policy: NetPolicy | None = None
+    webhook_url: str | None = None
+    save_credentials: Callable[[Mapping[str, Any]], Awaitable[None]] | None = None
+
+
 class Channel(Protocol):
     """A connected provider that delivers messages of one or more channels."""
 
@@ -124,6 +177,21 @@ class Channel(Protocol):
 
     async def aclose(self) -> None:
         """Release connections and files; the channel is not used afterwards."""
+        ...
+
+
+class BatchChannel(Channel, Protocol):
+    """A channel whose provider takes many messages in one request (Postmark's batch
+    endpoint). The registry wraps it in a `dripd.channels.batching.Batcher`, which gathers
+    the sends that fall due together, so the pipeline still sends one message at a time."""
+
+    #: The most messages one request may carry.
+    max_batch: int
+
+    async def send_batch(self, messages: Sequence[Message]) -> list[Receipt | ChannelError]:
+        """Deliver `messages` in one request: one result per message, in order, so one bad
+        recipient never fails the others. Raises only when the whole request failed
+        (TransientError, AdapterError); every message then gets that error."""
         ...
 
 
@@ -214,5 +282,7 @@ def _same_kind(exc: ChannelError, text: str) -> ChannelError:
     if isinstance(exc, PermanentError):
         return PermanentError(text, bounce=exc.bounce)
     if isinstance(exc, TransientError):
-        return TransientError(text, provider_wide=exc.provider_wide)
+        return TransientError(text, provider_wide=exc.provider_wide, retry_after=exc.retry_after)
+    if isinstance(exc, AdapterError):
+        return AdapterError(text)
     return ChannelError(text)

@@ -12,7 +12,8 @@ from typing import Any
 
 import msgspec
 
-from dripd.channels.base import Message, Receipt, TransientError
+from dripd.channels.base import ChannelContext, Message, Receipt, TransientError
+from dripd.channels.spec import ProviderSpec
 from dripd.clock import Clock, SystemClock
 from dripd.errors import ConfigError
 from dripd.model import Adapter
@@ -41,7 +42,7 @@ def check(config: Mapping[str, Any], credentials: Mapping[str, Any]) -> None:
     OutboxSettings.parse(config, credentials)
 
 
-def from_adapter(adapter: Adapter) -> OutboxChannel:
+def from_adapter(adapter: Adapter, context: ChannelContext | None = None) -> OutboxChannel:
     """Registry factory; the file is opened on each send, so rotating it is safe."""
     return OutboxChannel(OutboxSettings.parse(adapter.config, adapter.credentials))
 
@@ -114,3 +115,15 @@ class OutboxChannel:
                 "the file may be full",
                 provider_wide=True,
             )
+
+
+SPEC = ProviderSpec(
+    name="outbox",
+    channels=None,
+    config_keys=frozenset({"path"}),
+    required_config=frozenset({"path"}),
+    credential_keys=frozenset(),
+    required_credentials=frozenset(),
+    factory=from_adapter,
+    check=check,
+)

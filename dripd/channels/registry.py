@@ -1,46 +1,72 @@
-"""Which providers exist, which adapter config each accepts, and how to build its channel."""
+"""Which providers exist, which adapter config each accepts, and how to build its channel.
+
+Built-in providers are modules of dripd.channels, each with a `SPEC`. Custom providers are
+installed packages that declare an entry point in the group `dripd.providers` (see the
+README, "Custom providers"): its object is a `ProviderSpec`, or a callable returning one.
+`load_entry_points()` registers them; the daemon and the CLI call it at start.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+import importlib
+from collections.abc import Mapping
+from importlib.metadata import entry_points
 from typing import Any
 
-from dripd.channels import outbox, smtp
-from dripd.channels.base import Channel, RedactedChannel
+import structlog
+
+from dripd.channels.base import BatchChannel, Channel, ChannelContext, RedactedChannel
+from dripd.channels.batching import Batcher
+from dripd.channels.feedback import Receiver, ReceiverContext
+from dripd.channels.spec import ProviderSpec
 from dripd.errors import ConfigError
 from dripd.model import Adapter
 from dripd.redaction import Redactor
 
-__all__ = ["ProviderSpec", "build", "get", "names", "redactor", "register", "validate"]
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "ProviderSpec",
+    "build",
+    "get",
+    "load_entry_points",
+    "names",
+    "receiver",
+    "redactor",
+    "register",
+    "validate",
+]
+
+log = structlog.get_logger("dripd.channels")
+
+#: The entry-point group custom providers are installed under.
+ENTRY_POINT_GROUP = "dripd.providers"
+
+#: The modules of dripd.channels that define a built-in provider's `SPEC`.
+BUILTIN = (
+    "smtp",
+    "outbox",
+    "sendgrid",
+    "mailgun",
+    "gmail",
+    "ms365",
+    "webhook",
+    "slack",
+    "pubsub",
+    "twilio",
+    "whatsapp_cloud",
+    "telegram",
+    "postmark",
+    "mailersend",
+    "ses",
+    "sns",
+)  # helpers: append your module names to this tuple
 
 #: Every adapter may name its default sender, whatever its provider.
 COMMON_CONFIG_KEYS = frozenset({"from"})
 
-ConfigCheck = Callable[[Mapping[str, Any], Mapping[str, Any]], None]
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ProviderSpec:
-    """What a provider serves and accepts; `check` validates types and values of both maps.
-
-    `identifier_keys` are the credential keys that name an account rather than hold a
-    secret (an SMTP login): their values are redacted whole in every encoding, but their
-    fragments only inside base64 (dripd.redaction).
-    """
-
-    name: str
-    channels: frozenset[str] | None
-    config_keys: frozenset[str]
-    required_config: frozenset[str]
-    credential_keys: frozenset[str]
-    required_credentials: frozenset[str]
-    factory: Callable[[Adapter], Channel]
-    check: ConfigCheck | None = None
-    identifier_keys: frozenset[str] = frozenset()
-
 
 _providers: dict[str, ProviderSpec] = {}
+_entry_points_loaded = False
 
 
 def register(spec: ProviderSpec, *, replace: bool = False) -> None:
@@ -56,7 +82,10 @@ def names() -> list[str]:
 
 
 def get(provider: str) -> ProviderSpec:
-    """The spec of `provider`; ConfigError naming the known providers if there is none."""
+    """The spec of `provider` (the installed entry points are loaded on the first unknown
+    name); ConfigError naming the known providers if there is none."""
+    if provider not in _providers and not _entry_points_loaded:
+        load_entry_points()
     try:
         return _providers[provider]
     except KeyError:
@@ -130,20 +159,72 @@ def _validate(
         spec.check(config, credentials)
 
 
-def build(adapter: Adapter) -> RedactedChannel:
+def build(adapter: Adapter, context: ChannelContext | None = None) -> RedactedChannel:
     """Validate `adapter` and create its channel; the caller closes it with `aclose()`.
 
     Every channel is built here and comes wrapped in a `RedactedChannel`: whatever a
     provider's errors say passes through the redactor of the adapter's credentials before
-    it can become `last_error`, a message event, a log line or a circuit's last error.
+    it can become `last_error`, a message event, a log line or a circuit's last error. A
+    provider with a batch endpoint (`send_batch`) is wrapped in a `Batcher` inside it.
     """
     redact = redactor(adapter.provider, adapter.credentials)
     try:
         validate(adapter.channel, adapter.provider, adapter.config, adapter.credentials)
-        return RedactedChannel(get(adapter.provider).factory(adapter), redact)
+        channel = get(adapter.provider).factory(adapter, context or ChannelContext())
+        if callable(getattr(channel, "send_batch", None)) and isinstance(
+            getattr(channel, "max_batch", None), int
+        ):
+            channel = Batcher(_as_batch(channel))
+        return RedactedChannel(channel, redact)
     except ConfigError as exc:
         error = type(exc)(redact(f"adapter {adapter.name!r}: {exc.message}"))
     raise error from None
+
+
+def receiver(adapter: Adapter, context: ReceiverContext) -> Receiver | None:
+    """The webhook receiver of `adapter`, or None when its provider sends no feedback.
+    ConfigError (redacted) when the adapter's config or credentials do not hold."""
+    spec = get(adapter.provider)
+    if spec.receiver is None:
+        return None
+    try:
+        validate(adapter.channel, adapter.provider, adapter.config, adapter.credentials)
+        return spec.receiver(adapter, context)
+    except ConfigError as exc:
+        redact = redactor(adapter.provider, adapter.credentials)
+        error = type(exc)(redact(f"adapter {adapter.name!r}: {exc.message}"))
+    raise error from None
+
+
+def _as_batch(channel: Channel) -> BatchChannel:
+    return channel  # type: ignore[return-value]  # checked by the caller
+
+
+def load_entry_points() -> list[str]:
+    """Register the providers installed under the entry-point group `dripd.providers`;
+    returns their names. ConfigError naming the entry point when one cannot be loaded or
+    is not a ProviderSpec (a name already registered by another is refused the same way)."""
+    global _entry_points_loaded
+    _entry_points_loaded = True
+    loaded: list[str] = []
+    for point in entry_points(group=ENTRY_POINT_GROUP):
+        where = f"entry point {point.name!r} ({point.value}) in group {ENTRY_POINT_GROUP!r}"
+        try:
+            obj = point.load()
+            spec = obj() if callable(obj) and not isinstance(obj, ProviderSpec) else obj
+        except Exception as exc:  # noqa: BLE001 - any import error names the entry point
+            raise ConfigError(f"{where}: cannot load: {type(exc).__name__}: {exc}") from None
+        if not isinstance(spec, ProviderSpec):
+            raise ConfigError(f"{where}: is {type(spec).__name__}, not a dripd ProviderSpec")
+        current = _providers.get(spec.name)
+        if current is spec:
+            continue
+        if current is not None:
+            raise ConfigError(f"{where}: provider {spec.name!r} is already registered")
+        register(spec)
+        loaded.append(spec.name)
+        log.info("custom provider registered", provider=spec.name, entry_point=point.value)
+    return loaded
 
 
 def _check_keys(
@@ -159,28 +240,5 @@ def _check_keys(
         raise ConfigError(f"adapter {what} key {missing[0]!r} is required by provider {provider!r}")
 
 
-register(
-    ProviderSpec(
-        name="smtp",
-        channels=frozenset({"email"}),
-        config_keys=smtp.CONFIG_KEYS,
-        required_config=frozenset({"host", "from"}),
-        credential_keys=frozenset({"username", "password"}),
-        required_credentials=frozenset(),
-        factory=smtp.from_adapter,
-        check=smtp.check,
-        identifier_keys=frozenset({"username"}),
-    )
-)
-register(
-    ProviderSpec(
-        name="outbox",
-        channels=None,
-        config_keys=frozenset({"path"}),
-        required_config=frozenset({"path"}),
-        credential_keys=frozenset(),
-        required_credentials=frozenset(),
-        factory=outbox.from_adapter,
-        check=outbox.check,
-    )
-)
+for _module in BUILTIN:
+    register(importlib.import_module(f"dripd.channels.{_module}").SPEC)

@@ -1,35 +1,68 @@
-"""The `smtp` provider: email over SMTP with a small pool of reused aiosmtplib connections."""
+"""The `smtp` provider: email over SMTP with a small pool of reused aiosmtplib connections,
+optionally DKIM-signed (RFC 6376) with dkimpy."""
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import email.policy
 import email.utils
+import importlib.util
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from email.message import EmailMessage
 from enum import StrEnum
-from typing import Any, assert_never
+from typing import Any, Final, assert_never
 
 import aiosmtplib
+import dkim
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
+from dripd.channels import mime
 from dripd.channels.base import (
+    ChannelContext,
     ChannelError,
     Message,
     PermanentError,
     Receipt,
     TransientError,
-    mailbox_header,
 )
+from dripd.channels.spec import ProviderSpec
 from dripd.clock import Clock, SystemClock
 from dripd.errors import ConfigError
 from dripd.model import Adapter
 
-__all__ = ["CONFIG_KEYS", "SmtpChannel", "SmtpSettings", "TlsMode", "check", "from_adapter"]
+__all__ = [
+    "CONFIG_KEYS",
+    "DKIM_HEADERS",
+    "DkimKey",
+    "SmtpChannel",
+    "SmtpSettings",
+    "TlsMode",
+    "check",
+    "from_adapter",
+]
 
-#: `verify` (default true) and `ca_file` tune certificate checks for private relays.
-CONFIG_KEYS = frozenset({"host", "port", "tls", "timeout", "pool_size", "verify", "ca_file"})
+#: `verify` (default true) and `ca_file` tune certificate checks for private relays;
+#: `dkim_selector` and `dkim_domain` (with credential `dkim_private_key`) turn on DKIM.
+CONFIG_KEYS = frozenset(
+    {
+        "host",
+        "port",
+        "tls",
+        "timeout",
+        "pool_size",
+        "verify",
+        "ca_file",
+        "dkim_selector",
+        "dkim_domain",
+    }
+)
 
-IDEMPOTENCY_HEADER = "X-Dripd-Idempotency-Key"
+IDEMPOTENCY_HEADER = mime.IDEMPOTENCY_HEADER
 # RCPT TO replies that refuse the mailbox itself (RFC 5321 §4.2.3): hard bounces.
 _HARD_BOUNCE_CODES = frozenset({550, 551, 553})
 # "Service not available, closing transmission channel": the server, not the message.
@@ -68,6 +101,7 @@ class SmtpSettings:
     ca_file: str | None = None
     username: str | None = field(default=None, repr=False)
     password: str | None = field(default=None, repr=False)
+    dkim: DkimKey | None = field(default=None, repr=False)
 
     @classmethod
     def parse(cls, config: Mapping[str, Any], credentials: Mapping[str, Any]) -> SmtpSettings:
@@ -109,6 +143,7 @@ class SmtpSettings:
             ca_file=_string(config, "ca_file"),
             username=username,
             password=password,
+            dkim=_dkim_key(config, credentials),
         )
 
 
@@ -117,7 +152,7 @@ def check(config: Mapping[str, Any], credentials: Mapping[str, Any]) -> None:
     SmtpSettings.parse(config, credentials)
 
 
-def from_adapter(adapter: Adapter) -> SmtpChannel:
+def from_adapter(adapter: Adapter, context: ChannelContext | None = None) -> SmtpChannel:
     """Registry factory: an unconnected channel; connections open on the first send."""
     return SmtpChannel(SmtpSettings.parse(adapter.config, adapter.credentials))
 
@@ -151,11 +186,25 @@ class SmtpChannel:
         envelope_from = _envelope_address(message.sender or self._settings.sender, "sender")
         envelope_to = _envelope_address(message.to, "recipient")
         composed = self._compose(message)
+        # Signed before a connection is taken: a message that cannot be signed costs none.
+        international = not (envelope_from + envelope_to).isascii()
+        signed = (
+            self._settings.dkim.sign(composed, international=international, where=self._where)
+            if self._settings.dkim is not None
+            else None
+        )
         async with self._slots:
             client = await self._checkout()
             reusable = False
             try:
-                await client.send_message(composed, sender=envelope_from, recipients=[envelope_to])
+                if signed is None:
+                    await client.send_message(
+                        composed, sender=envelope_from, recipients=[envelope_to]
+                    )
+                else:
+                    await _send_signed(
+                        client, signed, envelope_from, envelope_to, international=international
+                    )
                 reusable = True
             except (aiosmtplib.SMTPResponseException, aiosmtplib.SMTPRecipientsRefused) as exc:
                 # aiosmtplib already sent RSET, so the session is clean for the next message.
@@ -176,34 +225,9 @@ class SmtpChannel:
         await asyncio.sleep(0)
 
     def _compose(self, message: Message) -> EmailMessage:
-        mail = EmailMessage()
-        try:
-            mail["From"] = message.sender or self._settings.sender
-            mail["To"] = mailbox_header(message.to_name, message.to)
-            if message.subject is not None:
-                mail["Subject"] = message.subject
-            mail["Date"] = email.utils.format_datetime(self._clock.now())
-            for name, value in message.headers.items():
-                del mail[name]
-                mail[name] = value
-            # Set last so that extra headers cannot change how a send is identified.
-            for name, value in (
-                ("Message-ID", message.message_id),
-                (IDEMPOTENCY_HEADER, message.idempotency_key),
-            ):
-                del mail[name]
-                mail[name] = value
-            text = message.text if message.text is not None else message.body
-            if message.html is None:
-                mail.set_content(text or "")
-            elif text is None:
-                mail.set_content(message.html, subtype="html")
-            else:
-                mail.set_content(text)
-                mail.add_alternative(message.html, subtype="html")
-        except (ValueError, TypeError) as exc:
-            raise PermanentError(f"{self._where}: cannot build the email: {exc}") from exc
-        return mail
+        return mime.compose(
+            message, sender=self._settings.sender, now=self._clock.now(), where=self._where
+        )
 
     async def _checkout(self) -> aiosmtplib.SMTP:
         while self._idle:
@@ -370,3 +394,175 @@ def _number(
         bounds = f"between {low:g} and {high:g}" if high is not None else f"at least {low:g}"
         raise ConfigError(f"smtp adapter config `{key}` must be {bounds}, not {value!r}")
     return float(value)
+
+
+# DKIM ---------------------------------------------------------------------------------------
+
+#: The header fields a DKIM signature covers (RFC 6376 §5.4.1), the unsubscribe headers
+#: among them (RFC 8058 §4: List-Unsubscribe-Post must be signed).
+DKIM_HEADERS: Final = (
+    "From",
+    "To",
+    "Subject",
+    "Date",
+    "Message-ID",
+    "Reply-To",
+    "List-Unsubscribe",
+    "List-Unsubscribe-Post",
+    "MIME-Version",
+    "Content-Type",
+)
+# RFC 6376 §3.1 selectors and RFC 5321 domains: dot-separated labels (A-labels for IDNs).
+_DNS_NAME: Final = re.compile(
+    r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*"
+)
+# RFC 8301 §3.2: verifiers refuse RSA keys under 1024 bits.
+_MIN_RSA_BITS: Final = 1024
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DkimKey:
+    """A DKIM signing key: RSA (`rsa-sha256`, RFC 6376) or Ed25519 (`ed25519-sha256`,
+    RFC 8463), published at `<selector>._domainkey.<domain>`."""
+
+    selector: str
+    domain: str
+    algorithm: bytes
+    # As dkimpy takes it: a PKCS#1 PEM (RSA), or the base64 32-byte seed (Ed25519).
+    key: bytes = field(repr=False)
+
+    def sign(self, mail: EmailMessage, *, international: bool, where: str) -> bytes:
+        """`mail` as the bytes to send, a `DKIM-Signature` field first (relaxed/relaxed
+        over `DKIM_HEADERS` and the body). The body is written 7-bit (quoted-printable or
+        base64 where it needs it), so no relay re-encodes what the signature covers;
+        `international`: headers in UTF-8 (RFC 6532), for an SMTPUTF8 transaction.
+        PermanentError (naming `where`) when the message cannot be signed."""
+        policy = email.policy.SMTPUTF8 if international else email.policy.SMTP
+        try:
+            data = mail.as_bytes(policy=policy.clone(cte_type="7bit"))
+            header = dkim.sign(
+                data,
+                self.selector.encode(),
+                self.domain.encode(),
+                self.key,
+                canonicalize=(b"relaxed", b"relaxed"),
+                include_headers=[name.encode() for name in DKIM_HEADERS],
+                signature_algorithm=self.algorithm,
+                linesep=b"\r\n",
+            )
+        except (dkim.DKIMException, ValueError, TypeError) as exc:
+            # The library's text is not kept: it may quote the key.
+            raise PermanentError(
+                f"{where}: cannot DKIM-sign the message ({type(exc).__name__})"
+            ) from None
+        return bytes(header) + data
+
+
+async def _send_signed(
+    client: aiosmtplib.SMTP, data: bytes, sender: str, recipient: str, *, international: bool
+) -> None:
+    """Send `data` exactly as signed; SMTPUTF8 when an address needs it (the body is 7-bit,
+    so no BODY=8BITMIME)."""
+    if client.is_ehlo_or_helo_needed:
+        await client.ehlo()
+    options: list[str] = []
+    if international:
+        if not client.supports_extension("smtputf8"):
+            raise aiosmtplib.SMTPNotSupported(
+                "an address holds non-ASCII characters, but the server does not offer SMTPUTF8"
+            )
+        options.append("SMTPUTF8")
+    await client.sendmail(sender, [recipient], data, mail_options=options)
+
+
+def _dkim_key(config: Mapping[str, Any], credentials: Mapping[str, Any]) -> DkimKey | None:
+    """The adapter's DKIM key, or None when `dkim_selector` is not set. ConfigError naming
+    the key when the three do not go together or the private key cannot be loaded (the
+    key itself is never quoted)."""
+    selector = _string(config, "dkim_selector")
+    domain = _string(config, "dkim_domain")
+    private = credentials.get("dkim_private_key")
+    if (selector is None) != (domain is None):
+        raise ConfigError(
+            "smtp adapter config `dkim_selector` and `dkim_domain` go together: "
+            "give both or neither"
+        )
+    if selector is None or domain is None:
+        if private is not None:
+            raise ConfigError(
+                "smtp adapter credential `dkim_private_key` needs config `dkim_selector` "
+                "and `dkim_domain`"
+            )
+        return None
+    for key, value in (("dkim_selector", selector), ("dkim_domain", domain)):
+        if not _DNS_NAME.fullmatch(value) or len(value) > 253:
+            raise ConfigError(
+                f"smtp adapter config `{key}` must be a DNS name of letters, digits, '-' "
+                f"and '.' (an IDN as its xn-- form), not {value[:100]!r}"
+            )
+    if private is None:
+        raise ConfigError(
+            "smtp adapter credential `dkim_private_key` is required when `dkim_selector` is set"
+        )
+    if not isinstance(private, str):
+        raise ConfigError("smtp adapter credential `dkim_private_key` must be a PEM text")
+    algorithm, key_bytes = _load_dkim_private_key(private)
+    return DkimKey(selector=selector, domain=domain, algorithm=algorithm, key=key_bytes)
+
+
+def _load_dkim_private_key(text: str) -> tuple[bytes, bytes]:
+    try:
+        loaded = serialization.load_pem_private_key(text.strip().encode(), password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        raise ConfigError(
+            "smtp adapter credential `dkim_private_key` is not an unencrypted PEM private key "
+            "(RSA or Ed25519) that can be loaded"
+        ) from None
+    if isinstance(loaded, rsa.RSAPrivateKey):
+        if loaded.key_size < _MIN_RSA_BITS:
+            raise ConfigError(
+                f"smtp adapter credential `dkim_private_key` is an RSA key of "
+                f"{loaded.key_size} bits: verifiers refuse keys under {_MIN_RSA_BITS} bits "
+                "(RFC 8301); use 2048"
+            )
+        pem = loaded.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.TraditionalOpenSSL,
+            serialization.NoEncryption(),
+        )
+        try:
+            dkim.crypto.parse_pem_private_key(pem)
+        except dkim.crypto.UnparsableKeyError:
+            raise ConfigError(
+                "smtp adapter credential `dkim_private_key` cannot be loaded by dkimpy"
+            ) from None
+        return b"rsa-sha256", pem
+    if isinstance(loaded, ed25519.Ed25519PrivateKey):
+        if importlib.util.find_spec("nacl") is None:
+            raise ConfigError(
+                "smtp adapter credential `dkim_private_key` is an Ed25519 key, which dkimpy "
+                "signs only when PyNaCl is installed (`pip install pynacl`); or use an RSA key"
+            )
+        seed = loaded.private_bytes(
+            serialization.Encoding.Raw,
+            serialization.PrivateFormat.Raw,
+            serialization.NoEncryption(),
+        )
+        return b"ed25519-sha256", base64.b64encode(seed)
+    kind = type(loaded).__name__.removeprefix("_")
+    raise ConfigError(
+        f"smtp adapter credential `dkim_private_key` must be an RSA or Ed25519 key, not {kind}"
+    )
+
+
+SPEC = ProviderSpec(
+    name="smtp",
+    channels=frozenset({"email"}),
+    config_keys=CONFIG_KEYS,
+    required_config=frozenset({"host", "from"}),
+    credential_keys=frozenset({"username", "password", "dkim_private_key"}),
+    required_credentials=frozenset(),
+    factory=from_adapter,
+    check=check,
+    identifier_keys=frozenset({"username"}),
+)

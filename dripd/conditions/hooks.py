@@ -1,7 +1,7 @@
 """Hooks at run time: HTTP endpoints and Python functions whose results steps read as
 `hooks.<name>` (their specs are `dripd.conditions.hookspecs`).
 
-An HTTP hook connects to an address the network guard (`dripd.conditions.netguard`) has just
+An HTTP hook connects to an address the network guard (`dripd.netguard`) has just
 checked, never to the name again. The `Host` header and, for https, the httpcore
 `sni_hostname` request extension carry the original name, so the server's certificate is
 verified against that name, not the address (httpcore passes the extension to
@@ -43,18 +43,19 @@ from dripd.conditions.hookspecs import (
     PythonHookSpec,
     split_python_path,
 )
-from dripd.conditions.netguard import (
+from dripd.content.liquid import RENDER_THREADS, Template, TemplateError, render_fields
+from dripd.errors import HookError
+from dripd.model import format_duration
+from dripd.netguard import (
     IPAddress,
     NetPolicy,
     Resolver,
     Target,
     checked_addresses,
     parse_target,
+    pinned_request,
     resolve_host,
 )
-from dripd.content.liquid import RENDER_THREADS, Template, TemplateError, render_fields
-from dripd.errors import HookError
-from dripd.model import format_duration
 from dripd.redaction import Redactor, urls_for_log
 
 __all__ = [
@@ -313,7 +314,6 @@ class Hooks:
         body = "" if spec.body is None else await self._render(spec.body, context)
         if spec.body is not None and not any(h.lower() == "content-type" for h in headers):
             headers["content-type"] = "application/json"
-        headers["host"] = _host_header(target)
 
         signing_key = await self._secret(spec.signing_secret)
         try:
@@ -398,16 +398,14 @@ class Hooks:
             "webhook-timestamp": str(math.floor(timestamp.timestamp())),
             "webhook-signature": prepared.signer.sign(webhook_id, timestamp, prepared.body),
         }
-        # httpcore gives `sni_hostname` to the TLS handshake as its server_hostname, so the
-        # server sees the name and its certificate is verified against the name, not `address`.
-        extensions = {"sni_hostname": target.host} if target.url.scheme == "https" else {}
-        return self._client.build_request(
+        return pinned_request(
+            self._client,
             spec.method,
-            target.url.copy_with(host=str(address)),
+            target,
+            address,
             headers={**prepared.headers, **signed},
             content=None if spec.body is None else prepared.body.encode(),
             timeout=httpx.Timeout(spec.timeout.total_seconds()),
-            extensions=extensions,
         )
 
 
@@ -439,11 +437,6 @@ async def _result(response: httpx.Response) -> Any:
         return content.decode(response.charset_encoding or "utf-8", errors="replace")
     except LookupError:  # an unknown charset
         return content.decode("utf-8", errors="replace")
-
-
-def _host_header(target: Target) -> str:
-    host = f"[{target.host}]" if ":" in target.host else target.host
-    return host if target.url.port is None else f"{host}:{target.url.port}"
 
 
 def _header_safe(value: str) -> bool:

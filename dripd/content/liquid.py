@@ -63,6 +63,8 @@ from liquid.token import Token
 HTML_FIELDS = frozenset({"html", "mjml"})
 # Fields that become a header value (or its display name): folded to one line.
 HEADER_FIELDS = frozenset({"subject", "to", "from", "reply_to"})
+#: A step's extra email header `Name` is the template field `header:Name` (folded too).
+HEADER_PREFIX = "header:"
 
 # Control characters and Unicode line breaks (tab excepted); a run of whitespace holding one
 # of them would end a header line, so the run becomes one space.
@@ -196,7 +198,9 @@ class Template:
             raise TemplateError(f"{self.field}: {_described(exc, budget.timeout)}") from exc
         finally:
             _BUDGET.reset(token)
-        return fold_header(text) if self.field in HEADER_FIELDS else text
+        if self.field in HEADER_FIELDS or self.field.startswith(HEADER_PREFIX):
+            return fold_header(text)
+        return text
 
     def hooks(self) -> frozenset[str]:
         """The hooks this template reads (`hooks.<name>…`); `*` when it reads `hooks` whole."""

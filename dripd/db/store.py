@@ -100,6 +100,8 @@ class Queries:
     db_now: str
     delete_secret: str
     disable_adapter: str
+    lock_adapter: str
+    update_adapter: str
     entry_sequences: str
     event_stats: str
     execution_status: str
@@ -169,7 +171,7 @@ _json_encode = msgspec.json.Encoder().encode
 _json_decode = msgspec.json.Decoder().decode
 
 
-def _encode_json(value: Any) -> str:
+def encode_json(value: Any) -> str:
     # Writes pass JSON as text cast in SQL (`$n::text::jsonb`) so they work on any
     # connection, including a host application's that lacks dripd's jsonb codec.
     return _json_encode(value).decode()
@@ -206,10 +208,10 @@ def from_record(cls: type[_Row], record: Mapping[str, Any]) -> _Row:
 async def init_connection(conn: Connection) -> None:
     """Teach a connection to move jsonb as Python values through msgspec."""
     await conn.set_type_codec(
-        "jsonb", encoder=_encode_json, decoder=_json_decode, schema="pg_catalog", format="text"
+        "jsonb", encoder=encode_json, decoder=_json_decode, schema="pg_catalog", format="text"
     )
     await conn.set_type_codec(
-        "json", encoder=_encode_json, decoder=_json_decode, schema="pg_catalog", format="text"
+        "json", encoder=encode_json, decoder=_json_decode, schema="pg_catalog", format="text"
     )
 
 
@@ -643,11 +645,11 @@ async def apply_version(conn: Connection, spec: VersionRow, *, now: datetime) ->
         spec.entry_events,
         spec.exit_events,
         spec.content_hash,
-        _encode_json(spec.source),
+        encode_json(spec.source),
         now,
         spec.on_no_match,
-        _encode_json(spec.hooks),
-        None if spec.send_window is None else _encode_json(spec.send_window),
+        encode_json(spec.hooks),
+        None if spec.send_window is None else encode_json(spec.send_window),
     )
     version = from_record(_VersionId, inserted_version)
     steps = spec.steps
@@ -658,7 +660,7 @@ async def apply_version(conn: Connection, spec: VersionRow, *, now: datetime) ->
         [s.position for s in steps],
         [s.channel for s in steps],
         [s.delay for s in steps],
-        [_encode_json(s.template) for s in steps],
+        [encode_json(s.template) for s in steps],
         [s.adapter for s in steps],
         [s.on_failure for s in steps],
         [s.max_attempts for s in steps],
@@ -669,7 +671,7 @@ async def apply_version(conn: Connection, spec: VersionRow, *, now: datetime) ->
         [s.wait_timeout for s in steps],
         [s.on_timeout for s in steps],
         [s.when for s in steps],
-        [None if s.send_window is None else _encode_json(s.send_window) for s in steps],
+        [None if s.send_window is None else encode_json(s.send_window) for s in steps],
         [s.require_verified for s in steps],
         [s.max_length for s in steps],
     )
@@ -740,7 +742,7 @@ async def insert_enrollment(
         version_id,
         subscriber_type,
         subscriber_id,
-        _encode_json(data),
+        encode_json(data),
         timezone,
         now,
     )
@@ -877,7 +879,7 @@ async def insert_event(
         subscriber_type,
         subscriber_id,
         key,
-        _encode_json(data),
+        encode_json(data),
         idempotency_id,
         now,
     )
@@ -994,7 +996,7 @@ async def insert_adapter(
         name,
         channel,
         provider,
-        _encode_json(config),
+        encode_json(config),
         credentials,
         is_default,
         now,
@@ -1015,6 +1017,46 @@ async def disable_adapter(
 ) -> AdapterRow | None:
     row = await conn.fetchrow(Q.disable_adapter, tenant, name, now)
     return None if row is None else from_record(AdapterRow, row)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LockedAdapterRow:
+    """An adapter with its sealed credentials, locked for `dripd adapter update`."""
+
+    id: uuid.UUID
+    tenant_key: str | None
+    name: str
+    channel: str
+    provider: str
+    config: dict[str, Any] = field(metadata=JSONB)
+    credentials: bytes | None
+    is_default: bool
+    enabled: bool
+
+
+async def lock_adapter(conn: Connection, tenant: str | None, name: str) -> LockedAdapterRow | None:
+    row = await conn.fetchrow(Q.lock_adapter, tenant, name)
+    return None if row is None else from_record(LockedAdapterRow, row)
+
+
+async def update_adapter(
+    conn: Connection,
+    adapter: LockedAdapterRow,
+    *,
+    config: dict[str, Any],
+    credentials: bytes | None,
+    is_default: bool,
+    enabled: bool,
+    now: datetime,
+) -> AdapterRow:
+    """Write an adapter's config, sealed credentials, default and enabled state; a default
+    that is enabled replaces the tenant's other default for the channel."""
+    if is_default and enabled:
+        await conn.execute(Q.clear_default_adapter, adapter.tenant_key, adapter.channel)
+    row = await conn.fetchrow(
+        Q.update_adapter, adapter.id, encode_json(config), credentials, is_default, enabled, now
+    )
+    return from_record(AdapterRow, row)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

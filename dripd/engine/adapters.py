@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 from typing import Any
 
 import structlog
 
 from dripd.channels import registry
-from dripd.channels.base import Channel
+from dripd.channels.base import Channel, ChannelContext
 from dripd.channels.credentials import Vault
+from dripd.channels.feedback import Receiver, ReceiverContext
 from dripd.db.store import EnabledAdapterRow
 from dripd.errors import CredentialsError, DripdError
 from dripd.model import Adapter
@@ -25,10 +26,24 @@ def adapter_aad(adapter_id: uuid.UUID) -> bytes:
 
 
 class AdapterSet:
-    """Enabled adapters by tenant/channel/name, with their channels; rebuilt on change."""
+    """Enabled adapters by tenant/channel/name, with their channels and, built on the first
+    webhook, their providers' receivers; rebuilt on change.
 
-    def __init__(self, vault: Vault | None) -> None:
+    `context(adapter)` gives each channel what the daemon holds for it (dripd.channels.base.
+    ChannelContext); `receiver_context` is handed to every webhook receiver.
+    """
+
+    def __init__(
+        self,
+        vault: Vault | None,
+        *,
+        context: Callable[[Adapter], ChannelContext] | None = None,
+        receiver_context: ReceiverContext | None = None,
+    ) -> None:
         self._vault = vault
+        self._context = context or (lambda _adapter: ChannelContext())
+        self._receiver_context = receiver_context or ReceiverContext()
+        self._receivers: dict[uuid.UUID, Receiver | None] = {}
         self._by_id: dict[uuid.UUID, tuple[Adapter, Channel | str]] = {}
         self._signature: dict[uuid.UUID, Any] = {}
         self._named: dict[tuple[str | None, str], uuid.UUID] = {}
@@ -42,6 +57,7 @@ class AdapterSet:
         fresh: dict[uuid.UUID, tuple[Adapter, Channel | str]] = {}
         signatures: dict[uuid.UUID, Any] = {}
         stale: list[Channel] = []
+        stale_receivers: list[Receiver | None] = []
         for row in rows:
             signature = (
                 row.config,
@@ -60,15 +76,21 @@ class AdapterSet:
                 fresh[row.id] = self._build(row)
                 if old is not None and not isinstance(old[1], str):
                     stale.append(old[1])
+                stale_receivers.append(self._receivers.pop(row.id, None))
             signatures[row.id] = signature
         for adapter_id, (_, channel) in self._by_id.items():
-            if adapter_id not in fresh and not isinstance(channel, str):
-                stale.append(channel)
+            if adapter_id not in fresh:
+                stale_receivers.append(self._receivers.pop(adapter_id, None))
+                if not isinstance(channel, str):
+                    stale.append(channel)
         self._by_id, self._signature = fresh, signatures
         self._named = {(a.tenant_key, a.name): a.id for a, _ in fresh.values()}
         self._default = {(a.tenant_key, a.channel): a.id for a, _ in fresh.values() if a.is_default}
         for channel in stale:
             await _close(channel)
+        for receiver in stale_receivers:
+            if receiver is not None:
+                await _close(receiver)
 
     def _build(self, row: EnabledAdapterRow) -> tuple[Adapter, Channel | str]:
         credentials: dict[str, Any] = {}
@@ -97,7 +119,7 @@ class AdapterSet:
         )
         if problem is None:
             try:
-                return adapter, registry.build(adapter)
+                return adapter, registry.build(adapter, self._context(adapter))
             except DripdError as exc:
                 problem = f"adapter {row.name!r}: {exc.message}"
         log.error("adapter unusable", adapter=row.name, problem=problem)
@@ -127,15 +149,50 @@ class AdapterSet:
             return f"adapter {adapter.name!r} serves channel {adapter.channel!r}, not {channel!r}"
         return adapter, impl
 
+    def webhook_target(
+        self, provider: str, tenant: str | None, name: str
+    ) -> tuple[Adapter, Receiver] | None:
+        """The enabled adapter `name` of exactly `tenant` with this provider, and its
+        webhook receiver (built on first use); None when there is none, its provider takes
+        no webhooks, or its credentials cannot be read (logged)."""
+        adapter_id = self._named.get((tenant, name))
+        if adapter_id is None:
+            return None
+        adapter, _ = self._by_id[adapter_id]
+        if adapter.provider != provider:
+            return None
+        if adapter_id not in self._receivers:
+            self._receivers[adapter_id] = self._receiver(adapter)
+        receiver = self._receivers[adapter_id]
+        return (adapter, receiver) if receiver is not None else None
+
+    def _receiver(self, adapter: Adapter) -> Receiver | None:
+        problem = self._by_id[adapter.id][1]
+        if isinstance(problem, str):  # its credentials or config do not hold (logged)
+            return None
+        try:
+            return registry.receiver(adapter, self._receiver_context)
+        except DripdError as exc:
+            log.error("webhook receiver unusable", adapter=adapter.name, problem=exc.message)
+            return None
+
     async def aclose(self) -> None:
         for _, channel in self._by_id.values():
             if not isinstance(channel, str):
                 await _close(channel)
+        for receiver in self._receivers.values():
+            if receiver is not None:
+                await _close(receiver)
         self._by_id.clear()
+        self._receivers.clear()
 
 
-async def _close(channel: Channel) -> None:
+async def _close(closable: Channel | Receiver) -> None:
     try:
-        await channel.aclose()
+        await closable.aclose()
     except Exception:  # closing a broken channel must not stop a reload
-        log.warning("closing an adapter failed", provider=channel.provider, exc_info=True)
+        log.warning(
+            "closing an adapter failed",
+            provider=getattr(closable, "provider", None),
+            exc_info=True,
+        )

@@ -14,23 +14,26 @@ from dataclasses import replace
 from datetime import datetime, timedelta
 from functools import partial
 from typing import Any
+from urllib.parse import quote
 
 import anyio
 import structlog
 
 from dripd import __version__, logs
 from dripd.api import ALL_TENANTS, expire_leads, replay
+from dripd.channels import registry
+from dripd.channels.base import ChannelContext
 from dripd.channels.credentials import ENV_VAR, Vault
+from dripd.channels.feedback import ReceiverContext
 from dripd.clock import Clock, DatabaseClock, SystemClock
-from dripd.conditions.netguard import NetPolicy
 from dripd.config import Config
 from dripd.control import ControlServer
 from dripd.control import Limits as ControlLimits
-from dripd.db import circuits, intake, limits, migrate, store
+from dripd.db import circuits, feedback, intake, limits, migrate, store
 from dripd.db import leads as lead_store
 from dripd.db.listener import Listener
 from dripd.engine import descriptors
-from dripd.engine.adapters import AdapterSet
+from dripd.engine.adapters import AdapterSet, adapter_aad
 from dripd.engine.held import Signal
 from dripd.engine.hookset import HookSet
 from dripd.engine.pipeline import Pipeline, Policy
@@ -43,6 +46,8 @@ from dripd.http.context import HttpContext
 from dripd.http.routes import admin_routes, http_routes
 from dripd.inputs import check_optional, check_text
 from dripd.metrics import Metrics
+from dripd.model import Adapter
+from dripd.netguard import NetPolicy
 from dripd.rules.breaker import Breaker
 from dripd.rules.limiter import RateTable
 
@@ -126,6 +131,7 @@ class Daemon:
 
     async def _run(self, *, install_signals: bool) -> None:
         cfg = self.config
+        registry.load_entry_points()  # custom providers, each logged; ConfigError: exit 2
         vault = Vault.from_env(self._env) if self._env.get(ENV_VAR) else None
         pool = await store.create_pool(
             cfg.database.dsn,
@@ -134,14 +140,15 @@ class Daemon:
             timeout=cfg.connect_timeout.total_seconds(),
         )
         self.pool = pool
-        adapters = AdapterSet(vault)
-        hooks = HookSet(
-            pool=pool,
-            vault=vault,
-            policy=NetPolicy(
-                allow_http=cfg.hooks.allow_http, allowed_networks=cfg.allowed_networks
-            ),
+        net_policy = NetPolicy(
+            allow_http=cfg.hooks.allow_http, allowed_networks=cfg.allowed_networks
         )
+        adapters = AdapterSet(
+            vault,
+            context=partial(self._channel_context, pool, vault, net_policy),
+            receiver_context=ReceiverContext(replay_window=cfg.webhooks._duration("replay_window")),
+        )
+        hooks = HookSet(pool=pool, vault=vault, policy=net_policy)
         try:
             async with store.acquire(pool) as conn:
                 with store.translated():
@@ -228,7 +235,12 @@ class Daemon:
             http: list[tuple[HttpServer, tuple[str, int]]] = []
             if cfg.http.enabled:
                 context = HttpContext(
-                    pool=pool, config=cfg, clock=self.clock, metrics=self.metrics, vault=vault
+                    pool=pool,
+                    config=cfg,
+                    clock=self.clock,
+                    metrics=self.metrics,
+                    vault=vault,
+                    webhooks=adapters,
                 )
                 http = self._http_servers(context)
             # The task group owns every background task; cancelling it at stop ends them
@@ -395,6 +407,33 @@ class Daemon:
                 )
             await anyio.sleep(interval)
 
+    def _channel_context(
+        self, pool: store.Pool, vault: Vault | None, net_policy: NetPolicy, adapter: Adapter
+    ) -> ChannelContext:
+        """What a channel gets from the daemon: the pool (pubsub), the network policy of
+        user-configured URLs, the public URL of its webhook, and a way to store rotated
+        credentials (OAuth refresh tokens), sealed as `dripd adapter add` seals them."""
+        base = self.config.webhooks.public_url.rstrip("/")
+        webhook_url = None
+        if base:
+            webhook_url = f"{base}/webhooks/{adapter.provider}/{adapter.name}"
+            if adapter.tenant_key:
+                webhook_url += f"?tenant={quote(adapter.tenant_key, safe='')}"
+
+        async def save_credentials(credentials: Mapping[str, Any]) -> None:
+            if vault is None:
+                raise ConfigError(f"cannot store credentials: {ENV_VAR} is not set")
+            blob = vault.encrypt(dict(credentials), aad=adapter_aad(adapter.id))
+            async with store.transaction(pool) as conn:
+                await store.set_credentials(conn, adapter.id, blob, self.clock.now())
+
+        return ChannelContext(
+            pool=pool,
+            net_policy=net_policy,
+            webhook_url=webhook_url,
+            save_credentials=save_credentials,
+        )
+
     async def _housekeeping(self, pool: store.Pool) -> None:
         """Hourly: drop rate-limit windows, lead budgets and idempotency keys nobody needs
         any more, and expire the pending leads past their confirmation's expiry."""
@@ -408,6 +447,9 @@ class Daemon:
                 await expire_leads(pool, now=now)
                 await intake.purge_idempotency(pool, now - _IDEMPOTENCY_KEPT)
                 await store.purge_quota_ledger(pool, now - _QUOTA_KEPT)
+                await feedback.purge_provider_events(
+                    pool, now - self.config.webhooks._duration("retention")
+                )
             except DripdError as exc:
                 log.warning("housekeeping failed", error=exc.message)
             await anyio.sleep(_HOUSEKEEPING.total_seconds())

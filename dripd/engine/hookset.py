@@ -11,10 +11,10 @@ import structlog
 from dripd.channels.credentials import Vault
 from dripd.conditions.hooks import HookError, Hooks, PythonHook, build_client, load_python
 from dripd.conditions.hookspecs import HookSpec, PythonHookSpec, parse_hooks
-from dripd.conditions.netguard import NetPolicy
 from dripd.db import store
 from dripd.engine.advance import CompiledStep
 from dripd.errors import DripdError
+from dripd.netguard import NetPolicy
 
 log = structlog.get_logger("dripd.hooks")
 

@@ -6,7 +6,7 @@ import json
 import random
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Protocol
@@ -17,13 +17,20 @@ import structlog
 
 from dripd import config
 from dripd.addresses import InvalidAddress, domain_of, normalize, recipient
-from dripd.channels.base import Channel, Message, PermanentError, TransientError
+from dripd.channels.base import (
+    AdapterError,
+    Channel,
+    Message,
+    PermanentError,
+    TransientError,
+    mailbox_header,
+)
 from dripd.channels.credentials import Vault
 from dripd.clock import Clock
 from dripd.conditions.expr import evaluate_safely
 from dripd.conditions.hooks import HookEnrollment, HookError, Hooks, HookStep
 from dripd.conditions.hookspecs import PythonHookSpec
-from dripd.content.liquid import RENDER_THREADS, TemplateError, render_fields
+from dripd.content.liquid import HEADER_PREFIX, RENDER_THREADS, TemplateError, render_fields
 from dripd.engine.advance import CompiledStep, recipient_zone
 from dripd.errors import DripdError
 from dripd.metrics import Metrics
@@ -31,6 +38,7 @@ from dripd.model import (
     DEFAULT_RECIPIENT,
     SMS_CHANNELS,
     SMS_MAX_LENGTH,
+    SUBSCRIBER_RECIPIENT,
     Adapter,
     ClaimedExecution,
     EnrollmentStatus,
@@ -82,6 +90,8 @@ class Rules:
     quotas: Sequence[config.Quota] = ()
     ledger: Ledger | None = None
     breaker: CircuitBreaker | None = None
+    # Pauses an adapter the provider refused as a whole (AdapterError), with the reason.
+    pause_adapter: Callable[[Adapter, str, datetime], Awaitable[None]] | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -367,7 +377,9 @@ class Pipeline:
                 channel=channel,
                 error=f"template error in step {step.step.key!r}: {exc}",
             )
-        to = rendered.pop("to", None) or default_recipient(channel, item.data)
+        to = rendered.pop("to", None) or default_recipient(
+            channel, item.data, subscriber_id=item.subscriber_id
+        )
         if not to or not to.strip():
             return self._outcome(item, Verdict.SKIPPED, channel=channel, reason=Reason.NO_RECIPIENT)
         if step.step.require_verified and unverified(True, item.data):
@@ -391,6 +403,8 @@ class Pipeline:
             )
         try:
             read = recipient(channel, to, default_region=self._rules.default_region, field="to")
+            sender = _mailbox_field(rendered, "from")
+            reply_to = _mailbox_field(rendered, "reply_to")
         except InvalidAddress as exc:
             return self._outcome(
                 item,
@@ -398,6 +412,11 @@ class Pipeline:
                 channel=channel,
                 error=f"step {step.step.key!r}: {exc.message}",
             )
+        extra = {
+            name.removeprefix(HEADER_PREFIX): value
+            for name, value in rendered.items()
+            if name.startswith(HEADER_PREFIX) and value.strip()
+        }
         message = Message(
             execution_id=item.id,
             idempotency_key=f"{item.id}:{item.replay}",
@@ -409,7 +428,9 @@ class Pipeline:
             text=rendered.get("text"),
             html=rendered.get("html"),
             body=rendered.get("body"),
-            headers=self._unsubscribe_headers(item, channel, read.key),
+            sender=sender,
+            reply_to=reply_to,
+            headers=extra | self._unsubscribe_headers(item, channel, read.key),
             metadata=_metadata(item, step),
         )
         return Prepared(
@@ -597,11 +618,25 @@ class Pipeline:
         except TransientError as exc:
             if breaker is not None and exc.provider_wide:
                 # The provider failed, not this message: no attempt is spent; the circuit
-                # breaker counts it and says when to try again.
-                retry_at = await breaker.record_failure(adapter.id, self._clock.now(), str(exc))
+                # breaker counts it and says when to try again (not before the provider's
+                # own Retry-After).
+                now = self._clock.now()
+                retry_at = await breaker.record_failure(adapter.id, now, str(exc))
+                if exc.retry_after is not None:
+                    retry_at = max(retry_at, now + timedelta(seconds=exc.retry_after))
                 return self._deferred(p, Reason.PROVIDER_UNAVAILABLE, retry_at, error=str(exc))
             await self._reached(adapter)
             return self._failure(item, p.step, channel, adapter, p.address, exc)
+        except AdapterError as exc:
+            # The provider refused the adapter itself: pause it; the message waits for
+            # `dripd ctl resume-adapter`, no attempt spent.
+            await self._pause(adapter, str(exc))
+            return self._deferred(
+                p,
+                Reason.ADAPTER_PAUSED,
+                self._clock.now() + self._rules.paused_adapter_retry,
+                error=str(exc),
+            )
         except PermanentError as exc:
             await self._reached(adapter)  # the provider answered: it is up
             return self._failure(item, p.step, channel, adapter, p.address, exc)
@@ -625,6 +660,15 @@ class Pipeline:
             recipient=p.address,
             provider_message_id=receipt.provider_message_id,
         )
+
+    async def _pause(self, adapter: Adapter, reason: str) -> None:
+        pause = self._rules.pause_adapter
+        if pause is None:
+            return
+        try:
+            await pause(adapter, reason, self._clock.now())
+        except DripdError as exc:  # the next send finds the same refusal and tries again
+            log.warning("adapter pause not written", adapter=adapter.name, error=exc.message)
 
     async def _reached(self, adapter: Adapter) -> None:
         """A send reached the provider (accepted, or refused for the message's own sake):
@@ -670,11 +714,14 @@ class Pipeline:
             return self._outcome(
                 item, Verdict.FAILED, error=f"gave up after {spent} attempts: {exc}", **common
             )
+        wait = self.backoff(spent)
+        if exc.retry_after is not None:
+            wait = max(wait, timedelta(seconds=exc.retry_after))
         return self._outcome(
             item,
             Verdict.RETRY,
             error=str(exc),
-            retry_at=self._clock.now() + self.backoff(spent),
+            retry_at=self._clock.now() + wait,
             **common,
         )
 
@@ -684,6 +731,16 @@ class Pipeline:
         ceiling = self._policy.retry_max.total_seconds()
         delay = min(ceiling, base * 2 ** max(attempts_spent - 1, 0))
         return timedelta(seconds=delay * random.uniform(0.5, 1.0))
+
+
+def _mailbox_field(rendered: dict[str, str], name: str) -> str | None:
+    """A step's rendered `from` or `reply_to` as one RFC 5322 mailbox (display name kept,
+    the domain in ASCII), or None when the step has none; InvalidAddress naming the field."""
+    value = rendered.pop(name, None)
+    if value is None or not value.strip():
+        return None
+    read = recipient("email", value, field=name)
+    return mailbox_header(read.display_name, read.address)
 
 
 def _first_due(item: ClaimedExecution, step: CompiledStep) -> datetime:
@@ -727,10 +784,19 @@ def _mailbox(adapter: Adapter) -> str | None:
         return None
 
 
-def default_recipient(channel: str, data: Mapping[str, Any]) -> str | None:
+def default_recipient(
+    channel: str, data: Mapping[str, Any], *, subscriber_id: str | None = None
+) -> str | None:
+    """The recipient of a step without `to`: the channel's subscriber data key (`email`,
+    `phone`, `chat_id`), else, for channels whose adapter is the destination, the
+    subscriber id."""
     key = DEFAULT_RECIPIENT.get(channel)
     value = data.get(key) if key else None
-    return value if isinstance(value, str) else None
+    if isinstance(value, str) and value.strip():
+        return value
+    if isinstance(value, int) and not isinstance(value, bool) and channel == "chat":
+        return str(value)  # a Telegram chat id given as a number
+    return subscriber_id if channel in SUBSCRIBER_RECIPIENT else None
 
 
 def _metadata(item: ClaimedExecution, step: CompiledStep) -> dict[str, str]:

@@ -82,7 +82,11 @@ async def preview(
                 rendered[name] = template.render(context)
             except TemplateError as exc:  # every step's problem is reported, not the first
                 errors.append(str(exc))
-        default = default_recipient(step.channel, data) if step.channel else None
+        default = (
+            default_recipient(step.channel, data, subscriber_id=subscriber_id)
+            if step.channel
+            else None
+        )
         entry["to"] = rendered.pop("to", None) or default
         entry.update(rendered)
         if errors:

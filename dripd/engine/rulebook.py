@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import datetime
 from functools import lru_cache, partial
 from zoneinfo import ZoneInfo
 
@@ -13,6 +14,7 @@ from dripd.config import Config
 from dripd.db import limits, store
 from dripd.engine.ledger import DbLedger
 from dripd.engine.pipeline import Rules, Unsubscribe
+from dripd.model import Adapter
 from dripd.rules.leadconfirm import ConfirmLinks
 from dripd.rules.limiter import Limiter, RateTable
 
@@ -41,6 +43,22 @@ def _confirm_links(cfg: Config, vault: Vault | None) -> ConfirmLinks | None:
         tenant=leads.tenant or None,
         sequence_key=leads.confirm_sequence,
         ttl=leads.confirm_for,
+    )
+
+
+async def pause_adapter(pool: store.Executor, adapter: Adapter, reason: str, now: datetime) -> None:
+    """Pause `adapter` because its provider refused it as a whole (AdapterError): every
+    daemon stops claiming its rows (NOTIFY dripd_adapters) until an operator resumes it."""
+    text = f"provider refused the adapter: {reason}"
+    async with store.transaction(pool) as conn:
+        if not await store.pause_adapter(conn, adapter.id, text, now):
+            return  # already paused (another send, another daemon)
+        await store.notify_adapters(conn)
+    log.error(
+        "adapter paused: its provider refused it; executions defer until "
+        "`dripd ctl resume-adapter` lifts it",
+        adapter=f"{adapter.tenant_key}/{adapter.name}" if adapter.tenant_key else adapter.name,
+        reason=text,
     )
 
 
@@ -83,4 +101,5 @@ def build_rules(cfg: Config, *, pool: store.Executor, vault: Vault | None) -> Ru
         lead_confirm=_confirm_links(cfg, vault),
         quotas=tuple(cfg.quotas),
         ledger=DbLedger(pool) if cfg.quotas else None,
+        pause_adapter=partial(pause_adapter, pool),
     )

@@ -1,10 +1,11 @@
-"""The network guard of HTTP hooks: which addresses they may reach, checked after resolving.
+"""The network guard of user-configured URLs (HTTP hooks, the `webhook` and `slack`
+channels): which addresses they may reach, checked after resolving.
 
-A hook may only reach public addresses, or ones inside the configured `allowed_networks`:
-its host is resolved once, every address is checked, and the caller connects to a checked
-address itself, so a second DNS answer cannot rebind the name to an internal one.
-IPv4-mapped, IPv4-compatible, 6to4 and NAT64 addresses are judged by the IPv4 address they
-embed. A refusal is a `HookError`.
+Such a URL may only reach public addresses, or ones inside the configured
+`allowed_networks`: its host is resolved once, every address is checked, and the caller
+connects to a checked address itself (`pinned_request`), so a second DNS answer cannot
+rebind the name to an internal one. IPv4-mapped, IPv4-compatible, 6to4 and NAT64 addresses
+are judged by the IPv4 address they embed. A refusal is a `HookError`.
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ __all__ = [
     "Target",
     "check_url",
     "checked_addresses",
+    "host_header",
     "parse_target",
+    "pinned_request",
     "resolve_host",
 ]
 
@@ -180,3 +183,42 @@ async def check_url(
         return await checked_addresses(target, policy, resolve)
     except OSError as exc:
         raise HookError(f"cannot resolve {target.host!r}: {exc.strerror or exc}") from exc
+
+
+def host_header(target: Target) -> str:
+    """The `Host` header for `target`: its name (an IPv6 literal in brackets), and its port
+    when the URL names one (RFC 9110 §7.2)."""
+    host = f"[{target.host}]" if ":" in target.host else target.host
+    return host if target.url.port is None else f"{host}:{target.url.port}"
+
+
+def pinned_request(
+    client: httpx.AsyncClient,
+    method: str,
+    target: Target,
+    address: IPAddress,
+    *,
+    headers: httpx.Headers | dict[str, str],
+    content: bytes | None = None,
+    timeout: httpx.Timeout | None = None,
+) -> httpx.Request:
+    """A request for `target` that connects to `address` (one `checked_addresses` returned),
+    never to the name again.
+
+    The URL carries the address; the `Host` header (replacing any given) and, for https,
+    the httpcore `sni_hostname` request extension carry the original name, so the server
+    sees the name and its certificate is verified against the name, not the address
+    (httpcore gives the extension to `ssl.SSLContext.wrap_socket(server_hostname=…)`).
+    `timeout` None: the client's.
+    """
+    sent = httpx.Headers(headers)
+    sent["host"] = host_header(target)
+    extensions = {"sni_hostname": target.host} if target.url.scheme == "https" else {}
+    return client.build_request(
+        method,
+        target.url.copy_with(host=str(address)),
+        headers=sent,
+        content=content,
+        timeout=httpx.USE_CLIENT_DEFAULT if timeout is None else timeout,
+        extensions=extensions,
+    )

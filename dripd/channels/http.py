@@ -1,0 +1,266 @@
+"""What every HTTP provider shares: one pooled client per adapter, the common config keys,
+and the mapping of HTTP answers onto dripd's error taxonomy (dripd.channels.base).
+
+Common adapter config keys of HTTP providers:
+
+    base_url         the API's scheme and host (and path prefix): regional endpoints, tests
+    timeout          seconds for the whole request (default 30)
+    max_connections  requests at once, kept alive between sends (default 10)
+
+The mapping (providers refine it where their API says more, see providers.md):
+
+    connection refused/reset, timeouts   TransientError(provider_wide)
+    429, 408, 5xx                         TransientError(provider_wide), Retry-After honoured
+    401                                   AdapterError (the adapter is paused)
+    other 4xx                             PermanentError with the provider's message
+"""
+
+from __future__ import annotations
+
+import email.utils
+import math
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+import msgspec
+
+from dripd import __version__
+from dripd.channels.base import (
+    AdapterError,
+    ChannelContext,
+    ChannelError,
+    PermanentError,
+    TransientError,
+)
+from dripd.errors import ConfigError
+from dripd.model import Adapter
+from dripd.redaction import urls_for_log
+
+__all__ = [
+    "HTTP_CONFIG_KEYS",
+    "USER_AGENT",
+    "HttpProvider",
+    "check_http_config",
+    "config_str",
+    "credential_str",
+    "detail",
+    "error_for_status",
+    "json_body",
+    "retry_after",
+]
+
+#: The config keys every HTTP provider takes (besides `from` and its own).
+HTTP_CONFIG_KEYS = frozenset({"base_url", "timeout", "max_connections"})
+
+USER_AGENT = f"dripd/{__version__}"
+
+#: The longest provider text kept in an error (and so in `last_error` and the logs).
+MAX_DETAIL = 300
+#: The longest wait a provider may ask for that we believe (seconds): one day.
+MAX_RETRY_AFTER = 86_400.0
+
+
+def check_http_config(config: Mapping[str, Any]) -> None:
+    """ConfigError naming the key when `base_url`, `timeout` or `max_connections` is wrong."""
+    base = config.get("base_url")
+    if base is not None:
+        if not isinstance(base, str):
+            raise ConfigError("adapter config `base_url` must be a string (an http(s) URL)")
+        parts = urlsplit(base)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(
+                f"adapter config `base_url` {base[:100]!r} is not an http(s) URL like "
+                "https://api.example.com"
+            )
+        if parts.username or parts.password or parts.query or parts.fragment:
+            raise ConfigError(
+                "adapter config `base_url` must not hold a user, password, query or fragment "
+                "(credentials go among the adapter's credentials)"
+            )
+    timeout = config.get("timeout")
+    if timeout is not None and (
+        isinstance(timeout, bool)
+        or not isinstance(timeout, int | float)
+        or not math.isfinite(timeout)
+        or not 0 < timeout <= 300
+    ):
+        raise ConfigError("adapter config `timeout` must be a number of seconds in (0, 300]")
+    connections = config.get("max_connections")
+    if connections is not None and (
+        isinstance(connections, bool)
+        or not isinstance(connections, int)
+        or not 1 <= connections <= 1000
+    ):
+        raise ConfigError("adapter config `max_connections` must be an integer in 1..1000")
+
+
+def config_str(
+    config: Mapping[str, Any], key: str, *, required: bool = False, max_length: int = 1000
+) -> str | None:
+    """The adapter config string `key` (None when absent and not required); ConfigError
+    naming the key otherwise."""
+    return _str(config, key, "config", required=required, max_length=max_length)
+
+
+def credential_str(
+    credentials: Mapping[str, Any], key: str, *, required: bool = False, multiline: bool = False
+) -> str | None:
+    """The credential string `key`; the error names the key, never the value. `multiline`:
+    line breaks allowed (a PEM key), other control characters still refused."""
+    return _str(
+        credentials, key, "credential", required=required, max_length=16_384, multiline=multiline
+    )
+
+
+def _str(
+    values: Mapping[str, Any],
+    key: str,
+    what: str,
+    *,
+    required: bool,
+    max_length: int,
+    multiline: bool = False,
+) -> str | None:
+    value = values.get(key)
+    if value is None:
+        if required:
+            raise ConfigError(f"adapter {what} `{key}` is required")
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"adapter {what} `{key}` must be a non-empty string")
+    if len(value) > max_length:
+        raise ConfigError(f"adapter {what} `{key}` is longer than {max_length} characters")
+    allowed = "\r\n\t" if multiline else ""
+    if any((ord(c) < 32 or ord(c) == 127) and c not in allowed for c in value):
+        raise ConfigError(f"adapter {what} `{key}` must not contain control characters")
+    return value
+
+
+class HttpProvider:
+    """The base of a provider that sends over HTTP: one `httpx.AsyncClient` per adapter
+    (keep-alive, at most `max_connections` at once, no redirects followed), created from
+    the adapter's config and the daemon's context.
+
+    Subclasses set `provider` and `default_base_url`, and call `self.request(...)`, which
+    turns transport failures into TransientError(provider_wide) and returns any answer.
+    """
+
+    provider: str = "http"
+    default_base_url: str = ""
+
+    def __init__(
+        self,
+        adapter: Adapter,
+        context: ChannelContext | None = None,
+        *,
+        base_url: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        auth: httpx.Auth | tuple[str, str] | None = None,
+    ) -> None:
+        context = context or ChannelContext()
+        config = adapter.config
+        self.adapter = adapter
+        self.context = context
+        self.base_url = (base_url or config.get("base_url") or self.default_base_url).rstrip("/")
+        self.timeout = float(config.get("timeout", 30.0))
+        #: Requests this adapter may have open at once: the claim starts no more sends.
+        self.capacity = int(config.get("max_connections", 10))
+        self.client = httpx.AsyncClient(
+            base_url=self.base_url,
+            transport=context.transport,
+            timeout=httpx.Timeout(self.timeout),
+            limits=httpx.Limits(
+                max_connections=self.capacity,
+                max_keepalive_connections=self.capacity,
+                keepalive_expiry=30.0,
+            ),
+            headers={"User-Agent": USER_AGENT, **(headers or {})},
+            auth=auth,
+            follow_redirects=False,
+            trust_env=False,
+        )
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.adapter.name!r}, {urlsplit(self.base_url).netloc})"
+
+    async def request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
+        """Send one request; TransientError(provider_wide) when no answer came (the error
+        names the provider and the kind of failure, never the URL: it may hold a token)."""
+        try:
+            return await self.client.request(method, url, **kwargs)
+        except httpx.TimeoutException as exc:
+            raise TransientError(
+                f"{self.provider}: no answer within {self.timeout:g} s ({type(exc).__name__})",
+                provider_wide=True,
+            ) from exc
+        except httpx.TransportError as exc:
+            raise TransientError(
+                f"{self.provider}: {type(exc).__name__}: {_clip(urls_for_log(str(exc)))}",
+                provider_wide=True,
+            ) from exc
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+
+def retry_after(response: httpx.Response, *, now: datetime | None = None) -> float | None:
+    """Seconds from the `Retry-After` header (RFC 9110 §10.2.3: delay-seconds or an
+    HTTP-date), at most a day; None when absent or unreadable."""
+    value = response.headers.get("retry-after")
+    if not value:
+        return None
+    value = value.strip()
+    if value.isascii() and value.isdigit():
+        return min(float(value), MAX_RETRY_AFTER)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    seconds = (when - (now or datetime.now(UTC))).total_seconds()
+    return min(max(seconds, 0.0), MAX_RETRY_AFTER)
+
+
+def json_body(response: httpx.Response) -> Any:
+    """The answer's JSON (None when the body is empty or not JSON)."""
+    if not response.content:
+        return None
+    try:
+        return msgspec.json.decode(response.content)
+    except msgspec.DecodeError:
+        return None
+
+
+def detail(response: httpx.Response, message: str | None = None) -> str:
+    """`HTTP 422: <the provider's message>`, clipped: the provider's own words for an error
+    (`message` when the caller read it from the body, else the body's text)."""
+    text = message if message is not None else response.text
+    text = " ".join(text.split())
+    return f"HTTP {response.status_code}: {_clip(text)}" if text else f"HTTP {response.status_code}"
+
+
+def error_for_status(
+    provider: str,
+    response: httpx.Response,
+    message: str | None = None,
+    *,
+    adapter_statuses: frozenset[int] = frozenset({401}),
+) -> ChannelError:
+    """The error for an answer that is not a success, by status alone: 408, 429 and 5xx
+    transient (provider-wide, with Retry-After), `adapter_statuses` (401) pause the adapter,
+    any other permanent. `message`: the provider's error text from the body."""
+    status = response.status_code
+    text = f"{provider}: {detail(response, message)}"
+    if status in (408, 429) or status >= 500:
+        return TransientError(text, provider_wide=True, retry_after=retry_after(response))
+    if status in adapter_statuses:
+        return AdapterError(text)
+    return PermanentError(text)
+
+
+def _clip(text: str, limit: int = MAX_DETAIL) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
