@@ -20,7 +20,14 @@ import msgspec
 from dripd.addresses import InvalidAddress, recipient
 from dripd.conditions.expr import Expr, ExprSyntaxError, parse
 from dripd.conditions.hookspecs import parse_hooks
-from dripd.content.liquid import HEADER_PREFIX, TemplateError, compile_template
+from dripd.content.liquid import (
+    HEADER_PREFIX,
+    WA_LANGUAGE,
+    WA_NAME,
+    WA_PARAM,
+    TemplateError,
+    compile_template,
+)
 from dripd.db.store import StepRow, TransitionRow, VersionRow
 from dripd.errors import ConfigError, SequenceFileError
 from dripd.inputs import MAX_LENGTH, NAME, text_fault
@@ -86,6 +93,16 @@ class WaitFor(_Strict):
     on_timeout: str | None = None
 
 
+class WhatsAppTemplate(_Strict):
+    """An approved WhatsApp template: its name, language code and body parameters (each a
+    Liquid template), sent instead of a free-form body (Meta's rule outside the 24-hour
+    customer-service window)."""
+
+    name: str
+    language: str
+    params: list[str] = msgspec.field(default_factory=list)
+
+
 class StepSpec(_Strict):
     key: str
     channel: str | None = None
@@ -106,6 +123,7 @@ class StepSpec(_Strict):
     from_: str | None = msgspec.field(default=None, name="from")
     reply_to: str | None = None
     headers: dict[str, str] | None = None
+    whatsapp_template: WhatsAppTemplate | None = None
     adapter: str | None = None
     on_failure: Literal["fail", "continue"] = "fail"
     max_attempts: int | None = None
@@ -572,6 +590,8 @@ def _step(step: StepSpec, position: int, fail: Any, steps: set[str], hooks: set[
                 raise fail(f"key {key!r}: a step without a channel sends nothing")
         if step.headers is not None:
             raise fail("key 'headers': a step without a channel sends nothing")
+        if step.whatsapp_template is not None:
+            raise fail("key 'whatsapp_template': a step without a channel sends nothing")
     else:
         template = _content(step, fail, hooks)
     if step.max_attempts is not None and not 0 < step.max_attempts <= MAX_ATTEMPTS:
@@ -642,10 +662,48 @@ RESERVED_HEADERS: Final = frozenset(
 _HEADER_NAME = re.compile(r"[\x21-\x39\x3b-\x7e]{1,76}")
 
 
+#: WhatsApp template names: lower-case letters, digits and `_` (Meta's rule), and language
+#: codes such as `en` or `en_US`; at most 60 parameters.
+_WA_TEMPLATE_NAME: Final = re.compile(r"[a-z0-9_]{1,512}")
+_WA_LANGUAGE: Final = re.compile(r"[a-z]{2,3}(?:_[A-Za-z0-9]{2,8})?")
+MAX_WA_PARAMS: Final = 60
+
+
+def _whatsapp_fields(step: StepSpec, fail: Any) -> list[tuple[str, str | None]]:
+    """A `whatsapp_template` as template fields: name and language fixed (checked here),
+    each parameter a template."""
+    spec = step.whatsapp_template
+    if spec is None:
+        return []
+    if step.channel != "whatsapp":
+        raise fail("key 'whatsapp_template': only whatsapp steps take it")
+    if not _WA_TEMPLATE_NAME.fullmatch(spec.name):
+        raise fail(
+            f"key 'whatsapp_template.name': {spec.name[:80]!r} is not a WhatsApp template "
+            "name (lower-case letters, digits and '_')"
+        )
+    if not _WA_LANGUAGE.fullmatch(spec.language):
+        raise fail(
+            f"key 'whatsapp_template.language': {spec.language[:80]!r} is not a language "
+            "code like 'en' or 'en_US'"
+        )
+    if len(spec.params) > MAX_WA_PARAMS:
+        raise fail(f"key 'whatsapp_template.params': at most {MAX_WA_PARAMS} parameters")
+    return [
+        (WA_NAME, spec.name),
+        (WA_LANGUAGE, spec.language),
+        *((f"{WA_PARAM}{n}", param) for n, param in enumerate(spec.params)),
+    ]
+
+
 def _field_key(name: str) -> str:
     """The sequence-file key a template field came from."""
     if name.startswith(HEADER_PREFIX):
         return f"headers.{name.removeprefix(HEADER_PREFIX)}"
+    if name.startswith(WA_PARAM):
+        return f"whatsapp_template.params[{name.removeprefix(WA_PARAM)}]"
+    if name.startswith("wa:"):
+        return f"whatsapp_template.{name.removeprefix('wa:')}"
     return name
 
 
@@ -676,6 +734,7 @@ def _content(step: StepSpec, fail: Any, hooks: set[str]) -> dict[str, str]:
     ]
     fields += [("from", step.from_), ("reply_to", step.reply_to)]
     fields += [(f"{HEADER_PREFIX}{name}", value) for name, value in (step.headers or {}).items()]
+    fields += _whatsapp_fields(step, fail)
     if channel != "email":
         for key, given in (("from", step.from_), ("reply_to", step.reply_to)):
             if given is not None:
@@ -709,7 +768,7 @@ def _content(step: StepSpec, fail: Any, hooks: set[str]) -> dict[str, str]:
     if channel == "email":
         if "subject" not in template or not ({"text", "html"} & template.keys()):
             raise fail("an email step needs 'subject' and 'text' or 'html'")
-    elif "body" not in template:
+    elif "body" not in template and WA_NAME not in template:
         raise fail(f"key 'body': required for channel {channel!r}")
     if (
         channel not in DEFAULT_RECIPIENT

@@ -67,6 +67,26 @@ from dripd.sequences import load_file, load_text
         ),
         (
             "[sequence]\nkey='x'\n[[steps]]\nkey='a'\nchannel='sms'\nbody='b'\n"
+            "whatsapp_template={name='t', language='en'}\n",
+            "step 'a': key 'whatsapp_template': only whatsapp steps take it",
+        ),
+        (
+            "[sequence]\nkey='x'\n[[steps]]\nkey='a'\nchannel='whatsapp'\n"
+            "whatsapp_template={name='Order Update', language='en'}\n",
+            "step 'a': key 'whatsapp_template.name': 'Order Update' is not",
+        ),
+        (
+            "[sequence]\nkey='x'\n[[steps]]\nkey='a'\nchannel='whatsapp'\n"
+            "whatsapp_template={name='t', language='english'}\n",
+            "step 'a': key 'whatsapp_template.language'",
+        ),
+        (
+            "[sequence]\nkey='x'\n[[steps]]\nkey='a'\nchannel='whatsapp'\n"
+            "whatsapp_template={name='t', language='en', params=['{{ x']}\n",
+            "step 'a': key 'whatsapp_template.params[0]'",
+        ),
+        (
+            "[sequence]\nkey='x'\n[[steps]]\nkey='a'\nchannel='sms'\nbody='b'\n"
             "[[steps]]\nkey='a'\nchannel='sms'\nbody='c'\n",
             "step 'a': key 'key': duplicate",
         ),

@@ -4,6 +4,7 @@ and `headers` reach the provider. A scripted provider stands in for a real one."
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterator
 from datetime import timedelta
@@ -188,3 +189,39 @@ async def test_a_suppressing_refusal_fails_the_step_and_suppresses(
         await pool.fetchval("SELECT address FROM dripd.suppressions WHERE reason = 'bounce'")
         == "ana@example.org"
     )
+
+
+WHATSAPP = """
+[sequence]
+key = "wa"
+[[steps]]
+key = "order"
+channel = "whatsapp"
+[steps.whatsapp_template]
+name = "order_update"
+language = "en_US"
+params = ["{{ name }}", "#{{ order }}"]
+"""
+
+
+async def test_a_whatsapp_template_reaches_the_provider_rendered(
+    dsn: str, pool: asyncpg.Pool, tmp_path: Path
+) -> None:
+    clock = ManualClock()
+    await apply_text(pool, WHATSAPP)
+    await add_adapter(pool, name="w", channel="whatsapp", provider="scripted", config={})
+    await api.enroll(
+        pool,
+        tenant=None,
+        sequence_key="wa",
+        subscriber_id="ana",
+        data={"phone": "+15555550100", "name": "Ana", "order": 42},
+        now=clock.now(),
+    )
+    async with running_daemon(dsn, tmp_path, clock=clock):
+        await wait_for(lambda: _settled(pool, "sent"))
+    [message] = SEEN
+    assert message.body is None
+    assert message.metadata["template_name"] == "order_update"
+    assert message.metadata["template_language"] == "en_US"
+    assert json.loads(message.metadata["template_params"]) == ["Ana", "#42"]

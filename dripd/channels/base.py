@@ -167,7 +167,12 @@ class ChannelContext:
 
 
 class Channel(Protocol):
-    """A connected provider that delivers messages of one or more channels."""
+    """A connected provider that delivers messages of one or more channels.
+
+    A channel that obtains secrets while it runs (an OAuth access token, a rotated refresh
+    token) lists the ones still in use as `issued_secrets`; the RedactedChannel around it
+    redacts them from every error as it does the adapter's credentials.
+    """
 
     provider: str
 
@@ -223,7 +228,7 @@ class RedactedChannel:
         return self._channel
 
     def __repr__(self) -> str:
-        return self._redact(repr(self._channel))
+        return self._clean(repr(self._channel))
 
     async def send(self, message: Message) -> Receipt:
         """Deliver `message` through the wrapped channel; its errors redacted."""
@@ -248,10 +253,19 @@ class RedactedChannel:
             error = self._unexpected(exc, "aclose")
         raise error from None
 
+    def _clean(self, text: str) -> str:
+        """`text` without the adapter's credentials, nor any secret the provider was issued
+        since it was built (`issued_secrets`: OAuth access tokens, a rotated refresh
+        token), which the credentials' redactor cannot know."""
+        issued = getattr(self._channel, "issued_secrets", None)
+        if issued:  # first: a rotated token may share a run with the credential it replaced
+            text = Redactor(list(issued))(text)
+        return self._redact(text)
+
     def _redacted(self, exc: ChannelError) -> ChannelError:
         # A copy keeps the class and its fields (`provider_wide`, `bounce`, a provider's
         # own); only the text changes.
-        text = self._redact(exc.message)
+        text = self._clean(exc.message)
         try:
             clean = copy.copy(exc)
         except TypeError:  # a constructor that takes more than the message
@@ -259,7 +273,7 @@ class RedactedChannel:
         clean.args = (text,)
         notes = getattr(exc, "__notes__", None)
         if notes:
-            clean.__notes__ = [self._redact(str(note)) for note in notes]
+            clean.__notes__ = [self._clean(str(note)) for note in notes]
         return clean
 
     def _unexpected(
@@ -270,9 +284,9 @@ class RedactedChannel:
             provider=self.provider,
             method=method,
             execution_id=execution_id,
-            exception=self._redact("".join(traceback.format_exception(exc)).rstrip()),
+            exception=self._clean("".join(traceback.format_exception(exc)).rstrip()),
         )
-        text = self._redact(str(exc))
+        text = self._clean(str(exc))
         detail = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
         return TransientError(f"{self.provider} adapter error: {detail}")
 

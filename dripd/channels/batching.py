@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Iterable
 
 import structlog
 
@@ -48,6 +49,11 @@ class Batcher:
     @property
     def wrapped(self) -> BatchChannel:
         return self._channel
+
+    @property
+    def issued_secrets(self) -> Iterable[str]:
+        """The wrapped provider's `issued_secrets` (see dripd.channels.base.Channel)."""
+        return getattr(self._channel, "issued_secrets", ())
 
     def __repr__(self) -> str:
         return f"Batcher({self._channel!r})"

@@ -28,13 +28,14 @@ carries a token: the texts name the OAuth error code and the endpoint's descript
 from __future__ import annotations
 
 import asyncio
+import collections
 import copy
 import importlib
 import inspect
 import math
 import re
 import warnings
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol, cast
@@ -108,6 +109,8 @@ _TRANSIENT_CODES = frozenset({"temporarily_unavailable", "server_error"})
 MARGIN = timedelta(seconds=60)
 #: How long a token with no stated expiry is used.
 DEFAULT_LIFETIME = timedelta(minutes=5)
+#: How many issued tokens are kept for redaction (a send may still hold an older one).
+ISSUED_KEPT = 4
 #: The longest a token provider's token is used, whatever expiry it states.
 MAX_PROVIDER_LIFETIME = timedelta(hours=1)
 
@@ -271,6 +274,9 @@ class _CachedToken:
         self._failure: ChannelError | None = None
         #: Tokens fetched so far (for statistics and tests).
         self.fetches = 0
+        #: The secrets this source was issued, newest last (the access tokens, a rotated
+        #: refresh token): a few are kept, as a send may still hold the one before.
+        self.issued: collections.deque[str] = collections.deque(maxlen=ISSUED_KEPT)
 
     async def token(self, *, rejected: str | None = None) -> str:
         seen = self._finished
@@ -295,9 +301,14 @@ class _CachedToken:
                 self._finished += 1
             self._failure = None
             self.fetches += 1
+            self._issue(value)
             self._value = value
             self._fresh_until = self._until(now, expires_at)
             return value
+
+    def _issue(self, secret: str) -> None:
+        if secret not in self.issued:
+            self.issued.append(secret)
 
     def _until(self, now: datetime, expires_at: datetime | None) -> datetime:
         if expires_at is None:
@@ -421,6 +432,7 @@ class RefreshGrant(_CachedToken):
         # the previous one valid, so the stored credentials still work after a restart).
         self._refresh_token = refresh_token
         self._credentials["refresh_token"] = refresh_token
+        self._issue(refresh_token)
         if self._save is None:
             if not self._unsaved_logged:
                 self._unsaved_logged = True
@@ -593,6 +605,11 @@ class BearerProvider(HttpProvider):
             return response
         token = await self.tokens.token(rejected=token)
         return await self.request(method, url, headers=_bearer(headers, token), **kwargs)
+
+    @property
+    def issued_secrets(self) -> Iterable[str]:
+        """The tokens the token source was issued (redacted from every error)."""
+        return tuple(getattr(self.tokens, "issued", ()))
 
     async def aclose(self) -> None:
         try:

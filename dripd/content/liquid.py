@@ -65,6 +65,11 @@ HTML_FIELDS = frozenset({"html", "mjml"})
 HEADER_FIELDS = frozenset({"subject", "to", "from", "reply_to"})
 #: A step's extra email header `Name` is the template field `header:Name` (folded too).
 HEADER_PREFIX = "header:"
+#: A step's `whatsapp_template` is the template fields `wa:name`, `wa:language` and one
+#: `wa:param:N` per body parameter.
+WA_NAME = "wa:name"
+WA_LANGUAGE = "wa:language"
+WA_PARAM = "wa:param:"
 
 # Control characters and Unicode line breaks (tab excepted); a run of whitespace holding one
 # of them would end a header line, so the run becomes one space.

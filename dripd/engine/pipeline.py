@@ -30,7 +30,15 @@ from dripd.clock import Clock
 from dripd.conditions.expr import evaluate_safely
 from dripd.conditions.hooks import HookEnrollment, HookError, Hooks, HookStep
 from dripd.conditions.hookspecs import PythonHookSpec
-from dripd.content.liquid import HEADER_PREFIX, RENDER_THREADS, TemplateError, render_fields
+from dripd.content.liquid import (
+    HEADER_PREFIX,
+    RENDER_THREADS,
+    WA_LANGUAGE,
+    WA_NAME,
+    WA_PARAM,
+    TemplateError,
+    render_fields,
+)
 from dripd.engine.advance import CompiledStep, recipient_zone
 from dripd.errors import DripdError
 from dripd.metrics import Metrics
@@ -431,7 +439,7 @@ class Pipeline:
             sender=sender,
             reply_to=reply_to,
             headers=extra | self._unsubscribe_headers(item, channel, read.key),
-            metadata=_metadata(item, step),
+            metadata=_metadata(item, step) | _whatsapp_template(rendered),
         )
         return Prepared(
             execution=item,
@@ -754,6 +762,8 @@ def _first_due(item: ClaimedExecution, step: CompiledStep) -> datetime:
 def _content_problem(channel: str, rendered: Mapping[str, str], step: CompiledStep) -> str | None:
     """A rendered message that cannot be sent as it is (a permanent failure), or None."""
     missing = missing_fields(channel, rendered)
+    if WA_NAME in rendered:  # an approved template is sent instead of the body
+        missing = [name for name in missing if name != "body"]
     if missing:
         return f"step {step.step.key!r}: rendered {', '.join(missing)} empty"
     if channel in SMS_CHANNELS:
@@ -797,6 +807,23 @@ def default_recipient(
     if isinstance(value, int) and not isinstance(value, bool) and channel == "chat":
         return str(value)  # a Telegram chat id given as a number
     return subscriber_id if channel in SUBSCRIBER_RECIPIENT else None
+
+
+def _whatsapp_template(rendered: Mapping[str, str]) -> dict[str, str]:
+    """A rendered `whatsapp_template` as the metadata the WhatsApp providers read
+    (`template_name`, `template_language`, `template_params`: a JSON array of strings)."""
+    if WA_NAME not in rendered:
+        return {}
+    params = sorted(
+        (int(name.removeprefix(WA_PARAM)), value)
+        for name, value in rendered.items()
+        if name.startswith(WA_PARAM)
+    )
+    return {
+        "template_name": rendered[WA_NAME],
+        "template_language": rendered[WA_LANGUAGE],
+        "template_params": json.dumps([value for _, value in params]),
+    }
 
 
 def _metadata(item: ClaimedExecution, step: CompiledStep) -> dict[str, str]:
