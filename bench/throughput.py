@@ -12,6 +12,12 @@ two-step email sequence, ANALYZEd) on the server named by BENCH_DSN, dropped aft
   one   one daemon (`dripd.engine.daemon.Daemon`, in a child process) with an in-process
         null channel: the full path (claim, Liquid render, suppression check, send,
         batched record with message events and the next step).
+  http  one daemon whose default email adapter is a real `postmark` adapter (its server
+        token sealed under a DRIPD_ENCRYPTION_KEY made for the run) pointed at a local stub
+        of Postmark's API (bench/stub_provider.py, a separate process: its CPU is not the
+        daemon's): keep-alive HTTP/1.1, the sends of a claim gathered into `POST
+        /email/batch`. Also reported: the stub's requests, mean batch size and CPU per
+        execution, and `http provider / null provider`, this phase's rate over `one`'s.
   two   two such daemons on one backlog.
   limited one daemon under a provider rate limit of N/10 per second: deferrals per send.
   rules one daemon with every sending rule on, none of them holding anything back: a
@@ -20,7 +26,8 @@ two-step email sequence, ANALYZEd) on the server named by BENCH_DSN, dropped aft
 
 Claim-to-record latency is exact: the bench tees `claim_to_record.observe` into an array.
 Peak RSS is each daemon child's own `ru_maxrss`, seeding excluded (the parent seeds).
-The last line is `ratio <full/raw>` (one daemon against the raw loop).
+The default phases are raw,one,http,two,raw. The last line is `ratio <full/raw>` (one
+daemon against the raw loop).
 """
 
 from __future__ import annotations
@@ -46,12 +53,15 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
+from dripd.channels.credentials import ENV_VAR, Vault, generate_key
 from dripd.config import Config
 from dripd.db import store
 from dripd.db.migrate import migrate
+from dripd.engine.adapters import adapter_aad
 from dripd.sequences import load_text
 
 SCRIPT = str(Path(__file__).resolve())
+STUB = str(Path(__file__).resolve().with_name("stub_provider.py"))
 DEFAULT_ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
 
 SEQUENCE = '''
@@ -169,8 +179,11 @@ def limited_sections(n: int) -> dict[str, Any]:
     return {"rate_limits": {"adapter": {"null-email": f"{max(n // 10, 10)}/1s"}}}
 
 
-async def seed(dsn: str, n: int, *, rules: bool = False) -> dict[str, Any]:
-    """Migrate, apply the sequence, add the null adapter, insert N due executions, ANALYZE."""
+async def seed(
+    dsn: str, n: int, *, rules: bool = False, adapter: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Migrate, apply the sequence, add the default email adapter (the null one unless
+    `adapter` gives `insert_adapter`'s arguments), insert N due executions, ANALYZE."""
     conn = await store.connect(dsn)
     try:
         await migrate(conn)
@@ -181,13 +194,18 @@ async def seed(dsn: str, n: int, *, rules: bool = False) -> dict[str, Any]:
             await store.apply_version(tx, spec, now=now)
             await store.insert_adapter(
                 tx,
-                adapter_id=uuid.uuid4(),
+                **(
+                    adapter
+                    or {
+                        "adapter_id": uuid.uuid4(),
+                        "name": "null-email",
+                        "provider": "null",
+                        "config": {},
+                        "credentials": None,
+                    }
+                ),
                 tenant=None,
-                name="null-email",
                 channel="email",
-                provider="null",
-                config={},
-                credentials=None,
                 is_default=True,
                 now=now,
             )
@@ -398,7 +416,7 @@ def register_null_provider() -> None:
             required_config=frozenset(),
             credential_keys=frozenset(),
             required_credentials=frozenset(),
-            factory=lambda adapter: NullChannel(),
+            factory=lambda adapter, context=None: NullChannel(),
         ),
         replace=True,
     )
@@ -465,7 +483,11 @@ async def child_main(
     cpu_before = before.ru_utime + before.ru_stime
     started = time.time()
     task = asyncio.create_task(daemon.run(install_signals=False))
-    await daemon.ready.wait()
+    ready = asyncio.create_task(daemon.ready.wait())
+    await asyncio.wait({task, ready}, return_when=asyncio.FIRST_COMPLETED)
+    if task.done():  # the daemon failed to start: its error, not a hang
+        ready.cancel()
+        await task
     seen, last_at = 0, started
     while not stop.is_set():
         count = len(tee.values)
@@ -506,8 +528,10 @@ async def run_daemons(
     profile: str | None = None,
     timeout: float = 600.0,
     sections: dict[str, Any] | None = None,
+    env: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Start `count` daemon children on one backlog; stop them once N are recorded."""
+    """Start `count` daemon children on one backlog; stop them once N are recorded.
+    `env`: the children's environment (default: the bench's own)."""
     argv = [
         sys.executable,
         SCRIPT,
@@ -526,7 +550,11 @@ async def run_daemons(
         extra = ["--profile", profile] if profile and index == 0 else []
         children.append(
             await asyncio.create_subprocess_exec(
-                *argv, *extra, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE
+                *argv,
+                *extra,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                env=env,
             )
         )
     try:
@@ -596,15 +624,102 @@ async def run_daemons(
     }
 
 
+# --- the `http` phase's provider -----------------------------------------------------------
+
+
+class Stub:
+    """The Postmark stand-in (bench/stub_provider.py) in its own process, so that its CPU
+    is not the daemon's; `stats()` reads its counters and CPU seconds."""
+
+    def __init__(self) -> None:
+        self.token = secrets.token_urlsafe(24)
+        self.port = 0
+        self._process: asyncio.subprocess.Process | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self) -> None:
+        self._process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            STUB,
+            "--token",
+            self.token,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        line = await asyncio.wait_for(self._process.stdout.readline(), timeout=60)  # type: ignore[union-attr]
+        if not line.startswith(b"ready "):
+            raise SystemExit(f"bench: the stub provider failed to start: {line!r}")
+        self.port = int(line.split()[1])
+
+    async def stats(self) -> dict[str, Any]:
+        process = self._process
+        assert process is not None
+        assert process.stdin is not None
+        assert process.stdout is not None
+        process.stdin.write(b"stats\n")
+        await process.stdin.drain()
+        line = await asyncio.wait_for(process.stdout.readline(), timeout=60)
+        kind, _, payload = line.decode().partition(" ")
+        if kind != "stats":
+            raise SystemExit(f"bench: the stub provider answered {line!r}")
+        return dict(json.loads(payload))
+
+    async def stop(self) -> None:
+        process = self._process
+        if process is None or process.returncode is not None:
+            return
+        with contextlib.suppress(ConnectionError):
+            process.stdin.write(b"stop\n")  # type: ignore[union-attr]
+            await process.stdin.drain()  # type: ignore[union-attr]
+        try:
+            await asyncio.wait_for(process.wait(), timeout=10)
+        except TimeoutError:
+            process.kill()
+            await process.wait()
+
+
+def postmark_adapter(base_url: str, token: str, key: str) -> dict[str, Any]:
+    """`insert_adapter`'s arguments for a `postmark` adapter at `base_url`, its server
+    token sealed under `key` as `dripd adapter add` seals it (bound to the row's id)."""
+    adapter_id = uuid.uuid4()
+    blob = Vault.from_text(key).encrypt({"server_token": token}, aad=adapter_aad(adapter_id))
+    return {
+        "adapter_id": adapter_id,
+        "name": "postmark-email",
+        "provider": "postmark",
+        "config": {"from": "Bench <bench@example.com>", "base_url": base_url},
+        "credentials": blob,
+    }
+
+
+def stub_delta(before: dict[str, Any], after: dict[str, Any], n: int) -> dict[str, Any]:
+    """What the stub did during a phase: requests, mean batch size, CPU per execution."""
+    delta = {k: after[k] - before[k] for k in after}
+    batched = delta["messages"] - delta["singles"]
+    delta["mean_batch"] = batched / delta["batches"] if delta["batches"] else 0.0
+    delta["cpu_us"] = delta["cpu_seconds"] / n * 1e6
+    return delta
+
+
 # --- the phases ----------------------------------------------------------------------------
 
 
 async def phase(
-    dbs: Databases, name: str, n: int, body: Any, *, quiet: bool, rules: bool = False
+    dbs: Databases,
+    name: str,
+    n: int,
+    body: Any,
+    *,
+    quiet: bool,
+    rules: bool = False,
+    adapter: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     dsn = await dbs.create(name)
     try:
-        seeded = await seed(dsn, n, rules=rules)
+        seeded = await seed(dsn, n, rules=rules, adapter=adapter)
         if not quiet:
             print(f"[{name}] seeded {n} due executions in {seeded['seconds']:.1f}s", flush=True)
         server = ServerCpu(dbs.admin_dsn, urlsplit(dsn).path.lstrip("/"))
@@ -628,6 +743,15 @@ async def deferrals(dsn: str) -> int:
         )
     finally:
         await conn.close()
+
+
+def profile_path(base: str | None, key: str, phases: list[str]) -> str | None:
+    """Where a one-daemon phase writes its profile: `base` itself when it is the only such
+    phase, else `base.<phase>` (the last run of a repeated phase wins)."""
+    singles = {p for p in phases if p not in ("raw", "two")}
+    if base is None or len(singles) <= 1:
+        return base
+    return f"{base}.{key}"
 
 
 def _local(dsn: str) -> bool:
@@ -662,7 +786,7 @@ async def main(args: argparse.Namespace) -> int:
         worker["record_linger"] = args.record_linger
     pool_max = args.pool_max or DEFAULT_POOL_MAX
     phases = [p.strip() for p in args.phases.split(",") if p.strip()]
-    unknown = set(phases) - {"raw", "one", "two", "rules", "limited"}
+    unknown = set(phases) - {"raw", "one", "http", "two", "rules", "limited"}
     if unknown:
         raise SystemExit(f"bench: unknown phase(s) {', '.join(sorted(unknown))}")
     quiet = args.json
@@ -701,19 +825,49 @@ async def main(args: argparse.Namespace) -> int:
                 continue
             count = 2 if key == "two" else 1
             sections = {"rules": RULES_SECTIONS, "limited": limited_sections(n)}.get(key)
+            profile = profile_path(args.profile, key, phases) if count == 1 else None
+            stub = Stub() if key == "http" else None
+            adapter: dict[str, Any] | None = None
+            env: dict[str, str] | None = None
+            if stub is not None:
+                await stub.start()
+                secret = generate_key()
+                adapter = postmark_adapter(stub.base_url, stub.token, secret)
+                env = {**os.environ, ENV_VAR: secret}
 
             async def full(
-                dsn: str, _seeded: dict[str, Any], count: int = count, sections: Any = sections
+                dsn: str,
+                _seeded: dict[str, Any],
+                count: int = count,
+                sections: Any = sections,
+                profile: str | None = profile,
+                stub: Stub | None = stub,
+                env: dict[str, str] | None = env,
             ) -> dict[str, Any]:
-                profile = args.profile if count == 1 else None
-                return await run_daemons(
-                    dsn, n, count, worker, pool_max, profile=profile, sections=sections
+                before = await stub.stats() if stub is not None else None
+                result = await run_daemons(
+                    dsn, n, count, worker, pool_max, profile=profile, sections=sections, env=env
                 )
+                if stub is not None and before is not None:
+                    result["stub"] = stub_delta(before, await stub.stats(), n)
+                return result
 
-            summary[key] = r = await phase(
-                dbs, f"{key}{index}", n, full, quiet=quiet, rules=key == "rules"
-            )
+            try:
+                summary[key] = r = await phase(
+                    dbs,
+                    f"{key}{index}",
+                    n,
+                    full,
+                    quiet=quiet,
+                    rules=key == "rules",
+                    adapter=adapter,
+                )
+            finally:
+                if stub is not None:
+                    await stub.stop()
             label = "full path, 1 daemon" if count == 1 else f"full path, {count} daemons"
+            if key == "http":
+                label = "full path, 1 daemon, postmark provider to a local stub (HTTP)"
             if key == "rules":
                 label = "full path, 1 daemon, every sending rule on"
             if key == "limited":
@@ -724,6 +878,19 @@ async def main(args: argparse.Namespace) -> int:
             if count > 1:
                 shares = ", ".join(str(d["recorded"]) for d in r["per_daemon"])
                 say(f"  executions per daemon: {shares}")
+            if "stub" in r:
+                st = r["stub"]
+                say(
+                    f"  stub: {st['requests']} requests on {st['connections']} connection(s) "
+                    f"({st['batches']} to /email/batch, {st['singles']} to /email), "
+                    f"mean batch {st['mean_batch']:.1f} messages, "
+                    f"{st['messages']} messages; stub CPU {st['cpu_us']:.1f} us per execution"
+                )
+                if st["refused"] or st["malformed"] or st["messages"] != n:
+                    say(
+                        f"  stub: WARNING {st['refused']} refused, {st['malformed']} malformed, "
+                        f"{st['messages']} messages for {n} executions"
+                    )
     finally:
         await dbs.drop_all()
     summary["loadavg_after"] = os.getloadavg()[0]
@@ -745,6 +912,9 @@ async def main(args: argparse.Namespace) -> int:
             say(f"two daemons / raw: {summary['ratio_two']:.2f}")
         if "one" in summary:
             summary["ratio"] = summary["ratio_one"]
+    if "http" in summary and "one" in summary:
+        summary["ratio_http_one"] = summary["http"]["rate"] / summary["one"]["rate"]
+        say(f"http provider / null provider (one daemon each): {summary['ratio_http_one']:.2f}")
     say(f"load average after: {summary['loadavg_after']:.2f}")
     if args.json:
         print(json.dumps(summary, indent=2, default=str))
@@ -761,15 +931,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--phases",
-        default="raw,one,two,raw",
-        help="comma-separated phases, in order: raw, one, two, rules, limited "
-        "(default raw,one,two,raw)",
+        default="raw,one,http,two,raw",
+        help="comma-separated phases, in order: raw, one, http, two, rules, limited "
+        "(default raw,one,http,two,raw)",
     )
     p.add_argument("--batch-size", type=int, help=f"default {DEFAULT_WORKER['batch_size']}")
     p.add_argument("--concurrency", type=int, help=f"default {DEFAULT_WORKER['concurrency']}")
     p.add_argument("--record-linger", help=f"default {DEFAULT_WORKER['record_linger']}")
     p.add_argument("--pool-max", type=int, help=f"default {DEFAULT_POOL_MAX}")
-    p.add_argument("--profile", help="cProfile the one-daemon child into this pstats file")
+    p.add_argument(
+        "--profile",
+        help="cProfile the one-daemon child into this pstats file (with several one-daemon "
+        "phases, each its own: FILE.one, FILE.http, ...)",
+    )
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--dsn", help=argparse.SUPPRESS)
     p.add_argument("--worker", help=argparse.SUPPRESS)

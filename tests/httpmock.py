@@ -7,14 +7,20 @@ A provider test builds its channel through the registry, as the daemon does:
     channel = build("postmark", "email", {"from": "a@x.example"}, {"server_token": "t"}, mock)
     receipt = await channel.send(message())
     request = mock.requests[0]   # method, url, headers, content, as sent
+    assert json_of(request)["From"] == "a@x.example"
 """
 
 from __future__ import annotations
 
+import email
+import email.policy
+import json
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from email.message import EmailMessage
 from typing import Any
+from urllib.parse import parse_qs
 
 import httpx
 
@@ -22,7 +28,18 @@ from dripd.channels import registry
 from dripd.channels.base import ChannelContext, Message, RedactedChannel
 from dripd.model import Adapter
 
-__all__ = ["Answer", "Mock", "build", "make_adapter", "message"]
+__all__ = [
+    "EXECUTION",
+    "Answer",
+    "Mock",
+    "body_message",
+    "build",
+    "form_of",
+    "json_of",
+    "make_adapter",
+    "message",
+    "mime_message",
+]
 
 EXECUTION = uuid.UUID("0193c1d2-0000-7000-8000-000000000001")
 
@@ -130,3 +147,34 @@ def message(**fields: Any) -> Message:
     }
     values.update(fields)
     return Message(**values)
+
+
+def body_message(channel: str, to: str, body: str, /, **fields: Any) -> Message:
+    """A message as a chat, SMS, WhatsApp or webhook step renders it: a `body`, no subject
+    and no text; any field may be overridden (`body`, `to` and `channel` too)."""
+    values: dict[str, Any] = {
+        "channel": channel,
+        "to": to,
+        "subject": None,
+        "text": None,
+        "body": body,
+    }
+    values.update(fields)
+    return message(**values)
+
+
+def json_of(request: httpx.Request) -> Any:
+    """The request's JSON body."""
+    return json.loads(request.content)
+
+
+def form_of(request: httpx.Request) -> dict[str, list[str]]:
+    """The request's form body, each field with all its values."""
+    return parse_qs(request.content.decode(), keep_blank_values=True, strict_parsing=True)
+
+
+def mime_message(data: bytes) -> EmailMessage:
+    """The MIME message `data` holds (a message dripd composed, as the provider got it)."""
+    parsed = email.message_from_bytes(data, policy=email.policy.default)
+    assert isinstance(parsed, EmailMessage)
+    return parsed

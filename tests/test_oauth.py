@@ -5,7 +5,6 @@ lock, rotated refresh tokens, refusals, and the host application's token provide
 from __future__ import annotations
 
 import asyncio
-import urllib.parse
 from collections.abc import Mapping
 from datetime import timedelta
 from typing import Any
@@ -13,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 import structlog
-from httpmock import Answer, Mock, build, make_adapter, message
+from httpmock import Answer, Mock, build, form_of, make_adapter, message
 
 from dripd.channels import registry
 from dripd.channels.base import AdapterError, ChannelContext, TransientError
@@ -27,11 +26,6 @@ REFRESH = "1//0refresh-token-a1b2c3d4"
 GRANT = {"client_id": CLIENT_ID, "client_secret": CLIENT_SECRET, "refresh_token": REFRESH}
 
 GOOGLE = {"access_token": "ya29.first", "expires_in": 3599, "token_type": "Bearer"}
-
-
-def form(request: httpx.Request) -> dict[str, list[str]]:
-    """The request's form body, each field with all its values."""
-    return urllib.parse.parse_qs(request.content.decode("ascii"), keep_blank_values=True)
 
 
 class Gated(httpx.AsyncBaseTransport):
@@ -78,7 +72,7 @@ async def test_google_refresh_is_the_documented_form_post() -> None:
     assert str(request.url) == "https://oauth2.googleapis.com/token"
     assert request.headers["content-type"].startswith("application/x-www-form-urlencoded")
     assert not request.content.startswith(b"{")  # a form, not JSON
-    assert form(request) == {
+    assert form_of(request) == {
         "grant_type": ["refresh_token"],
         "refresh_token": [REFRESH],
         "client_id": [CLIENT_ID],
@@ -96,7 +90,7 @@ async def test_microsoft_refresh_sends_tenant_and_space_separated_scope() -> Non
 
     [request] = mock.requests
     assert str(request.url) == "https://login.microsoftonline.com/common/oauth2/v2.0/token"
-    assert form(request) == {
+    assert form_of(request) == {
         "grant_type": ["refresh_token"],
         "refresh_token": [REFRESH],
         "scope": ["https://graph.microsoft.com/Mail.Send offline_access"],
@@ -111,7 +105,7 @@ async def test_microsoft_tenant_scope_and_token_url_are_configurable() -> None:
     scope = "https://graph.microsoft.com/Mail.Send   offline_access"
     await grant("ms365", {"user": "u", "tenant": tenant, "scope": scope}, transport=mock).token()
     assert str(mock.last.url) == f"https://login.microsoftonline.com/{tenant}/oauth2/v2.0/token"
-    assert form(mock.last)["scope"] == ["https://graph.microsoft.com/Mail.Send offline_access"]
+    assert form_of(mock.last)["scope"] == ["https://graph.microsoft.com/Mail.Send offline_access"]
 
     cloud = "https://login.microsoftonline.us/contoso.example/oauth2/v2.0/token"
     await grant("ms365", {"user": "u", "token_url": cloud}, transport=mock).token()
@@ -197,7 +191,7 @@ async def test_rotated_refresh_token_is_saved_and_used_next() -> None:
 
     clock.advance(3600)
     assert await source.token() == "a2"
-    assert form(mock.last)["refresh_token"] == ["0.rt-2"]
+    assert form_of(mock.last)["refresh_token"] == ["0.rt-2"]
     assert len(saved) == 1  # the same token echoed back is not a rotation
 
 
@@ -226,7 +220,7 @@ async def test_rotation_without_a_store_is_kept_in_memory_and_logged_once() -> N
         await source.token()
         clock.advance(3600)
         await source.token()
-    assert [form(r)["refresh_token"] for r in mock.requests] == [[REFRESH], ["rt-2"], ["rt-3"]]
+    assert [form_of(r)["refresh_token"] for r in mock.requests] == [[REFRESH], ["rt-2"], ["rt-3"]]
     warnings = [e for e in logs if "memory only" in e["event"]]
     assert len(warnings) == 1
     assert "rt-2" not in repr(logs)

@@ -5,16 +5,12 @@ through `httpx.MockTransport`."""
 from __future__ import annotations
 
 import base64
-import email
-import email.policy
-import json
-import urllib.parse
 from email.message import EmailMessage
 from typing import Any
 
 import httpx
 import pytest
-from httpmock import Answer, Mock, build, make_adapter, message
+from httpmock import Answer, Mock, build, form_of, json_of, make_adapter, message, mime_message
 
 from dripd.channels.base import (
     AdapterError,
@@ -47,16 +43,14 @@ def gmail(mock: httpx.AsyncBaseTransport, config: dict[str, Any] | None = None) 
 
 def raw_mime(request: httpx.Request) -> EmailMessage:
     """The MIME message inside the request's `raw`, read as Gmail reads it."""
-    body = json.loads(request.content)
+    body = json_of(request)
     assert list(body) == ["raw"]
     raw = body["raw"]
     assert set(raw) <= URLSAFE  # base64url: `-` and `_`, never `+` or `/`
     data = base64.urlsafe_b64decode(raw)
     # The test's message makes standard base64 differ, so a `+`/`/` encoder would be caught.
     assert base64.b64encode(data).decode() != raw
-    parsed = email.message_from_bytes(data, policy=email.policy.default)
-    assert isinstance(parsed, EmailMessage)
-    return parsed
+    return mime_message(data)
 
 
 async def test_plain_message_is_the_documented_request() -> None:
@@ -69,7 +63,7 @@ async def test_plain_message_is_the_documented_request() -> None:
     assert receipt == Receipt(provider_message_id="18c2f0a1b2c3d4e5")
     token_request, send = mock.requests
     assert str(token_request.url) == "https://oauth2.googleapis.com/token"
-    assert urllib.parse.parse_qs(token_request.content.decode())["grant_type"] == ["refresh_token"]
+    assert form_of(token_request)["grant_type"] == ["refresh_token"]
 
     assert send.method == "POST"
     assert str(send.url) == SEND_URL

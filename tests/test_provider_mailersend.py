@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 import pytest
-from httpmock import Answer, Mock, build, make_adapter, message
+from httpmock import Answer, Mock, build, json_of, make_adapter, message
 
 from dripd.channels import registry
 from dripd.channels.base import AdapterError, PermanentError, Receipt, TransientError
@@ -30,10 +30,6 @@ def channel(mock: Mock, config: dict[str, Any] | None = None) -> Any:
     return build("mailersend", "email", config or CONFIG, CREDENTIALS, mock)
 
 
-def sent(mock: Mock) -> Any:
-    return json.loads(mock.last.content)
-
-
 # -- outbound ---------------------------------------------------------------------------------
 
 
@@ -48,7 +44,7 @@ async def test_a_plain_message_is_the_documented_request() -> None:
     assert str(request.url) == "https://api.mailersend.com/v1/email"
     assert request.headers["authorization"] == f"Bearer {API_KEY}"
     assert request.headers["content-type"] == "application/json"
-    assert sent(mock) == {
+    assert json_of(mock.last) == {
         "from": {"email": "news@acme.example", "name": "Acme"},
         "to": [{"email": "ana@example.org"}],
         "subject": "Welcome",
@@ -79,7 +75,7 @@ async def test_every_optional_field_goes_where_mailersend_reads_it() -> None:
     await ch.aclose()
 
     assert str(mock.last.url) == "http://127.0.0.1:9/ms/v1/email"
-    assert sent(mock) == {
+    assert json_of(mock.last) == {
         "from": {"email": "hello@acme.example", "name": "Acme News"},
         "to": [{"email": "ana@example.org", "name": "Souza Ana PhD"}],
         "reply_to": {"email": "help@acme.example", "name": "Help Desk"},

@@ -7,16 +7,13 @@ from __future__ import annotations
 
 import base64
 import binascii
-import email
-import email.policy
-import urllib.parse
 from collections.abc import Mapping
 from email.message import EmailMessage
 from typing import Any
 
 import httpx
 import pytest
-from httpmock import Answer, Mock, build, message
+from httpmock import Answer, Mock, build, form_of, message, mime_message
 
 from dripd.channels.base import AdapterError, PermanentError, Receipt, TransientError
 from dripd.errors import ConfigError
@@ -56,9 +53,7 @@ def mime_of(request: httpx.Request) -> EmailMessage:
         data = base64.b64decode(body, validate=True)  # refuses `-` and `_`
     except binascii.Error as exc:  # pragma: no cover - the failure being tested for
         raise AssertionError(f"not standard base64: {exc}") from exc
-    parsed = email.message_from_bytes(data, policy=email.policy.default)
-    assert isinstance(parsed, EmailMessage)
-    return parsed
+    return mime_message(data)
 
 
 async def test_plain_message_is_the_documented_mime_request() -> None:
@@ -71,7 +66,7 @@ async def test_plain_message_is_the_documented_mime_request() -> None:
     assert receipt == Receipt(provider_message_id=message().message_id)
     token_request, send = mock.requests
     assert str(token_request.url) == TOKEN_URL
-    assert urllib.parse.parse_qs(token_request.content.decode())["scope"] == [
+    assert form_of(token_request)["scope"] == [
         "https://graph.microsoft.com/Mail.Send offline_access"
     ]
 
@@ -118,7 +113,7 @@ async def test_message_with_every_optional_field() -> None:
 
     token_request, send = mock.requests
     assert str(token_request.url) == "https://login.microsoftonline.us/contoso/oauth2/v2.0/token"
-    assert urllib.parse.parse_qs(token_request.content.decode())["scope"] == [
+    assert form_of(token_request)["scope"] == [
         "https://graph.microsoft.us/Mail.Send offline_access"
     ]
     assert str(send.url) == (
@@ -164,9 +159,7 @@ async def test_401_refreshes_once_and_retries_once() -> None:
     await channel.aclose()
     assert [str(r.url) for r in mock.requests] == [TOKEN_URL, SEND_URL, TOKEN_URL, SEND_URL]
     # The second refresh uses the refresh token the first one rotated in.
-    assert urllib.parse.parse_qs(mock.requests[2].content.decode())["refresh_token"] == [
-        "0.AAAA-ms365-refresh-token-2"
-    ]
+    assert form_of(mock.requests[2])["refresh_token"] == ["0.AAAA-ms365-refresh-token-2"]
     assert mock.last.headers["authorization"] == "Bearer eyJ0eXAi.fresh"
 
 

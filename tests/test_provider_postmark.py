@@ -14,7 +14,7 @@ from typing import Any
 
 import httpx
 import pytest
-from httpmock import EXECUTION, Answer, Mock, build, make_adapter, message
+from httpmock import EXECUTION, Answer, Mock, build, json_of, make_adapter, message
 
 from dripd.channels import registry
 from dripd.channels.base import (
@@ -50,10 +50,6 @@ def direct(mock: Mock, config: dict[str, Any] | None = None) -> PostmarkChannel:
     inner = batcher.wrapped  # type: ignore[attr-defined]
     assert isinstance(inner, PostmarkChannel)
     return inner
-
-
-def sent(request: httpx.Request) -> Any:
-    return json.loads(request.content)
 
 
 def numbered(n: int, **fields: Any) -> Message:
@@ -98,7 +94,7 @@ async def test_a_plain_message_is_the_documented_request() -> None:
     assert request.headers["content-type"] == "application/json"
     assert request.headers["accept"] == "application/json"
     assert "authorization" not in request.headers
-    assert sent(request) == plain_body(EXECUTION, "ana@example.org")
+    assert json_of(request) == plain_body(EXECUTION, "ana@example.org")
     assert receipt == Receipt(provider_message_id="0a129aee-e1cd-480d-b08d-4f48548ff48d")
 
 
@@ -134,7 +130,7 @@ async def test_every_optional_field_goes_where_postmark_reads_it() -> None:
     await channel.aclose()
 
     assert str(mock.last.url) == "http://127.0.0.1:9/pm/email"
-    assert sent(mock.last) == {
+    assert json_of(mock.last) == {
         "From": "Acme News <hello@acme.example>",
         "To": '"Ana \\"the, first\\" Souza" <ana@example.org>',
         "Subject": "Welcome",
@@ -167,7 +163,7 @@ async def test_a_step_header_cannot_replace_dripds_identifying_headers() -> None
     await channel.send(message(headers={"x-dripd-idempotency-key": "forged"}))
     await channel.aclose()
 
-    headers = sent(mock.last)["Headers"]
+    headers = json_of(mock.last)["Headers"]
     assert {"Name": "X-Dripd-Idempotency-Key", "Value": f"{EXECUTION}:0"} in headers
     assert all(header["Value"] != "forged" for header in headers)
 
@@ -308,7 +304,7 @@ async def test_concurrent_sends_go_out_as_one_batch_each_with_its_own_result() -
     assert str(request.url) == "https://api.postmarkapp.com/email/batch"
     assert request.headers["x-postmark-server-token"] == TOKEN
     assert request.headers["content-type"] == "application/json"
-    assert sent(request) == [
+    assert json_of(request) == [
         plain_body(m.execution_id, f"user{n}@example.org") for n, m in enumerate(messages, 1)
     ]
     assert results[0] == Receipt(provider_message_id="id-1")
@@ -346,7 +342,7 @@ async def test_a_message_that_cannot_be_built_fails_alone_and_is_not_sent() -> N
     await channel.aclose()
     assert isinstance(results[0], PermanentError)
     assert results[1] == Receipt(provider_message_id="id-2")
-    assert [element["To"] for element in sent(mock.last)] == ["user2@example.org"]
+    assert [element["To"] for element in json_of(mock.last)] == ["user2@example.org"]
 
 
 @pytest.mark.parametrize(

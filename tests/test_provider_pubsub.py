@@ -11,7 +11,7 @@ from typing import Any
 
 import asyncpg
 import pytest
-from httpmock import EXECUTION, build, message
+from httpmock import EXECUTION, body_message, build
 
 from dripd.channels import registry
 from dripd.channels.base import AdapterError, PermanentError, TransientError
@@ -47,16 +47,7 @@ async def heard(server_dsn: str) -> AsyncIterator[asyncio.Queue[tuple[str, str]]
 
 
 def pubsub_message(**fields: Any) -> Any:
-    values: dict[str, Any] = {
-        "channel": "pubsub",
-        "to": "sub-42",
-        "subject": None,
-        "text": None,
-        "body": "Ana signed up",
-        "metadata": META,
-    }
-    values.update(fields)
-    return message(**values)
+    return body_message("pubsub", "sub-42", "Ana signed up", **{"metadata": META, **fields})
 
 
 def channel(pool: Any, config: dict[str, Any] | None = None) -> Any:

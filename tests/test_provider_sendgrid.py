@@ -14,7 +14,7 @@ import httpx
 import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from httpmock import EXECUTION, Answer, Mock, build, make_adapter, message
+from httpmock import EXECUTION, Answer, Mock, build, json_of, make_adapter, message
 
 from dripd.channels import registry
 from dripd.channels.base import AdapterError, PermanentError, TransientError
@@ -38,10 +38,6 @@ def channel(mock: Mock, config: dict[str, Any] | None = None) -> Any:
     return build("sendgrid", "email", config or CONFIG, CREDENTIALS, mock)
 
 
-def sent(mock: Mock) -> Any:
-    return json.loads(mock.last.content)
-
-
 # -- outbound ---------------------------------------------------------------------------
 
 
@@ -56,7 +52,7 @@ async def test_a_plain_message_is_the_documented_request() -> None:
     assert str(request.url) == "https://api.sendgrid.com/v3/mail/send"
     assert request.headers["authorization"] == f"Bearer {API_KEY}"
     assert request.headers["content-type"] == "application/json"
-    assert sent(mock) == {
+    assert json_of(mock.last) == {
         "personalizations": [
             {
                 "to": [{"email": "ana@example.org"}],
@@ -103,7 +99,7 @@ async def test_every_optional_field_goes_where_sendgrid_reads_it() -> None:
     await ch.aclose()
 
     assert str(mock.last.url) == "https://api.eu.sendgrid.com/v3/mail/send"
-    assert sent(mock) == {
+    assert json_of(mock.last) == {
         "personalizations": [
             {
                 "to": [{"email": "ana@example.org", "name": "Ana Souza"}],
@@ -133,7 +129,7 @@ async def test_every_optional_field_goes_where_sendgrid_reads_it() -> None:
         "asm": {"group_id": 4242},
         "ip_pool_name": "marketing",
     }
-    assert "reply_to_list" not in sent(mock)
+    assert "reply_to_list" not in json_of(mock.last)
 
 
 async def test_html_only_and_base_url() -> None:
@@ -142,7 +138,7 @@ async def test_html_only_and_base_url() -> None:
     await ch.send(message(text=None, html="<b>hi</b>"))
     await ch.aclose()
     assert str(mock.last.url) == "http://127.0.0.1:9/sg/v3/mail/send"
-    assert sent(mock)["content"] == [{"type": "text/html", "value": "<b>hi</b>"}]
+    assert json_of(mock.last)["content"] == [{"type": "text/html", "value": "<b>hi</b>"}]
 
 
 async def test_a_message_without_content_is_permanent_before_any_request() -> None:

@@ -21,7 +21,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.x509.oid import AuthorityInformationAccessOID, ExtendedKeyUsageOID, NameOID
-from httpmock import EXECUTION, Answer, Mock, build, make_adapter, message
+from httpmock import EXECUTION, Answer, Mock, build, json_of, make_adapter, message, mime_message
 from test_aws_sigv4 import check_signed
 
 from dripd.channels import registry
@@ -45,13 +45,16 @@ def channel(mock: Mock, config: dict[str, Any] | None = None, **credentials: str
     )
 
 
+def ses_error(status: int, code: str, text: str) -> Answer:
+    """An SES v2 error answer: the code in `x-amzn-ErrorType`, the text in `message`."""
+    return Answer(status, json={"message": text}, headers={"x-amzn-ErrorType": code})
+
+
 def sent_mail(request: httpx.Request) -> email.message.EmailMessage:
-    body = json.loads(request.content)
+    body = json_of(request)
     raw = base64.b64decode(body["Content"]["Raw"]["Data"], validate=True)
     assert b"\r\n" in raw  # the wire form, CRLF line ends
-    parsed = email.message_from_bytes(raw, policy=email.policy.default)
-    assert isinstance(parsed, email.message.EmailMessage)
-    return parsed
+    return mime_message(raw)
 
 
 # -- outbound ---------------------------------------------------------------------------
@@ -68,7 +71,7 @@ async def test_a_plain_message_is_the_documented_request() -> None:
     assert str(request.url) == URL
     assert request.headers["content-type"] == "application/json"
     check_signed(request, key_id=KEY_ID, secret=SECRET, region="eu-west-1", service="ses")
-    body = json.loads(request.content)
+    body = json_of(request)
     assert set(body) == {"FromEmailAddress", "Destination", "Content", "EmailTags"}
     assert body["FromEmailAddress"] == "news@acme.example"
     assert body["Destination"] == {"ToAddresses": ["ana@example.org"]}
@@ -118,7 +121,7 @@ async def test_every_optional_field_goes_where_ses_reads_it() -> None:
     check_signed(
         request, key_id=KEY_ID, secret=SECRET, region="us-west-2", service="ses", token=TOKEN
     )
-    body = json.loads(request.content)
+    body = json_of(request)
     assert body["FromEmailAddress"] == "help@acme.example"
     assert body["Destination"] == {"ToAddresses": ["ana@example.org"]}
     assert body["ConfigurationSetName"] == "dripd-events_1"
@@ -142,77 +145,37 @@ async def test_every_optional_field_goes_where_ses_reads_it() -> None:
     ("answer", "kind"),
     [
         (
-            Answer(
+            ses_error(
                 429,
-                json={"message": "Maximum sending rate exceeded."},
-                headers={
-                    "x-amzn-ErrorType": "TooManyRequestsException:http://internal.amazon.com/coral/com.amazonaws.sesv2/"
-                },
+                "TooManyRequestsException:http://internal.amazon.com/coral/com.amazonaws.sesv2/",
+                "Maximum sending rate exceeded.",
             ),
             TransientError,
         ),
-        (
-            Answer(
-                400,
-                json={"message": "Daily quota"},
-                headers={"x-amzn-ErrorType": "LimitExceededException"},
-            ),
-            TransientError,
-        ),
-        (
-            Answer(
-                500,
-                json={"message": "oops"},
-                headers={"x-amzn-ErrorType": "InternalServiceErrorException"},
-            ),
-            TransientError,
-        ),
+        (ses_error(400, "LimitExceededException", "Daily quota"), TransientError),
+        (ses_error(500, "InternalServiceErrorException", "oops"), TransientError),
         (Answer(503, text="unavailable"), TransientError),
         (
-            Answer(
-                400,
-                json={"message": "Sending paused for this account."},
-                headers={"x-amzn-ErrorType": "SendingPausedException"},
+            ses_error(400, "SendingPausedException", "Sending paused for this account."),
+            AdapterError,
+        ),
+        (ses_error(400, "AccountSuspendedException", "suspended"), AdapterError),
+        (ses_error(400, "MailFromDomainNotVerifiedException", "MAIL FROM"), AdapterError),
+        (
+            ses_error(404, "NotFoundException", "Configuration set <x> does not exist."),
+            AdapterError,
+        ),
+        (
+            ses_error(
+                403, "SignatureDoesNotMatch", "The request signature we calculated does not match"
             ),
             AdapterError,
         ),
         (
-            Answer(
-                400,
-                json={"message": "suspended"},
-                headers={"x-amzn-ErrorType": "AccountSuspendedException"},
-            ),
-            AdapterError,
-        ),
-        (
-            Answer(
-                400,
-                json={"message": "MAIL FROM"},
-                headers={"x-amzn-ErrorType": "MailFromDomainNotVerifiedException"},
-            ),
-            AdapterError,
-        ),
-        (
-            Answer(
-                404,
-                json={"message": "Configuration set <x> does not exist."},
-                headers={"x-amzn-ErrorType": "NotFoundException"},
-            ),
-            AdapterError,
-        ),
-        (
-            Answer(
+            ses_error(
                 403,
-                json={"message": "The request signature we calculated does not match"},
-                headers={"x-amzn-ErrorType": "SignatureDoesNotMatch"},
-            ),
-            AdapterError,
-        ),
-        (
-            Answer(
-                403,
-                json={"message": "The security token included in the request is invalid."},
-                headers={"x-amzn-ErrorType": "UnrecognizedClientException"},
+                "UnrecognizedClientException",
+                "The security token included in the request is invalid.",
             ),
             AdapterError,
         ),
@@ -223,22 +186,8 @@ async def test_every_optional_field_goes_where_ses_reads_it() -> None:
             ),
             AdapterError,
         ),
-        (
-            Answer(
-                400,
-                json={"message": "Email address is not verified."},
-                headers={"x-amzn-ErrorType": "MessageRejected"},
-            ),
-            PermanentError,
-        ),
-        (
-            Answer(
-                400,
-                json={"message": "Missing final '@domain'"},
-                headers={"x-amzn-ErrorType": "BadRequestException"},
-            ),
-            PermanentError,
-        ),
+        (ses_error(400, "MessageRejected", "Email address is not verified."), PermanentError),
+        (ses_error(400, "BadRequestException", "Missing final '@domain'"), PermanentError),
         (Answer(413, text="too large"), PermanentError),
     ],
 )
@@ -255,10 +204,10 @@ async def test_errors_map_by_ses_code_then_status(answer: Answer, kind: type[Exc
 
 
 async def test_the_error_names_the_code_and_message() -> None:
-    answer = Answer(
+    answer = ses_error(
         400,
-        json={"message": "Email address is not verified. The following identities failed"},
-        headers={"x-amzn-ErrorType": "MessageRejected:http://internal.amazon.com/coral/"},
+        "MessageRejected:http://internal.amazon.com/coral/",
+        "Email address is not verified. The following identities failed",
     )
     ch = channel(Mock(answer))
     with pytest.raises(PermanentError) as caught:

@@ -11,7 +11,7 @@ from typing import Any
 
 import httpx
 import pytest
-from httpmock import Answer, Mock, build, make_adapter, message
+from httpmock import Answer, Mock, body_message, build, json_of, make_adapter
 
 from dripd.channels import registry
 from dripd.channels.base import (
@@ -42,15 +42,7 @@ def channel(
 
 
 def chat(**fields: Any) -> Any:
-    values: dict[str, Any] = {
-        "channel": "chat",
-        "to": "sub-42",
-        "subject": None,
-        "text": None,
-        "body": "Ana just signed up :tada:",
-    }
-    values.update(fields)
-    return message(**values)
+    return body_message("chat", "sub-42", "Ana just signed up :tada:", **fields)
 
 
 def assert_no_url(error: BaseException) -> None:
@@ -74,7 +66,7 @@ async def test_a_plain_message_is_the_documented_request() -> None:
     assert str(request.url) == URL
     assert request.headers["content-type"] == "application/json"
     assert "authorization" not in request.headers  # the URL is the credential
-    assert json.loads(request.content) == {"text": "Ana just signed up :tada:"}
+    assert json_of(request) == {"text": "Ana just signed up :tada:"}
     assert receipt.provider_message_id is None
 
 
@@ -88,7 +80,7 @@ async def test_a_json_body_with_blocks_is_sent_as_the_payload() -> None:
     }
     await ch.send(chat(body=json.dumps(document)))
     await ch.aclose()
-    assert json.loads(mock.last.content) == document
+    assert json_of(mock.last) == document
     assert mock.last.extensions["timeout"]["read"] == 5.0
 
 
@@ -102,7 +94,7 @@ async def test_a_message_needs_text() -> None:
     # Text that only looks like JSON is text.
     await ch.send(chat(body="{not json}"))
     await ch.aclose()
-    assert [json.loads(r.content) for r in mock.requests] == [{"text": "{not json}"}]
+    assert [json_of(r) for r in mock.requests] == [{"text": "{not json}"}]
 
 
 @pytest.mark.parametrize(

@@ -5,11 +5,10 @@ its error codes mapped onto dripd's errors."""
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import parse_qs
 
 import httpx
 import pytest
-from httpmock import Answer, Mock, build, message
+from httpmock import Answer, Mock, body_message, build, form_of
 from test_aws_sigv4 import check_signed
 
 from dripd.channels import registry
@@ -42,19 +41,7 @@ def channel(mock: Mock, config: dict[str, Any] | None = None, **credentials: str
 
 
 def sms(**fields: Any) -> Any:
-    values: dict[str, Any] = {
-        "channel": "sms",
-        "to": "+15555550100",
-        "subject": None,
-        "text": None,
-        "body": "Hi there",
-    }
-    values.update(fields)
-    return message(**values)
-
-
-def form_of(request: httpx.Request) -> dict[str, list[str]]:
-    return parse_qs(request.content.decode(), keep_blank_values=True, strict_parsing=True)
+    return body_message("sms", "+15555550100", "Hi there", **fields)
 
 
 def error(status: int, code: str, text: str = "went wrong", kind: str = "Sender") -> Answer:

@@ -4,12 +4,11 @@ core.telegram.org/bots/api), its answers mapped onto dripd's errors, and the bot
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import httpx
 import pytest
-from httpmock import Answer, Mock, build, message
+from httpmock import Answer, Mock, body_message, build, json_of
 
 from dripd.channels import registry
 from dripd.channels.base import AdapterError, PermanentError, TransientError
@@ -37,19 +36,7 @@ def channel(mock: Mock, config: dict[str, Any] | None = None) -> Any:
 
 
 def chat(**fields: Any) -> Any:
-    values: dict[str, Any] = {
-        "channel": "chat",
-        "to": "123456789",
-        "subject": None,
-        "text": None,
-        "body": "Hi Ana",
-    }
-    values.update(fields)
-    return message(**values)
-
-
-def sent(mock: Mock) -> Any:
-    return json.loads(mock.last.content)
+    return body_message("chat", "123456789", "Hi Ana", **fields)
 
 
 def telegram_error(code: int, description: str, **parameters: Any) -> Answer:
@@ -70,7 +57,7 @@ async def test_a_plain_message_is_the_documented_request() -> None:
     assert str(request.url) == f"https://api.telegram.org/bot{TOKEN}/sendMessage"
     assert request.headers["content-type"] == "application/json"
     assert "authorization" not in request.headers
-    assert sent(mock) == {"chat_id": 123456789, "text": "Hi Ana"}
+    assert json_of(mock.last) == {"chat_id": 123456789, "text": "Hi Ana"}
     assert receipt.provider_message_id == "123456789:42"
 
 
@@ -85,7 +72,7 @@ async def test_every_optional_field_goes_where_telegram_reads_it() -> None:
     await ch.send(chat(to="@acme_news", body="Hi <b>Ana</b>"))
     await ch.aclose()
     assert str(mock.last.url) == f"http://bot.stub.example:8081/bot{TOKEN}/sendMessage"
-    assert sent(mock) == {
+    assert json_of(mock.last) == {
         "chat_id": "@acme_news",
         "text": "Hi <b>Ana</b>",
         "parse_mode": "HTML",
@@ -98,7 +85,7 @@ async def test_a_group_chat_id_is_a_negative_integer() -> None:
     ch = channel(mock)
     receipt = await ch.send(chat(to="-1001234567890"))
     await ch.aclose()
-    assert sent(mock)["chat_id"] == -1001234567890
+    assert json_of(mock.last)["chat_id"] == -1001234567890
     assert receipt.provider_message_id == "-1001234567890:42"
 
 

@@ -13,7 +13,7 @@ from urllib.parse import parse_qs, urlencode
 
 import httpx
 import pytest
-from httpmock import EXECUTION, Answer, Mock, build, make_adapter, message
+from httpmock import EXECUTION, Answer, Mock, body_message, build, form_of, make_adapter
 
 from dripd.channels import registry
 from dripd.channels.base import AdapterError, PermanentError, TransientError
@@ -39,19 +39,7 @@ def channel(
 
 
 def sms(**fields: Any) -> Any:
-    values: dict[str, Any] = {
-        "channel": "sms",
-        "to": "+15558675310",
-        "subject": None,
-        "text": None,
-        "body": "Hi Ana",
-    }
-    values.update(fields)
-    return message(**values)
-
-
-def form_of(request: httpx.Request) -> dict[str, list[str]]:
-    return parse_qs(request.content.decode(), keep_blank_values=True, strict_parsing=True)
+    return body_message("sms", "+15558675310", "Hi Ana", **fields)
 
 
 def basic(user: str, password: str) -> str:

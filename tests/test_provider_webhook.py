@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import json
 import time
 from datetime import datetime
 from ipaddress import IPv4Address, IPv6Address, ip_network
@@ -17,7 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
-from httpmock import EXECUTION, Answer, Mock, build, make_adapter, message
+from httpmock import EXECUTION, Answer, Mock, body_message, build, json_of, make_adapter
 from standardwebhooks import Webhook
 
 from dripd.channels import registry
@@ -45,16 +44,7 @@ def channel(mock: Mock, config: dict[str, Any] | None = None, **context: Any) ->
 
 
 def webhook_message(**fields: Any) -> Any:
-    values: dict[str, Any] = {
-        "channel": "webhook",
-        "to": "sub-42",
-        "subject": None,
-        "text": None,
-        "body": "Ana signed up",
-        "metadata": META,
-    }
-    values.update(fields)
-    return message(**values)
+    return body_message("webhook", "sub-42", "Ana signed up", **{"metadata": META, **fields})
 
 
 def by_hand(request: httpx.Request) -> str:
@@ -100,7 +90,7 @@ async def test_a_plain_message_is_a_signed_standard_webhook() -> None:
     assert request.headers["webhook-id"] == f"{EXECUTION}:0"
     assert before <= int(request.headers["webhook-timestamp"]) <= after
     assert request.headers["webhook-signature"] == by_hand(request)
-    body = json.loads(request.content)
+    body = json_of(request)
     assert verified == [body]
     stamp = datetime.fromisoformat(body.pop("timestamp"))
     assert stamp.tzinfo is not None
@@ -124,7 +114,7 @@ async def test_every_optional_field() -> None:
     await ch.send(webhook_message(subject="Hello", metadata=meta))
     await ch.aclose()
 
-    body = json.loads(mock.last.content)
+    body = json_of(mock.last)
     assert verified == [body]
     assert body["type"] == "crm.lead.nudged"
     assert body["data"] == {
@@ -154,7 +144,7 @@ async def test_a_json_object_body_is_the_payload_byte_for_byte() -> None:
     ch = channel(mock)
     await ch.send(webhook_message(body="[1, 2]"))
     await ch.aclose()
-    assert json.loads(mock.last.content)["data"]["text"] == "[1, 2]"
+    assert json_of(mock.last)["data"]["text"] == "[1, 2]"
 
 
 async def test_a_resend_keeps_the_webhook_id_so_receivers_dedupe() -> None:

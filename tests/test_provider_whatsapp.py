@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from httpmock import EXECUTION, Answer, Mock, build, make_adapter, message
+from httpmock import EXECUTION, Answer, Mock, body_message, build, json_of, make_adapter
 
 from dripd.channels import registry
 from dripd.channels.base import AdapterError, PermanentError, TransientError
@@ -38,19 +38,7 @@ def channel(mock: Mock, config: dict[str, Any] | None = None) -> Any:
 
 
 def wa(**fields: Any) -> Any:
-    values: dict[str, Any] = {
-        "channel": "whatsapp",
-        "to": "+15551234567",
-        "subject": None,
-        "text": None,
-        "body": "Hi Ana",
-    }
-    values.update(fields)
-    return message(**values)
-
-
-def sent(mock: Mock) -> Any:
-    return json.loads(mock.last.content)
+    return body_message("whatsapp", "+15551234567", "Hi Ana", **fields)
 
 
 # -- outbound ---------------------------------------------------------------------------
@@ -67,7 +55,7 @@ async def test_a_text_message_is_the_documented_request() -> None:
     assert str(request.url) == "https://graph.facebook.com/v23.0/106540352242922/messages"
     assert request.headers["authorization"] == f"Bearer {TOKEN}"
     assert request.headers["content-type"] == "application/json"
-    assert sent(mock) == {
+    assert json_of(mock.last) == {
         "messaging_product": "whatsapp",
         "recipient_type": "individual",
         "to": "15551234567",
@@ -90,7 +78,7 @@ async def test_every_optional_field_goes_where_meta_reads_it() -> None:
     await ch.send(wa(body="See https://acme.example"))
     await ch.aclose()
     assert str(mock.last.url) == "http://graph.stub.example:8080/v21.0/106540352242922/messages"
-    assert sent(mock)["text"] == {"body": "See https://acme.example", "preview_url": True}
+    assert json_of(mock.last)["text"] == {"body": "See https://acme.example", "preview_url": True}
 
 
 async def test_a_template_message_carries_name_language_and_body_parameters() -> None:
@@ -107,7 +95,7 @@ async def test_a_template_message_carries_name_language_and_body_parameters() ->
         )
     )
     await ch.aclose()
-    assert sent(mock) == {
+    assert json_of(mock.last) == {
         "messaging_product": "whatsapp",
         "recipient_type": "individual",
         "to": "15551234567",
@@ -134,7 +122,7 @@ async def test_a_template_without_parameters_has_no_components() -> None:
     ch = channel(mock)
     await ch.send(wa(metadata={"template_name": "hello_world", "template_language": "en_US"}))
     await ch.aclose()
-    assert sent(mock)["template"] == {"name": "hello_world", "language": {"code": "en_US"}}
+    assert json_of(mock.last)["template"] == {"name": "hello_world", "language": {"code": "en_US"}}
 
 
 @pytest.mark.parametrize(

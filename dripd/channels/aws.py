@@ -43,8 +43,8 @@ from cryptography.utils import CryptographyDeprecationWarning
 from cryptography.x509.oid import AuthorityInformationAccessOID, NameOID
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
-from dripd.channels.feedback import Unverified, check_window
-from dripd.channels.http import config_str, credential_str
+from dripd.channels.feedback import Unverified, check_window, iso_time
+from dripd.channels.http import clip, config_str, credential_str
 from dripd.clock import Clock, SystemClock
 from dripd.errors import ConfigError
 
@@ -251,26 +251,19 @@ MAX_CERT_BYTES: Final = 64 * 1024
 CERT_CACHE_SIZE: Final = 32
 
 # The fields each message type signs, in the order of the string to sign.
+_CONFIRMATION_FIELDS: Final = (
+    "Message",
+    "MessageId",
+    "SubscribeURL",
+    "Timestamp",
+    "Token",
+    "TopicArn",
+    "Type",
+)
 _SIGNED_FIELDS: Final = {
     "Notification": ("Message", "MessageId", "Subject", "Timestamp", "TopicArn", "Type"),
-    "SubscriptionConfirmation": (
-        "Message",
-        "MessageId",
-        "SubscribeURL",
-        "Timestamp",
-        "Token",
-        "TopicArn",
-        "Type",
-    ),
-    "UnsubscribeConfirmation": (
-        "Message",
-        "MessageId",
-        "SubscribeURL",
-        "Timestamp",
-        "Token",
-        "TopicArn",
-        "Type",
-    ),
+    "SubscriptionConfirmation": _CONFIRMATION_FIELDS,
+    "UnsubscribeConfirmation": _CONFIRMATION_FIELDS,
 }
 _OPTIONAL_FIELDS: Final = frozenset({"Subject"})
 _HASHES: Final = {"1": hashes.SHA1, "2": hashes.SHA256}
@@ -482,7 +475,7 @@ class SnsVerifier:
         else:
             raise Unverified(
                 f"the SNS signing certificate from {host} is not trusted for {SNS_CERT_NAME}: "
-                f"{_clip(str(error))}"
+                f"{clip(str(error), 200)}"
             )
         common_names = leaf.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
         if common_names and common_names[0].value not in names:
@@ -583,13 +576,5 @@ def parse_timestamp(value: object) -> datetime | None:
     """An SNS/SES ISO 8601 time (`2026-01-02T03:04:05.678Z`) as aware UTC, or None."""
     if not isinstance(value, str) or len(value) > 40:
         return None
-    try:
-        when = datetime.fromisoformat(value)
-    except ValueError:
-        return None
-    return when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
-
-
-def _clip(text: str, limit: int = 200) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+    when = iso_time(value, naive_utc=True)
+    return when.astimezone(UTC) if when is not None else None

@@ -67,9 +67,10 @@ class Batcher:
             self._flush()
         elif self._timer is None:
             self._timer = loop.call_later(self._linger, self._flush)
-        # Shielded: a sender cancelled at stop leaves its batch to go out for the others;
-        # its own row is released and claimed again (at-least-once, like a single send).
-        return await asyncio.shield(future)
+        # A sender cancelled at stop cancels only its future: the batch runs in a task of
+        # its own and goes out for the others (it skips futures already done); the
+        # cancelled row is released and claimed again (at-least-once, like a single send).
+        return await future
 
     def _flush(self) -> None:
         if self._timer is not None:

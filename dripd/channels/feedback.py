@@ -8,6 +8,9 @@ maps the payload to `FeedbackEvent`s, or raises `BadPayload` (400). The route re
 events (dripd.db.feedback): each is deduplicated by (adapter, `event_id`), correlated to its
 execution, stored as a message event, and a permanent bounce, a complaint or an unsubscribe
 suppresses the address.
+
+Below the protocol, what receivers share to verify and read a payload: HMAC-SHA256 in hex,
+the JSON body, ids, times and texts of events, and the SMS/WhatsApp opt-out keywords.
 """
 
 from __future__ import annotations
@@ -17,8 +20,10 @@ import hmac
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Final, Protocol
+
+import msgspec
 
 from dripd.errors import DripdError
 
@@ -28,6 +33,8 @@ if TYPE_CHECKING:
 __all__ = [
     "FEEDBACK_TYPES",
     "MAX_BODY_BYTES",
+    "MAX_REPLY",
+    "OPT_OUT_KEYWORDS",
     "BadPayload",
     "FeedbackEvent",
     "InboundRequest",
@@ -35,8 +42,18 @@ __all__ = [
     "ReceiverContext",
     "Unverified",
     "check_window",
+    "decode_json",
+    "decode_object",
     "digest_id",
+    "epoch_text",
+    "epoch_time",
     "equal",
+    "hmac_sha256_hex",
+    "inbound_message",
+    "iso_time",
+    "keyword",
+    "parse_uuid",
+    "scalar_text",
 ]
 
 #: Webhook bodies above this are answered 413 before anything reads them.
@@ -170,3 +187,123 @@ def digest_id(*parts: object) -> str:
     """A stable event id from an event's own fields, for providers that send none."""
     text = "\x1f".join("" if p is None else str(p) for p in parts)
     return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
+
+
+def hmac_sha256_hex(key: str | bytes, data: bytes) -> str:
+    """The hex HMAC-SHA256 of `data` under `key` (a str is UTF-8 encoded): the signature of
+    Mailgun, MailerSend and Meta's webhooks."""
+    secret = key.encode() if isinstance(key, str) else key
+    return hmac.new(secret, data, hashlib.sha256).hexdigest()
+
+
+# Reading payloads ---------------------------------------------------------------------------
+
+
+def decode_json(body: bytes, what: str) -> Any:
+    """The JSON document `body` holds; BadPayload "`what` is not JSON" otherwise (`what`
+    names the body, e.g. "postmark webhook body")."""
+    try:
+        return msgspec.json.decode(body)
+    except msgspec.DecodeError:
+        raise BadPayload(f"{what} is not JSON") from None
+
+
+def decode_object(body: bytes, what: str) -> dict[str, Any]:
+    """The JSON object `body` holds; BadPayload naming `what` when it is not JSON or not an
+    object."""
+    payload = decode_json(body, what)
+    if not isinstance(payload, dict):
+        raise BadPayload(f"{what} is not a JSON object")
+    return payload
+
+
+def parse_uuid(value: object) -> uuid.UUID | None:
+    """`value` as a UUID (an execution id a provider echoed back), or None when it is not a
+    string holding one."""
+    if not isinstance(value, str):
+        return None
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        return None
+
+
+def scalar_text(value: object) -> str | None:
+    """A JSON scalar of an event as text: a string stripped (None when blank), a number
+    written out; None for anything else."""
+    if isinstance(value, str):
+        return value.strip() or None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)
+    return None
+
+
+def epoch_time(value: object) -> datetime | None:
+    """Epoch seconds given as a JSON number (an event's `timestamp`) as an aware UTC time;
+    None for anything else, a negative number, or one from 1e11 on (the year 5138)."""
+    if isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value < 1e11:
+        return datetime.fromtimestamp(value, UTC)
+    return None
+
+
+def epoch_text(value: object) -> datetime | None:
+    """Epoch seconds written as at most 12 ASCII digits (a signed timestamp, WhatsApp's
+    `timestamp`) as an aware UTC time; None for anything else, or a time past the year
+    9999."""
+    if not (isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 12):
+        return None
+    try:
+        return datetime.fromtimestamp(int(value), UTC)
+    except (OverflowError, ValueError, OSError):
+        return None
+
+
+def iso_time(value: object, *, naive_utc: bool = False) -> datetime | None:
+    """An ISO 8601 time as an aware datetime, its offset kept; None when `value` is not one.
+    A time without an offset is None, or UTC with `naive_utc`."""
+    if not isinstance(value, str):
+        return None
+    try:
+        when = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    if when.tzinfo is None:
+        return when.replace(tzinfo=UTC) if naive_utc else None
+    return when
+
+
+# Inbound SMS and WhatsApp -------------------------------------------------------------------
+
+#: The part of an inbound message kept in its event (characters).
+MAX_REPLY: Final = 1000
+
+#: The opt-out keywords (Twilio's defaults, from its Advanced Opt-Out tutorial: STOP,
+#: UNSUBSCRIBE, END, QUIT, STOPALL, REVOKE, OPTOUT, CANCEL), which dripd also applies to
+#: WhatsApp. A message that is only the keyword, in any case, with white space around it,
+#: opts out; "STOP PLEASE" does not.
+OPT_OUT_KEYWORDS: Final = frozenset(
+    {"STOP", "STOPALL", "UNSUBSCRIBE", "CANCEL", "END", "QUIT", "REVOKE", "OPTOUT"}
+)
+
+
+def keyword(body: str) -> str:
+    """An inbound message as a keyword: the text without surrounding white space, in upper
+    case (Twilio matches keywords that way)."""
+    return body.strip().upper()
+
+
+def inbound_message(
+    body: str, *, opted_out: bool = False, data: Mapping[str, Any] | None = None, **fields: Any
+) -> FeedbackEvent:
+    """The event of an inbound SMS or WhatsApp message: `unsubscribed` when it is an opt-out
+    keyword (or the provider says it opted out: `opted_out`), else `replied`, with `data`
+    added. Either keeps the first MAX_REPLY characters of `body` in its data. `fields`: the
+    event's own (event_id, recipient, channel, occurred_at)."""
+    word = keyword(body)
+    kept: dict[str, Any] = {"body": body[:MAX_REPLY]}
+    if opted_out or word in OPT_OUT_KEYWORDS:
+        said = word if word in OPT_OUT_KEYWORDS else "opt-out"
+        return FeedbackEvent(
+            type="unsubscribed", reason=f"inbound {said} keyword", data=kept, **fields
+        )
+    return FeedbackEvent(type="replied", data={**kept, **(data or {})}, **fields)

@@ -33,11 +33,9 @@ import httpx
 
 from dripd.channels import mime, oauth
 from dripd.channels.base import (
-    AdapterError,
     ChannelContext,
     ChannelError,
     Message,
-    PermanentError,
     Receipt,
     TransientError,
 )
@@ -46,8 +44,9 @@ from dripd.channels.http import (
     check_http_config,
     config_str,
     detail,
-    error_for_status,
     json_body,
+    json_dict,
+    json_str,
     retry_after,
 )
 from dripd.channels.spec import ProviderSpec
@@ -113,37 +112,29 @@ class GmailChannel(oauth.BearerProvider):
         raw = base64.urlsafe_b64encode(mime.to_bytes(mail)).decode("ascii")
         response = await self.authorized("POST", self.path, json={"raw": raw})
         if response.is_success:
-            body = json_body(response)
-            found = body.get("id") if isinstance(body, dict) else None
-            return Receipt(provider_message_id=found if isinstance(found, str) and found else None)
+            return Receipt(provider_message_id=json_str(json_body(response), "id"))
         raise _error(response)
 
 
 def _error(response: httpx.Response) -> ChannelError:
-    """The error for a Gmail answer that is not a success."""
+    """The error for a Gmail answer that is not a success: a 403 for a rate limit is
+    transient (provider-wide), any other answer as `oauth.bearer_error` maps it."""
     message, reasons = _google_error(json_body(response))
-    status = response.status_code
     shown = f"{message} ({', '.join(sorted(reasons))})" if message and reasons else message
-    text = f"gmail: {detail(response, shown)}"
-    if status == 401:
-        return AdapterError(f"{text} (after a token refresh)")
-    if status == 403 and reasons & _RATE_REASONS:
-        return TransientError(text, provider_wide=True, retry_after=retry_after(response))
-    if status in (403, 404):
-        return AdapterError(text)
-    if status == 400:
-        return PermanentError(text)
-    return error_for_status("gmail", response, shown)
+    if response.status_code == 403 and reasons & _RATE_REASONS:
+        return TransientError(
+            f"gmail: {detail(response, shown)}",
+            provider_wide=True,
+            retry_after=retry_after(response),
+        )
+    return oauth.bearer_error("gmail", response, shown)
 
 
 def _google_error(body: Any) -> tuple[str | None, set[str]]:
     """The message and reasons of Google's error body: {"error": {"code", "message",
     "errors": [{"domain", "reason", "message"}], "details": [{"@type": …ErrorInfo,
     "reason"}]}}."""
-    error = body.get("error") if isinstance(body, dict) else None
-    if not isinstance(error, dict):
-        return None, set()
-    message = error.get("message")
+    error = json_dict(body, "error")
     reasons: set[str] = set()
     for key in ("errors", "details"):
         items = error.get(key)
@@ -152,7 +143,7 @@ def _google_error(body: Any) -> tuple[str | None, set[str]]:
                 reason = item.get("reason") if isinstance(item, dict) else None
                 if isinstance(reason, str) and reason:
                     reasons.add(reason[:64])
-    return (message if isinstance(message, str) and message else None), reasons
+    return json_str(error, "message"), reasons
 
 
 SPEC = ProviderSpec(

@@ -13,13 +13,17 @@ The mapping (providers refine it where their API says more, see providers.md):
     429, 408, 5xx                         TransientError(provider_wide), Retry-After honoured
     401                                   AdapterError (the adapter is paused)
     other 4xx                             PermanentError with the provider's message
+
+Besides, what providers share to check their config (a boolean, one of a few choices, a list
+of strings), to read JSON answers and bodies, and to clip a provider's words for an error or
+an event.
 """
 
 from __future__ import annotations
 
 import email.utils
 import math
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
@@ -44,12 +48,21 @@ __all__ = [
     "USER_AGENT",
     "HttpProvider",
     "check_http_config",
+    "check_timeout",
+    "clip",
+    "config_bool",
+    "config_choice",
     "config_str",
     "credential_str",
     "detail",
     "error_for_status",
     "json_body",
+    "json_dict",
+    "json_object",
+    "json_str",
     "retry_after",
+    "string_list",
+    "transient_status",
 ]
 
 #: The config keys every HTTP provider takes (besides `from` and its own).
@@ -80,6 +93,19 @@ def check_http_config(config: Mapping[str, Any]) -> None:
                 "adapter config `base_url` must not hold a user, password, query or fragment "
                 "(credentials go among the adapter's credentials)"
             )
+    check_timeout(config)
+    connections = config.get("max_connections")
+    if connections is not None and (
+        isinstance(connections, bool)
+        or not isinstance(connections, int)
+        or not 1 <= connections <= 1000
+    ):
+        raise ConfigError("adapter config `max_connections` must be an integer in 1..1000")
+
+
+def check_timeout(config: Mapping[str, Any]) -> None:
+    """ConfigError naming the key unless config `timeout`, when set, is a number of seconds
+    in (0, 300]."""
     timeout = config.get("timeout")
     if timeout is not None and (
         isinstance(timeout, bool)
@@ -88,13 +114,55 @@ def check_http_config(config: Mapping[str, Any]) -> None:
         or not 0 < timeout <= 300
     ):
         raise ConfigError("adapter config `timeout` must be a number of seconds in (0, 300]")
-    connections = config.get("max_connections")
-    if connections is not None and (
-        isinstance(connections, bool)
-        or not isinstance(connections, int)
-        or not 1 <= connections <= 1000
-    ):
-        raise ConfigError("adapter config `max_connections` must be an integer in 1..1000")
+
+
+def config_bool(config: Mapping[str, Any], key: str, *, provider: str | None = None) -> bool | None:
+    """The adapter config boolean `key` (None when absent or null); ConfigError naming the
+    key (and `provider`, when given) when it is anything but true or false."""
+    value = config.get(key)
+    if value is not None and not isinstance(value, bool):
+        named = f"{provider} adapter" if provider else "adapter"
+        raise ConfigError(f"{named} config `{key}` must be true or false")
+    return value
+
+
+def config_choice(
+    config: Mapping[str, Any], key: str, choices: Collection[str], default: str
+) -> str:
+    """The adapter config string `key`, one of `choices` (`default` when absent, e.g. a
+    region); ConfigError naming the key and the choices otherwise."""
+    value = config_str(config, key) or default
+    if value not in choices:
+        raise ConfigError(
+            f"adapter config `{key}` must be one of {' | '.join(choices)}, not {value[:40]!r}"
+        )
+    return value
+
+
+def string_list(
+    value: Any,
+    *,
+    least: int = 1,
+    most: int,
+    longest: int | None = None,
+    ascii_only: bool = False,
+    distinct: bool = False,
+) -> bool:
+    """Whether `value` is a list of `least` to `most` strings that are not blank, each at
+    most `longest` characters, printable ASCII with `ascii_only`, no two alike with
+    `distinct` (a config's tags or categories; the caller's error says its limits)."""
+    return (
+        isinstance(value, list)
+        and least <= len(value) <= most
+        and all(
+            isinstance(item, str)
+            and item.strip()
+            and (longest is None or len(item) <= longest)
+            and (not ascii_only or (item.isascii() and item.isprintable()))
+            for item in value
+        )
+        and (not distinct or len(set(value)) == len(value))
+    )
 
 
 def config_str(
@@ -235,6 +303,31 @@ def json_body(response: httpx.Response) -> Any:
         return None
 
 
+def json_object(text: str) -> dict[str, Any] | None:
+    """The JSON object `text` holds (a rendered body that is one goes out as it is), else
+    None."""
+    if not text.lstrip().startswith("{"):
+        return None
+    try:
+        document = msgspec.json.decode(text)
+    except msgspec.DecodeError:
+        return None
+    return document if isinstance(document, dict) else None
+
+
+def json_str(data: Any, key: str) -> str | None:
+    """The non-empty string at `key` when `data` is a JSON object (an answer, a webhook
+    record), else None."""
+    value = data.get(key) if isinstance(data, dict) else None
+    return value if isinstance(value, str) and value else None
+
+
+def json_dict(data: Any, key: str) -> dict[str, Any]:
+    """The object at `key` when `data` is a JSON object and holds one there, else {}."""
+    value = data.get(key) if isinstance(data, dict) else None
+    return value if isinstance(value, dict) else {}
+
+
 def detail(response: httpx.Response, message: str | None = None) -> str:
     """`HTTP 422: <the provider's message>`, clipped: the provider's own words for an error
     (`message` when the caller read it from the body, else the body's text)."""
@@ -255,11 +348,22 @@ def error_for_status(
     any other permanent. `message`: the provider's error text from the body."""
     status = response.status_code
     text = f"{provider}: {detail(response, message)}"
-    if status in (408, 429) or status >= 500:
+    if transient_status(status):
         return TransientError(text, provider_wide=True, retry_after=retry_after(response))
     if status in adapter_statuses:
         return AdapterError(text)
     return PermanentError(text)
+
+
+def transient_status(status: int) -> bool:
+    """Whether an HTTP status says "try again later": 408, 429 and 5xx."""
+    return status in (408, 429) or status >= 500
+
+
+def clip(text: str, limit: int = MAX_DETAIL) -> str:
+    """`text` on one line (runs of white space as one space), cut to `limit` characters
+    (the last one "…"): a provider's words in an error or an event."""
+    return _clip(" ".join(text.split()), limit)
 
 
 def _clip(text: str, limit: int = MAX_DETAIL) -> str:

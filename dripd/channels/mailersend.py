@@ -34,11 +34,9 @@ Answers:
 from __future__ import annotations
 
 import email.utils
-import hashlib
-import hmac
 import re
 from collections.abc import Mapping, Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, Final
 
 import httpx
@@ -51,23 +49,30 @@ from dripd.channels.base import (
     Receipt,
 )
 from dripd.channels.feedback import (
-    BadPayload,
     FeedbackEvent,
     InboundRequest,
     ReceiverContext,
     Unverified,
     check_window,
+    decode_object,
     digest_id,
     equal,
+    hmac_sha256_hex,
+    iso_time,
 )
 from dripd.channels.http import (
     HTTP_CONFIG_KEYS,
     HttpProvider,
     check_http_config,
+    clip,
+    config_bool,
     config_str,
     credential_str,
     error_for_status,
     json_body,
+    json_dict,
+    json_str,
+    string_list,
 )
 from dripd.channels.spec import ProviderSpec
 from dripd.errors import ConfigError
@@ -95,7 +100,6 @@ TEST_SIGNING_SECRET: Final = "test_Am3L1GuOIc4blLUuHqAPxxwkZaJyEk8G"  # noqa: S1
 _SUPPRESSED: Final = ("ALL_SUPPRESSED", "SOME_SUPPRESSED")
 # "The name is alphanumeric with `-`" (MailerSend's custom header rule).
 _HEADER_NAME: Final = re.compile(r"[A-Za-z0-9-]+")
-_MAX_TEXT: Final = 300
 
 # activity.<type> -> (dripd event type, permanent)
 _EVENTS: Final[Mapping[str, tuple[str, bool]]] = {
@@ -120,19 +124,13 @@ def check(config: Mapping[str, Any], credentials: Mapping[str, Any]) -> None:
     if "@" not in email.utils.parseaddr(sender)[1]:
         raise ConfigError("mailersend adapter config `from` must be a mailbox like a@x.example")
     tags = config.get("tags")
-    if tags is not None and (
-        not isinstance(tags, list)
-        or len(tags) > MAX_TAGS
-        or not all(isinstance(tag, str) and tag.strip() for tag in tags)
-    ):
+    if tags is not None and not string_list(tags, least=0, most=MAX_TAGS):
         raise ConfigError(
             f"mailersend adapter config `tags` must be a list of at most {MAX_TAGS} "
             "non-empty strings"
         )
     for key in ("track_opens", "track_clicks"):
-        value = config.get(key)
-        if value is not None and not isinstance(value, bool):
-            raise ConfigError(f"mailersend adapter config `{key}` must be true or false")
+        config_bool(config, key, provider="mailersend")
     credential_str(credentials, "api_key", required=True)
     credential_str(credentials, "webhook_secret")
 
@@ -267,7 +265,7 @@ def _check_suppressed(data: Any, recipient: str) -> None:
         because = f" ({', '.join(reasons)})" if reasons else ""
         raise PermanentError(
             f"mailersend: {warning['type']}: the recipient is suppressed{because}: "
-            f"{_clip(str(text))}".rstrip(": "),
+            f"{clip(str(text))}".rstrip(": "),
             bounce=True,
         )
 
@@ -276,7 +274,7 @@ def _error_text(data: Any) -> str | None:
     """MailerSend's `message`, and the first field error of a 422's `errors`."""
     if not isinstance(data, dict):
         return None
-    text = data.get("message") if isinstance(data.get("message"), str) else ""
+    text = json_str(data, "message") or ""
     errors = data.get("errors")
     if isinstance(errors, dict):
         for field, problems in errors.items():
@@ -284,11 +282,6 @@ def _error_text(data: Any) -> str | None:
                 text = f"{text} {field}: {problems[0]}".strip()
                 break
     return text or None
-
-
-def _clip(text: str) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= _MAX_TEXT else text[: _MAX_TEXT - 1] + "…"
 
 
 # Feedback in -------------------------------------------------------------------------------
@@ -327,9 +320,9 @@ class MailerSendReceiver:
         signature = request.headers.get("signature", "").strip().lower()
         if not signature:
             raise Unverified("mailersend webhook without a Signature header")
-        if not equal(signature, _sign(self._secret, request.body)):
+        if not equal(signature, hmac_sha256_hex(self._secret, request.body)):
             if (
-                equal(signature, _sign(TEST_SIGNING_SECRET, request.body))
+                equal(signature, hmac_sha256_hex(TEST_SIGNING_SECRET, request.body))
                 and _decode(request.body).get("type") == "webhook.test"
             ):
                 return []
@@ -339,9 +332,7 @@ class MailerSendReceiver:
         if kind == "webhook.test":
             return []
         created = _when(payload.get("created_at"))
-        data = payload.get("data")
-        if not isinstance(data, dict):
-            data = {}
+        data = json_dict(payload, "data")
         if created is None:
             created = _when(data.get("created_at"))
         if created is not None:
@@ -354,18 +345,8 @@ class MailerSendReceiver:
         return None
 
 
-def _sign(secret: str, body: bytes) -> str:
-    return hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
-
-
 def _decode(body: bytes) -> dict[str, Any]:
-    try:
-        payload = msgspec.json.decode(body)
-    except msgspec.DecodeError:
-        raise BadPayload("mailersend webhook body is not JSON") from None
-    if not isinstance(payload, dict):
-        raise BadPayload("mailersend webhook body is not a JSON object")
-    return payload
+    return decode_object(body, "mailersend webhook body")
 
 
 def _event(
@@ -375,26 +356,26 @@ def _event(
     `recipient` or `email` as a string, `meta`) or the legacy one (`email.message.id`,
     `email.recipient.email`, `morph`)."""
     event_type, permanent = mapped
-    legacy = _dict(data, "email")
-    message_id = _text(data, "message_id") or _text(_dict(legacy, "message"), "id")
+    legacy = json_dict(data, "email")
+    message_id = json_str(data, "message_id") or json_str(json_dict(legacy, "message"), "id")
     recipient = (
-        _text(data, "recipient")
-        or _text(data, "email")
-        or _text(_dict(legacy, "recipient"), "email")
+        json_str(data, "recipient")
+        or json_str(data, "email")
+        or json_str(json_dict(legacy, "recipient"), "email")
     )
-    meta = _dict(data, "meta")
-    morph = _dict(data, "morph")
-    event_id = _text(data, "id") or digest_id(
+    meta = json_dict(data, "meta")
+    morph = json_dict(data, "morph")
+    event_id = json_str(data, "id") or digest_id(
         "mailersend", kind, message_id, recipient, created.isoformat() if created else None
     )
     reason = (
-        _text(meta, "bounce_reason")
-        or _text(meta, "unsubscribe_reason")
-        or _text(morph, "readable_reason")
-        or _text(morph, "reason")
+        json_str(meta, "bounce_reason")
+        or json_str(meta, "unsubscribe_reason")
+        or json_str(morph, "readable_reason")
+        or json_str(morph, "reason")
     )
     kept: dict[str, Any] = {}
-    url = _text(meta, "url") or _text(morph, "url")
+    url = json_str(meta, "url") or json_str(morph, "url")
     if url is not None:
         kept["url"] = url
     code = meta.get("bounce_code")
@@ -407,32 +388,16 @@ def _event(
         execution_id=None,
         recipient=recipient,
         permanent=permanent,
-        reason=_clip(reason) if reason else None,
+        reason=clip(reason) if reason else None,
         occurred_at=created,
         data=kept,
     )
 
 
-def _dict(values: Mapping[str, Any], key: str) -> Mapping[str, Any]:
-    value = values.get(key)
-    return value if isinstance(value, dict) else {}
-
-
-def _text(values: Mapping[str, Any], key: str) -> str | None:
-    value = values.get(key)
-    return value if isinstance(value, str) and value else None
-
-
 def _when(value: Any) -> datetime | None:
     """`2025-08-05T21:23:54.000000Z`, or `2025-08-05 22:27:14` (UTC, as MailerSend writes
     some events' times), or None."""
-    if not isinstance(value, str) or not value:
-        return None
-    try:
-        when = datetime.fromisoformat(value)
-    except ValueError:
-        return None
-    return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
+    return iso_time(value, naive_utc=True)
 
 
 SPEC = ProviderSpec(

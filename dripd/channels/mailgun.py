@@ -22,12 +22,9 @@ timestamp followed by token, keyed with the domain's HTTP webhook signing key
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import re
-import uuid
 from collections.abc import Mapping, Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, Final
 from urllib.parse import urlencode
 
@@ -43,7 +40,6 @@ from dripd.channels.base import (
     Message,
     PermanentError,
     Receipt,
-    TransientError,
     mailbox_header,
 )
 from dripd.channels.feedback import (
@@ -54,17 +50,25 @@ from dripd.channels.feedback import (
     Unverified,
     check_window,
     digest_id,
+    epoch_text,
+    epoch_time,
     equal,
+    hmac_sha256_hex,
+    parse_uuid,
+    scalar_text,
 )
 from dripd.channels.http import (
     HTTP_CONFIG_KEYS,
     HttpProvider,
     check_http_config,
+    config_bool,
+    config_choice,
     config_str,
     credential_str,
     detail,
+    error_for_status,
     json_body,
-    retry_after,
+    string_list,
 )
 from dripd.channels.spec import ProviderSpec
 from dripd.errors import ConfigError
@@ -149,36 +153,19 @@ def _settings(config: Mapping[str, Any]) -> tuple[str, list[tuple[str, str]]]:
             f"adapter config `domain` {domain[:80]!r} is not a sending domain like "
             "mg.example.com (the domain as Mailgun lists it, in ASCII)"
         )
-    region = config_str(config, "region") or "us"
-    if region not in REGIONS:
-        raise ConfigError(
-            f"adapter config `region` must be one of {' | '.join(REGIONS)}, not {region[:40]!r}"
-        )
+    config_choice(config, "region", REGIONS, "us")
     _sender(config_str(config, "from", required=True) or "", "adapter config `from`")
     fields: list[tuple[str, str]] = []
     tags = config.get("tags")
     if tags is not None:
-        if (
-            not isinstance(tags, list)
-            or not 1 <= len(tags) <= MAX_TAGS
-            or not all(
-                isinstance(t, str)
-                and t.strip()
-                and t.isascii()
-                and t.isprintable()
-                and len(t) <= MAX_TAG_LENGTH
-                for t in tags
-            )
-        ):
+        if not string_list(tags, most=MAX_TAGS, longest=MAX_TAG_LENGTH, ascii_only=True):
             raise ConfigError(
                 f"adapter config `tags` must be a list of 1 to {MAX_TAGS} printable ASCII "
                 f"strings of at most {MAX_TAG_LENGTH} characters (Mailgun's limits)"
             )
         fields += [("o:tag", tag) for tag in tags]
-    tracking = config.get("tracking")
+    tracking = config_bool(config, "tracking")
     if tracking is not None:
-        if not isinstance(tracking, bool):
-            raise ConfigError("adapter config `tracking` must be true or false")
         fields.append(("o:tracking", "yes" if tracking else "no"))
     return domain, fields
 
@@ -267,19 +254,15 @@ class MailgunChannel(HttpProvider):
 
     def error(self, response: httpx.Response) -> ChannelError:
         """The error for a Mailgun answer other than 200 (providers.md §3)."""
-        status = response.status_code
         data = json_body(response)
         said = data.get("message") if isinstance(data, dict) else None
-        what = f"mailgun: {detail(response, said if isinstance(said, str) else None)}"
-        if status in (408, 429) or status >= 500:
-            return TransientError(what, provider_wide=True, retry_after=retry_after(response))
-        if status in (401, 403):
-            return AdapterError(what)
-        if status == 404:
+        said = said if isinstance(said, str) else None
+        if response.status_code == 404:
             return AdapterError(
-                f"{what} (is the domain {self.domain!r} in this account and region?)"
+                f"mailgun: {detail(response, said)} (is the domain {self.domain!r} in this "
+                "account and region?)"
             )
-        return PermanentError(what)
+        return error_for_status("mailgun", response, said, adapter_statuses=frozenset({401, 403}))
 
 
 def from_adapter(adapter: Adapter, context: ChannelContext) -> MailgunChannel:
@@ -334,9 +317,10 @@ class MailgunReceiver:
             stamp = str(stamp)
         if not isinstance(stamp, str) or not isinstance(token, str):
             raise Unverified("mailgun: the signature has no timestamp or token")
-        if not (stamp.isascii() and stamp.isdigit()) or len(stamp) > 12:
+        signed_at = epoch_text(stamp)
+        if signed_at is None:
             raise Unverified("mailgun: the signature timestamp is not epoch seconds")
-        expected = hmac.new(self._key, (stamp + token).encode(), hashlib.sha256).hexdigest()
+        expected = hmac_sha256_hex(self._key, (stamp + token).encode())
         given = [
             value.strip().lower()
             for value in (block.get("signature"), block.get("parent-signature"))
@@ -346,7 +330,7 @@ class MailgunReceiver:
         matches = [equal(expected, value) for value in given]
         if not any(matches):
             raise Unverified("mailgun: the signature does not verify")
-        check_window(datetime.fromtimestamp(int(stamp), UTC), received_at, self._window, "mailgun")
+        check_window(signed_at, received_at, self._window, "mailgun")
 
     async def aclose(self) -> None:
         return None
@@ -366,15 +350,15 @@ def map_event(event: Mapping[str, Any]) -> FeedbackEvent | None:
         return None
     status = event.get("delivery-status")
     status = status if isinstance(status, dict) else {}
-    reason = _text(event.get("reason"))
+    reason = scalar_text(event.get("reason"))
     permanent = False
     data: dict[str, Any] = {}
     if kind in _SIMPLE:
         type_ = _SIMPLE[kind]
-        if kind == "clicked" and (url := _text(event.get("url"))) is not None:
+        if kind == "clicked" and (url := scalar_text(event.get("url"))) is not None:
             data["url"] = url
     elif kind == "failed":
-        severity = _text(event.get("severity"))
+        severity = scalar_text(event.get("severity"))
         if reason in _SUPPRESSED:
             type_, permanent = _SUPPRESSED[reason]
         elif severity == "temporary":
@@ -383,56 +367,34 @@ def map_event(event: Mapping[str, Any]) -> FeedbackEvent | None:
             type_, permanent = "bounced", True
         if severity is not None:
             data["severity"] = severity
-        if (code := _text(status.get("code"))) is not None:
+        if (code := scalar_text(status.get("code"))) is not None:
             data["code"] = code
-        said = _text(status.get("description")) or _text(status.get("message"))
+        said = scalar_text(status.get("description")) or scalar_text(status.get("message"))
         if said is not None:
             reason = f"{reason}: {said}" if reason else said
     else:
         return None
     message = event.get("message")
     headers = message.get("headers") if isinstance(message, dict) else None
-    message_id = _text(headers.get("message-id")) if isinstance(headers, dict) else None
+    message_id = scalar_text(headers.get("message-id")) if isinstance(headers, dict) else None
     stamp = event.get("timestamp")
-    occurred_at = (
-        datetime.fromtimestamp(stamp, UTC)
-        if isinstance(stamp, int | float) and not isinstance(stamp, bool) and 0 <= stamp < 1e11
-        else None
-    )
-    recipient = _text(event.get("recipient"))
+    recipient = scalar_text(event.get("recipient"))
     variables = event.get("user-variables")
     execution = variables.get(EXECUTION_VAR) if isinstance(variables, dict) else None
-    event_id = _text(event.get("id")) or digest_id(
+    event_id = scalar_text(event.get("id")) or digest_id(
         "mailgun", kind, recipient, stamp, message_id, reason
     )
     return FeedbackEvent(
         type=type_,
         event_id=event_id,
         provider_message_id=bare_message_id(message_id) if message_id else None,
-        execution_id=_uuid(execution),
+        execution_id=parse_uuid(execution),
         recipient=recipient,
         permanent=permanent,
         reason=reason[:_MAX_REASON] if reason else None,
-        occurred_at=occurred_at,
+        occurred_at=epoch_time(stamp),
         data=data,
     )
-
-
-def _text(value: Any) -> str | None:
-    if isinstance(value, str):
-        return value.strip() or None
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return str(value)
-    return None
-
-
-def _uuid(value: Any) -> uuid.UUID | None:
-    if not isinstance(value, str):
-        return None
-    try:
-        return uuid.UUID(value)
-    except ValueError:
-        return None
 
 
 SPEC = ProviderSpec(

@@ -37,7 +37,6 @@ import httpx
 
 from dripd.channels import mime, oauth
 from dripd.channels.base import (
-    AdapterError,
     ChannelContext,
     ChannelError,
     Message,
@@ -49,8 +48,8 @@ from dripd.channels.http import (
     check_http_config,
     config_str,
     detail,
-    error_for_status,
     json_body,
+    json_dict,
 )
 from dripd.channels.spec import ProviderSpec
 from dripd.clock import Clock
@@ -122,28 +121,21 @@ class Ms365Channel(oauth.BearerProvider):
 
 
 def _error(response: httpx.Response) -> ChannelError:
-    """The error for a Graph answer other than 202."""
+    """The error for a Graph answer other than 202: another success is permanent, any
+    other answer as `oauth.bearer_error` maps it."""
     shown = _graph_error(json_body(response))
-    status = response.status_code
-    text = f"ms365: {detail(response, shown)}"
     if response.is_success:
         # sendMail answers 202 only; whether this went out is unknown, so it is not resent.
-        return PermanentError(f"{text} (sendMail answers 202; not resent)")
-    if status == 401:
-        return AdapterError(f"{text} (after a token refresh)")
-    if status in (403, 404):
-        return AdapterError(text)
-    if status == 400:
-        return PermanentError(text)
-    return error_for_status("ms365", response, shown)
+        return PermanentError(
+            f"ms365: {detail(response, shown)} (sendMail answers 202; not resent)"
+        )
+    return oauth.bearer_error("ms365", response, shown)
 
 
 def _graph_error(body: Any) -> str | None:
     """`<code>: <message>` from Graph's error body {"error": {"code", "message",
     "innerError"}}."""
-    error = body.get("error") if isinstance(body, dict) else None
-    if not isinstance(error, dict):
-        return None
+    error = json_dict(body, "error")
     code, message = error.get("code"), error.get("message")
     parts = [p for p in (code, message) if isinstance(p, str) and p]
     return ": ".join(parts) or None

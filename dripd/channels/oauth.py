@@ -54,9 +54,13 @@ from dripd.channels.base import (
 from dripd.channels.http import (
     USER_AGENT,
     HttpProvider,
+    clip,
     config_str,
     credential_str,
+    detail,
+    error_for_status,
     retry_after,
+    transient_status,
 )
 from dripd.clock import Clock, SystemClock
 from dripd.errors import ConfigError
@@ -81,6 +85,7 @@ __all__ = [
     "RefreshGrant",
     "TokenProvider",
     "TokenSource",
+    "bearer_error",
     "check",
     "load_token_provider",
     "token_source",
@@ -375,7 +380,7 @@ class RefreshGrant(_CachedToken):
     def _transient_status(self, response: httpx.Response) -> httpx.Response:
         # Before Authlib reads the body: a 429 or 503 may carry an OAuth-looking JSON error.
         status = response.status_code
-        if status in (408, 429) or status >= 500:
+        if transient_status(status):
             raise TransientError(
                 f"{self._provider}: oauth token endpoint answered HTTP {status}",
                 provider_wide=True,
@@ -391,7 +396,11 @@ class RefreshGrant(_CachedToken):
             token = await self._client.refresh_token(self._url, refresh_token=sent, **kwargs)
         except OAuthError as exc:
             code = _code(exc.error)
-            text = f"{code}: {_clip(exc.description)}" if exc.description else code
+            text = (
+                f"{code}: {clip(str(exc.description), _MAX_DESCRIPTION)}"
+                if exc.description
+                else code
+            )
             if code in _TRANSIENT_CODES:
                 raise TransientError(f"{where} failed: {text}", provider_wide=True) from exc
             raise AdapterError(f"{where} refused: {text}") from exc
@@ -560,11 +569,6 @@ def _code(error: Any) -> str:
     return text if re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", text) else "oauth_error"
 
 
-def _clip(text: Any) -> str:
-    flat = " ".join(str(text).split())
-    return flat if len(flat) <= _MAX_DESCRIPTION else flat[: _MAX_DESCRIPTION - 1] + "…"
-
-
 def _again(exc: ChannelError) -> ChannelError:
     """The same failure for another waiter, without the first one's traceback."""
     again = copy.copy(exc)
@@ -620,3 +624,13 @@ class BearerProvider(HttpProvider):
 
 def _bearer(headers: Mapping[str, str] | None, token: str) -> dict[str, str]:
     return {**(headers or {}), "Authorization": f"Bearer {token}"}
+
+
+def bearer_error(provider: str, response: httpx.Response, message: str | None) -> ChannelError:
+    """The error for an answer of `BearerProvider.authorized` that is not a success: 401
+    (refused after a token refresh), 403 (no consent, access denied) and 404 (no such
+    mailbox) pause the adapter; 408, 429 and 5xx are transient (provider-wide, Retry-After
+    honoured); any other status is permanent. `message`: the API's own words."""
+    if response.status_code == 401:
+        return AdapterError(f"{provider}: {detail(response, message)} (after a token refresh)")
+    return error_for_status(provider, response, message, adapter_statuses=frozenset({403, 404}))

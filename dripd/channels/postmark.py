@@ -38,7 +38,6 @@ import base64
 import binascii
 import uuid
 from collections.abc import Mapping, Sequence
-from datetime import datetime
 from typing import Any, Final
 
 import httpx
@@ -60,17 +59,23 @@ from dripd.channels.feedback import (
     InboundRequest,
     ReceiverContext,
     Unverified,
+    decode_json,
     digest_id,
     equal,
+    iso_time,
+    parse_uuid,
 )
 from dripd.channels.http import (
     HTTP_CONFIG_KEYS,
     HttpProvider,
     check_http_config,
+    clip,
+    config_bool,
     config_str,
     credential_str,
     error_for_status,
     json_body,
+    json_str,
 )
 from dripd.channels.mime import IDEMPOTENCY_HEADER
 from dripd.channels.spec import ProviderSpec
@@ -113,7 +118,6 @@ _SENDER_CODES: Final = frozenset({400, 401})
 _METADATA_FIELDS: Final = 10
 _METADATA_KEY: Final = 20
 _METADATA_VALUE: Final = 80
-_MAX_TEXT: Final = 300
 
 # Bounce types (the Bounce API's `Type`) that say the address itself is dead. Postmark also
 # marks such an address `Inactive`, which counts as permanent whatever the type.
@@ -130,9 +134,7 @@ def check(config: Mapping[str, Any], credentials: Mapping[str, Any]) -> None:
     config_str(config, "from", required=True)
     config_str(config, "message_stream", max_length=100)
     config_str(config, "tag", max_length=1000)
-    track_opens = config.get("track_opens")
-    if track_opens is not None and not isinstance(track_opens, bool):
-        raise ConfigError("postmark adapter config `track_opens` must be true or false")
+    config_bool(config, "track_opens", provider="postmark")
     track_links = config.get("track_links")
     if track_links is not None and track_links not in TRACK_LINKS:
         raise ConfigError(
@@ -308,11 +310,10 @@ def _metadata(message: Message) -> dict[str, str]:
 def _result(data: Mapping[str, Any], *, own_sender: bool) -> Receipt | ChannelError:
     """One message's result from its `{ErrorCode, Message, MessageID, …}`."""
     code = data.get("ErrorCode")
-    message_id = data.get("MessageID")
-    if code == 0 and isinstance(message_id, str) and message_id:
+    message_id = json_str(data, "MessageID")
+    if code == 0 and message_id:
         return Receipt(provider_message_id=message_id)
-    text = data.get("Message")
-    return _code_error(code, text if isinstance(text, str) else "", own_sender=own_sender)
+    return _code_error(code, json_str(data, "Message") or "", own_sender=own_sender)
 
 
 def _element_result(element: Any, *, own_sender: bool) -> Receipt | ChannelError:
@@ -327,7 +328,7 @@ def _code_error(code: Any, text: str, *, own_sender: bool) -> ChannelError:
     """The error for a non-zero Postmark ErrorCode (see the module docstring).
     `own_sender`: the message is from the step's own `from`, not the adapter's: a sender
     signature refused (400, 401) fails that message only."""
-    described = f"postmark: ErrorCode {code}" + (f": {_clip(text)}" if text else "")
+    described = f"postmark: ErrorCode {code}" + (f": {clip(text)}" if text else "")
     if code == _INACTIVE_RECIPIENT:
         return PermanentError(described, bounce=True)
     if code in _SENDER_CODES and own_sender:
@@ -343,18 +344,12 @@ def _request_error(response: httpx.Response, data: Any, *, own_sender: bool) -> 
     """The error for a whole request's answer that is not a 200: a 422 by its ErrorCode,
     any other status by `error_for_status` (401 pauses the adapter, 408/429/5xx retry)."""
     code = data.get("ErrorCode") if isinstance(data, dict) else None
-    text = data.get("Message") if isinstance(data, dict) else None
-    message = text if isinstance(text, str) else ""
+    message = json_str(data, "Message") or ""
     if response.status_code == httpx.codes.UNPROCESSABLE_ENTITY and isinstance(code, int) and code:
         return _code_error(code, message, own_sender=own_sender)
     if isinstance(code, int):
         return error_for_status("postmark", response, f"ErrorCode {code}: {message}")
     return error_for_status("postmark", response)
-
-
-def _clip(text: str) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= _MAX_TEXT else text[: _MAX_TEXT - 1] + "…"
 
 
 # Feedback in -------------------------------------------------------------------------------
@@ -389,10 +384,7 @@ class PostmarkReceiver:
         """Verify the basic auth (Unverified), then map the record (a JSON object; a JSON
         array of them is taken too) to events; BadPayload when the body is not JSON."""
         self._verify(request)
-        try:
-            payload = msgspec.json.decode(request.body)
-        except msgspec.DecodeError:
-            raise BadPayload("postmark webhook body is not JSON") from None
+        payload = decode_json(request.body, "postmark webhook body")
         records = payload if isinstance(payload, list) else [payload]
         events: list[FeedbackEvent] = []
         for record in records:
@@ -432,46 +424,46 @@ class PostmarkReceiver:
 def _event(record: Mapping[str, Any]) -> FeedbackEvent | None:
     """The event for one Postmark webhook record, or None for records dripd keeps no
     event of (a reactivation, an auto-reply, an unknown record type)."""
-    kind = _text(record, "RecordType")
-    message_id = _text(record, "MessageID") or _text(record, "MessageId")
+    kind = json_str(record, "RecordType")
+    message_id = json_str(record, "MessageID") or json_str(record, "MessageId")
     common: dict[str, Any] = {
         "provider_message_id": message_id,
         "execution_id": _execution(record),
     }
     match kind:
         case "Delivery":
-            recipient = _text(record, "Recipient")
-            at = _text(record, "DeliveredAt")
+            recipient = json_str(record, "Recipient")
+            at = json_str(record, "DeliveredAt")
             return FeedbackEvent(
                 type="delivered",
                 event_id=digest_id("postmark", kind, message_id, recipient, at),
                 recipient=recipient,
-                occurred_at=_when(at),
-                data=_keep(details=_text(record, "Details")),
+                occurred_at=iso_time(at),
+                data=_keep(details=json_str(record, "Details")),
                 **common,
             )
         case "Bounce" | "SpamComplaint":
             return _bounce(kind, record, common)
         case "Open":
-            recipient = _text(record, "Recipient")
-            at = _text(record, "ReceivedAt")
+            recipient = json_str(record, "Recipient")
+            at = json_str(record, "ReceivedAt")
             return FeedbackEvent(
                 type="opened",
                 event_id=digest_id("postmark", kind, message_id, recipient, at),
                 recipient=recipient,
-                occurred_at=_when(at),
+                occurred_at=iso_time(at),
                 data=_keep(first_open=record.get("FirstOpen")),
                 **common,
             )
         case "Click":
-            recipient = _text(record, "Recipient")
-            at = _text(record, "ReceivedAt")
-            link = _text(record, "OriginalLink")
+            recipient = json_str(record, "Recipient")
+            at = json_str(record, "ReceivedAt")
+            link = json_str(record, "OriginalLink")
             return FeedbackEvent(
                 type="clicked",
                 event_id=digest_id("postmark", kind, message_id, recipient, at, link),
                 recipient=recipient,
-                occurred_at=_when(at),
+                occurred_at=iso_time(at),
                 data=_keep(url=link),
                 **common,
             )
@@ -482,11 +474,11 @@ def _event(record: Mapping[str, Any]) -> FeedbackEvent | None:
 
 
 def _bounce(kind: str, record: Mapping[str, Any], common: dict[str, Any]) -> FeedbackEvent | None:
-    bounce_type = _text(record, "Type") or ""
+    bounce_type = json_str(record, "Type") or ""
     if bounce_type in _NOT_BOUNCES:
         return None
-    recipient = _text(record, "Email")
-    at = _text(record, "BouncedAt")
+    recipient = json_str(record, "Email")
+    at = json_str(record, "BouncedAt")
     bounce_id = record.get("ID")
     if isinstance(bounce_id, int) and not isinstance(bounce_id, bool):
         # Bounces and spam complaints share Postmark's bounce ids.
@@ -500,7 +492,7 @@ def _bounce(kind: str, record: Mapping[str, Any], common: dict[str, Any]) -> Fee
             event_id=event_id,
             recipient=recipient,
             reason=bounce_type or kind,
-            occurred_at=_when(at),
+            occurred_at=iso_time(at),
             data=data,
             **common,
         )
@@ -509,19 +501,19 @@ def _bounce(kind: str, record: Mapping[str, Any], common: dict[str, Any]) -> Fee
             type="unsubscribed",
             event_id=event_id,
             recipient=recipient,
-            reason=_clip(_text(record, "Description") or bounce_type),
-            occurred_at=_when(at),
+            reason=clip(json_str(record, "Description") or bounce_type),
+            occurred_at=iso_time(at),
             data=data,
             **common,
         )
-    description = _text(record, "Details") or _text(record, "Description") or bounce_type
+    description = json_str(record, "Details") or json_str(record, "Description") or bounce_type
     return FeedbackEvent(
         type="bounced",
         event_id=event_id,
         recipient=recipient,
         permanent=bounce_type in _HARD_BOUNCES or record.get("Inactive") is True,
-        reason=_clip(description) or None,
-        occurred_at=_when(at),
+        reason=clip(description) or None,
+        occurred_at=iso_time(at),
         data=data,
         **common,
     )
@@ -534,11 +526,11 @@ def _subscription_change(record: Mapping[str, Any], common: dict[str, Any]) -> F
     recording them twice would count them twice. A reactivation is not recorded."""
     if record.get("SuppressSending") is not True:
         return None
-    reason = _text(record, "SuppressionReason")
+    reason = json_str(record, "SuppressionReason")
     if reason in ("HardBounce", "SpamComplaint"):
         return None
-    recipient = _text(record, "Recipient")
-    at = _text(record, "ChangedAt")
+    recipient = json_str(record, "Recipient")
+    at = json_str(record, "ChangedAt")
     return FeedbackEvent(
         type="unsubscribed",
         event_id=digest_id(
@@ -546,46 +538,22 @@ def _subscription_change(record: Mapping[str, Any], common: dict[str, Any]) -> F
         ),
         recipient=recipient,
         reason=reason,
-        occurred_at=_when(at),
-        data=_keep(origin=_text(record, "Origin")),
+        occurred_at=iso_time(at),
+        data=_keep(origin=json_str(record, "Origin")),
         **common,
     )
 
 
 def _execution(record: Mapping[str, Any]) -> uuid.UUID | None:
     metadata = record.get("Metadata")
-    if not isinstance(metadata, dict):
-        return None
-    value = metadata.get(EXECUTION_KEY)
-    if not isinstance(value, str):
-        return None
-    try:
-        return uuid.UUID(value)
-    except ValueError:
-        return None
-
-
-def _text(record: Mapping[str, Any], key: str) -> str | None:
-    value = record.get(key)
-    return value if isinstance(value, str) and value else None
-
-
-def _when(value: str | None) -> datetime | None:
-    """An ISO 8601 time with its offset (Postmark's webhook times), or None."""
-    if value is None:
-        return None
-    try:
-        when = datetime.fromisoformat(value)
-    except ValueError:
-        return None
-    return when if when.tzinfo is not None else None
+    return parse_uuid(metadata.get(EXECUTION_KEY)) if isinstance(metadata, dict) else None
 
 
 def _keep(**fields: Any) -> dict[str, Any]:
     kept: dict[str, Any] = {}
     for key, value in fields.items():
         if isinstance(value, str):
-            kept[key] = _clip(value)
+            kept[key] = clip(value)
         elif value is not None:
             kept[key] = value
     return kept

@@ -27,7 +27,6 @@ driver or connection error, or no connection in time, is transient for the whole
 from __future__ import annotations
 
 import asyncio
-import math
 import re
 import sys
 from collections.abc import Mapping
@@ -43,6 +42,7 @@ from dripd.channels.base import (
     Receipt,
     TransientError,
 )
+from dripd.channels.http import check_timeout, json_object
 from dripd.channels.spec import ProviderSpec
 from dripd.errors import ConfigError
 from dripd.model import Adapter
@@ -69,14 +69,7 @@ def check(config: Mapping[str, Any], credentials: Mapping[str, Any]) -> None:
         )
     if len(channel.encode()) > MAX_CHANNEL_BYTES:
         raise ConfigError(f"adapter config `channel` is longer than {MAX_CHANNEL_BYTES} bytes")
-    timeout = config.get("timeout")
-    if timeout is not None and (
-        isinstance(timeout, bool)
-        or not isinstance(timeout, int | float)
-        or not math.isfinite(timeout)
-        or not 0 < timeout <= 300
-    ):
-        raise ConfigError("adapter config `timeout` must be a number of seconds in (0, 300]")
+    check_timeout(config)
 
 
 def from_adapter(adapter: Adapter, context: ChannelContext | None = None) -> PubsubChannel:
@@ -88,7 +81,7 @@ def payload(message: Message) -> str:
     """The NOTIFY payload for `message` (see the module docstring); PermanentError when it
     is MAX_PAYLOAD_BYTES or longer."""
     body = message.body
-    if body is not None and _is_json_object(body):
+    if body is not None and json_object(body) is not None:
         text = body
     else:
         document = {
@@ -107,15 +100,6 @@ def payload(message: Message) -> str:
             f"{MAX_PAYLOAD_BYTES}"
         )
     return text
-
-
-def _is_json_object(text: str) -> bool:
-    if not text.lstrip().startswith("{"):
-        return False
-    try:
-        return isinstance(msgspec.json.decode(text), dict)
-    except msgspec.DecodeError:
-        return False
 
 
 def _driver_errors(pool: Any) -> tuple[type[Exception], ...]:

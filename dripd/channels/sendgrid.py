@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-import uuid
 from collections.abc import Mapping, Sequence
-from datetime import UTC, datetime
 from typing import Any, Final
 
 import httpx
@@ -37,7 +35,6 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from dripd import addresses
 from dripd.channels import mime
 from dripd.channels.base import (
-    AdapterError,
     ChannelContext,
     ChannelError,
     Message,
@@ -52,18 +49,26 @@ from dripd.channels.feedback import (
     ReceiverContext,
     Unverified,
     check_window,
+    decode_json,
     digest_id,
+    epoch_text,
+    epoch_time,
+    parse_uuid,
+    scalar_text,
 )
 from dripd.channels.http import (
     HTTP_CONFIG_KEYS,
     MAX_RETRY_AFTER,
     HttpProvider,
     check_http_config,
+    config_choice,
     config_str,
     credential_str,
     detail,
+    error_for_status,
     json_body,
     retry_after,
+    string_list,
 )
 from dripd.channels.spec import ProviderSpec
 from dripd.clock import Clock, SystemClock
@@ -167,23 +172,13 @@ def _public_key_text(credentials: Mapping[str, Any]) -> str | None:
 
 def _settings(config: Mapping[str, Any]) -> dict[str, Any]:
     """The body fields the adapter's config adds to every send, checked."""
-    region = config_str(config, "region") or "global"
-    if region not in REGIONS:
-        raise ConfigError(
-            f"adapter config `region` must be one of {' | '.join(REGIONS)}, not {region[:40]!r}"
-        )
+    config_choice(config, "region", REGIONS, "global")
     _mailbox(config_str(config, "from", required=True) or "", "adapter config `from`")
     extra: dict[str, Any] = {}
     categories = config.get("categories")
     if categories is not None:
-        if (
-            not isinstance(categories, list)
-            or not 1 <= len(categories) <= MAX_CATEGORIES
-            or not all(
-                isinstance(c, str) and c.strip() and len(c) <= MAX_CATEGORY_LENGTH
-                for c in categories
-            )
-            or len(set(categories)) != len(categories)
+        if not string_list(
+            categories, most=MAX_CATEGORIES, longest=MAX_CATEGORY_LENGTH, distinct=True
         ):
             raise ConfigError(
                 f"adapter config `categories` must be a list of 1 to {MAX_CATEGORIES} distinct "
@@ -345,14 +340,12 @@ class SendgridChannel(HttpProvider):
             return TransientError(
                 what, provider_wide=True, retry_after=self.rate_limit_wait(response)
             )
-        if status == 408 or status >= 500:
-            return TransientError(what, provider_wide=True, retry_after=retry_after(response))
         if status == 403 and self._own_sender(message) and any(f == "from" for _, f in errors):
             # The step's own sender is not a verified identity: only its messages fail.
             return PermanentError(what)
-        if status in (401, 403, 404, 405):
-            return AdapterError(what)
-        return PermanentError(what)
+        return error_for_status(
+            "sendgrid", response, text, adapter_statuses=frozenset({401, 403, 404, 405})
+        )
 
     def _own_sender(self, message: Message) -> bool:
         """Whether `message` goes out from a step's `from` other than the adapter's."""
@@ -416,10 +409,7 @@ class SendgridReceiver:
         One event per mapped element, in order; `processed` and unknown events are left
         out."""
         self.verify(request)
-        try:
-            data = msgspec.json.decode(request.body)
-        except msgspec.DecodeError:
-            raise BadPayload("sendgrid: the body is not JSON") from None
+        data = decode_json(request.body, "sendgrid: the body")
         if not isinstance(data, list) or not all(isinstance(item, dict) for item in data):
             raise BadPayload("sendgrid: the body is not a JSON array of event objects")
         return [event for item in data if (event := map_event(item)) is not None]
@@ -436,7 +426,8 @@ class SendgridReceiver:
         if not signature or not stamp:
             raise Unverified("sendgrid: the signature or timestamp header is missing")
         stamp = stamp.strip()
-        if not (stamp.isascii() and stamp.isdigit()) or len(stamp) > 12:
+        signed_at = epoch_text(stamp)
+        if signed_at is None:
             raise Unverified("sendgrid: the timestamp header is not epoch seconds")
         try:
             der = base64.b64decode(signature.strip(), validate=True)
@@ -446,7 +437,6 @@ class SendgridReceiver:
             self._key.verify(der, stamp.encode() + request.body, ec.ECDSA(hashes.SHA256()))
         except (InvalidSignature, ValueError):
             raise Unverified("sendgrid: the signature does not verify") from None
-        signed_at = datetime.fromtimestamp(int(stamp), UTC)
         check_window(signed_at, request.received_at, self._window, "sendgrid")
 
     async def aclose(self) -> None:
@@ -463,15 +453,15 @@ def map_event(event: Mapping[str, Any]) -> FeedbackEvent | None:
     if not isinstance(kind, str):
         return None
     permanent = False
-    reason = _text(event.get("reason"))
+    reason = scalar_text(event.get("reason"))
     data: dict[str, Any] = {}
     if kind in _SIMPLE:
         type_ = _SIMPLE[kind]
         if kind == "deferred":
-            reason = reason or _text(event.get("response"))
-            if (attempt := _text(event.get("attempt"))) is not None:
+            reason = reason or scalar_text(event.get("response"))
+            if (attempt := scalar_text(event.get("attempt"))) is not None:
                 data["attempt"] = attempt
-        elif kind == "click" and (url := _text(event.get("url"))) is not None:
+        elif kind == "click" and (url := scalar_text(event.get("url"))) is not None:
             data["url"] = url
         elif kind == "open" and event.get("sg_machine_open") is True:
             data["machine_open"] = True
@@ -481,51 +471,29 @@ def map_event(event: Mapping[str, Any]) -> FeedbackEvent | None:
         # reputation), not the address; a missing type is an older bounce.
         permanent = event.get("type") != "blocked"
         for name in ("status", "type", "bounce_classification"):
-            if (value := _text(event.get(name))) is not None:
+            if (value := scalar_text(event.get(name))) is not None:
                 data[name] = value
     elif kind == "dropped":
         type_, permanent = _DROPPED.get((reason or "").strip().lower(), ("failed", False))
     else:
         return None
-    message_id = _text(event.get("sg_message_id"))
+    message_id = scalar_text(event.get("sg_message_id"))
     stamp = event.get("timestamp")
-    occurred_at = (
-        datetime.fromtimestamp(stamp, UTC)
-        if isinstance(stamp, int | float) and not isinstance(stamp, bool) and 0 <= stamp < 1e11
-        else None
-    )
-    recipient = _text(event.get("email"))
-    event_id = _text(event.get("sg_event_id")) or digest_id(
+    recipient = scalar_text(event.get("email"))
+    event_id = scalar_text(event.get("sg_event_id")) or digest_id(
         "sendgrid", kind, recipient, stamp, message_id, reason
     )
     return FeedbackEvent(
         type=type_,
         event_id=event_id,
         provider_message_id=message_id_key(message_id) if message_id else None,
-        execution_id=_uuid(event.get(EXECUTION_ARG)),
+        execution_id=parse_uuid(event.get(EXECUTION_ARG)),
         recipient=recipient,
         permanent=permanent,
         reason=reason[:_MAX_REASON] if reason else None,
-        occurred_at=occurred_at,
+        occurred_at=epoch_time(stamp),
         data=data,
     )
-
-
-def _text(value: Any) -> str | None:
-    if isinstance(value, str):
-        return value.strip() or None
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return str(value)
-    return None
-
-
-def _uuid(value: Any) -> uuid.UUID | None:
-    if not isinstance(value, str):
-        return None
-    try:
-        return uuid.UUID(value)
-    except ValueError:
-        return None
 
 
 SPEC = ProviderSpec(

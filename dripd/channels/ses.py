@@ -49,17 +49,20 @@ from dripd.channels.feedback import (
     FeedbackEvent,
     InboundRequest,
     ReceiverContext,
+    parse_uuid,
 )
 from dripd.channels.http import (
     HTTP_CONFIG_KEYS,
     USER_AGENT,
     HttpProvider,
     check_http_config,
+    clip,
     config_str,
     detail,
     error_for_status,
     json_body,
     retry_after,
+    transient_status,
 )
 from dripd.channels.spec import ProviderSpec
 from dripd.clock import Clock, SystemClock
@@ -210,7 +213,7 @@ def error_for(response: httpx.Response) -> ChannelError:
             provider_wide=True,
             retry_after=retry_after(response),
         )
-    if status in (408, 429) or status >= 500:
+    if transient_status(status):
         return error_for_status(where, response, text)
     if code in _ADAPTER_CODES or code in aws.ACCOUNT_ERROR_CODES:
         return AdapterError(f"{where}: {detail(response, text)}")
@@ -464,13 +467,7 @@ class _Base:
 def _execution(tags: object) -> uuid.UUID | None:
     """The execution id from `mail.tags.dripd_execution[0]`, if it is one."""
     values = _dict(tags).get(EXECUTION_TAG)
-    value = values[0] if isinstance(values, list) and values else None
-    if not isinstance(value, str):
-        return None
-    try:
-        return uuid.UUID(value)
-    except ValueError:
-        return None
+    return parse_uuid(values[0]) if isinstance(values, list) and values else None
 
 
 def _dict(value: object) -> dict[str, Any]:
@@ -482,10 +479,8 @@ def _list(value: object) -> list[Any]:
 
 
 def _text(value: object) -> str | None:
-    if not isinstance(value, str) or not value.strip():
-        return None
-    text = " ".join(value.split())
-    return text if len(text) <= _MAX_DATA else text[: _MAX_DATA - 1] + "…"
+    """Non-blank text, on one line and clipped; None for anything else."""
+    return clip(value, _MAX_DATA) if isinstance(value, str) and value.strip() else None
 
 
 def _data(**fields: object) -> dict[str, str]:

@@ -35,14 +35,15 @@ from dripd.channels.base import (
     Message,
     PermanentError,
     Receipt,
-    TransientError,
 )
 from dripd.channels.guarded import GuardedProvider, check_url_value
 from dripd.channels.http import (
     HTTP_CONFIG_KEYS,
     check_http_config,
     detail,
-    retry_after,
+    error_for_status,
+    json_object,
+    transient_status,
 )
 from dripd.channels.spec import ProviderSpec
 from dripd.model import Adapter
@@ -86,13 +87,8 @@ def payload(message: Message) -> bytes:
     body = message.body if message.body is not None else message.text
     if body is None or not body.strip():
         raise PermanentError("slack: the message has no text")
-    document: Any = None
-    if body.lstrip().startswith("{"):
-        try:
-            document = msgspec.json.decode(body)
-        except msgspec.DecodeError:
-            document = None
-    if not isinstance(document, dict):
+    document = json_object(body)
+    if document is None:
         return msgspec.json.encode({"text": body})
     text = document.get("text")
     if not isinstance(text, str) or not text.strip():
@@ -125,15 +121,14 @@ class SlackChannel(GuardedProvider):
 
 def _error(response: httpx.Response) -> ChannelError:
     status = response.status_code
-    code = response.text.strip()
-    text = f"slack: {detail(response)}"
-    if status in (408, 429) or status >= 500:
-        return TransientError(text, provider_wide=True, retry_after=retry_after(response))
-    if status in DEAD_STATUSES or code in DEAD_CODES:
-        return AdapterError(f"{text} (the webhook URL no longer posts: replace it)")
-    if status == 200:
-        return PermanentError(f"{text} (not `ok`)")
-    return PermanentError(text)
+    if not transient_status(status):
+        if status in DEAD_STATUSES or response.text.strip() in DEAD_CODES:
+            return AdapterError(
+                f"slack: {detail(response)} (the webhook URL no longer posts: replace it)"
+            )
+        if status == 200:
+            return PermanentError(f"slack: {detail(response)} (not `ok`)")
+    return error_for_status("slack", response)
 
 
 SPEC = ProviderSpec(

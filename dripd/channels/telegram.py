@@ -31,6 +31,7 @@ from dripd.channels.http import (
     MAX_RETRY_AFTER,
     HttpProvider,
     check_http_config,
+    config_bool,
     config_str,
     credential_str,
     detail,
@@ -81,8 +82,7 @@ def check(config: Mapping[str, Any], credentials: Mapping[str, Any]) -> None:
         raise ConfigError(
             f"adapter config `parse_mode` must be one of {', '.join(sorted(PARSE_MODES))}"
         )
-    if not isinstance(config.get("disable_notification", False), bool):
-        raise ConfigError("adapter config `disable_notification` must be true or false")
+    config_bool(config, "disable_notification")
 
 
 def from_adapter(adapter: Adapter, context: ChannelContext) -> TelegramChannel:

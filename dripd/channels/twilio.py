@@ -31,12 +31,15 @@ from dripd.channels.base import (
     TransientError,
 )
 from dripd.channels.feedback import (
+    OPT_OUT_KEYWORDS,
     BadPayload,
     FeedbackEvent,
     InboundRequest,
     ReceiverContext,
     Unverified,
     equal,
+    inbound_message,
+    keyword,
 )
 from dripd.channels.http import (
     HTTP_CONFIG_KEYS,
@@ -47,6 +50,7 @@ from dripd.channels.http import (
     detail,
     error_for_status,
     json_body,
+    json_str,
     retry_after,
 )
 from dripd.channels.spec import ProviderSpec
@@ -78,15 +82,10 @@ IDEMPOTENCY_HEADER: Final = "I-Twilio-Idempotency-Token"
 
 #: The longest `Body` Twilio accepts (characters; error 21617 beyond).
 MAX_BODY: Final = 1600
-#: The part of an inbound message kept in the `replied` event.
-MAX_REPLY: Final = 1000
 
-#: Twilio's default opt-out keywords (Advanced Opt-Out tutorial: STOP, UNSUBSCRIBE, END,
-#: QUIT, STOPALL, REVOKE, OPTOUT, CANCEL). Twilio acts on a message that is only the
-#: keyword, in any case, with white space around it; "STOP PLEASE" is not one.
-OPT_OUT_KEYWORDS: Final = frozenset(
-    {"STOP", "STOPALL", "UNSUBSCRIBE", "CANCEL", "END", "QUIT", "REVOKE", "OPTOUT"}
-)
+# OPT_OUT_KEYWORDS (Twilio's default opt-out keywords) and `keyword` are
+# dripd.channels.feedback's, shared with whatsapp_cloud; they stay importable from here.
+
 #: Twilio's opt-in keywords. dripd does not lift a suppression on them (an operator does,
 #: knowing why the number was suppressed); they are recorded as `replied`.
 OPT_IN_KEYWORDS: Final = frozenset({"START", "UNSTOP", "YES"})
@@ -261,9 +260,7 @@ class TwilioChannel(HttpProvider):
             headers={IDEMPOTENCY_HEADER: message.idempotency_key, "Accept": "application/json"},
         )
         if response.status_code in (200, 201):
-            payload = json_body(response)
-            sid = payload.get("sid") if isinstance(payload, dict) else None
-            return Receipt(provider_message_id=sid if isinstance(sid, str) and sid else None)
+            return Receipt(provider_message_id=json_str(json_body(response), "sid"))
         raise self._error(response)
 
     def _error(self, response: httpx.Response) -> ChannelError:
@@ -386,22 +383,17 @@ class TwilioReceiver:
         body = _one(form, "Body") or ""
         word = keyword(body)
         opt_out = (_one(form, "OptOutType") or "").strip().upper()
-        event_id = token or sid
-        if opt_out == "STOP" or word in OPT_OUT_KEYWORDS:
-            return FeedbackEvent(
-                type="unsubscribed",
-                event_id=event_id,
-                recipient=sender,
-                channel=channel,
-                reason=f"inbound {word if word in OPT_OUT_KEYWORDS else 'opt-out'} keyword",
-                data={"body": body[:MAX_REPLY]},
-            )
-        data: dict[str, Any] = {"body": body[:MAX_REPLY]}
+        data: dict[str, Any] = {}
         if word in OPT_IN_KEYWORDS or opt_out == "START":
             # Not an unsuppression: an operator lifts it, knowing why it was added (README).
             data["keyword"] = word if word in OPT_IN_KEYWORDS else "START"
-        return FeedbackEvent(
-            type="replied", event_id=event_id, recipient=sender, channel=channel, data=data
+        return inbound_message(
+            body,
+            opted_out=opt_out == "STOP",
+            data=data,
+            event_id=token or sid,
+            recipient=sender,
+            channel=channel,
         )
 
 
@@ -410,12 +402,6 @@ def signature(key: bytes, url: str, params: Mapping[str, Sequence[str]]) -> str:
     parameter, names sorted, a repeated name's values sorted))."""
     text = url + "".join(name + value for name in sorted(params) for value in sorted(params[name]))
     return base64.b64encode(hmac.new(key, text.encode(), hashlib.sha1).digest()).decode()
-
-
-def keyword(body: str) -> str:
-    """An inbound message as a keyword: the text without surrounding white space, in upper
-    case (Twilio matches keywords that way)."""
-    return body.strip().upper()
 
 
 def _url_forms(url: str) -> Iterator[str]:

@@ -53,6 +53,7 @@ from dripd.channels.http import (
     credential_str,
     detail,
     error_for_status,
+    json_object,
 )
 from dripd.channels.spec import ProviderSpec
 from dripd.errors import ConfigError
@@ -104,7 +105,7 @@ def payload(message: Message, event_type: str, at: datetime) -> bytes:
     """The JSON body for `message` (see the module docstring): its rendered `body` as is when
     that is a JSON object, else the envelope of type `event_type` stamped `at`."""
     body = message.body
-    if body is not None and _is_json_object(body):
+    if body is not None and json_object(body) is not None:
         return body.encode()
     data: dict[str, Any] = {
         "execution_id": str(message.execution_id),
@@ -116,15 +117,6 @@ def payload(message: Message, event_type: str, at: datetime) -> bytes:
     data["metadata"] = dict(message.metadata)
     stamp = at.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
     return msgspec.json.encode({"type": event_type, "timestamp": stamp, "data": data})
-
-
-def _is_json_object(text: str) -> bool:
-    if not text.lstrip().startswith("{"):
-        return False
-    try:
-        return isinstance(msgspec.json.decode(text), dict)
-    except msgspec.DecodeError:
-        return False
 
 
 class WebhookChannel(GuardedProvider):

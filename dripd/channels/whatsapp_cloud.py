@@ -15,12 +15,8 @@ WhatsApp delivers only inside the 24-hour customer-service window).
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import re
-import uuid
 from collections.abc import Mapping, Sequence
-from datetime import UTC, datetime
 from typing import Any, Final
 
 import httpx
@@ -41,21 +37,28 @@ from dripd.channels.feedback import (
     InboundRequest,
     ReceiverContext,
     Unverified,
+    decode_json,
+    epoch_text,
     equal,
+    hmac_sha256_hex,
+    inbound_message,
+    parse_uuid,
 )
 from dripd.channels.http import (
     HTTP_CONFIG_KEYS,
     HttpProvider,
     check_http_config,
+    config_bool,
     config_str,
     credential_str,
     detail,
     error_for_status,
     json_body,
+    json_dict,
+    json_str,
     retry_after,
 )
 from dripd.channels.spec import ProviderSpec
-from dripd.channels.twilio import OPT_OUT_KEYWORDS, keyword
 from dripd.errors import ConfigError
 from dripd.model import Adapter
 
@@ -80,8 +83,6 @@ TEMPLATE_PARAMS: Final = "template_params"  # a JSON array of strings
 
 #: The longest text body WhatsApp takes (characters).
 MAX_TEXT: Final = 4096
-#: The part of an inbound message kept in the `replied` event.
-MAX_REPLY: Final = 1000
 #: Meta's limit on `biz_opaque_callback_data` (bytes); an execution id is 36.
 _MAX_CALLBACK_DATA = 512
 
@@ -142,8 +143,7 @@ def check(config: Mapping[str, Any], credentials: Mapping[str, Any]) -> None:
     version = config_str(config, "api_version", max_length=10)
     if version is not None and not _API_VERSION.fullmatch(version):
         raise ConfigError(f"adapter config `api_version` {version!r} is not like v23.0")
-    if not isinstance(config.get("preview_url", False), bool):
-        raise ConfigError("adapter config `preview_url` must be true or false")
+    config_bool(config, "preview_url")
     credential_str(credentials, "access_token", required=True)
     credential_str(credentials, "app_secret")
     credential_str(credentials, "verify_token")
@@ -249,10 +249,7 @@ class WhatsAppReceiver:
         """Unverified unless signed with the app secret; BadPayload when the body is not
         a webhook notification; its events (statuses dripd does not track are left out)."""
         self.verify(request)
-        try:
-            payload = msgspec.json.decode(request.body)
-        except msgspec.DecodeError:
-            raise BadPayload("whatsapp_cloud: the body is not JSON") from None
+        payload = decode_json(request.body, "whatsapp_cloud: the body")
         if not isinstance(payload, dict) or not isinstance(payload.get("entry"), list):
             raise BadPayload("whatsapp_cloud: the body has no `entry` list")
         events: list[FeedbackEvent] = []
@@ -274,7 +271,7 @@ class WhatsAppReceiver:
         if not given:
             raise Unverified("whatsapp_cloud: no X-Hub-Signature-256 header")
         scheme, _, digest = given.partition("=")
-        expected = hmac.new(self._key, request.body, hashlib.sha256).hexdigest()
+        expected = hmac_sha256_hex(self._key, request.body)
         if scheme.lower() != "sha256" or not equal(digest.lower(), expected):
             raise Unverified("whatsapp_cloud: the X-Hub-Signature-256 does not match the body")
 
@@ -325,23 +322,16 @@ def _template(name: str, meta: Mapping[str, str]) -> dict[str, Any]:
 
 
 def _message_id(payload: Any) -> str | None:
-    if not isinstance(payload, dict):
-        return None
-    messages = payload.get("messages")
-    if isinstance(messages, list) and messages and isinstance(messages[0], dict):
-        ident = messages[0].get("id")
-        if isinstance(ident, str) and ident:
-            return ident
-    return None
+    messages = payload.get("messages") if isinstance(payload, dict) else None
+    return json_str(messages[0], "id") if isinstance(messages, list) and messages else None
 
 
 def _error(provider: str, response: httpx.Response) -> ChannelError:
     """The error for a refused send, by Meta's `error.code` first, then the HTTP status."""
-    payload = json_body(response)
-    error = payload.get("error") if isinstance(payload, dict) else None
+    error = json_dict(json_body(response), "error")
     code: int | None = None
     text: str | None = None
-    if isinstance(error, dict):
+    if error:
         raw = error.get("code")
         code = raw if isinstance(raw, int) and not isinstance(raw, bool) else None
         parts = [str(code)] if code is not None else []
@@ -371,10 +361,10 @@ def _status_event(status: dict[str, Any]) -> FeedbackEvent | None:
     common: dict[str, Any] = {
         "event_id": f"{wamid}:{state}",
         "provider_message_id": wamid,
-        "execution_id": _uuid(status.get("biz_opaque_callback_data")),
+        "execution_id": parse_uuid(status.get("biz_opaque_callback_data")),
         "recipient": _phone(status.get("recipient_id")),
         "channel": "whatsapp",
-        "occurred_at": _time(status.get("timestamp")),
+        "occurred_at": epoch_text(status.get("timestamp")),
     }
     if state == "delivered":
         return FeedbackEvent(type="delivered", **common)
@@ -403,25 +393,14 @@ def _inbound_event(message: dict[str, Any]) -> FeedbackEvent | None:
     if not isinstance(wamid, str) or not wamid or sender is None:
         return None
     kind = message.get("type")
-    body = _text_of(message)
-    common: dict[str, Any] = {
-        "event_id": wamid,
-        "recipient": sender,
-        "channel": "whatsapp",
-        "occurred_at": _time(message.get("timestamp")),
-    }
-    word = keyword(body)
-    if word in OPT_OUT_KEYWORDS:
-        return FeedbackEvent(
-            type="unsubscribed",
-            reason=f"inbound {word} keyword",
-            data={"body": body[:MAX_REPLY]},
-            **common,
-        )
-    data: dict[str, Any] = {"body": body[:MAX_REPLY]}
-    if isinstance(kind, str) and kind != "text":
-        data["type"] = kind[:40]
-    return FeedbackEvent(type="replied", data=data, **common)
+    return inbound_message(
+        _text_of(message),
+        data={"type": kind[:40]} if isinstance(kind, str) and kind != "text" else None,
+        event_id=wamid,
+        recipient=sender,
+        channel="whatsapp",
+        occurred_at=epoch_text(message.get("timestamp")),
+    )
 
 
 def _text_of(message: Mapping[str, Any]) -> str:
@@ -450,21 +429,6 @@ def _phone(value: Any) -> str | None:
     if isinstance(value, str) and value.isascii() and value.isdigit():
         return "+" + value
     return None
-
-
-def _time(value: Any) -> datetime | None:
-    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 12:
-        return datetime.fromtimestamp(int(value), UTC)
-    return None
-
-
-def _uuid(value: Any) -> uuid.UUID | None:
-    if not isinstance(value, str):
-        return None
-    try:
-        return uuid.UUID(value)
-    except ValueError:
-        return None
 
 
 SPEC = ProviderSpec(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import time
@@ -788,6 +789,12 @@ def _mailbox(adapter: Adapter) -> str | None:
     sender = adapter.config.get("from")
     if not isinstance(sender, str) or not sender.strip():
         return None
+    return _mailbox_of(sender)
+
+
+@functools.lru_cache(maxsize=1024)
+def _mailbox_of(sender: str) -> str | None:
+    # Every send asks (rate-limit and quota keys): parsing an address costs about 7 µs.
     try:
         return normalize("email", sender)
     except InvalidAddress:
