@@ -356,9 +356,13 @@ def _read_credentials(source: str | None) -> dict[str, Any]:
     text = _read_input(source, "--credentials-file")
     try:
         value = msgspec.json.decode(text)
-    except (msgspec.DecodeError, RecursionError):
-        # Never echo the content: it is a secret.
-        raise ConfigError("--credentials-file: not a JSON object") from None
+    except msgspec.DecodeError as exc:
+        # msgspec's reasons name a position, never the content (a secret).
+        raise ConfigError(
+            f"--credentials-file: not a JSON object ({inputs.json_fault(text, exc)})"
+        ) from None
+    except RecursionError:
+        raise ConfigError("--credentials-file: not a JSON object (nested too deep)") from None
     if not isinstance(value, dict):
         raise ConfigError("--credentials-file: not a JSON object")
     try:
@@ -417,6 +421,7 @@ def _adapter_dict(row: store.AdapterRow) -> dict[str, Any]:
         "config": row.config,
         "default": row.is_default,
         "enabled": row.enabled,
+        "paused": row.paused_reason,
     }
 
 
@@ -432,6 +437,7 @@ async def cmd_adapter_list(args: argparse.Namespace, cfg: Config) -> None:
             "\n".join(
                 f"{r['name']:<20} {r['channel']:<8} {r['provider']:<8} tenant={r['tenant'] or '-'}"
                 f"{' default' if r['default'] else ''}{'' if r['enabled'] else ' disabled'}"
+                f"{' paused: ' + r['paused'] if r['paused'] else ''}"
                 for r in rs
             )
             or "no adapters"
@@ -1026,10 +1032,12 @@ def _parser() -> argparse.ArgumentParser:
         help="credentials to change, as a JSON object from a file or - for stdin "
         "(a key set to null is removed)",
     )
-    au.add_argument("--default", dest="default", action="store_true", default=None)
-    au.add_argument("--no-default", dest="default", action="store_false")
-    au.add_argument("--enable", dest="enabled", action="store_true", default=None)
-    au.add_argument("--disable", dest="enabled", action="store_false")
+    default = au.add_mutually_exclusive_group()
+    default.add_argument("--default", dest="default", action="store_true", default=None)
+    default.add_argument("--no-default", dest="default", action="store_false")
+    enabled = au.add_mutually_exclusive_group()
+    enabled.add_argument("--enable", dest="enabled", action="store_true", default=None)
+    enabled.add_argument("--disable", dest="enabled", action="store_false")
     al = ad_sub.add_parser("list", parents=[db, tenant], help="list adapters")
     al.set_defaults(handler=cmd_adapter_list)
     al.add_argument("--all-tenants", action="store_true")

@@ -88,6 +88,26 @@ def text_fault(text: str) -> str | None:
     return None
 
 
+_UNSTORABLE: Final = re.compile("[\x00\ud800-\udfff]")
+
+
+def storable(text: str) -> str:
+    """`text` as Postgres can store it: each NUL and lone surrogate becomes U+FFFD. For what
+    a third party sent (a provider's answer, a webhook), which is kept, not refused."""
+    return text if text_fault(text) is None else _UNSTORABLE.sub("\ufffd", text)
+
+
+def storable_json(value: Any) -> Any:
+    """`value` (decoded JSON) with every string and key made `storable`."""
+    if isinstance(value, str):
+        return storable(value)
+    if isinstance(value, dict):
+        return {storable(str(k)): storable_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [storable_json(v) for v in value]
+    return value
+
+
 def check_text(value: Any, *, field: str, kind: str | None = None) -> str:
     """`value`, once it is a non-blank string of at most `MAX_LENGTH[kind or field]`
     characters that Postgres can store; InvalidInput naming `field` otherwise."""

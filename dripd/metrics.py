@@ -168,7 +168,7 @@ class Metrics:
         self.webhooks = Counter(
             "dripd_webhooks_total",
             "Provider webhook requests by provider and outcome (accepted, unverified, "
-            "bad_payload, too_large, not_found, unavailable).",
+            "bad_payload, too_large, not_found, unavailable, error).",
             ["provider", "outcome"],
             registry=r,
         )

@@ -314,6 +314,8 @@ def _where(exc: msgspec.ValidationError, raw: dict[str, Any]) -> str:
     missing = re.fullmatch(r"Object missing required field `(.*)`", text, re.DOTALL)
     if missing:
         path, text = f"{path}.{missing.group(1)}", "required key is missing"
+    if "[...]" in path:  # msgspec's name for "a value of this table", whichever key
+        path, text = path.replace("[...]", ""), f"{text} (in one of its values)"
     parts: list[str | int] = [
         int(index) if index else name
         for name, index in re.findall(r"\.([^.\[]+)|\[([0-9]+)\]", path, re.DOTALL)

@@ -12,11 +12,12 @@ A provider test builds its channel through the registry, as the daemon does:
 
 from __future__ import annotations
 
+import asyncio
 import email
 import email.policy
 import json
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from email.message import EmailMessage
 from typing import Any
@@ -31,7 +32,9 @@ from dripd.model import Adapter
 __all__ = [
     "EXECUTION",
     "Answer",
+    "Endless",
     "Mock",
+    "Trickle",
     "body_message",
     "build",
     "form_of",
@@ -46,15 +49,21 @@ EXECUTION = uuid.UUID("0193c1d2-0000-7000-8000-000000000001")
 
 @dataclass(frozen=True)
 class Answer:
-    """One scripted answer: status, and a JSON body, raw content or text, and headers."""
+    """One scripted answer: status, and a JSON body, raw content, text or a body streamed
+    (`Trickle`, `Endless`), and headers."""
 
     status: int = 200
     json: Any = None
     content: bytes | None = None
     text: str | None = None
     headers: Mapping[str, str] = field(default_factory=dict)
+    stream: httpx.AsyncByteStream | None = None
 
     def response(self, request: httpx.Request) -> httpx.Response:
+        if self.stream is not None:
+            return httpx.Response(
+                self.status, stream=self.stream, headers=dict(self.headers), request=request
+            )
         if self.json is not None:
             return httpx.Response(
                 self.status, json=self.json, headers=dict(self.headers), request=request
@@ -66,6 +75,42 @@ class Answer:
         return httpx.Response(
             self.status, content=self.content or b"", headers=dict(self.headers), request=request
         )
+
+
+class Trickle(httpx.AsyncByteStream):
+    """An answer's body that never ends in practice: `chunk` every `pause` seconds, at most
+    `count` times (a server trickling its answer to hold a send open)."""
+
+    def __init__(self, chunk: bytes = b" ", *, pause: float = 0.02, count: int = 100_000) -> None:
+        self.chunk, self.pause, self.count = chunk, pause, count
+        #: Bytes handed out so far.
+        self.sent = 0
+        #: Whether the reader closed it.
+        self.closed = False
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        for _ in range(self.count):
+            self.sent += len(self.chunk)
+            yield self.chunk
+            await asyncio.sleep(self.pause)
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+class Endless(httpx.AsyncByteStream):
+    """An answer's body of `total` bytes made as it is read, `chunk` bytes at a time (a huge
+    answer that costs the test no memory); `sent` says how much was read."""
+
+    def __init__(self, total: int, *, chunk: int = 64 * 1024, fill: bytes = b"x") -> None:
+        self.total, self.chunk, self.fill = total, chunk, fill
+        self.sent = 0
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        while self.sent < self.total:
+            size = min(self.chunk, self.total - self.sent)
+            self.sent += size
+            yield (self.fill * size)[:size]
 
 
 class Mock(httpx.MockTransport):

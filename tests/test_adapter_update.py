@@ -214,3 +214,33 @@ def test_an_update_notifies_the_daemons(capsys: pytest.CaptureFixture[str], post
         return heard
 
     assert asyncio.run(listen_while_updating()) == [""]
+
+
+@pytest.mark.parametrize("flags", [("--default", "--no-default"), ("--enable", "--disable")])
+def test_contradicting_flags_are_a_usage_error(
+    capsys: pytest.CaptureFixture[str], postmark: str, flags: tuple[str, str]
+) -> None:
+    code, _, err = run(capsys, "adapter", "update", "pm", "--dsn", postmark, *flags)
+    assert code == 2
+    assert "not allowed with argument" in err
+
+
+def test_adapter_list_shows_a_paused_adapter_and_why(
+    capsys: pytest.CaptureFixture[str], postmark: str
+) -> None:
+    async def pause() -> None:
+        conn = await asyncpg.connect(postmark)
+        try:
+            await conn.execute(
+                "UPDATE dripd.channel_adapters SET paused_at = now(), "
+                "paused_reason = 'provider refused the adapter: postmark: HTTP 401'"
+            )
+        finally:
+            await conn.close()
+
+    asyncio.run(pause())
+    code, out, err = run(capsys, "adapter", "list", "--dsn", postmark, "--json")
+    assert code == 0, err
+    assert json.loads(out)[0]["paused"] == "provider refused the adapter: postmark: HTTP 401"
+    code, out, _ = run(capsys, "adapter", "list", "--dsn", postmark)
+    assert "paused: provider refused the adapter: postmark: HTTP 401" in out

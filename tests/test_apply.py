@@ -57,6 +57,11 @@ from dripd.sequences import load_file, load_text
         ),
         (
             "[sequence]\nkey='x'\n[[steps]]\nkey='a'\nchannel='email'\nsubject='s'\ntext='t'\n"
+            "headers={X-Ok=5}\n",
+            "step 'a': key 'headers': Expected `str`, got `int` (in one of its values)",
+        ),
+        (
+            "[sequence]\nkey='x'\n[[steps]]\nkey='a'\nchannel='email'\nsubject='s'\ntext='t'\n"
             "from='not an address'\n",
             "step 'a': key 'from'",
         ),

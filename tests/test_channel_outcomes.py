@@ -36,13 +36,14 @@ class _Scripted:
     """Answers each send with the next scripted error, or accepts it (None, or no script)."""
 
     provider = "scripted"
+    message_id: str | None = None  # the provider message id to answer (else s-<id>)
 
     async def send(self, message: Message) -> Receipt:
         SEEN.append(message)
         error = SCRIPT.pop(0) if SCRIPT else None
         if error is not None:
             raise error
-        return Receipt(provider_message_id=f"s-{message.execution_id}")
+        return Receipt(provider_message_id=self.message_id or f"s-{message.execution_id}")
 
     async def aclose(self) -> None:
         pass
@@ -151,13 +152,13 @@ async def test_an_adapter_refused_by_its_provider_is_paused_and_its_message_wait
         assert "invalid token" in row["last_error"]
         reason = await pool.fetchval("SELECT paused_reason FROM dripd.channel_adapters")
         assert reason == "provider refused the adapter: scripted: HTTP 401: invalid token"
-        # Nothing is claimed while paused, however far time moves.
-        clock.advance(timedelta(hours=1))
+        # Nothing is claimed while paused; the row waits (its own retry is 5 minutes off).
+        clock.advance(timedelta(minutes=1))
         assert daemon.worker is not None
         daemon.worker.wake()
         await wait_for(lambda: daemon.worker is not None and daemon.worker.idle)
         assert len(SEEN) == 1
-        # Resumed, the row (due since it was deferred) goes out at once.
+        # Resumed, the row the pause deferred goes out at once, not at its retry time.
         await request(str(tmp_path / "control.sock"), "resume-adapter", {"name": "s"})
         await wait_for(lambda: _settled(pool, "sent"))
     assert len(SEEN) == 2
@@ -225,3 +226,28 @@ async def test_a_whatsapp_template_reaches_the_provider_rendered(
     assert message.metadata["template_name"] == "order_update"
     assert message.metadata["template_language"] == "en_US"
     assert json.loads(message.metadata["template_params"]) == ["Ana", "#42"]
+
+
+@pytest.mark.parametrize("answer", ["error", "receipt"])
+async def test_what_a_provider_said_is_recorded_even_when_postgres_could_not_store_it(
+    dsn: str, pool: asyncpg.Pool, tmp_path: Path, answer: str
+) -> None:
+    # A NUL in an echoed error or a message id made the record fail: the row ran (and
+    # was sent) again after its lease.
+    clock = ManualClock()
+    if answer == "error":
+        SCRIPT.append(PermanentError("scripted: 550 no such user \x00\ud800"))
+    else:
+        _Scripted.message_id = "id\x00\udc00"
+    try:
+        await _start(pool, clock)
+        async with running_daemon(dsn, tmp_path, clock=clock):
+            status = "failed" if answer == "error" else "sent"
+            row = await wait_for(lambda: _settled(pool, status))
+    finally:
+        _Scripted.message_id = None
+    if answer == "error":
+        assert row["last_error"] == "permanent: scripted: 550 no such user \ufffd\ufffd"
+    else:
+        assert row["provider_message_id"] == "id\ufffd\ufffd"
+    assert len(SEEN) == 1  # sent once

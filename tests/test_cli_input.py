@@ -483,6 +483,19 @@ def test_credentials_are_checked_without_echoing_them(capsys: pytest.CaptureFixt
         2,
         "dripd: --credentials-file: credentials.password: must not contain NUL (\\u0000)\n",
     )
+    path.write_text('{"password": "hunter2\\ud800"}')
+    code, _, err = run(capsys, "adapter", "add", "a", "--channel", "email", "--provider", "smtp",
+                       "--credentials-file", str(path))  # fmt: skip
+    assert (code, err) == (
+        2,
+        "dripd: --credentials-file: not a JSON object (a \\u escape names a lone UTF-16 "
+        "surrogate, which is not a character)\n",
+    )
+    path.write_text('{"password": "hunter2')
+    code, _, err = run(capsys, "adapter", "add", "a", "--channel", "email", "--provider", "smtp",
+                       "--credentials-file", str(path))  # fmt: skip
+    assert code == 2
+    assert "hunter2" not in err
 
 
 # --- other arguments -----------------------------------------------------------------------

@@ -12,11 +12,18 @@ from typing import Any
 import httpx
 import pytest
 import structlog
-from httpmock import Answer, Mock, build, form_of, make_adapter, message
+from httpmock import Answer, Endless, Mock, Trickle, build, form_of, make_adapter, message
 
 from dripd.channels import registry
 from dripd.channels.base import AdapterError, ChannelContext, TransientError
-from dripd.channels.oauth import RefreshGrant, TokenProvider, token_source
+from dripd.channels.oauth import (
+    DEFAULT_LIFETIME,
+    MAX_GRANT_LIFETIME,
+    MAX_TOKEN_ANSWER_BYTES,
+    RefreshGrant,
+    TokenProvider,
+    token_source,
+)
 from dripd.clock import ManualClock
 from dripd.errors import ConfigError
 
@@ -302,7 +309,6 @@ async def test_description_echoing_a_secret_is_redacted_by_the_channel() -> None
         (httpx.ReadTimeout("timed out"), None),
         (Answer(200, text="<html>captive portal</html>"), None),
         (Answer(200, json={"token_type": "Bearer"}), None),
-        (Answer(200, json={"access_token": "ok", "expires_in": "soon"}), None),
     ],
 )
 async def test_unavailable_token_endpoint_is_transient_provider_wide(
@@ -316,6 +322,101 @@ async def test_unavailable_token_endpoint_is_transient_provider_wide(
     assert REFRESH not in caught.value.message
     assert CLIENT_SECRET not in caught.value.message
     assert len(mock.requests) == 1
+
+
+MINUTE = timedelta(minutes=1)
+
+
+def token_answer(expiry: bytes) -> Answer:
+    return Answer(
+        200,
+        content=b'{"access_token":"ya29.t","token_type":"Bearer",' + expiry + b"}",
+        headers={"content-type": "application/json"},
+    )
+
+
+@pytest.mark.parametrize(
+    ("expiry", "lifetime"),
+    [
+        (b'"expires_in":1e308', MAX_GRANT_LIFETIME),  # huge: capped
+        (b'"expires_in":1' + b"0" * 400, MAX_GRANT_LIFETIME),  # a huge integer
+        (b'"expires_in":"1e308"', MAX_GRANT_LIFETIME),
+        (b'"expires_in":"3600"', timedelta(hours=1)),
+        (b'"expires_in":1e999', MAX_GRANT_LIFETIME),  # read as infinity
+        (b'"expires_in":Infinity', MAX_GRANT_LIFETIME),
+        (b'"expires_in":NaN', DEFAULT_LIFETIME),
+        (b'"expires_in":-Infinity', DEFAULT_LIFETIME),
+        (b'"expires_in":-30', DEFAULT_LIFETIME),
+        (b'"expires_in":0', DEFAULT_LIFETIME),
+        (b'"expires_in":"soon"', DEFAULT_LIFETIME),
+        (b'"expires_in":[3600]', DEFAULT_LIFETIME),
+        (b'"expires_in":true', DEFAULT_LIFETIME),
+        (b'"expires_in":3600,"expires_at":"never"', timedelta(hours=1)),
+        (b'"expires_at":1e999', DEFAULT_LIFETIME),
+        (b'"expires_at":NaN', DEFAULT_LIFETIME),
+    ],
+)
+async def test_an_unusable_or_huge_expiry_is_handled_sanely(
+    expiry: bytes, lifetime: timedelta
+) -> None:
+    clock = ManualClock()
+    mock = Mock(token_answer(expiry))
+    source = grant(transport=mock, clock=clock)
+    with structlog.testing.capture_logs() as logs:
+        assert await source.token() == "ya29.t"
+        clock.advance(lifetime - 2 * MINUTE)
+        assert await source.token() == "ya29.t"
+        assert len(mock.requests) == 1  # still fresh
+        clock.advance(3 * MINUTE)
+        assert await source.token() == "ya29.t"
+        assert len(mock.requests) == 2  # expired: fetched again
+    assert not [e for e in logs if e["log_level"] in ("error", "critical")]
+
+
+async def test_a_trickling_token_endpoint_ends_at_the_adapters_timeout() -> None:
+    trickle = Trickle(b"{", pause=0.02)
+    mock = Mock(Answer(200, stream=trickle, headers={"content-type": "application/json"}))
+    adapter = make_adapter("gmail", "email", {"from": "a@x.example"}, GRANT)
+    source = RefreshGrant(adapter, ChannelContext(transport=mock), clock=ManualClock(), timeout=0.2)
+    with pytest.raises(TransientError) as caught:
+        await asyncio.wait_for(source.token(), 60)
+    await source.aclose()
+    assert caught.value.provider_wide
+    assert "0.2 s" in caught.value.message
+    assert "timeout" in caught.value.message
+    assert trickle.sent < trickle.count
+
+
+@pytest.mark.parametrize("status", [200, 400])
+async def test_a_huge_token_endpoint_answer_is_not_read(status: int) -> None:
+    endless = Endless(64 * 1024 * 1024, fill=b" ")
+    mock = Mock(Answer(status, stream=endless, headers={"content-type": "application/json"}))
+    with pytest.raises(TransientError, match="larger than 1024 KiB") as caught:
+        await grant(transport=mock).token()
+    assert caught.value.provider_wide
+    assert endless.sent <= MAX_TOKEN_ANSWER_BYTES + endless.chunk
+
+
+async def test_a_rotated_refresh_token_that_is_not_printable_ascii_is_not_kept() -> None:
+    # Stored, it would fail the adapter's credential check at the next start.
+    clock = ManualClock()
+    saved: list[Mapping[str, Any]] = []
+
+    async def save(credentials: Mapping[str, Any]) -> None:
+        saved.append(credentials)
+
+    mock = Mock(
+        Answer(200, json={"access_token": "a1", "expires_in": 3600, "refresh_token": "rt-\u00e9"}),
+        Answer(200, json={"access_token": "a2", "expires_in": 3600}),
+    )
+    source = grant("ms365", {"user": "u"}, transport=mock, clock=clock, save_credentials=save)
+    with structlog.testing.capture_logs() as logs:
+        assert await source.token() == "a1"
+    assert saved == []
+    assert any("not usable" in e["event"] for e in logs)
+    clock.advance(3600)
+    assert await source.token() == "a2"
+    assert form_of(mock.last)["refresh_token"] == [REFRESH]
 
 
 async def test_a_non_oauth_client_error_pauses_the_adapter() -> None:

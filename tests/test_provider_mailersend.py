@@ -414,6 +414,27 @@ async def test_an_event_within_the_window_is_taken() -> None:
     assert len(await hook_receiver().receive(post(activity("delivered"), received_at=late))) == 1
 
 
+@pytest.mark.parametrize("created_at", [None, 1764410402, "", "yesterday", ["2026-11-29"]])
+async def test_an_event_without_a_readable_signed_time_is_unverified(created_at: Any) -> None:
+    # Signed, but without a time the replay window cannot hold: it could be replayed forever.
+    payload = activity("delivered")
+    if created_at is None:
+        del payload["created_at"]
+    else:
+        payload["created_at"] = created_at
+    with pytest.raises(Unverified, match="created_at"):
+        await hook_receiver().receive(post(payload))
+
+
+async def test_the_data_objects_created_at_serves_when_the_top_level_has_none() -> None:
+    payload = activity("delivered", created_at="2026-11-29T10:00:02.000000Z")
+    del payload["created_at"]
+    [event] = await hook_receiver().receive(post(payload))
+    assert event.occurred_at == datetime(2026, 11, 29, 10, 0, 2, tzinfo=UTC)
+    with pytest.raises(Unverified, match="replay window"):
+        await hook_receiver().receive(post(payload, received_at=NOW + timedelta(hours=1)))
+
+
 async def test_an_adapter_without_a_signing_secret_refuses_everything() -> None:
     with pytest.raises(Unverified, match="webhook_secret"):
         await hook_receiver(CREDENTIALS).receive(post(activity("delivered")))

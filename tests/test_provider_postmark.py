@@ -25,7 +25,7 @@ from dripd.channels.base import (
     TransientError,
 )
 from dripd.channels.feedback import BadPayload, InboundRequest, ReceiverContext, Unverified
-from dripd.channels.postmark import PostmarkChannel
+from dripd.channels.postmark import MAX_BATCH_BYTES, PostmarkChannel
 from dripd.errors import ConfigError
 
 TOKEN = "pm-server-7f3c9a1e-4b2d-4e8f-9c6a-0d1e2f3a4b5c"
@@ -375,6 +375,130 @@ async def test_a_whole_batch_refused_as_bad_json_is_permanent_for_each() -> None
     results = await channel.send_batch([numbered(1), numbered(2)])
     await channel.aclose()
     assert [type(result) for result in results] == [PermanentError, PermanentError]
+
+
+# -- sizes: 10 MB per message, 50 MB per batch request (providers.md §1) ----------------------
+
+MiB = 1024 * 1024
+
+
+def sized(n: int, mib: float) -> Message:
+    """Message `n` whose text is `mib` MiB."""
+    return numbered(n, text="x" * int(mib * MiB))
+
+
+def accepting(request: httpx.Request) -> httpx.Response:
+    """Postmark accepting every message of a request: MessageID `id-<To>`."""
+    sent = json_of(request)
+    elements = sent if isinstance(sent, list) else [sent]
+    answers = [{"ErrorCode": 0, "Message": "OK", "MessageID": f"id-{e['To']}"} for e in elements]
+    return httpx.Response(200, json=answers if isinstance(sent, list) else answers[0])
+
+
+async def test_a_message_over_10_mb_is_refused_alone_and_not_sent() -> None:
+    mock = Mock(handler=accepting)
+    channel = build("postmark", "email", CONFIG, CREDENTIALS, mock)
+    messages = [numbered(1), sized(2, 10.5), numbered(3)]
+    results = await asyncio.gather(*(channel.send(m) for m in messages), return_exceptions=True)
+    await channel.aclose()
+
+    assert results[0] == Receipt(provider_message_id="id-user1@example.org")
+    assert type(results[1]) is PermanentError
+    assert "10 MB" in str(results[1])
+    assert results[2] == Receipt(provider_message_id="id-user3@example.org")
+    [request] = mock.requests
+    assert [element["To"] for element in json_of(request)] == [
+        "user1@example.org",
+        "user3@example.org",
+    ]
+
+
+async def test_a_single_send_over_10_mb_is_refused_before_sending() -> None:
+    mock = Mock(OK)
+    channel = direct(mock)
+    with pytest.raises(PermanentError, match="10 MB"):
+        await channel.send(sized(1, 10.5))
+    await channel.aclose()
+    assert mock.requests == []
+
+
+async def test_a_batch_over_the_request_limit_goes_out_in_several_requests() -> None:
+    mock = Mock(handler=accepting)
+    channel = build("postmark", "email", CONFIG, CREDENTIALS, mock)
+    messages = [sized(n, 9) for n in range(1, 8)]  # 63 MiB in all
+    results = await asyncio.gather(*(channel.send(m) for m in messages), return_exceptions=True)
+    await channel.aclose()
+
+    assert results == [Receipt(provider_message_id=f"id-user{n}@example.org") for n in range(1, 8)]
+    assert len(mock.requests) >= 2
+    assert all(str(request.url).endswith("/email/batch") for request in mock.requests)
+    assert all(len(request.content) <= MAX_BATCH_BYTES for request in mock.requests)
+    assert all(len(request.content) < 50 * 1000 * 1000 for request in mock.requests)
+    sent = [element["To"] for request in mock.requests for element in json_of(request)]
+    assert sent == [f"user{n}@example.org" for n in range(1, 8)]  # each once, in order
+
+
+async def test_a_failed_request_of_a_split_batch_fails_its_own_and_the_later_messages() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        first = len(mock.requests) == 1
+        return accepting(request) if first else httpx.Response(503, text="busy")
+
+    mock = Mock(handler=handler)
+    channel = direct(mock)
+    results = await channel.send_batch([sized(n, 9) for n in range(1, 8)])
+    await channel.aclose()
+
+    first = len(json_of(mock.requests[0]))
+    assert len(mock.requests) == 2  # nothing more is sent after a provider-wide failure
+    assert results[:first] == [
+        Receipt(provider_message_id=f"id-user{n}@example.org") for n in range(1, first + 1)
+    ]
+    assert all(type(result) is TransientError for result in results[first:])
+    assert len(results) == 7
+
+
+async def test_a_batch_refused_whole_as_too_large_is_sent_one_message_at_a_time() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/email/batch":
+            return httpx.Response(413, text="Request Entity Too Large")
+        if json_of(request)["To"] == "user2@example.org":
+            return httpx.Response(
+                422, json={"ErrorCode": 406, "Message": "Found inactive addresses."}
+            )
+        return accepting(request)
+
+    mock = Mock(handler=handler)
+    channel = build("postmark", "email", CONFIG, CREDENTIALS, mock)
+    messages = [numbered(1), numbered(2), numbered(3)]
+    results = await asyncio.gather(*(channel.send(m) for m in messages), return_exceptions=True)
+    await channel.aclose()
+
+    assert [request.url.path for request in mock.requests] == [
+        "/email/batch",
+        "/email",
+        "/email",
+        "/email",
+    ]
+    assert results[0] == Receipt(provider_message_id="id-user1@example.org")
+    assert isinstance(results[1], PermanentError)
+    assert results[1].bounce is True
+    assert results[2] == Receipt(provider_message_id="id-user3@example.org")
+    # Each single send is the batch element as it was encoded.
+    assert json_of(mock.requests[1]) == json_of(mock.requests[0])[0]
+
+
+async def test_one_by_one_stops_at_an_error_that_would_fail_every_send() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/email/batch":
+            return httpx.Response(413, text="Request Entity Too Large")
+        return httpx.Response(401, json={"ErrorCode": 10, "Message": "Bad token"})
+
+    mock = Mock(handler=handler)
+    channel = direct(mock)
+    results = await channel.send_batch([numbered(1), numbered(2), numbered(3)])
+    await channel.aclose()
+    assert [type(result) for result in results] == [AdapterError] * 3
+    assert len(mock.requests) == 2
 
 
 def test_the_batch_size_is_postmarks_limit() -> None:

@@ -21,10 +21,21 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.x509.oid import AuthorityInformationAccessOID, ExtendedKeyUsageOID, NameOID
-from httpmock import EXECUTION, Answer, Mock, build, json_of, make_adapter, message, mime_message
+from httpmock import (
+    EXECUTION,
+    Answer,
+    Endless,
+    Mock,
+    build,
+    json_of,
+    make_adapter,
+    message,
+    mime_message,
+)
 from test_aws_sigv4 import check_signed
 
 from dripd.channels import registry
+from dripd.channels.aws import MAX_CERT_BYTES
 from dripd.channels.base import AdapterError, PermanentError, TransientError
 from dripd.channels.feedback import BadPayload, InboundRequest, ReceiverContext, Unverified
 from dripd.channels.ses import SesReceiver
@@ -832,6 +843,7 @@ async def test_a_subscription_to_another_topic_is_refused(pki: Pki) -> None:
         ({"Timestamp": "2026-11-30T11:50:00.000Z"}, "replay window"),
         ({"Timestamp": "2026-11-30T12:10:00.000Z"}, "replay window"),
         ({"Timestamp": "yesterday"}, "Timestamp"),
+        ({"Timestamp": None}, "Timestamp"),
         ({"SigningCertURL": CERT_URL.replace("https:", "http:")}, "SigningCertURL"),
         (
             {"SigningCertURL": "https://evil.example/SimpleNotificationService-1.pem"},
@@ -907,6 +919,17 @@ async def test_an_unreachable_certificate_is_unverified(pki: Pki) -> None:
     with pytest.raises(Unverified, match="HTTP 404"):
         await rx.receive(inbound(notification(pki, bounce("Permanent", "a@example.org"))))
     await rx.aclose()
+
+
+async def test_a_huge_certificate_answer_is_not_read(pki: Pki) -> None:
+    huge = Endless(256 * 1024 * 1024)
+    aws = Aws(pki)
+    aws.mock = Mock(handler=lambda request: httpx.Response(200, stream=huge))
+    rx = receiver(aws, pki)
+    with pytest.raises(Unverified, match="larger than"):
+        await rx.receive(inbound(notification(pki, bounce("Permanent", "a@example.org"))))
+    await rx.aclose()
+    assert huge.sent <= MAX_CERT_BYTES + huge.chunk
 
 
 async def test_without_a_topic_nothing_is_accepted(pki: Pki) -> None:

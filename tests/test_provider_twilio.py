@@ -123,6 +123,24 @@ async def test_whatsapp_addresses_carry_the_whatsapp_prefix() -> None:
     }
 
 
+async def test_a_whatsapp_template_step_is_refused_with_the_reason_before_sending() -> None:
+    # A `whatsapp_template` step: Twilio sends templates by Content SID, not by name.
+    mock = Mock(CREATED)
+    ch = channel(mock, {"from": "+14155238886"}, kind="whatsapp")
+    template = {
+        "template_name": "order_update",
+        "template_language": "en_US",
+        "template_params": '["Ana"]',
+    }
+    with pytest.raises(PermanentError) as caught:
+        await ch.send(sms(channel="whatsapp", body=None, metadata=template))
+    await ch.aclose()
+    assert type(caught.value) is PermanentError
+    assert "Content SID" in caught.value.message
+    assert "whatsapp_cloud" in caught.value.message
+    assert mock.requests == []
+
+
 async def test_a_body_twilio_would_refuse_is_permanent_before_sending() -> None:
     mock = Mock(CREATED)
     ch = channel(mock)

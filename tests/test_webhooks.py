@@ -8,11 +8,14 @@ is tested in its own test file; here: the route's answers, and what recording do
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
+import io
 import json
 import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -30,6 +33,7 @@ from dripd.channels.feedback import (
     InboundRequest,
     ReceiverContext,
     Unverified,
+    decode_json,
     equal,
 )
 from dripd.channels.spec import ProviderSpec
@@ -44,7 +48,7 @@ from dripd.http.routes import http_routes
 from dripd.metrics import Metrics
 from dripd.model import Adapter
 from tests.background import background
-from tests.support import apply_text, one_email
+from tests.support import apply_text, one_email, wait_for
 
 SECRET = "hooktest-secret-0123456789"
 NOW = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
@@ -82,7 +86,8 @@ class _Receiver:
                 recipient=item.get("to"),
                 permanent=item.get("permanent", False),
                 reason=item.get("reason"),
-                data={"n": item.get("n", 0)},
+                data={"n": item.get("n", 0), **item.get("data", {})},
+                nonce=item.get("nonce"),
             )
             for item in items
         ]
@@ -458,7 +463,7 @@ async def test_a_reload_closes_the_receivers_of_changed_adapters(
         "WHERE name = 'hooks1' AND tenant_key IS NULL"
     )
     await site.adapters.load(await store.load_adapters(pool))
-    assert receiver.closed
+    await wait_for(lambda: receiver.closed)  # closed in the background
     again = site.adapters.webhook_target("hooktest", None, "hooks1")
     assert again is not None
     assert again[1] is not receiver
@@ -493,3 +498,128 @@ def test_channel_context_reaches_the_factory() -> None:
         assert seen == [context]
     finally:
         registry._providers.pop("ctxtest", None)
+
+
+class _SlowToClose(_Channel):
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+
+    async def aclose(self) -> None:
+        await self.release.wait()  # a send still in flight
+
+
+async def test_a_reload_never_waits_for_a_replaced_channel_to_close(
+    pool: asyncpg.Pool, vault: Vault
+) -> None:
+    built: list[_SlowToClose] = []
+
+    def factory(adapter: Adapter, context: ChannelContext) -> _SlowToClose:
+        built.append(_SlowToClose())
+        return built[-1]
+
+    registry.register(replace(SPEC, name="slowclose", factory=factory), replace=True)
+    try:
+        await add_adapter(pool, vault, "slow", provider="slowclose")
+        adapters = AdapterSet(vault)
+        await adapters.load(await store.load_adapters(pool))
+        await pool.execute("UPDATE dripd.channel_adapters SET is_default = true")
+        # The old channel's close waits for its send; the reload does not wait for it.
+        await asyncio.wait_for(adapters.load(await store.load_adapters(pool)), timeout=30)
+        assert len(built) == 2
+        closing = asyncio.create_task(adapters.aclose())
+        built[0].release.set()
+        built[1].release.set()
+        await asyncio.wait_for(closing, timeout=30)
+    finally:
+        registry._providers.pop("slowclose", None)
+
+
+async def test_a_provider_that_fails_to_build_leaves_its_adapter_unusable_not_the_daemon(
+    pool: asyncpg.Pool, vault: Vault
+) -> None:
+    def factory(adapter: Adapter, context: ChannelContext) -> _Channel:
+        "tokén".encode("ascii")  # what httpx does with a non-ASCII header value
+        return _Channel()
+
+    registry.register(replace(SPEC, name="brittle", factory=factory), replace=True)
+    try:
+        await add_adapter(pool, vault, "brittle", provider="brittle")
+        adapters = AdapterSet(vault)
+        await adapters.load(await store.load_adapters(pool))
+        problem = adapters.resolve(None, "email", "brittle")
+        assert isinstance(problem, str)
+        assert "cannot build it: UnicodeEncodeError" in problem
+        assert adapters.webhook_target("brittle", None, "brittle") is None
+        await adapters.aclose()
+    finally:
+        registry._providers.pop("brittle", None)
+
+
+async def test_what_postgres_cannot_store_is_kept_with_a_replacement_not_refused(
+    site: Site, pool: asyncpg.Pool
+) -> None:
+    # A NUL or a lone surrogate in what a provider sent would make Postgres refuse the
+    # whole request: answered 503, redelivered for ever, the other events lost with it.
+    payload = json.dumps(
+        [
+            {
+                "type": "bounced",
+                "id": "e\u0000\ud800",
+                "to": "nul\u0000@example.org",
+                "reason": "550 \u0000 no",
+                "message": "m\u0000",
+                "permanent": True,
+                "data": {"k\u0000": "v\udc00"},
+            },
+            {"type": "delivered", "id": "plain", "to": "ann@example.org"},
+        ]
+    ).encode()
+    response = await site.post(payload)
+    assert response.status_code == 200, response.text
+    assert response.json()["recorded"] == 2
+    rows = await feedback_rows(pool)
+    first = rows[0]
+    assert first["provider_event_id"] == "e\ufffd\ufffd"
+    assert first["reason"] == "permanent: 550 \ufffd no"
+    assert first["provider_message_id"] == "m\ufffd"
+    assert json.loads(first["data"])["k\ufffd"] == "v\ufffd"
+    again = await site.post(payload)
+    assert again.json()["duplicates"] == 2
+
+
+async def test_a_signed_nonce_seen_before_records_nothing_whatever_the_body_says(
+    site: Site, pool: asyncpg.Pool
+) -> None:
+    # Mailgun signs a timestamp and a one-time token, not the event: a captured signature
+    # must not carry other events (another address to suppress) in its replay window.
+    first = await site.post(
+        body({"type": "delivered", "id": "1", "to": "a@example.org", "nonce": "t1"})
+    )
+    assert first.json()["recorded"] == 1
+    forged = await site.post(
+        body({"type": "complained", "id": "2", "to": "victim@example.org", "nonce": "t1"})
+    )
+    assert forged.status_code == 200
+    assert forged.json() == {"recorded": 0, "matched": 0, "duplicates": 1, "suppressed": 0}
+    assert await suppressions(pool) == []
+    other = await site.post(body({"type": "delivered", "id": "3", "nonce": "t2"}))
+    assert other.json()["recorded"] == 1
+
+
+async def test_a_receivers_own_failure_is_500_and_logged_without_a_traceback(
+    site: Site, pool: asyncpg.Pool, json_logs: io.StringIO
+) -> None:
+    nested = b"[" * 2000 + b"]" * 2000  # json.loads: RecursionError (under the 4 KiB limit)
+    response = await site.post(nested)
+    assert response.status_code == 500
+    assert response.json()["error"]["code"] == "internal"
+    logged = json_logs.getvalue()
+    assert "webhook receiver failed" in logged
+    assert "RecursionError" in logged
+    assert "Traceback" not in logged
+    assert await feedback_rows(pool) == []
+
+
+def test_feedbacks_json_decoder_refuses_json_nested_too_deep() -> None:
+    with pytest.raises(BadPayload, match="nested too deep"):
+        decode_json(b"[" * 100_000 + b"]" * 100_000, "the body")

@@ -16,6 +16,7 @@ certificate must chain to a trusted root for the name `sns.amazonaws.com` (or th
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import functools
@@ -44,7 +45,7 @@ from cryptography.x509.oid import AuthorityInformationAccessOID, NameOID
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
 from dripd.channels.feedback import Unverified, check_window, iso_time
-from dripd.channels.http import clip, config_str, credential_str
+from dripd.channels.http import MAX_ERROR_BYTES, clip, config_str, credential_str, read_capped
 from dripd.clock import Clock, SystemClock
 from dripd.errors import ConfigError
 
@@ -249,6 +250,8 @@ SNS_CERT_NAME: Final = "sns.amazonaws.com"
 MAX_CERT_BYTES: Final = 64 * 1024
 #: Certificates (signing and intermediate) kept, by URL: SNS signs with few at a time.
 CERT_CACHE_SIZE: Final = 32
+#: Seconds one fetch (a certificate, a subscription confirmation) may take in all.
+FETCH_TIMEOUT: Final = 10.0
 
 # The fields each message type signs, in the order of the string to sign.
 _CONFIRMATION_FIELDS: Final = (
@@ -371,7 +374,7 @@ class SnsVerifier:
             raise Unverified("the adapter has no `sns_topic_arn`: SNS messages are refused")
         try:
             doc = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             raise Unverified("the body is not an SNS message (not JSON)") from None
         if not isinstance(doc, dict):
             raise Unverified("the body is not an SNS message (not a JSON object)")
@@ -433,8 +436,8 @@ class SnsVerifier:
             )
             return False
         try:
-            response = await self._client.get(url)
-        except httpx.HTTPError as exc:
+            response, _ = await self._get(url, MAX_ERROR_BYTES)
+        except (httpx.HTTPError, TimeoutError) as exc:
             log.warning(
                 "SNS subscription not confirmed", topic=message.topic_arn, error=type(exc).__name__
             )
@@ -503,6 +506,12 @@ class SnsVerifier:
                 )
         return found
 
+    async def _get(self, url: str, limit: int) -> tuple[httpx.Response, bool]:
+        """GET `url` within FETCH_TIMEOUT in all: the answer, its body cut at `limit` bytes
+        (the rest is never downloaded), and whether that is all of it."""
+        async with asyncio.timeout(FETCH_TIMEOUT), self._client.stream("GET", url) as response:
+            return await read_capped(response, limit)
+
     async def _fetch_certificates(self, url: str, *, what: str) -> tuple[x509.Certificate, ...]:
         """The certificates at `url` (PEM, or one DER), from the cache when fetched before."""
         cached = self._certs.get(url)
@@ -510,13 +519,13 @@ class SnsVerifier:
             self._certs.move_to_end(url)
             return cached
         try:
-            response = await self._client.get(url)
-        except httpx.HTTPError as exc:
+            response, whole = await self._get(url, MAX_CERT_BYTES)
+        except (httpx.HTTPError, TimeoutError) as exc:
             raise Unverified(f"cannot fetch {what}: {type(exc).__name__}") from None
         if response.status_code != 200:
             raise Unverified(f"cannot fetch {what}: HTTP {response.status_code}")
         data = response.content
-        if len(data) > MAX_CERT_BYTES:
+        if not whole:
             raise Unverified(f"{what} is larger than {MAX_CERT_BYTES} bytes")
         try:
             if b"-----BEGIN CERTIFICATE-----" in data:

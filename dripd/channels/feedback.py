@@ -134,6 +134,9 @@ class FeedbackEvent:
     reason: str | None = None
     occurred_at: datetime | None = None
     data: Mapping[str, Any] = field(default_factory=dict)
+    # The one-time value the provider signed the request with (Mailgun's `token`): a
+    # request whose nonce was recorded before is a replay and records nothing.
+    nonce: str | None = None
 
     def __post_init__(self) -> None:
         if self.type not in FEEDBACK_TYPES:
@@ -204,8 +207,8 @@ def decode_json(body: bytes, what: str) -> Any:
     names the body, e.g. "postmark webhook body")."""
     try:
         return msgspec.json.decode(body)
-    except msgspec.DecodeError:
-        raise BadPayload(f"{what} is not JSON") from None
+    except (msgspec.DecodeError, RecursionError):  # RecursionError: nested too deep
+        raise BadPayload(f"{what} is not JSON (or nested too deep)") from None
 
 
 def decode_object(body: bytes, what: str) -> dict[str, Any]:

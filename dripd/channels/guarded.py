@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from dripd.channels.base import AdapterError, ChannelContext, TransientError
-from dripd.channels.http import HttpProvider
+from dripd.channels.http import MAX_ERROR_BYTES, HttpProvider, read_capped
 from dripd.errors import ConfigError, HookError
 from dripd.model import Adapter
 from dripd.netguard import (
@@ -44,7 +44,7 @@ from dripd.redaction import urls_for_log
 __all__ = ["MAX_ANSWER_BYTES", "GuardedProvider", "check_url_value"]
 
 #: The most of an answer's body read (for the error text): the rest is never downloaded.
-MAX_ANSWER_BYTES: Final = 64 * 1024
+MAX_ANSWER_BYTES: Final = MAX_ERROR_BYTES
 
 
 def check_url_value(value: Any, where: str) -> str:
@@ -57,6 +57,13 @@ def check_url_value(value: Any, where: str) -> str:
         raise ConfigError(f"adapter {where} is longer than 2000 characters")
     if value != value.strip() or any(ord(c) < 33 or ord(c) == 127 for c in value):
         raise ConfigError(f"adapter {where} must not contain spaces or control characters")
+    if not (value.isascii() and value.isprintable()):
+        # httpx would percent-encode them: another URL than the one given (and a secret
+        # URL in a form its redaction does not know).
+        raise ConfigError(
+            f"adapter {where} must be printable ASCII: write an international domain as "
+            "xn--… and percent-encode other characters"
+        )
     try:
         parsed = httpx.URL(value)
     except httpx.InvalidURL:
@@ -113,7 +120,8 @@ class GuardedProvider(HttpProvider):
                 return await self._post(target, content, headers)
         except TimeoutError as exc:
             raise TransientError(
-                f"{self.provider}: no answer from {target.host!r} within {self.timeout:g} s",
+                f"{self.provider}: no whole answer from {target.host!r} within "
+                f"{self.timeout:g} s (the adapter's `timeout`)",
                 provider_wide=True,
             ) from exc
 
@@ -151,35 +159,17 @@ class GuardedProvider(HttpProvider):
             except httpx.TransportError as exc:
                 raise self._unreachable(target, exc) from exc
             try:
-                return await _bounded(response, request)
+                answer, _ = await read_capped(response, MAX_ANSWER_BYTES)
+                return answer
             except httpx.TimeoutException as exc:
                 raise TimeoutError from exc
-            except httpx.TransportError as exc:
+            except (httpx.TransportError, httpx.DecodingError) as exc:
                 raise self._unreachable(target, exc) from exc
             finally:
                 await response.aclose()
         raise AssertionError("checked_addresses returns at least one address")
 
-    def _unreachable(self, target: Target, exc: httpx.TransportError) -> TransientError:
+    def _unreachable(self, target: Target, exc: httpx.RequestError) -> TransientError:
         text = urls_for_log(str(exc))[:200]
         kind = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
         return TransientError(f"{self.provider}: {target.host!r}: {kind}", provider_wide=True)
-
-
-async def _bounded(response: httpx.Response, request: httpx.Request) -> httpx.Response:
-    """`response` read into memory, its body cut at MAX_ANSWER_BYTES (decoded)."""
-    content = bytearray()
-    async for chunk in response.aiter_bytes():
-        content += chunk
-        if len(content) >= MAX_ANSWER_BYTES:
-            del content[MAX_ANSWER_BYTES:]
-            break
-    # The body is decoded already: its encoding and length headers no longer describe it.
-    headers = [
-        (name, value)
-        for name, value in response.headers.multi_items()
-        if name.lower() not in ("content-encoding", "content-length", "transfer-encoding")
-    ]
-    return httpx.Response(
-        response.status_code, headers=headers, content=bytes(content), request=request
-    )

@@ -10,9 +10,16 @@ Common adapter config keys of HTTP providers:
 The mapping (providers refine it where their API says more, see providers.md):
 
     connection refused/reset, timeouts   TransientError(provider_wide)
+    (`timeout` bounds the whole request,
+    answer included), a success answer
+    larger than MAX_ANSWER_BYTES
     429, 408, 5xx                         TransientError(provider_wide), Retry-After honoured
     401                                   AdapterError (the adapter is paused)
     other 4xx                             PermanentError with the provider's message
+
+Every answer is read streaming and capped: a success up to MAX_ANSWER_BYTES (a larger one
+is refused), an error only its first MAX_ERROR_BYTES (plenty for the provider's message);
+the rest is never downloaded.
 
 Besides, what providers share to check their config (a boolean, one of a few choices, a list
 of strings), to read JSON answers and bodies, and to clip a provider's words for an error or
@@ -21,6 +28,7 @@ an event.
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import math
 from collections.abc import Collection, Mapping
@@ -45,6 +53,8 @@ from dripd.redaction import urls_for_log
 
 __all__ = [
     "HTTP_CONFIG_KEYS",
+    "MAX_ANSWER_BYTES",
+    "MAX_ERROR_BYTES",
     "USER_AGENT",
     "HttpProvider",
     "check_http_config",
@@ -60,6 +70,7 @@ __all__ = [
     "json_dict",
     "json_object",
     "json_str",
+    "read_capped",
     "retry_after",
     "string_list",
     "transient_status",
@@ -74,6 +85,10 @@ USER_AGENT = f"dripd/{__version__}"
 MAX_DETAIL = 300
 #: The longest wait a provider may ask for that we believe (seconds): one day.
 MAX_RETRY_AFTER = 86_400.0
+#: The largest success answer read (bytes); a larger one is a TransientError.
+MAX_ANSWER_BYTES = 16 * 1024 * 1024
+#: The most of an error answer kept (bytes): the rest is never downloaded.
+MAX_ERROR_BYTES = 64 * 1024
 
 
 def check_http_config(config: Mapping[str, Any]) -> None:
@@ -174,13 +189,35 @@ def config_str(
 
 
 def credential_str(
-    credentials: Mapping[str, Any], key: str, *, required: bool = False, multiline: bool = False
+    credentials: Mapping[str, Any],
+    key: str,
+    *,
+    required: bool = False,
+    multiline: bool = False,
+    ascii_only: bool = True,
 ) -> str | None:
-    """The credential string `key`; the error names the key, never the value. `multiline`:
-    line breaks allowed (a PEM key), other control characters still refused."""
-    return _str(
+    """The credential string `key`; the error names the key, never the value.
+
+    A credential is printable ASCII (`ascii_only`, the default): it goes into an HTTP
+    header, a URL or basic auth, where anything else fails at send (or changes bytes
+    under a signature). `multiline`: line breaks and tabs allowed (a PEM key); other
+    control characters are refused whatever the flags."""
+    value = _str(
         credentials, key, "credential", required=required, max_length=16_384, multiline=multiline
     )
+    if value is not None and ascii_only and not _printable_ascii(value, multiline=multiline):
+        raise ConfigError(
+            f"adapter credential `{key}` must be printable ASCII (no accented letters, "
+            "typographic quotes, non-breaking spaces or line separators: it goes into HTTP "
+            "headers and URLs; check it was copied whole and as issued)"
+        )
+    return value
+
+
+def _printable_ascii(value: str, *, multiline: bool) -> bool:
+    if multiline:
+        value = value.replace("\r", "").replace("\n", "").replace("\t", "")
+    return value.isascii() and value.isprintable()
 
 
 def _str(
@@ -255,23 +292,74 @@ class HttpProvider:
         return f"{type(self).__name__}({self.adapter.name!r}, {urlsplit(self.base_url).netloc})"
 
     async def request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
-        """Send one request; TransientError(provider_wide) when no answer came (the error
-        names the provider and the kind of failure, never the URL: it may hold a token)."""
+        """Send one request and read its answer, capped (see the module docstring); the
+        adapter's `timeout` bounds the whole exchange, from connecting to the answer's last
+        byte. TransientError(provider_wide) when no whole answer came in time, the
+        connection failed, or a success answer is larger than MAX_ANSWER_BYTES (the error
+        names the provider and the kind of failure, never the URL: it may hold a token).
+
+        The answer returned holds its body read (an error's cut at MAX_ERROR_BYTES)."""
         try:
-            return await self.client.request(method, url, **kwargs)
-        except httpx.TimeoutException as exc:
+            async with asyncio.timeout(self.timeout):
+                return await self._exchange(method, url, **kwargs)
+        except (TimeoutError, httpx.TimeoutException) as exc:
             raise TransientError(
-                f"{self.provider}: no answer within {self.timeout:g} s ({type(exc).__name__})",
+                f"{self.provider}: no whole answer within {self.timeout:g} s "
+                f"(the adapter's `timeout`; {type(exc).__name__})",
                 provider_wide=True,
             ) from exc
-        except httpx.TransportError as exc:
+        except (httpx.TransportError, httpx.DecodingError) as exc:
             raise TransientError(
                 f"{self.provider}: {type(exc).__name__}: {_clip(urls_for_log(str(exc)))}",
                 provider_wide=True,
             ) from exc
 
+    async def _exchange(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
+        async with self.client.stream(method, url, **kwargs) as response:
+            success = response.is_success
+            cap = MAX_ANSWER_BYTES if success else MAX_ERROR_BYTES
+            answer, whole = await read_capped(response, cap)
+            if success and not whole:
+                raise TransientError(
+                    f"{self.provider}: HTTP {response.status_code} answer larger than "
+                    f"{cap // (1024 * 1024)} MiB, not read",
+                    provider_wide=True,
+                )
+            return answer
+
     async def aclose(self) -> None:
         await self.client.aclose()
+
+
+async def read_capped(response: httpx.Response, limit: int) -> tuple[httpx.Response, bool]:
+    """A read copy of the streamed `response`, its body (decoded) cut at `limit` bytes, and
+    whether that is all of it: reading stops past `limit`, the rest is never downloaded.
+    The caller closes `response`."""
+    content = bytearray()
+    whole = True
+    async for chunk in response.aiter_bytes():
+        content += chunk
+        if len(content) > limit:
+            del content[limit:]
+            whole = False
+            break
+    return _answered(response, bytes(content)), whole
+
+
+def _answered(response: httpx.Response, content: bytes) -> httpx.Response:
+    # The body is decoded already: its encoding and length headers no longer describe it.
+    headers = [
+        (name, value)
+        for name, value in response.headers.multi_items()
+        if name.lower() not in ("content-encoding", "content-length", "transfer-encoding")
+    ]
+    return httpx.Response(
+        response.status_code,
+        headers=headers,
+        content=content,
+        request=response.request,
+        extensions={"http_version": response.http_version.encode()},
+    )
 
 
 def retry_after(response: httpx.Response, *, now: datetime | None = None) -> float | None:
@@ -299,7 +387,7 @@ def json_body(response: httpx.Response) -> Any:
         return None
     try:
         return msgspec.json.decode(response.content)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):  # RecursionError: nested too deep
         return None
 
 
@@ -310,7 +398,7 @@ def json_object(text: str) -> dict[str, Any] | None:
         return None
     try:
         document = msgspec.json.decode(text)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):
         return None
     return document if isinstance(document, dict) else None
 

@@ -66,7 +66,6 @@ from dripd.channels.http import (
     check_http_config,
     clip,
     config_bool,
-    config_str,
     credential_str,
     error_for_status,
     json_body,
@@ -120,9 +119,6 @@ def check(config: Mapping[str, Any], credentials: Mapping[str, Any]) -> None:
     """Registry hook: ConfigError naming the key if these maps are not a `mailersend`
     adapter."""
     check_http_config(config)
-    sender = config_str(config, "from", required=True) or ""
-    if "@" not in email.utils.parseaddr(sender)[1]:
-        raise ConfigError("mailersend adapter config `from` must be a mailbox like a@x.example")
     tags = config.get("tags")
     if tags is not None and not string_list(tags, least=0, most=MAX_TAGS):
         raise ConfigError(
@@ -298,10 +294,11 @@ class MailerSendReceiver:
     MailerSend sends `Signature: <hex HMAC-SHA256 of the raw body>` keyed with the
     webhook's signing secret (credential `webhook_secret`); it is compared in constant
     time. The body's `created_at` (when MailerSend created the event, inside what is
-    signed) must be within the replay window: MailerSend retries a failed call only
-    twice, 10 and 100 seconds later. An adapter without `webhook_secret` refuses every
-    request. The `webhook.test` ping MailerSend sends when a webhook is saved is signed
-    with MailerSend's published test secret; it is accepted and records nothing.
+    signed; the `data` object's when the top level has none) is required and must be within
+    the replay window: MailerSend retries a failed call only twice, 10 and 100 seconds
+    later. An adapter without `webhook_secret` refuses every request. The `webhook.test`
+    ping MailerSend sends when a webhook is saved is signed with MailerSend's published
+    test secret; it is accepted and records nothing.
     """
 
     def __init__(self, adapter: Adapter, context: ReceiverContext | None = None) -> None:
@@ -335,8 +332,10 @@ class MailerSendReceiver:
         data = json_dict(payload, "data")
         if created is None:
             created = _when(data.get("created_at"))
-        if created is not None:
-            check_window(created, request.received_at, self._window, "mailersend created_at")
+        if created is None:
+            # Without its signed time a captured request could be replayed at any time.
+            raise Unverified("mailersend webhook without a readable `created_at` time")
+        check_window(created, request.received_at, self._window, "mailersend created_at")
         if not isinstance(kind, str) or kind not in _EVENTS:
             return []
         return [_event(_EVENTS[kind], kind, data, created)]

@@ -18,11 +18,16 @@ offline_access"); or it names a token provider in its config,
                     or "expires_at" (aware datetime or epoch seconds)}, or "revoked"
 
 Either way the access token is cached until it expires (less a margin of 60 s, or half its
-lifetime when that is shorter; 5 minutes when no expiry was given; a provider's token at most
-an hour), and one refresh at a time runs per adapter, its result shared by the sends that
-waited for it. A refused grant is an AdapterError (the adapter is paused with the reason);
-an unreachable or overloaded token endpoint is a provider-wide TransientError. Neither ever
-carries a token: the texts name the OAuth error code and the endpoint's description.
+lifetime when that is shorter; 5 minutes when no usable expiry was given; a provider's token
+at most an hour, a token endpoint's at most a day), and one refresh at a time runs per
+adapter, its result shared by the sends that waited for it. A refused grant is an
+AdapterError (the adapter is paused with the reason); an unreachable or overloaded token
+endpoint is a provider-wide TransientError. Neither ever carries a token: the texts name
+the OAuth error code and the endpoint's description.
+
+The token endpoint's answer is bounded like a provider's: the adapter's `timeout` covers the
+whole refresh (connecting to the answer's last byte), and an answer larger than
+MAX_TOKEN_ANSWER_BYTES is not read (both a provider-wide TransientError).
 """
 
 from __future__ import annotations
@@ -32,10 +37,11 @@ import collections
 import copy
 import importlib
 import inspect
+import json
 import math
 import re
 import warnings
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol, cast
@@ -118,6 +124,10 @@ DEFAULT_LIFETIME = timedelta(minutes=5)
 ISSUED_KEPT = 4
 #: The longest a token provider's token is used, whatever expiry it states.
 MAX_PROVIDER_LIFETIME = timedelta(hours=1)
+#: The longest a token endpoint's token is used, whatever `expires_in` it states.
+MAX_GRANT_LIFETIME = timedelta(days=1)
+#: The largest token endpoint answer read (bytes): a token answer is a few kilobytes.
+MAX_TOKEN_ANSWER_BYTES = 1024 * 1024
 
 _MAX_DESCRIPTION = 200
 _TENANT = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]{0,252}")
@@ -354,22 +364,29 @@ class RefreshGrant(_CachedToken):
         self._url = endpoint.url
         self._scope = endpoint.scope
         self._credentials = dict(adapter.credentials)
-        self._refresh_token = str(self._credentials["refresh_token"])
+        grant = {
+            key: credential_str(self._credentials, key, required=True) or ""
+            for key in sorted(CREDENTIAL_KEYS)
+        }
+        self._refresh_token = grant["refresh_token"]
         self._save = context.save_credentials
         self._unsaved_logged = False
         self._adapter_name = adapter.name
+        self._timeout = timeout
         self._client = AsyncOAuth2Client(
-            client_id=self._credentials["client_id"],
-            client_secret=self._credentials["client_secret"],
+            client_id=grant["client_id"],
+            client_secret=grant["client_secret"],
             # RFC 6749 §2.3.1: both Google and Microsoft document the secret in the form body.
             token_endpoint_auth_method="client_secret_post",  # noqa: S106 - a method's name
             transport=context.transport,
             timeout=httpx.Timeout(timeout),
-            headers={"User-Agent": USER_AGENT},
+            # Uncompressed: the answer's cap counts the bytes as they arrive.
+            headers={"User-Agent": USER_AGENT, "Accept-Encoding": "identity"},
+            event_hooks={"response": [_cap_answer]},
             follow_redirects=False,
             trust_env=False,
         )
-        self._client.register_compliance_hook("refresh_token_response", self._transient_status)
+        self._client.register_compliance_hook("refresh_token_response", self._checked_answer)
 
     def __repr__(self) -> str:
         return f"RefreshGrant({self._adapter_name!r}, {urlsplit(self._url).netloc})"
@@ -377,7 +394,7 @@ class RefreshGrant(_CachedToken):
     async def aclose(self) -> None:
         await self._client.aclose()
 
-    def _transient_status(self, response: httpx.Response) -> httpx.Response:
+    def _checked_answer(self, response: httpx.Response) -> httpx.Response:
         # Before Authlib reads the body: a 429 or 503 may carry an OAuth-looking JSON error.
         status = response.status_code
         if transient_status(status):
@@ -386,14 +403,21 @@ class RefreshGrant(_CachedToken):
                 provider_wide=True,
                 retry_after=retry_after(response, now=self._clock.now()),
             )
-        return response
+        return _sane_expiry(response)
 
     async def _fetch(self) -> tuple[str, datetime | None]:
         sent = self._refresh_token
         where = f"{self._provider}: oauth refresh"
         kwargs: dict[str, Any] = {"scope": self._scope} if self._scope else {}
         try:
-            token = await self._client.refresh_token(self._url, refresh_token=sent, **kwargs)
+            async with asyncio.timeout(self._timeout):
+                token = await self._client.refresh_token(self._url, refresh_token=sent, **kwargs)
+        except _AnswerTooLarge as exc:
+            raise TransientError(
+                f"{where}: the token endpoint's answer is larger than "
+                f"{MAX_TOKEN_ANSWER_BYTES // 1024} KiB, not read",
+                provider_wide=True,
+            ) from exc
         except OAuthError as exc:
             code = _code(exc.error)
             text = (
@@ -410,17 +434,18 @@ class RefreshGrant(_CachedToken):
             raise AdapterError(
                 f"{where} refused: HTTP {status} (no OAuth error in the answer)"
             ) from exc
-        except httpx.TimeoutException as exc:
+        except (TimeoutError, httpx.TimeoutException) as exc:
             raise TransientError(
-                f"{where}: no answer from the token endpoint ({type(exc).__name__})",
+                f"{where}: no whole answer from the token endpoint within {self._timeout:g} s "
+                f"(the adapter's `timeout`; {type(exc).__name__})",
                 provider_wide=True,
             ) from exc
-        except httpx.TransportError as exc:
+        except (httpx.TransportError, httpx.DecodingError) as exc:
             raise TransientError(
                 f"{where}: cannot reach the token endpoint ({type(exc).__name__})",
                 provider_wide=True,
             ) from exc
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError, OverflowError) as exc:
             # A 2xx answer that is not a JSON object, or an unreadable `expires_in`.
             raise TransientError(
                 f"{where}: unreadable answer from the token endpoint ({type(exc).__name__})",
@@ -433,8 +458,19 @@ class RefreshGrant(_CachedToken):
             )
         rotated = token.get("refresh_token")
         if isinstance(rotated, str) and rotated and rotated != sent:
-            await self._rotate(rotated)
-        return cast(str, access), _expires_at(self._clock.now(), token.get("expires_in"), None)
+            if _usable(rotated):
+                await self._rotate(rotated)
+            else:
+                # Stored, it would fail the adapter's credential check at the next start.
+                log.warning(
+                    "rotated refresh token not usable (empty, too long, not printable ASCII); "
+                    "the one held is kept",
+                    provider=self._provider,
+                    adapter=self._adapter_name,
+                )
+        lifetime = _lifetime(token.get("expires_in"))
+        now = self._clock.now()
+        return cast(str, access), (now + lifetime if lifetime is not None else None)
 
     async def _rotate(self, refresh_token: str) -> None:
         # Held at once: the next refresh uses it even if storing it fails (Microsoft keeps
@@ -523,6 +559,78 @@ class TokenProvider(_CachedToken):
         except (ValueError, TypeError) as exc:
             raise AdapterError(f"{where}: {exc}") from None
         return cast(str, access), expires_at
+
+
+class _AnswerTooLarge(Exception):
+    """The token endpoint's answer went past MAX_TOKEN_ANSWER_BYTES."""
+
+
+class _CappedStream(httpx.AsyncByteStream):
+    """An answer's body that stops with _AnswerTooLarge past MAX_TOKEN_ANSWER_BYTES."""
+
+    def __init__(self, stream: httpx.AsyncByteStream) -> None:
+        self._stream = stream
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        read = 0
+        async for chunk in self._stream:
+            read += len(chunk)
+            if read > MAX_TOKEN_ANSWER_BYTES:
+                raise _AnswerTooLarge
+            yield chunk
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
+
+
+async def _cap_answer(response: httpx.Response) -> None:
+    # A response hook runs before the body is read: the read goes through the cap.
+    if isinstance(response.stream, httpx.AsyncByteStream):
+        response.stream = _CappedStream(response.stream)
+
+
+def _lifetime(expires_in: Any) -> timedelta | None:
+    """A token endpoint's `expires_in` (seconds, a number or a numeric string) as a
+    lifetime of at most MAX_GRANT_LIFETIME (a huge one, infinity included, is cut to it);
+    None when it is absent or unusable (not a number, NaN, not positive): the token is then
+    used DEFAULT_LIFETIME."""
+    if isinstance(expires_in, bool) or not isinstance(expires_in, int | float | str):
+        return None
+    if isinstance(expires_in, int):
+        expires_in = max(min(expires_in, 10**9), 0)  # float() of a huge int overflows
+    try:
+        seconds = float(expires_in)
+    except ValueError:
+        return None
+    if math.isnan(seconds) or seconds <= 0:
+        return None
+    return min(timedelta(seconds=min(seconds, 1e9)), MAX_GRANT_LIFETIME)
+
+
+def _sane_expiry(response: httpx.Response) -> httpx.Response:
+    """`response` with its JSON's `expires_in` made whole seconds within MAX_GRANT_LIFETIME
+    (or dropped when unusable) and `expires_at` dropped: Authlib turns them into an int
+    itself, which fails on a huge, NaN or odd value. Anything else is left as it is."""
+    try:
+        data = response.json()
+    except ValueError:
+        return response
+    if not isinstance(data, dict) or not ({"expires_in", "expires_at"} & data.keys()):
+        return response
+    lifetime = _lifetime(data.pop("expires_in", None))
+    data.pop("expires_at", None)
+    if lifetime is not None:
+        data["expires_in"] = int(lifetime.total_seconds())
+    headers = [
+        (name, value)
+        for name, value in response.headers.multi_items()
+        if name.lower() not in ("content-encoding", "content-length", "transfer-encoding")
+    ]
+    # json.dumps writes what json.loads read (NaN elsewhere in the answer included).
+    content = json.dumps(data).encode()
+    return httpx.Response(
+        response.status_code, headers=headers, content=content, request=response.request
+    )
 
 
 def _expires_at(now: datetime, expires_in: Any, expires_at: Any) -> datetime | None:

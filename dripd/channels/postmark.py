@@ -21,6 +21,12 @@ What goes out (PascalCase JSON, header `X-Postmark-Server-Token`):
 
 Postmark has no idempotency key: a send retried after a lost answer may go out twice.
 
+Sizes (providers.md §1: 10 MB for one message, 50 MB for a batch request): each message is
+encoded once; one larger than MAX_MESSAGE_BYTES is refused (PermanentError, not sent), and a
+batch is split into as many `/email/batch` requests as keep each under MAX_BATCH_BYTES. A
+batch request Postmark still refuses whole as too large (HTTP 413) is sent again one message
+at a time (`POST /email`), each with its own result.
+
 ErrorCodes (each batch element has its own; a single send carries it in a 422):
 
     0                              accepted: Receipt(MessageID)
@@ -37,7 +43,7 @@ from __future__ import annotations
 import base64
 import binascii
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, Final
 
 import httpx
@@ -85,6 +91,8 @@ from dripd.model import Adapter
 __all__ = [
     "CONFIG_KEYS",
     "MAX_BATCH",
+    "MAX_BATCH_BYTES",
+    "MAX_MESSAGE_BYTES",
     "MESSAGE_ID_HEADER",
     "PostmarkChannel",
     "PostmarkReceiver",
@@ -100,6 +108,10 @@ DEFAULT_STREAM: Final = "outbound"
 
 #: The most messages one `POST /email/batch` may carry.
 MAX_BATCH: Final = 500
+#: The largest message sent (its JSON): Postmark takes at most 10 MB per message.
+MAX_MESSAGE_BYTES: Final = 10 * 1024 * 1024
+#: The largest `/email/batch` body sent: Postmark takes at most 50 MB, this keeps a margin.
+MAX_BATCH_BYTES: Final = 45 * 1024 * 1024
 #: Where dripd's own Message-ID goes: Postmark sets the Message-ID header itself.
 MESSAGE_ID_HEADER: Final = "X-Dripd-Message-Id"
 #: The execution id in `Metadata`; every webhook about the message echoes it back.
@@ -188,56 +200,117 @@ class PostmarkChannel(HttpProvider):
 
     async def send(self, message: Message) -> Receipt:
         """Deliver `message` with `POST /email`: Receipt(MessageID), or the error its
-        ErrorCode or HTTP status maps to (see the module docstring)."""
-        response = await self._post("/email", self.payload(message))
+        ErrorCode or HTTP status maps to (see the module docstring). PermanentError,
+        nothing sent, when it cannot be built or is larger than MAX_MESSAGE_BYTES."""
+        return await self._send_one(self.encode(message), own_sender=self._own_sender(message))
+
+    async def _send_one(self, content: bytes, *, own_sender: bool) -> Receipt:
+        response = await self._post("/email", content)
         data = json_body(response)
         if response.status_code != httpx.codes.OK:
-            raise _request_error(response, data, own_sender=self._own_sender(message))
+            raise _request_error(response, data, own_sender=own_sender)
         if not isinstance(data, dict):
             # Postmark refuses with a 422, never a 200: this one was taken, its id unread
             # (the webhooks still correlate through the Metadata's execution id).
             return Receipt()
-        result = _result(data, own_sender=self._own_sender(message))
+        result = _result(data, own_sender=own_sender)
         if isinstance(result, ChannelError):
             raise result
         return result
 
     async def send_batch(self, messages: Sequence[Message]) -> list[Receipt | ChannelError]:
-        """Deliver up to `max_batch` messages with one `POST /email/batch` (a bare JSON
-        array): one result per message, in order, each read from its own element's
-        ErrorCode, so a 406 fails only its own message. A message that cannot be built
-        gets its PermanentError and is not sent. Raises TransientError (timeouts, 429, 5xx,
-        an answer that does not account for every message) or AdapterError (401, an
-        account ErrorCode) when the whole request failed."""
+        """Deliver up to `max_batch` messages with `POST /email/batch` (a bare JSON array),
+        in as many requests as keep each body under MAX_BATCH_BYTES: one result per
+        message, in order, each read from its own element's ErrorCode, so a 406 fails only
+        its own message. A message that cannot be built or is larger than MAX_MESSAGE_BYTES
+        gets its PermanentError and is not sent. When a whole request fails (timeouts, 429,
+        5xx, an answer that does not account for every message: TransientError; 401, an
+        account ErrorCode: AdapterError), its messages and those of the requests after it
+        (not sent) get that error; the results of requests already answered stand. A
+        request refused whole as too large (HTTP 413) is sent again one message at a time.
+        """
         results: list[Receipt | ChannelError | None] = [None] * len(messages)
-        payloads: list[dict[str, Any]] = []
-        positions: list[int] = []
+        encoded: list[tuple[int, bytes]] = []
         for position, message in enumerate(messages):
             try:
-                payloads.append(self.payload(message))
+                encoded.append((position, self.encode(message)))
             except PermanentError as exc:
                 results[position] = exc
-                continue
-            positions.append(position)
-        if payloads:
-            response = await self._post("/email/batch", payloads)
-            data = json_body(response)
-            if response.status_code != httpx.codes.OK:
-                error = _request_error(response, data, own_sender=False)
-                if isinstance(error, TransientError | AdapterError):
-                    raise error
-                data = [error] * len(payloads)
-            elif not isinstance(data, list) or len(data) != len(payloads):
-                # Some of these may have gone out; without their MessageIDs the retry
-                # may send them twice, which is still better than losing the others.
-                count = len(data) if isinstance(data, list) else "no"
-                raise TransientError(
-                    f"postmark: the batch answer holds {count} results for {len(payloads)} messages"
-                )
-            for position, element in zip(positions, data, strict=True):
-                own_sender = self._own_sender(messages[position])
-                results[position] = _element_result(element, own_sender=own_sender)
+        failure: ChannelError | None = None
+        for chunk in _chunks(encoded, MAX_BATCH_BYTES):
+            answered: list[Receipt | ChannelError] = []
+            if failure is None:
+                try:
+                    answered = await self._send_chunk(messages, chunk)
+                except (TransientError, AdapterError) as exc:
+                    failure = exc
+            if failure is not None:
+                answered = [failure] * len(chunk)
+            for (position, _), result in zip(chunk, answered, strict=True):
+                results[position] = result
         return [result for result in results if result is not None]
+
+    async def _send_chunk(
+        self, messages: Sequence[Message], chunk: Sequence[tuple[int, bytes]]
+    ) -> list[Receipt | ChannelError]:
+        """One `/email/batch` request for `chunk` (positions in `messages`, encoded): one
+        result per element. Raises TransientError or AdapterError when the whole request
+        failed."""
+        response = await self._post("/email/batch", _array(part for _, part in chunk))
+        data = json_body(response)
+        if response.status_code == httpx.codes.REQUEST_ENTITY_TOO_LARGE and len(chunk) > 1:
+            return await self._one_by_one(messages, chunk)
+        if response.status_code != httpx.codes.OK:
+            error = _request_error(response, data, own_sender=False)
+            if isinstance(error, TransientError | AdapterError):
+                raise error
+            return [error] * len(chunk)
+        if not isinstance(data, list) or len(data) != len(chunk):
+            # Some of these may have gone out; without their MessageIDs the retry may send
+            # them twice, which is still better than losing the others.
+            count = len(data) if isinstance(data, list) else "no"
+            raise TransientError(
+                f"postmark: the batch answer holds {count} results for {len(chunk)} messages"
+            )
+        return [
+            _element_result(element, own_sender=self._own_sender(messages[position]))
+            for (position, _), element in zip(chunk, data, strict=True)
+        ]
+
+    async def _one_by_one(
+        self, messages: Sequence[Message], chunk: Sequence[tuple[int, bytes]]
+    ) -> list[Receipt | ChannelError]:
+        """`chunk` sent one message per `POST /email`, each with its own result; after an
+        error that would fail every send (AdapterError, a provider-wide TransientError)
+        the rest are not sent and get that error."""
+        results: list[Receipt | ChannelError] = []
+        failure: ChannelError | None = None
+        for position, part in chunk:
+            if failure is not None:
+                results.append(failure)
+                continue
+            try:
+                results.append(
+                    await self._send_one(part, own_sender=self._own_sender(messages[position]))
+                )
+            except ChannelError as exc:
+                results.append(exc)
+                if isinstance(exc, AdapterError) or (
+                    isinstance(exc, TransientError) and exc.provider_wide
+                ):
+                    failure = exc
+        return results
+
+    def encode(self, message: Message) -> bytes:
+        """The JSON of `message` for `/email` (one element of a batch). PermanentError
+        when it cannot be built or is larger than MAX_MESSAGE_BYTES."""
+        content = msgspec.json.encode(self.payload(message))
+        if len(content) > MAX_MESSAGE_BYTES:
+            raise PermanentError(
+                f"postmark: the message is {len(content) / 1024 / 1024:.1f} MiB; Postmark takes "
+                f"at most 10 MB per message (MAX_MESSAGE_BYTES {MAX_MESSAGE_BYTES} bytes)"
+            )
+        return content
 
     def payload(self, message: Message) -> dict[str, Any]:
         """The JSON object Postmark's `/email` takes for `message` (one element of a batch).
@@ -271,13 +344,30 @@ class PostmarkChannel(HttpProvider):
     def _own_sender(self, message: Message) -> bool:
         return message.sender is not None and message.sender != self.sender
 
-    async def _post(self, path: str, payload: Any) -> httpx.Response:
+    async def _post(self, path: str, content: bytes) -> httpx.Response:
         return await self.request(
-            "POST",
-            path,
-            content=msgspec.json.encode(payload),
-            headers={"Content-Type": "application/json"},
+            "POST", path, content=content, headers={"Content-Type": "application/json"}
         )
+
+
+def _array(parts: Iterable[bytes]) -> bytes:
+    """The JSON array of the encoded elements `parts`."""
+    return b"[" + b",".join(parts) + b"]"
+
+
+def _chunks(
+    encoded: Sequence[tuple[int, bytes]], limit: int
+) -> Iterator[Sequence[tuple[int, bytes]]]:
+    """`encoded` in order, cut into runs whose JSON array is at most `limit` bytes (a lone
+    element larger than that still goes alone)."""
+    start, size = 0, 2
+    for n, (_, part) in enumerate(encoded):
+        if n > start and size + 1 + len(part) > limit:
+            yield encoded[start:n]
+            start, size = n, 2
+        size += len(part) + (1 if n > start else 0)
+    if start < len(encoded):
+        yield encoded[start:]
 
 
 def _headers(message: Message) -> list[dict[str, str]]:

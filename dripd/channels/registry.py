@@ -9,12 +9,13 @@ README, "Custom providers"): its object is a `ProviderSpec`, or a callable retur
 from __future__ import annotations
 
 import importlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from importlib.metadata import entry_points
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 
+from dripd import addresses
 from dripd.channels.base import BatchChannel, Channel, ChannelContext, RedactedChannel
 from dripd.channels.batching import Batcher
 from dripd.channels.feedback import Receiver, ReceiverContext
@@ -37,6 +38,8 @@ __all__ = [
 ]
 
 log = structlog.get_logger("dripd.channels")
+
+T = TypeVar("T")
 
 #: The entry-point group custom providers are installed under.
 ENTRY_POINT_GROUP = "dripd.providers"
@@ -155,6 +158,10 @@ def _validate(
     sender = config.get("from")
     if "from" in config and (not isinstance(sender, str) or not sender.strip()):
         raise ConfigError("adapter config `from` must be a non-empty string (the default sender)")
+    if channel == "email" and isinstance(sender, str):
+        # One check for every email provider: the default sender must read as a mailbox
+        # (`addr` or `Name <addr>`), or every send would be refused by the provider.
+        addresses.recipient("email", sender, field="adapter config `from`")
     if spec.check is not None:
         spec.check(config, credentials)
 
@@ -166,11 +173,13 @@ def build(adapter: Adapter, context: ChannelContext | None = None) -> RedactedCh
     provider's errors say passes through the redactor of the adapter's credentials before
     it can become `last_error`, a message event, a log line or a circuit's last error. A
     provider with a batch endpoint (`send_batch`) is wrapped in a `Batcher` inside it.
+    ConfigError (redacted) when the adapter does not hold, or its factory fails in any way:
+    one adapter's bad values never take the daemon down.
     """
     redact = redactor(adapter.provider, adapter.credentials)
     try:
         validate(adapter.channel, adapter.provider, adapter.config, adapter.credentials)
-        channel = get(adapter.provider).factory(adapter, context or ChannelContext())
+        channel = _built(get(adapter.provider).factory, adapter, context or ChannelContext())
         if callable(getattr(channel, "send_batch", None)) and isinstance(
             getattr(channel, "max_batch", None), int
         ):
@@ -183,17 +192,31 @@ def build(adapter: Adapter, context: ChannelContext | None = None) -> RedactedCh
 
 def receiver(adapter: Adapter, context: ReceiverContext) -> Receiver | None:
     """The webhook receiver of `adapter`, or None when its provider sends no feedback.
-    ConfigError (redacted) when the adapter's config or credentials do not hold."""
+    ConfigError (redacted) when the adapter's config or credentials do not hold, or the
+    provider's receiver factory fails in any way."""
     spec = get(adapter.provider)
     if spec.receiver is None:
         return None
     try:
         validate(adapter.channel, adapter.provider, adapter.config, adapter.credentials)
-        return spec.receiver(adapter, context)
+        return _built(spec.receiver, adapter, context)
     except ConfigError as exc:
         redact = redactor(adapter.provider, adapter.credentials)
         error = type(exc)(redact(f"adapter {adapter.name!r}: {exc.message}"))
     raise error from None
+
+
+def _built(factory: Callable[[Adapter, Any], T], adapter: Adapter, context: Any) -> T:
+    """`factory(adapter, context)`; a provider's unexpected exception becomes a ConfigError
+    naming its type (its text is redacted by the caller)."""
+    try:
+        return factory(adapter, context)
+    except ConfigError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a provider bug must not stop the daemon
+        raise ConfigError(
+            f"provider {adapter.provider!r} cannot build it: {type(exc).__name__}: {exc}"
+        ) from None
 
 
 def _as_batch(channel: Channel) -> BatchChannel:

@@ -149,9 +149,7 @@ def check(config: Mapping[str, Any], credentials: Mapping[str, Any]) -> None:
     the `api_key`; a `webhook_public_key` that is not an ECDSA P-256 public key)."""
     check_http_config(config)
     _settings(config)
-    api_key = credential_str(credentials, "api_key", required=True) or ""
-    if not api_key.isascii():
-        raise ConfigError("adapter credential `api_key` must be ASCII (as SendGrid issues it)")
+    credential_str(credentials, "api_key", required=True)
     key = _public_key_text(credentials)
     if key is not None:
         load_public_key(key)
@@ -159,21 +157,12 @@ def check(config: Mapping[str, Any], credentials: Mapping[str, Any]) -> None:
 
 def _public_key_text(credentials: Mapping[str, Any]) -> str | None:
     """The `webhook_public_key` credential's text (a PEM block spans lines)."""
-    value = credentials.get("webhook_public_key")
-    if value is None:
-        return None
-    if not isinstance(value, str) or not value.strip() or len(value) > 16_384:
-        raise ConfigError(
-            "adapter credential `webhook_public_key` must be a non-empty string (the base64 "
-            "verification key, or a PEM block)"
-        )
-    return value
+    return credential_str(credentials, "webhook_public_key", multiline=True)
 
 
 def _settings(config: Mapping[str, Any]) -> dict[str, Any]:
     """The body fields the adapter's config adds to every send, checked."""
     config_choice(config, "region", REGIONS, "global")
-    _mailbox(config_str(config, "from", required=True) or "", "adapter config `from`")
     extra: dict[str, Any] = {}
     categories = config.get("categories")
     if categories is not None:

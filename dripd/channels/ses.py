@@ -302,7 +302,7 @@ def ses_events(
     """
     try:
         event = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise BadPayload("the SNS message is not an SES event (not JSON)") from None
     if not isinstance(event, dict):
         raise BadPayload("the SNS message is not an SES event (not a JSON object)")

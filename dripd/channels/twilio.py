@@ -54,6 +54,7 @@ from dripd.channels.http import (
     retry_after,
 )
 from dripd.channels.spec import ProviderSpec
+from dripd.channels.whatsapp_cloud import TEMPLATE_NAME
 from dripd.errors import ConfigError
 from dripd.model import Adapter
 
@@ -238,6 +239,13 @@ class TwilioChannel(HttpProvider):
         """Create the message; Receipt holds its `sid` (SM…/MM…), which status callbacks
         carry as `MessageSid`. Raises TransientError, PermanentError (bounce for codes
         mapped to `suppress`, 21610 among them) or AdapterError, per the code table."""
+        if message.metadata.get(TEMPLATE_NAME):
+            # A `whatsapp_template` step: its rendered body is not what the template says.
+            raise PermanentError(
+                "twilio: this is a WhatsApp template step; Twilio sends WhatsApp templates "
+                "by Content SID (ContentSid, ContentVariables), which dripd does not support: "
+                "send template steps through a `whatsapp_cloud` adapter"
+            )
         body = message.body if message.body is not None else message.text
         if not body:
             raise PermanentError("twilio: the message has no body")

@@ -16,6 +16,7 @@ from dripd.addresses import InvalidAddress, normalize
 from dripd.channels.feedback import FeedbackEvent
 from dripd.db import store
 from dripd.errors import ConfigError
+from dripd.inputs import storable, storable_json
 from dripd.model import Adapter, MessageEventType
 
 log = structlog.get_logger("dripd.feedback")
@@ -123,7 +124,9 @@ async def ingest(
 ) -> Ingested:
     """Record a provider's feedback events for `adapter`, all in one transaction.
 
-    Each event is recorded once per (adapter, event id): a redelivery changes nothing. It is
+    Each event is recorded once per (adapter, event id): a redelivery changes nothing; a
+    request whose `nonce` (a provider's one-time signing token) was seen before records
+    nothing at all, so a captured signature cannot carry other events. An event is
     matched to the execution this adapter sent (by dripd's execution id when the provider
     echoed it, else by the provider's message id) and stored as a message event of it, or
     stored unmatched, with the adapter's tenant, when no execution is found. A permanent
@@ -133,19 +136,30 @@ async def ingest(
     """
     result = Ingested()
     async with store.transaction(db) as conn:
+        replayed = set()
+        for nonce in sorted({e.nonce for e in events if e.nonce}):
+            key = storable(f"nonce:{nonce}")[:512]
+            if await conn.fetchval(Q.seen_event, adapter.id, key, now) is None:
+                replayed.add(nonce)
         for event in events:
-            fresh = await conn.fetchval(Q.seen_event, adapter.id, event.event_id[:512], now)
+            if event.nonce in replayed:
+                result.duplicates += 1  # a signed request seen before, whatever it now says
+                continue
+            event_id = storable(event.event_id)[:512]
+            fresh = await conn.fetchval(Q.seen_event, adapter.id, event_id, now)
             if fresh is None:
                 result.duplicates += 1
                 continue
-            sent = await _execution(conn, adapter, event)
+            message_id = _storable(event.provider_message_id)
+            sent = await _execution(conn, adapter, event.execution_id, message_id)
             channel = event.channel or (sent.channel if sent else None) or adapter.channel
-            address = _address(channel, event.recipient) or (
+            recipient = _storable(event.recipient)
+            address = _address(channel, recipient) or (
                 _address(channel, sent.recipient) if sent else None
             )
             tenant = sent.tenant_key if sent else adapter.tenant_key
-            data: dict[str, Any] = dict(event.data)
-            reason = event.reason
+            data: dict[str, Any] = storable_json(dict(event.data))
+            reason = _storable(event.reason)
             if event.type == "bounced":
                 data["permanent"] = event.permanent
                 kind = "permanent" if event.permanent else "temporary"
@@ -159,12 +173,12 @@ async def ingest(
                 channel,
                 adapter.provider,
                 adapter.id,
-                address or event.recipient or (sent.recipient if sent else None),
+                address or recipient or (sent.recipient if sent else None),
                 reason[:500] if reason else None,
-                event.provider_message_id or (sent.provider_message_id if sent else None),
+                message_id or (sent.provider_message_id if sent else None),
                 store.encode_json(data),
                 event.occurred_at or now,
-                event.event_id[:512],
+                event_id,
             )
             result.recorded += 1
             result.matched += sent is not None
@@ -185,13 +199,20 @@ async def ingest(
     return result
 
 
-async def _execution(conn: Any, adapter: Adapter, event: FeedbackEvent) -> _Sent | None:
+async def _execution(
+    conn: Any, adapter: Adapter, execution_id: uuid.UUID | None, message_id: str | None
+) -> _Sent | None:
     row = None
-    if event.execution_id is not None:
-        row = await conn.fetchrow(Q.execution_by_id, adapter.id, event.execution_id)
-    if row is None and event.provider_message_id:
-        row = await conn.fetchrow(Q.execution_by_message, adapter.id, event.provider_message_id)
+    if execution_id is not None:
+        row = await conn.fetchrow(Q.execution_by_id, adapter.id, execution_id)
+    if row is None and message_id:
+        row = await conn.fetchrow(Q.execution_by_message, adapter.id, message_id)
     return store.from_record(_Sent, row) if row is not None else None
+
+
+def _storable(text: str | None) -> str | None:
+    """A provider's text as Postgres can store it (NUL and lone surrogates replaced)."""
+    return None if text is None else storable(text)
 
 
 def _address(channel: str, text: str | None) -> str | None:

@@ -102,6 +102,7 @@ class Queries:
     disable_adapter: str
     lock_adapter: str
     update_adapter: str
+    release_paused: str
     entry_sequences: str
     event_stats: str
     execution_status: str
@@ -971,6 +972,7 @@ class AdapterRow:
     config: dict[str, Any] = field(metadata=JSONB)
     is_default: bool
     enabled: bool
+    paused_reason: str | None  # paused by a threshold or by its provider, until resumed
     created_at: datetime
 
 
@@ -1288,11 +1290,13 @@ class ResumedAdapterRow:
 async def resume_adapter(
     db: Executor, tenant: str | None, name: str, now: datetime
 ) -> ResumedAdapterRow | None:
-    """Lift the adapter's threshold pause (idempotent); None if there is no such adapter."""
+    """Lift the adapter's pause (a threshold's or its provider's; idempotent), and make the
+    executions the pause deferred due now; None if there is no such adapter."""
     with translated():
         async with transaction(db) as conn:
             row = await conn.fetchrow(Q.resume_adapter, tenant, name, now)
             if row is not None:
+                await conn.execute(Q.release_paused, row["id"], now)
                 await notify_adapters(conn)
     return None if row is None else from_record(ResumedAdapterRow, row)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import replace
@@ -44,6 +45,7 @@ class AdapterSet:
         self._context = context or (lambda _adapter: ChannelContext())
         self._receiver_context = receiver_context or ReceiverContext()
         self._receivers: dict[uuid.UUID, Receiver | None] = {}
+        self._closing: set[asyncio.Task[None]] = set()
         self._by_id: dict[uuid.UUID, tuple[Adapter, Channel | str]] = {}
         self._signature: dict[uuid.UUID, Any] = {}
         self._named: dict[tuple[str | None, str], uuid.UUID] = {}
@@ -86,11 +88,14 @@ class AdapterSet:
         self._by_id, self._signature = fresh, signatures
         self._named = {(a.tenant_key, a.name): a.id for a, _ in fresh.values()}
         self._default = {(a.tenant_key, a.channel): a.id for a, _ in fresh.values() if a.is_default}
-        for channel in stale:
-            await _close(channel)
-        for receiver in stale_receivers:
-            if receiver is not None:
-                await _close(receiver)
+        # Closed in the background: a replaced channel may have a send in flight (a slow
+        # provider, a batch), and closing waits for it; the reload must not.
+        closables: list[Channel | Receiver] = [*stale]
+        closables += [r for r in stale_receivers if r is not None]
+        for closable in closables:
+            task = asyncio.get_running_loop().create_task(_close(closable))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
 
     def _build(self, row: EnabledAdapterRow) -> tuple[Adapter, Channel | str]:
         credentials: dict[str, Any] = {}
@@ -185,6 +190,8 @@ class AdapterSet:
                 await _close(receiver)
         self._by_id.clear()
         self._receivers.clear()
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
 
 
 async def _close(closable: Channel | Receiver) -> None:

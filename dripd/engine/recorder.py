@@ -18,6 +18,7 @@ from dripd.engine.advance import CompiledStep, choose_next, recipient_zone, sche
 from dripd.engine.held import Held, Signal
 from dripd.engine.pipeline import Pipeline, condition_context
 from dripd.errors import ConfigError, Conflict, DripdError, Refused
+from dripd.inputs import storable
 from dripd.metrics import Metrics
 from dripd.model import (
     EnrollmentStatus,
@@ -114,10 +115,13 @@ class Planner:
             channel=outcome.channel,
             provider=outcome.provider,
             adapter_id=outcome.adapter_id,
-            recipient=outcome.recipient,
+            # What a provider said (an error echoing the request, a message id) is kept
+            # even with a NUL or a lone surrogate in it: an outcome Postgres refused would
+            # leave its row to run (and send) again.
+            recipient=_storable(outcome.recipient),
             reason=outcome.stored_reason,
-            error=outcome.error,
-            provider_message_id=outcome.provider_message_id,
+            error=_storable(outcome.error),
+            provider_message_id=_storable(outcome.provider_message_id),
             finished_at=outcome.finished_at,
             event_type=verdict.value,
         )
@@ -333,3 +337,7 @@ def _log_outcome(o: Outcome) -> None:
             error=o.error,
             retry_at=str(o.retry_at),
         )
+
+
+def _storable(text: str | None) -> str | None:
+    return None if text is None else storable(text)

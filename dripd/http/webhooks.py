@@ -19,6 +19,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
+from dripd.channels import registry
 from dripd.channels.feedback import BadPayload, InboundRequest, Receiver, Unverified
 from dripd.db import feedback
 from dripd.errors import DripdError
@@ -123,6 +124,16 @@ class _Webhooks:
             self._count(provider, "bad_payload")
             self._warn("webhook refused: unreadable payload", adapter, exc.message)
             return _answer(400, "bad_payload", exc.message)
+        except Exception as exc:  # noqa: BLE001 - a receiver's bug: the provider retries
+            self._count(provider, "error")
+            redact = registry.redactor(adapter.provider, adapter.credentials)
+            log.error(
+                "webhook receiver failed",
+                adapter=adapter.name,
+                provider=provider,
+                error=redact(f"{type(exc).__name__}: {exc}")[:500],
+            )
+            return _answer(500, "internal", "the request could not be handled")
         try:
             result = await feedback.ingest(
                 self.ctx.pool, adapter=adapter, events=events, now=self.ctx.clock.now()
