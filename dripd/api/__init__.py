@@ -525,9 +525,6 @@ async def suppress(
     )
 
 
-_SUPPRESSES = {"bounced": "bounce", "complained": "complaint", "unsubscribed": "unsubscribe"}
-
-
 async def report(
     db: Db,
     *,
@@ -551,7 +548,7 @@ async def report(
         )
         if recorded is None:
             return False
-        suppression = _SUPPRESSES.get(type)
+        suppression = feedback.SUPPRESSES.get(type)
         if suppression and recorded.channel and recorded.recipient:
             try:
                 address = normalize(recorded.channel, recorded.recipient)

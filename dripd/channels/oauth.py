@@ -35,8 +35,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import copy
-import importlib
-import inspect
 import json
 import math
 import re
@@ -71,6 +69,7 @@ from dripd.channels.http import (
 from dripd.clock import Clock, SystemClock
 from dripd.errors import ConfigError
 from dripd.model import Adapter
+from dripd.pyload import LoadError, load_async_function, split_python_path
 
 with warnings.catch_warnings():
     # Authlib's httpx integration prefers the `httpx2` distribution and warns once at import
@@ -131,7 +130,6 @@ MAX_TOKEN_ANSWER_BYTES = 1024 * 1024
 
 _MAX_DESCRIPTION = 200
 _TENANT = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]{0,252}")
-_DOTTED = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*")
 
 TokenProviderFn = Callable[[str, str], Awaitable[Any]]
 
@@ -156,7 +154,11 @@ def check(provider: str, config: Mapping[str, Any], credentials: Mapping[str, An
             raise ConfigError(
                 f"adapter config `{extra[0]}` is not used with config `token_provider`"
             )
-        _split_path(path)
+        if split_python_path(path) is None:
+            raise ConfigError(
+                f"adapter config `token_provider` {path[:100]!r} is not a Python path like "
+                "'package.module:function'"
+            )
         return
     if not CREDENTIAL_KEYS & set(credentials):
         raise ConfigError(
@@ -209,33 +211,16 @@ def _endpoint(provider: str, config: Mapping[str, Any]) -> _Endpoint:
     return _Endpoint(url or MICROSOFT_TOKEN_URL.format(tenant=tenant), " ".join(scope.split()))
 
 
-def _split_path(path: str) -> tuple[str, str]:
-    module, _, attr = path.partition(":") if ":" in path else path.rpartition(".")
-    if not (_DOTTED.fullmatch(module) and _DOTTED.fullmatch(attr)):
-        raise ConfigError(
-            f"adapter config `token_provider` {path[:100]!r} is not a Python path like "
-            "'package.module:function'"
-        )
-    return module, attr
-
-
 def load_token_provider(path: str) -> TokenProviderFn:
     """The async function at `path` ("package.module:function"); ConfigError naming
     `token_provider` when it cannot be imported or is not an `async def` function."""
-    module_name, attr = _split_path(path)
-    where = f"adapter config `token_provider` {path!r}"
     try:
-        found: object = importlib.import_module(module_name)
-    except Exception as exc:  # importing runs the host application's code, which may raise anything
-        raise ConfigError(f"{where}: cannot import {module_name!r}: {type(exc).__name__}") from exc
-    for part in attr.split("."):
-        try:
-            found = getattr(found, part)
-        except AttributeError:
-            raise ConfigError(f"{where}: {module_name!r} has no attribute {attr!r}") from None
-    if not inspect.iscoroutinefunction(found):
-        raise ConfigError(f"{where}: is not an async function (define it with `async def`)")
-    return cast(TokenProviderFn, found)
+        return cast(TokenProviderFn, load_async_function(path))
+    except LoadError as exc:
+        # Not the imported code's own text: it may hold a token.
+        raise ConfigError(
+            f"adapter config `token_provider` {path[:100]!r}: {exc.message}"
+        ) from None
 
 
 # -- token sources ------------------------------------------------------------------------------

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import http.cookiejar
-import importlib
-import inspect
 import math
 import ssl
 from collections.abc import Awaitable, Callable, Mapping
@@ -41,7 +39,6 @@ from dripd.conditions.hookspecs import (
     HookSpec,
     HttpHookSpec,
     PythonHookSpec,
-    split_python_path,
 )
 from dripd.content.liquid import RENDER_THREADS, Template, TemplateError, render_fields
 from dripd.errors import HookError
@@ -56,6 +53,7 @@ from dripd.netguard import (
     pinned_request,
     resolve_host,
 )
+from dripd.pyload import LoadError, load_async_function, split_python_path
 from dripd.redaction import Redactor, urls_for_log
 
 __all__ = [
@@ -105,24 +103,13 @@ PythonHook: TypeAlias = Callable[[HookEnrollment, HookStep], Awaitable[Any]]
 
 def load_python(path: str) -> PythonHook:
     """Import the async function at `path` ("module:attr" or "module.attr"); HookError if not."""
-    split = split_python_path(path)
-    if split is None:
-        raise HookError(f"{path!r} is not a Python path")
-    module_name, attr = split
     try:
-        found: object = importlib.import_module(module_name)
-    except Exception as exc:  # importing runs the host application's code, which may raise anything
-        raise HookError(
-            f"{path}: cannot import {module_name!r}: {type(exc).__name__}: {exc}"
-        ) from exc
-    for part in attr.split("."):
-        try:
-            found = getattr(found, part)
-        except AttributeError:
-            raise HookError(f"{path}: {module_name!r} has no attribute {attr!r}") from None
-    if not inspect.iscoroutinefunction(found):
-        raise HookError(f"{path}: is not an async function (define it with `async def`)")
-    return cast(PythonHook, found)
+        return cast(PythonHook, load_async_function(path))
+    except LoadError as exc:
+        if split_python_path(path) is None:
+            raise HookError(f"{path!r} is not a Python path") from None
+        detail = f": {exc.detail}" if exc.detail is not None else ""
+        raise HookError(f"{path}: {exc.message}{detail}") from exc
 
 
 def _check_json(value: Any, where: str = "result", depth: int = 0) -> None:

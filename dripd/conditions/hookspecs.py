@@ -23,6 +23,7 @@ import msgspec
 from dripd.content.liquid import Template, TemplateError, compile_template
 from dripd.errors import ConfigError, SequenceFileError
 from dripd.model import parse_duration
+from dripd.pyload import split_python_path
 
 __all__ = [
     "MAX_TIMEOUT",
@@ -127,7 +128,6 @@ _W = TypeVar("_W", bound=_Strict)
 
 _NAME = re.compile(r"[a-z][a-z0-9_]*")
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an HTTP header name (RFC 9110 token)
-_DOTTED = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*")
 # Headers dripd sets itself; a sequence file may not override them.
 _RESERVED = frozenset(
     {
@@ -269,14 +269,3 @@ def _timeout(text: str, field: str, where: str) -> timedelta:
     if not timedelta(0) < value <= MAX_TIMEOUT:
         raise SequenceFileError(f"{where}: {field}: must be more than 0s and at most 30s")
     return value
-
-
-def split_python_path(path: str) -> tuple[str, str] | None:
-    """`("package.module", "attr")` from "package.module:attr" or "package.module.attr"."""
-    if ":" in path:
-        module, _, attr = path.partition(":")
-    else:
-        module, _, attr = path.rpartition(".")
-    if not (_DOTTED.fullmatch(module) and _DOTTED.fullmatch(attr)):
-        return None
-    return module, attr
