@@ -94,6 +94,41 @@ subject = "Three tips for your first week"
 text = "Import, build, watch it run, {{ first_name | capitalize }}."
 '''
 
+# Phase `mjml`: step 1 as an MJML email with five links, each made a short link of dripd's
+# own (one row per link and execution) with UTM parameters, its text part generated.
+MJML_STEP = '''
+[[steps]]
+key = "hello"
+channel = "email"
+after = "0s"
+short_links = { provider = "dripd", utm = true }
+subject = "Welcome aboard, {{ first_name | capitalize }}"
+mjml = """
+<mjml>
+  <mj-head><mj-title>Welcome</mj-title><mj-preview>Your first week</mj-preview></mj-head>
+  <mj-body background-color="#f4f4f4">
+    <mj-section background-color="#ffffff">
+      <mj-column>
+        <mj-image src="https://cdn.example.com/logo.png" alt="Example" width="120px" />
+        <mj-text font-size="16px">Hi {{ first_name | capitalize }},</mj-text>
+        <mj-text>Thanks for signing up{% if plan == "pro" %} for the Pro plan: your
+          priority support line is open from today{% endif %}.</mj-text>
+        <mj-button href="https://app.example.com/start?plan={{ plan }}">Get started</mj-button>
+      </mj-column>
+    </mj-section>
+    <mj-section>
+      <mj-column>
+        <mj-text>Import your <a href="https://app.example.com/contacts">contacts</a>, then
+          read the <a href="https://docs.example.com/first-sequence">guide</a> and the
+          <a href="https://blog.example.com/tips">tips</a>.</mj-text>
+      </mj-column>
+    </mj-section>
+  </mj-body>
+</mjml>
+"""
+'''
+MJML_LINKS = 5
+
 # The daemon's own defaults, so the bench measures what operators run; the flags below
 # override them. The raw loop always claims 500.
 _DEFAULTS = Config()
@@ -179,8 +214,19 @@ def limited_sections(n: int) -> dict[str, Any]:
     return {"rate_limits": {"adapter": {"null-email": f"{max(n // 10, 10)}/1s"}}}
 
 
+def _mjml_sequence() -> str:
+    """SEQUENCE with step 1 replaced by MJML_STEP."""
+    head, rest = SEQUENCE.split("[[steps]]", 1)
+    return head + MJML_STEP + "\n[[steps]]" + rest.split("[[steps]]", 1)[1]
+
+
 async def seed(
-    dsn: str, n: int, *, rules: bool = False, adapter: dict[str, Any] | None = None
+    dsn: str,
+    n: int,
+    *,
+    rules: bool = False,
+    mjml: bool = False,
+    adapter: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Migrate, apply the sequence, add the default email adapter (the null one unless
     `adapter` gives `insert_adapter`'s arguments), insert N due executions, ANALYZE."""
@@ -190,7 +236,9 @@ async def seed(
         now = datetime.now(UTC)
         async with store.transaction(conn) as tx:
             text = SEQUENCE.replace('name = "Bench drip"\n', 'name = "Bench drip"\n' + RULES_WINDOW)
-            spec = load_text(text if rules else SEQUENCE, source="bench")
+            if mjml:
+                text = _mjml_sequence()
+            spec = load_text(text if rules or mjml else SEQUENCE, source="bench")
             await store.apply_version(tx, spec, now=now)
             await store.insert_adapter(
                 tx,
@@ -258,10 +306,16 @@ async def seed(
         await conn.close()
 
 
-async def check(dsn: str, n: int) -> None:
-    """Every seeded execution was sent exactly once and got its next row."""
+async def check(dsn: str, n: int, *, links: int = 0) -> None:
+    """Every seeded execution was sent exactly once and got its next row (and `links`
+    short links each)."""
     conn = await asyncpg.connect(dsn)
     try:
+        made = await conn.fetchval("SELECT count(*) FROM dripd.short_links")
+        if made != links * n:
+            raise SystemExit(
+                f"bench: {made} short links for {n} executions (expected {links} each)"
+            )
         row = await conn.fetchrow(
             """
             SELECT count(*) FILTER (WHERE status = 'sent') AS sent,
@@ -715,17 +769,18 @@ async def phase(
     *,
     quiet: bool,
     rules: bool = False,
+    mjml: bool = False,
     adapter: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     dsn = await dbs.create(name)
     try:
-        seeded = await seed(dsn, n, rules=rules, adapter=adapter)
+        seeded = await seed(dsn, n, rules=rules, mjml=mjml, adapter=adapter)
         if not quiet:
             print(f"[{name}] seeded {n} due executions in {seeded['seconds']:.1f}s", flush=True)
         server = ServerCpu(dbs.admin_dsn, urlsplit(dsn).path.lstrip("/"))
         async with server.measure():
             result: dict[str, Any] = await body(dsn, seeded)
-        await check(dsn, n)
+        await check(dsn, n, links=MJML_LINKS if mjml else 0)
         result["deferrals"] = await deferrals(dsn)
         if server.seconds is not None and _local(dsn):
             result["server_cpu_us"] = server.seconds / n * 1e6
@@ -786,7 +841,7 @@ async def main(args: argparse.Namespace) -> int:
         worker["record_linger"] = args.record_linger
     pool_max = args.pool_max or DEFAULT_POOL_MAX
     phases = [p.strip() for p in args.phases.split(",") if p.strip()]
-    unknown = set(phases) - {"raw", "one", "http", "two", "rules", "limited"}
+    unknown = set(phases) - {"raw", "one", "http", "two", "rules", "limited", "mjml"}
     if unknown:
         raise SystemExit(f"bench: unknown phase(s) {', '.join(sorted(unknown))}")
     quiet = args.json
@@ -860,6 +915,7 @@ async def main(args: argparse.Namespace) -> int:
                     full,
                     quiet=quiet,
                     rules=key == "rules",
+                    mjml=key == "mjml",
                     adapter=adapter,
                 )
             finally:
@@ -870,6 +926,8 @@ async def main(args: argparse.Namespace) -> int:
                 label = "full path, 1 daemon, postmark provider to a local stub (HTTP)"
             if key == "rules":
                 label = "full path, 1 daemon, every sending rule on"
+            if key == "mjml":
+                label = "full path, 1 daemon, MJML email with five short links (dripd)"
             if key == "limited":
                 label = f"1 daemon under the provider limit {sections['rate_limits']['adapter']}"
             say(f"{label}: {_describe(r)}")
@@ -912,6 +970,12 @@ async def main(args: argparse.Namespace) -> int:
             say(f"two daemons / raw: {summary['ratio_two']:.2f}")
         if "one" in summary:
             summary["ratio"] = summary["ratio_one"]
+    if "mjml" in summary and "one" in summary:
+        summary["ratio_mjml_one"] = summary["mjml"]["rate"] / summary["one"]["rate"]
+        say(
+            "MJML + five short links / plain text (one daemon each): "
+            f"{summary['ratio_mjml_one']:.2f}"
+        )
     if "http" in summary and "one" in summary:
         summary["ratio_http_one"] = summary["http"]["rate"] / summary["one"]["rate"]
         say(f"http provider / null provider (one daemon each): {summary['ratio_http_one']:.2f}")
@@ -932,7 +996,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--phases",
         default="raw,one,http,two,raw",
-        help="comma-separated phases, in order: raw, one, http, two, rules, limited "
+        help="comma-separated phases, in order: raw, one, http, two, rules, limited, mjml "
         "(default raw,one,http,two,raw)",
     )
     p.add_argument("--batch-size", type=int, help=f"default {DEFAULT_WORKER['batch_size']}")

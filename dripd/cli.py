@@ -185,10 +185,33 @@ async def cmd_uninstall(args: argparse.Namespace, cfg: Config) -> None:
 # --- authoring ---------------------------------------------------------------------------
 
 
-async def cmd_apply(args: argparse.Namespace, cfg: Config) -> None:
-    specs = [load_file(Path(p)) for p in args.files]  # all validated before anything is written
-    for warning in (w for spec in specs for w in spec.warnings):
-        print(f"dripd: warning: {warning}", file=sys.stderr)
+def _load_files(args: argparse.Namespace) -> list[tuple[str, store.VersionRow | None]]:
+    """Every file of `args.files` read and validated (`load_file`), each error and warning
+    printed to stderr (`dripd: <file>: <message>`); a file that is invalid pairs with None.
+    All files are read, not only up to the first bad one."""
+    loaded: list[tuple[str, store.VersionRow | None]] = []
+    for name in args.files:
+        try:
+            spec = load_file(Path(name))
+        except ConfigError as exc:
+            if args.verbose:
+                traceback.print_exc()
+            print(f"dripd: {_chain(exc)}", file=sys.stderr)
+            loaded.append((name, None))
+            continue
+        for warning in spec.warnings:
+            print(f"dripd: warning: {warning}", file=sys.stderr)
+        loaded.append((name, spec))
+    return loaded
+
+
+async def cmd_apply(args: argparse.Namespace, cfg: Config) -> int:
+    loaded = _load_files(args)  # all validated before anything is written
+    if args.check:
+        return _print_checked(args, loaded)
+    specs = [spec for _, spec in loaded if spec is not None]
+    if len(specs) < len(loaded):
+        return ConfigError.exit_code
     now = datetime.now(UTC)
 
     async def run(conn: store.Connection) -> list[store.Applied]:
@@ -216,6 +239,40 @@ async def cmd_apply(args: argparse.Namespace, cfg: Config) -> None:
             for r in rs
         ),
     )
+    return 0
+
+
+def _print_checked(
+    args: argparse.Namespace, loaded: list[tuple[str, store.VersionRow | None]]
+) -> int:
+    """`apply --check`: a line per valid file (the errors are printed already); exit 0
+    when every file is valid, else 2."""
+    result = [
+        {"file": name, "valid": False}
+        if spec is None
+        else {
+            "file": name,
+            "valid": True,
+            "key": spec.key,
+            "tenant": spec.tenant_key,
+            "steps": len(spec.steps),
+            "warnings": list(spec.warnings),
+        }
+        for name, spec in loaded
+    ]
+
+    def human(rows: list[dict[str, Any]]) -> str:
+        return "\n".join(
+            f"ok  {r['file']}  (sequence {r['key']!r}"
+            + (f" of tenant {r['tenant']!r}" if r["tenant"] is not None else "")
+            + f", {r['steps']} step{'s' if r['steps'] != 1 else ''})"
+            for r in rows
+            if r["valid"]
+        )
+
+    if getattr(args, "json", False) or any(r["valid"] for r in result):
+        _print(args, result, human)
+    return 0 if all(r["valid"] for r in result) else ConfigError.exit_code
 
 
 # --- the Python API, wrapped -------------------------------------------------------------
@@ -296,6 +353,10 @@ async def cmd_preview(args: argparse.Namespace, cfg: Config) -> int:
     from dripd.engine.preview import preview
 
     data = _json_arg(args.data, "--data", where="data")
+    if args.timeline:
+        return await _preview_timeline(args, cfg, data)
+    if args.start is not None:
+        raise ConfigError("--start: only with --timeline")
     steps = await _with_conn(
         args,
         cfg,
@@ -314,12 +375,95 @@ async def cmd_preview(args: argparse.Namespace, cfg: Config) -> int:
         blocks = []
         for r in rows:
             head = f"== {r['step']} ({r['channel']}, after {r['after']}) to {r['to'] or '-'}"
-            body = [f"{k}: {r[k]}" for k in ("subject", "text", "html", "body", "error") if k in r]
-            blocks.append("\n".join([head, *body]))
+            blocks.append("\n".join([head, *_message_lines(r)]))
         return "\n\n".join(blocks)
 
     _print(args, steps, human)
     return 1 if any("error" in r for r in steps) else 0
+
+
+def _message_lines(entry: Mapping[str, Any], indent: str = "") -> list[str]:
+    """The rendered fields of a preview entry (and its error), one `name: value` each."""
+    return [
+        f"{indent}{k}: {entry[k]}"
+        for k in ("subject", "text", "html", "body", "error")
+        if k in entry
+    ]
+
+
+async def _preview_timeline(args: argparse.Namespace, cfg: Config, data: dict[str, Any]) -> int:
+    """`dripd preview --timeline` (dripd.engine.timeline): exit 1 when a step cannot render."""
+    from zoneinfo import ZoneInfo
+
+    from dripd.engine.preview import active_steps
+    from dripd.engine.timeline import timeline
+
+    if args.step is not None:
+        raise ConfigError("--step: not with --timeline (a timeline follows every step)")
+    steps, first = await _with_conn(
+        args, cfg, lambda c: active_steps(c, tenant=args.tenant, sequence_key=args.sequence)
+    )
+    result = await timeline(
+        steps,
+        first,
+        data=data,
+        start=args.start or datetime.now(UTC),
+        default_zone=ZoneInfo(cfg.timezone_of(args.tenant)),
+        window_channels=frozenset(cfg.windows.channels),
+        spread=cfg.windows._duration("spread"),
+        tenant=args.tenant,
+        subscriber_id=args.subscriber,
+        subscriber_type=args.type,
+    )
+
+    def human(r: dict[str, Any]) -> str:
+        lines = [f"start {_stamp(r['start'])}, recipient's timezone {r['timezone']}"]
+        _timeline_lines(r, "", lines)
+        return "\n".join([*lines, *(f"assumes: {a}" for a in r["assumptions"])])
+
+    _print(args, result, human)
+    return 1 if _has_error(result["entries"]) else 0
+
+
+def _stamp(at: datetime) -> str:
+    return at.isoformat(sep=" ").replace("+00:00", "Z")
+
+
+def _timeline_lines(path: Mapping[str, Any], indent: str, lines: list[str]) -> None:
+    """A timeline path as text, into `lines`: an entry per line (its UTC and local times,
+    step, channel, what moved it, and why it is skipped) with its message under it, a
+    wait's branches indented under the wait, and how the path ends."""
+    for e in path["entries"]:
+        head = f"{indent}{_stamp(e['due_at'])}  ({e['local'].isoformat(sep=' ')})  {e['step']}"
+        if "wait_for" in e:
+            head += f": waits for {e['wait_for']['event']!r} up to {e['wait_for']['timeout']}"
+        else:
+            head += f" ({e['channel'] or 'no channel'})"
+            if e["to"]:
+                head += f" to {e['to']}"
+        if e["moved_by"]:
+            head += f"  [moved by {', '.join(e['moved_by'])}]"
+        if "skipped" in e:
+            head += f"  [skipped: {e['skipped']}]"
+        lines.append(head)
+        lines.extend(_message_lines(e, indent + "    "))
+        lines.extend(f"{indent}    condition: {c}" for c in e.get("condition_errors", ()))
+        for kind, branch in e.get("branches", {}).items():
+            when = f"{_stamp(branch['at'])} ({branch['local'].isoformat(sep=' ')})"
+            if kind == "event":
+                lines.append(f"{indent}  on event {branch['event']!r}, arriving at {when}:")
+            else:
+                lines.append(f"{indent}  on timeout at {when}:")
+            _timeline_lines(branch, indent + "    ", lines)
+    if path["end"] is not None:
+        lines.append(f"{indent}end: {path['end']['status']} ({path['end']['reason']})")
+
+
+def _has_error(entries: list[dict[str, Any]]) -> bool:
+    return any(
+        "error" in e or any(_has_error(b["entries"]) for b in e.get("branches", {}).values())
+        for e in entries
+    )
 
 
 async def cmd_replay(args: argparse.Namespace, cfg: Config) -> None:
@@ -832,6 +976,18 @@ def _file_arg(text: str) -> str:
     return text
 
 
+def _time_arg(text: str) -> datetime:
+    try:
+        at = datetime.fromisoformat(text)
+    except ValueError:
+        at = None
+    if at is None or at.utcoffset() is None:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not an ISO 8601 time with a UTC offset, e.g. 2027-03-27T10:00:00+01:00"
+        )
+    return at
+
+
 def _listen_arg(text: str) -> str:
     try:
         config_mod.parse_listen(text, where="address")
@@ -951,6 +1107,11 @@ def _parser() -> argparse.ArgumentParser:
     un.add_argument("--execute", action="store_true", help="drop the dripd schema and all its data")
     ap = add("apply", cmd_apply, "create or update sequences from sequence files", [db])
     ap.add_argument("files", nargs="+", metavar="FILE", type=_file_arg)
+    ap.add_argument(
+        "--check",
+        action="store_true",
+        help="only validate the files: write nothing, need no database (exit 2 if any is bad)",
+    )
     en = add("enroll", cmd_enroll, "enroll a subscriber in a sequence", [db, tenant])
     en.add_argument("sequence", metavar="SEQUENCE_KEY", type=_text("sequence"))
     en.add_argument("subscriber", metavar="SUBSCRIBER_ID", type=_text("subscriber_id"))
@@ -992,6 +1153,17 @@ def _parser() -> argparse.ArgumentParser:
     pv.add_argument("--type", default="user", type=_SUBSCRIBER_TYPE, help=_TYPE_HELP)
     pv.add_argument("--data", help="subscriber data as a JSON object")
     pv.add_argument("--step", type=_text("step"), help="only this step")
+    pv.add_argument(
+        "--timeline",
+        action="store_true",
+        help="when each step would run and what it would send, from --start on",
+    )
+    pv.add_argument(
+        "--start",
+        type=_time_arg,
+        help="with --timeline: when the enrollment starts, ISO 8601 with a UTC offset "
+        "(default: now)",
+    )
     rp = add("replay", cmd_replay, "send a failed execution again", [db])
     rp.add_argument("execution_id", metavar="EXECUTION_ID")
     rp.add_argument("--tenant", default=None, type=_tenant_arg, help="only within this tenant")

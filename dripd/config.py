@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_network
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import Any, ClassVar, Final, Literal
 
 import msgspec
 import phonenumbers
@@ -49,6 +49,7 @@ DURATIONS: Final[dict[str, Span]] = {
     # Providers retry a failed delivery for up to three days (SendGrid 72 h).
     "webhooks.replay_window": Span(timedelta(seconds=30), timedelta(hours=1)),
     "webhooks.retention": Span(timedelta(days=4), timedelta(days=365)),
+    "short_links.webhook_timeout": Span(_MS, timedelta(minutes=1)),
     "circuit.open_for": Span(_MS, _DAY),
     "circuit.max_open_for": Span(_MS, _DAY),
     "circuit.probe_timeout": Span(_SECOND, _HOUR),
@@ -122,8 +123,11 @@ MAX_URL: Final = 1024
 
 
 class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    # The section's name in the file, when it is not the class name in lower case.
+    _NAME: ClassVar[str | None] = None
+
     def _duration(self, name: str) -> timedelta:
-        key = f"{type(self).__name__.lower()}.{name}"
+        key = f"{self._NAME or type(self).__name__.lower()}.{name}"
         return parse_duration(getattr(self, name), where=key, within=DURATIONS[key])
 
     def seconds(self, name: str) -> float:
@@ -191,8 +195,107 @@ class Recipients(_Section):
     default_region: str = "US"
 
 
+class ShortLinkRules(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, omit_defaults=True):
+    """Short-link settings a tenant (`[tenants.<key>.short_links]`), a sequence or a step
+    (`short_links = "dripd"` or a table) may set; None inherits (README, Short links).
+
+    `utm`: true adds utm_source "dripd", utm_medium the channel, utm_campaign the sequence
+    key and utm_content the step key; a table overrides those values ("" leaves one out);
+    false adds none. `exclude`: regular expressions (case-insensitive, searched in the URL)
+    of links never shortened, added to the defaults."""
+
+    provider: Literal["none", "dripd", "webhook"] | None = None
+    utm: bool | dict[str, str] | None = None
+    exclude: list[str] | None = None
+    on_error: Literal["fail", "send_originals"] | None = None
+
+
+#: The UTM parameters a `utm` table may set (RFC-less, Google Analytics' names).
+UTM_KEYS: Final = ("source", "medium", "campaign", "content")
+
+
+class ShortLinks(_Section):
+    """`[short_links]`: the global defaults, where dripd's redirects are reachable, and the
+    `webhook` shortener (README, Short links)."""
+
+    _NAME: ClassVar[str | None] = "short_links"
+    provider: Literal["none", "dripd", "webhook"] = "none"
+    utm: bool | dict[str, str] = False
+    exclude: list[str] = msgspec.field(default_factory=list)
+    on_error: Literal["fail", "send_originals"] = "fail"
+    # The public address of `GET /l/{code}`, e.g. "https://go.example.com"; "": the HTTP
+    # listener's own address (http://127.0.0.1:8025), right only for local trials.
+    base_url: str = ""
+    # Hosts whose links are short already (a shortener's own domain): never shortened again.
+    short_domains: list[str] = msgspec.field(default_factory=list)
+    # The `webhook` provider: dripd POSTs `{"url": destination, …}` to `webhook_url` (with
+    # `Authorization: Bearer <webhook_token>` when set) and reads the short URL from the
+    # JSON answer's `webhook_field`, all within `webhook_timeout`.
+    webhook_url: str = ""
+    webhook_token: str = ""
+    webhook_field: str = "shortUrl"
+    webhook_timeout: str = "5s"
+
+    def __repr__(self) -> str:
+        # The shortener's token is a credential: a repr (a traceback's locals) hides it.
+        shown = {name: getattr(self, name) for name in self.__struct_fields__}
+        shown["webhook_token"] = "***" if self.webhook_token else ""
+        return f"ShortLinks({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
+
+    def rules(self) -> ShortLinkRules:
+        return ShortLinkRules(
+            provider=self.provider,
+            utm=self.utm,
+            exclude=list(self.exclude),
+            on_error=self.on_error,
+        )
+
+
+def merge_link_rules(*layers: ShortLinkRules | None) -> ShortLinkRules:
+    """The layers' settings, a later layer's keys winning (global < tenant < sequence <
+    step); two `utm` tables merge key by key."""
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        if layer is None:
+            continue
+        for name in ShortLinkRules.__struct_fields__:
+            value = getattr(layer, name)
+            if value is None:
+                continue
+            if name == "utm" and isinstance(value, dict) and isinstance(merged.get("utm"), dict):
+                value = merged["utm"] | value
+            merged[name] = value
+    return ShortLinkRules(**merged)
+
+
+def check_link_rules(rules: ShortLinkRules, where: str) -> None:
+    """ConfigError naming `where.<key>` for a `utm` key that is not a UTM parameter, a
+    value too long or not printable, or an `exclude` pattern that is not a regular
+    expression."""
+    if isinstance(rules.utm, dict):
+        for key, value in rules.utm.items():
+            if key not in UTM_KEYS:
+                raise ConfigError(f"{where}.utm: {_shown(key)} is not one of {', '.join(UTM_KEYS)}")
+            if len(value) > 200 or not value.isprintable():
+                raise ConfigError(
+                    f"{where}.utm.{key}: must be printable text of at most 200 characters"
+                )
+    for n, pattern in enumerate(rules.exclude or ()):
+        if len(pattern) > 1000:
+            raise ConfigError(f"{where}.exclude[{n}]: at most 1000 characters")
+        try:
+            re.compile(pattern, re.I)
+        except re.error as exc:
+            raise ConfigError(
+                f"{where}.exclude[{n}]: {_shown(pattern)} is not a regular expression: {exc}"
+            ) from None
+    if len(rules.exclude or ()) > 100:
+        raise ConfigError(f"{where}.exclude: at most 100 patterns")
+
+
 class Tenant(_Section):
     timezone: str | None = None
+    short_links: ShortLinkRules | None = None
 
 
 class Windows(_Section):
@@ -321,6 +424,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     unsubscribe: Unsubscribe = msgspec.field(default_factory=Unsubscribe)
     leads: Leads = msgspec.field(default_factory=Leads)
     circuit: Circuit = msgspec.field(default_factory=Circuit)
+    short_links: ShortLinks = msgspec.field(default_factory=ShortLinks)
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -428,6 +532,8 @@ def _validate(cfg: Config) -> None:
         _name(key, _path("tenants", key))
         if tenant.timezone is not None:
             zone(tenant.timezone, where=f"{_path('tenants', key)}.timezone")
+        if tenant.short_links is not None:
+            check_link_rules(tenant.short_links, f"{_path('tenants', key)}.short_links")
     for n, channel in enumerate(cfg.windows.channels):
         if channel not in CHANNELS:
             raise ConfigError(
@@ -454,6 +560,7 @@ def _validate(cfg: Config) -> None:
             )
     _base_url(cfg.unsubscribe.base_url, "unsubscribe.base_url")
     _base_url(cfg.webhooks.public_url, "webhooks.public_url", allow_http=True)
+    _short_links(cfg.short_links)
     if cfg.unsubscribe.mailto:
         _mailto(cfg.unsubscribe.mailto, "unsubscribe.mailto")
     if cfg.leads.sequence and not _SEQUENCE_KEY.fullmatch(cfg.leads.sequence):
@@ -681,6 +788,29 @@ def _leads(leads: Leads) -> None:
             "leads.base_url: required when leads.double_opt_in (where /leads/confirm/TOKEN is "
             'reachable, e.g. "https://mail.example.com")'
         )
+
+
+def _short_links(links: ShortLinks) -> None:
+    check_link_rules(links.rules(), "short_links")
+    _base_url(links.base_url, "short_links.base_url", allow_http=True)
+    for n, host in enumerate(links.short_domains):
+        if not _host_name(host):
+            raise ConfigError(f"short_links.short_domains[{n}]: {_shown(host)} is not a host name")
+    if links.webhook_url:
+        _base_url(links.webhook_url.split("?")[0], "short_links.webhook_url", allow_http=True)
+    elif links.provider == "webhook":
+        raise ConfigError(
+            'short_links.webhook_url: required when short_links.provider is "webhook" (the '
+            "shortener dripd POSTs each destination to)"
+        )
+    if not _FIELD_NAME.fullmatch(links.webhook_field):
+        raise ConfigError(
+            f"short_links.webhook_field: {_shown(links.webhook_field)} is not a JSON key"
+        )
+    if links.webhook_token and not (
+        links.webhook_token.isascii() and links.webhook_token.isprintable()
+    ):
+        raise ConfigError("short_links.webhook_token: must be printable ASCII")
 
 
 def _leads_base_url(url: str) -> None:

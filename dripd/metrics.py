@@ -179,6 +179,39 @@ class Metrics:
             ["provider", "type"],
             registry=r,
         )
+        self.short_links_created = Counter(
+            "dripd_short_links_created_total",
+            "Short links made and stored, by provider (dripd, webhook); links a retry "
+            "reused are not counted.",
+            ["provider"],
+            registry=r,
+        )
+        self.short_link_errors = Counter(
+            "dripd_short_link_errors_total",
+            "Messages whose links could not be shortened (shortener or database failed), "
+            "by provider (dripd, webhook).",
+            ["provider"],
+            registry=r,
+        )
+        self.short_link_clicks = Counter(
+            "dripd_short_link_clicks_total",
+            "Requests to dripd's redirect `/l/{code}` by outcome (redirected, unknown).",
+            ["outcome"],
+            registry=r,
+        )
+        self.short_links_fallback = Counter(
+            "dripd_short_links_fallback_total",
+            "Messages sent with their original links after shortening failed (on_error = "
+            '"send_originals").',
+            registry=r,
+        )
+        self.spintax_unbalanced = Counter(
+            "dripd_spintax_unbalanced_total",
+            "Rendered fields left as they were because their spintax braces do not balance "
+            "(the braces came from data), by field.",
+            ["field"],
+            registry=r,
+        )
         self.info = Gauge("dripd_info", "Build information; always 1.", ["version"], registry=r)
         self.info.labels(version=version).set(1)
 

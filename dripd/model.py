@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, time, timedelta
 from enum import StrEnum
+from types import MappingProxyType
 from typing import Any, Final
 from zoneinfo import ZoneInfoNotFoundError
 
@@ -284,6 +285,24 @@ class Step:
     when: str | None = None
     require_verified: bool = False
     max_length: int | None = None
+    spintax: bool = False
+    python_template: str | None = None  # "module:function" making the message fields
+
+
+#: The names dripd gives every template (they win over data and `vars` of the same name).
+TEMPLATE_NAMES: Final = frozenset(
+    {
+        "subscriber_id",
+        "subscriber_type",
+        "enrollment_id",
+        "execution_id",
+        "tenant_key",
+        "sequence_key",
+        "step_key",
+        "hooks",
+        "confirm_url",
+    }
+)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -310,11 +329,17 @@ class VersionStepRow:
     send_window: dict[str, Any] | None
     require_verified: bool
     max_length: int | None
+    spintax: bool
+    python_template: str | None
+    vars: dict[str, Any] | None
+    short_links: dict[str, Any] | None
     sequence_key: str
     sequence_timezone: str | None
     on_no_match: str
     hooks: dict[str, Any]
     sequence_window: dict[str, Any] | None
+    sequence_vars: dict[str, Any] | None
+    sequence_short_links: dict[str, Any] | None
     # The step's transitions in order: JSON objects with `from`, `to`, `priority`, `when`.
     transitions: list[dict[str, Any]]
 
@@ -335,6 +360,12 @@ class Adapter:
     paused_reason: str | None = None  # paused by a bounce/complaint threshold
 
 
+#: `clicks` of an enrollment without any (and before they are read).
+NO_CLICKS: Final[Mapping[str, Any]] = MappingProxyType(
+    {"count": 0, "last_at": None, "last_step": None}
+)
+
+
 @dataclass(slots=True)
 class Facts:
     """What an execution's conditions and templates read beyond its row, gathered while it
@@ -342,6 +373,7 @@ class Facts:
 
     events: dict[str, dict[str, Any]] = field(default_factory=dict)
     hooks: dict[str, Any] = field(default_factory=dict)
+    clicks: dict[str, Any] = field(default_factory=lambda: dict(NO_CLICKS))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

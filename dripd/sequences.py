@@ -20,6 +20,8 @@ import msgspec
 from dripd.addresses import InvalidAddress, recipient
 from dripd.conditions.expr import Expr, ExprSyntaxError, parse
 from dripd.conditions.hookspecs import parse_hooks
+from dripd.config import ShortLinkRules, check_link_rules
+from dripd.content.compose import MAX_HEADERS, header_problem
 from dripd.content.liquid import (
     HEADER_PREFIX,
     WA_LANGUAGE,
@@ -27,10 +29,13 @@ from dripd.content.liquid import (
     WA_PARAM,
     TemplateError,
     compile_template,
+    is_spun,
 )
+from dripd.content.mjml import check_mjml_template
+from dripd.content.spintax import static_problem
 from dripd.db.store import StepRow, TransitionRow, VersionRow
 from dripd.errors import ConfigError, SequenceFileError
-from dripd.inputs import MAX_LENGTH, NAME, text_fault
+from dripd.inputs import MAX_LENGTH, NAME, InvalidInput, check_data, text_fault
 from dripd.model import (
     CHANNELS,
     DEFAULT_RECIPIENT,
@@ -39,14 +44,16 @@ from dripd.model import (
     SMS_CHANNELS,
     STEP_DELAY,
     SUBSCRIBER_RECIPIENT,
+    TEMPLATE_NAMES,
     WAIT_TIMEOUT,
     parse_duration,
 )
+from dripd.pyload import split_python_path
 from dripd.rules.window import parse_window
 from dripd.timing import check_cron, parse_at, zone
 
 _CONTENT = {
-    "email": ({"subject", "text", "html"}, "subject and text or html"),
+    "email": ({"subject", "text", "html", "mjml"}, "subject and text, html or mjml"),
     "sms": ({"body"}, "body"),
     "whatsapp": ({"body"}, "body"),
     "chat": ({"body"}, "body"),
@@ -65,9 +72,22 @@ MAX_TRANSITIONS: Final = 2000
 #: `window` level 3).
 MAX_DEPTH: Final = 32
 CONDITION_ROOTS = frozenset(
-    {"data", "event", "events", "now", "hooks", "subscriber_id", "subscriber_type", "tenant_key"}
+    {
+        "data",
+        "event",
+        "events",
+        "clicks",
+        "now",
+        "hooks",
+        "subscriber_id",
+        "subscriber_type",
+        "tenant_key",
+    }
 )
 _EVENT_STATS = frozenset({"count", "last_at"})
+#: What `clicks.<name>` reads: the enrollment's link clicks (dripd's redirect and provider
+#: feedback alike), and the step whose message was clicked last.
+CLICK_STATS = frozenset({"count", "last_at", "last_step"})
 
 
 class _Strict(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -85,6 +105,8 @@ class SequenceHeader(_Strict):
     exit_events: list[str] = msgspec.field(default_factory=list)
     on_no_match: Literal["complete", "fail"] = "complete"
     window: dict[str, Any] | None = None
+    vars: dict[str, Any] | None = None
+    short_links: str | ShortLinkRules | None = None
 
 
 class WaitFor(_Strict):
@@ -118,6 +140,7 @@ class StepSpec(_Strict):
     subject: str | None = None
     text: str | None = None
     html: str | None = None
+    mjml: str | None = None
     body: str | None = None
     to: str | None = None
     from_: str | None = msgspec.field(default=None, name="from")
@@ -127,6 +150,10 @@ class StepSpec(_Strict):
     adapter: str | None = None
     on_failure: Literal["fail", "continue"] = "fail"
     max_attempts: int | None = None
+    spintax: bool = False
+    template: str | None = None  # a Python template, "module:function"
+    vars: dict[str, Any] | None = None
+    short_links: str | ShortLinkRules | None = None
 
 
 class TransitionSpec(_Strict):
@@ -361,6 +388,8 @@ def _validate(spec: SequenceFile, source: str) -> VersionRow:
         hooks = parse_hooks(spec.hooks, where="hooks")
         if head.window is not None:
             parse_window(head.window, where="key 'sequence.window'")
+        sequence_vars = _vars(head.vars, "sequence.vars")
+        sequence_links = _short_links(head.short_links, "sequence.short_links")
     except ConfigError as exc:
         raise fail(exc.message) from exc
     if not spec.steps:
@@ -440,6 +469,8 @@ def _validate(spec: SequenceFile, source: str) -> VersionRow:
         on_no_match=head.on_no_match,
         hooks=spec.hooks,
         send_window=head.window,
+        vars=sequence_vars,
+        short_links=sequence_links,
         content_hash=digest,
         source=source_doc,
         steps=steps,
@@ -459,6 +490,8 @@ def _names_problem(expr: Expr, hooks: set[str], *, event: bool) -> str | None:
             return f"'{'.'.join(path)}' names no declared hook (declared: {declared})"
         if root == "events" and (len(rest) != 2 or rest[1] not in _EVENT_STATS):
             return f"'{'.'.join(path)}': use events.<event key>.count or events.<event key>.last_at"
+        if root == "clicks" and (len(rest) != 1 or rest[0] not in CLICK_STATS):
+            return f"'{'.'.join(path)}': use clicks.count, clicks.last_at or clicks.last_step"
         if root == "event" and not event:
             return f"'{'.'.join(path)}': `event` is set only in transitions from a wait_for step"
     return None
@@ -585,17 +618,23 @@ def _step(step: StepSpec, position: int, fail: Any, steps: set[str], hooks: set[
         if not NAME.fullmatch(step.adapter):  # what `dripd adapter add` takes as a name
             raise fail(f"key 'adapter': {step.adapter!r} must be letters, digits, '_', '.' or '-'")
         _check_length(step.adapter, "adapter", fail, "key 'adapter'")
+    if step.template is not None and split_python_path(step.template) is None:
+        raise fail(
+            f"key 'template': {step.template[:80]!r} is not a Python path like "
+            "'package.module:function'"
+        )
     if step.channel is None:
-        for name in ("subject", "text", "html", "body", "to", "adapter", "from_", "reply_to"):
-            if getattr(step, name) is not None:
+        for name in (*_SENDING_KEYS, "spintax"):
+            if getattr(step, name) not in (None, False):
                 key = name.rstrip("_")
                 raise fail(f"key {key!r}: a step without a channel sends nothing")
-        if step.headers is not None:
-            raise fail("key 'headers': a step without a channel sends nothing")
-        if step.whatsapp_template is not None:
-            raise fail("key 'whatsapp_template': a step without a channel sends nothing")
     else:
         template = _content(step, fail, hooks)
+    try:
+        step_vars = _vars(step.vars, "vars")
+        short_links = _short_links(step.short_links, "short_links")
+    except ConfigError as exc:
+        raise fail(exc.message) from exc
     if step.max_attempts is not None and not 0 < step.max_attempts <= MAX_ATTEMPTS:
         raise fail(f"key 'max_attempts': must be a positive integer, at most {MAX_ATTEMPTS}")
     if step.window is not None:
@@ -633,35 +672,71 @@ def _step(step: StepSpec, position: int, fail: Any, steps: set[str], hooks: set[
         send_window=step.window,
         require_verified=step.require_verified,
         max_length=step.max_length,
+        spintax=step.spintax,
+        python_template=step.template,
+        vars=step_vars,
+        short_links=short_links,
     )
 
 
-#: How many extra headers one step may set.
-MAX_HEADERS: Final = 50
-#: Headers dripd writes itself (or the provider must): a step may not set them.
-RESERVED_HEADERS: Final = frozenset(
-    {
-        "bcc",
-        "cc",
-        "content-transfer-encoding",
-        "content-type",
-        "date",
-        "dkim-signature",
-        "from",
-        "list-unsubscribe",
-        "list-unsubscribe-post",
-        "message-id",
-        "mime-version",
-        "received",
-        "reply-to",
-        "return-path",
-        "sender",
-        "subject",
-        "to",
-    }
+# The keys of a step that only a step with a channel may have.
+_SENDING_KEYS: Final = (
+    "subject",
+    "text",
+    "html",
+    "mjml",
+    "body",
+    "to",
+    "adapter",
+    "from_",
+    "reply_to",
+    "headers",
+    "whatsapp_template",
+    "template",
+    "vars",
+    "short_links",
 )
-# RFC 5322 §3.6.8: a field name is printable US-ASCII but the colon.
-_HEADER_NAME = re.compile(r"[\x21-\x39\x3b-\x7e]{1,76}")
+#: A template variable's name: what Liquid can write as `{{ name }}`.
+_VAR_NAME: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,63}")
+
+
+def _vars(raw: dict[str, Any] | None, where: str) -> dict[str, Any] | None:
+    """`vars` of a sequence or a step as JSON to store; ConfigError naming the key of a name
+    Liquid cannot read, one of dripd's own names (which would hide it), or a value Postgres
+    could not store (TOML dates become ISO 8601 text)."""
+    if raw is None:
+        return None
+    for name in raw:
+        if not _VAR_NAME.fullmatch(name):
+            raise ConfigError(
+                f"key '{where}': {name[:80]!r} is not a variable name (a letter or '_', then "
+                "letters, digits, '_' or '-'; at most 64)"
+            )
+        if name in TEMPLATE_NAMES:
+            raise ConfigError(
+                f"key '{where}.{name}': {name!r} is one of dripd's own template names, which "
+                "win over vars; choose another name"
+            )
+    try:
+        return check_data(msgspec.to_builtins(raw), where=f"key '{where}'")
+    except InvalidInput as exc:
+        raise ConfigError(exc.message) from None
+
+
+def _short_links(raw: str | ShortLinkRules | None, where: str) -> dict[str, Any] | None:
+    """`short_links` of a sequence or a step ("dripd", "webhook", "none" or a table) as the
+    table to store; ConfigError naming the key."""
+    if raw is None:
+        return None
+    if isinstance(raw, str):
+        if raw not in ("dripd", "webhook", "none"):
+            raise ConfigError(
+                f'key \'{where}\': {raw[:80]!r} is not "dripd", "webhook", "none" or a table '
+                'like { provider = "dripd", utm = true }'
+            )
+        raw = ShortLinkRules(provider=raw)  # type: ignore[arg-type]  # checked just above
+    check_link_rules(raw, where)
+    return msgspec.to_builtins(raw)  # type: ignore[no-any-return]
 
 
 #: WhatsApp template names: lower-case letters, digits and `_` (Meta's rule), and language
@@ -709,19 +784,16 @@ def _field_key(name: str) -> str:
     return name
 
 
+# What a step's Python template makes instead of Liquid templates.
+_MADE_BY_PYTHON: Final = frozenset({"subject", "text", "html", "mjml", "body", WA_NAME})
+
+
 def _check_header(name: str, fail: Any) -> None:
     """A step's extra header name: an RFC 5322 field name that dripd does not set itself."""
-    if not _HEADER_NAME.fullmatch(name):
-        raise fail(
-            f"key 'headers': {name[:80]!r} is not a header name (printable ASCII without ':', "
-            "at most 76 characters)"
-        )
-    lowered = name.lower()
-    if lowered in RESERVED_HEADERS or lowered.startswith("x-dripd-"):
-        raise fail(
-            f"key 'headers.{name}': dripd sets this header itself (use the step's "
-            "`from`, `reply_to`, `subject` or `to`, or the unsubscribe settings)"
-        )
+    problem = header_problem(name)
+    if problem is not None:
+        where = f"headers.{name}" if problem.startswith("dripd sets") else "headers"
+        raise fail(f"key {where!r}: {problem}")
 
 
 def _content(step: StepSpec, fail: Any, hooks: set[str]) -> dict[str, str]:
@@ -732,7 +804,7 @@ def _content(step: StepSpec, fail: Any, hooks: set[str]) -> dict[str, str]:
     allowed, needs = _CONTENT[channel]
     template: dict[str, str] = {}
     fields: list[tuple[str, str | None]] = [
-        (name, getattr(step, name)) for name in ("subject", "text", "html", "body", "to")
+        (name, getattr(step, name)) for name in ("subject", "text", "html", "mjml", "body", "to")
     ]
     fields += [("from", step.from_), ("reply_to", step.reply_to)]
     fields += [(f"{HEADER_PREFIX}{name}", value) for name, value in (step.headers or {}).items()]
@@ -743,11 +815,18 @@ def _content(step: StepSpec, fail: Any, hooks: set[str]) -> dict[str, str]:
                 raise fail(f"key {key!r}: only email steps take it")
         if step.headers is not None:
             raise fail("key 'headers': only email steps take extra headers")
+    if step.html is not None and step.mjml is not None:
+        raise fail("keys 'html' and 'mjml': use one or the other (mjml compiles to the html)")
     for name, value in fields:
         if value is None:
             continue
         key = _field_key(name)
-        if name in ("subject", "text", "html", "body") and name not in allowed:
+        if name in _MADE_BY_PYTHON and step.template is not None:
+            raise fail(
+                f"key {key!r}: the step's Python template (key 'template') makes its content; "
+                "leave this key out"
+            )
+        if name in ("subject", "text", "html", "mjml", "body") and name not in allowed:
             raise fail(f"key {name!r}: not used by channel {channel!r} (it takes {needs})")
         if name.startswith(HEADER_PREFIX):
             _check_header(name.removeprefix(HEADER_PREFIX), fail)
@@ -758,6 +837,11 @@ def _content(step: StepSpec, fail: Any, hooks: set[str]) -> dict[str, str]:
         unknown = compiled.hooks() - hooks - {"*"}
         if unknown:
             raise fail(f"key {key!r}: 'hooks.{min(unknown)}' names no declared hook")
+        problem = check_mjml_template(value) if name == "mjml" else None
+        if problem is None and step.spintax and is_spun(name):
+            problem = static_problem(value)
+        if problem is not None:
+            raise fail(f"key {key!r}: {problem}")
         if name in ("from", "reply_to") and "{" not in value:
             # A fixed address is checked now; a rendered one when the step sends.
             try:
@@ -767,9 +851,11 @@ def _content(step: StepSpec, fail: Any, hooks: set[str]) -> dict[str, str]:
         template[name] = value
     if step.headers is not None and len(step.headers) > MAX_HEADERS:
         raise fail(f"key 'headers': at most {MAX_HEADERS} headers")
-    if channel == "email":
-        if "subject" not in template or not ({"text", "html"} & template.keys()):
-            raise fail("an email step needs 'subject' and 'text' or 'html'")
+    if step.template is not None:
+        pass  # the Python template's fields are checked when it makes them
+    elif channel == "email":
+        if "subject" not in template or not ({"text", "html", "mjml"} & template.keys()):
+            raise fail("an email step needs 'subject' and 'text', 'html' or 'mjml'")
     elif "body" not in template and WA_NAME not in template:
         raise fail(f"key 'body': required for channel {channel!r}")
     if (

@@ -35,7 +35,7 @@ from dripd.sequences import load_file, load_text
         ),
         (
             "[sequence]\nkey='x'\n[[steps]]\nkey='a'\nchannel='email'\ntext='hi'\n",
-            "step 'a': an email step needs 'subject' and 'text' or 'html'",
+            "step 'a': an email step needs 'subject' and 'text', 'html' or 'mjml'",
         ),
         (
             "[sequence]\nkey='x'\n[[steps]]\nkey='a'\nchannel='sms'\nbody='{% if %}'\n",

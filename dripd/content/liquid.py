@@ -70,6 +70,15 @@ HEADER_PREFIX = "header:"
 WA_NAME = "wa:name"
 WA_LANGUAGE = "wa:language"
 WA_PARAM = "wa:param:"
+#: The fields a step's `spintax = true` resolves in: the message's words (and a WhatsApp
+#: template's parameters), never its addresses or extra headers.
+SPUN_FIELDS = frozenset({"subject", "text", "html", "mjml", "body"})
+
+
+def is_spun(field: str) -> bool:
+    """Whether spintax applies to template field `field`."""
+    return field in SPUN_FIELDS or field.startswith(WA_PARAM)
+
 
 # Control characters and Unicode line breaks (tab excepted); a run of whitespace holding one
 # of them would end a header line, so the run becomes one space.
@@ -825,3 +834,30 @@ class _Environment(Environment):
 
 _PLAIN = _Environment(autoescape=False)
 _HTML = _Environment(autoescape=True)
+
+
+# Liquid markup in a template's source: output `{{ … }}`, tags `{% … %}`, and a `raw` block,
+# whose body is output as written (group 1 is its body).
+_MARKUP: Final = re.compile(
+    r"\{%-?\s*raw\s*-?%\}(.*?)\{%-?\s*endraw\s*-?%\}"
+    r"|\{%-?\s*comment\s*-?%\}.*?\{%-?\s*endcomment\s*-?%\}"
+    r"|\{\{.*?\}\}|\{%.*?%\}",
+    re.S,
+)
+_NOT_NEWLINE: Final = re.compile(r"[^\n]")
+
+
+def literal_text(source: str) -> str:
+    """The text a Liquid template outputs as written: every piece of Liquid markup (and a
+    comment's body) becomes spaces, line breaks kept, so that an offset or a line:column in
+    the result is the same in `source`. What the markup outputs comes from data; what is
+    left is what a static check (MJML structure, spintax braces) can judge at apply."""
+
+    def blank(match: re.Match[str]) -> str:
+        whole = _NOT_NEWLINE.sub(" ", match[0])
+        if match[1] is None:
+            return whole
+        start, end = match.start(1) - match.start(), match.end(1) - match.start()
+        return whole[:start] + match[1] + whole[end:]
+
+    return _MARKUP.sub(blank, source)

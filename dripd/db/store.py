@@ -90,6 +90,7 @@ class Queries:
     """Every statement dripd runs, one file each, loaded once at import."""
 
     active_hooks: str
+    active_templates: str
     active_version: str
     adapter_rates: str
     analyze_queue: str
@@ -97,6 +98,7 @@ class Queries:
     backlog: str
     claim: str
     clear_default_adapter: str
+    click_stats: str
     db_now: str
     delete_secret: str
     disable_adapter: str
@@ -568,6 +570,10 @@ class StepRow:
     send_window: dict[str, Any] | None = None
     require_verified: bool = False
     max_length: int | None = None
+    spintax: bool = False
+    python_template: str | None = None
+    vars: dict[str, Any] | None = None
+    short_links: dict[str, Any] | None = None  # a ShortLinkRules table as written
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -596,6 +602,8 @@ class VersionRow:
     source: dict[str, Any]
     steps: list[StepRow]
     transitions: list[TransitionRow]
+    vars: dict[str, Any] | None = None
+    short_links: dict[str, Any] | None = None  # a ShortLinkRules table as written
     warnings: tuple[str, ...] = ()  # what apply accepts but the author should know
 
 
@@ -651,6 +659,8 @@ async def apply_version(conn: Connection, spec: VersionRow, *, now: datetime) ->
         spec.on_no_match,
         encode_json(spec.hooks),
         None if spec.send_window is None else encode_json(spec.send_window),
+        None if spec.vars is None else encode_json(spec.vars),
+        None if spec.short_links is None else encode_json(spec.short_links),
     )
     version = from_record(_VersionId, inserted_version)
     steps = spec.steps
@@ -675,6 +685,10 @@ async def apply_version(conn: Connection, spec: VersionRow, *, now: datetime) ->
         [None if s.send_window is None else encode_json(s.send_window) for s in steps],
         [s.require_verified for s in steps],
         [s.max_length for s in steps],
+        [s.spintax for s in steps],
+        [s.python_template for s in steps],
+        [None if s.vars is None else encode_json(s.vars) for s in steps],
+        [None if s.short_links is None else encode_json(s.short_links) for s in steps],
     )
     ids = {step.key: step.id for step in (from_record(_StepId, r) for r in inserted)}
     if spec.transitions:
@@ -1141,6 +1155,34 @@ async def event_stats(
     return stats
 
 
+@dataclass(frozen=True, slots=True)
+class _ClickStat:
+    enrollment_id: uuid.UUID
+    count: int
+    last_at: datetime | None
+    last_step: str | None
+
+
+async def click_stats(
+    db: Executor, enrollment_ids: Sequence[uuid.UUID]
+) -> dict[uuid.UUID, dict[str, Any]]:
+    """Per enrollment: its link clicks as conditions read them (`clicks.count`,
+    `clicks.last_at`, `clicks.last_step`; 0 and nulls without any)."""
+    if not enrollment_ids:
+        return {}
+    with translated():
+        async with acquire(db) as conn:
+            rows = await conn.fetch(Q.click_stats, list(enrollment_ids))
+    return {
+        stat.enrollment_id: {
+            "count": int(stat.count),
+            "last_at": stat.last_at,
+            "last_step": stat.last_step,
+        }
+        for stat in (from_record(_ClickStat, r) for r in rows)
+    }
+
+
 async def upsert_secret(
     conn: Connection,
     secret_id: uuid.UUID,
@@ -1218,6 +1260,13 @@ async def active_hooks(db: Executor) -> list[dict[str, Any]]:
     with translated():
         async with acquire(db) as conn:
             return [dict(json_value(r[0])) for r in await conn.fetch(Q.active_hooks)]
+
+
+async def active_templates(db: Executor) -> list[str]:
+    """The Python templates the steps of active versions name."""
+    with translated():
+        async with acquire(db) as conn:
+            return [r[0] for r in await conn.fetch(Q.active_templates)]
 
 
 # --- sending rules: quotas, adapter pauses -------------------------------------------------

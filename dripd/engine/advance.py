@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 from zoneinfo import ZoneInfo
 
+import msgspec
+
 from dripd.conditions.expr import Expr, evaluate_safely, parse
 from dripd.conditions.hookspecs import HookSpec, parse_hooks
+from dripd.config import ShortLinkRules, merge_link_rules
 from dripd.content.liquid import Template, compile_stored
 from dripd.model import OnFailure, Step, VersionStepRow
 from dripd.rules.window import Window, parse_window
@@ -43,6 +46,10 @@ class CompiledStep:
     event_keys: frozenset[str]  # the `events.<key>` its conditions read
     window: Window | None  # the step's own send window
     sequence_window: Window | None  # the sequence's default (for the configured channels)
+    vars: Mapping[str, Any] = field(default_factory=dict)  # sequence vars, then step vars
+    # The sequence's and the step's short-link settings merged (None: neither has any).
+    short_links: ShortLinkRules | None = None
+    reads_clicks: bool = False  # its conditions read `clicks.*`
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +96,8 @@ def compile_version(rows: list[VersionStepRow]) -> dict[uuid.UUID, CompiledStep]
                 when=row.when_expr,
                 require_verified=row.require_verified,
                 max_length=row.max_length,
+                spintax=row.spintax,
+                python_template=row.python_template,
             )
             following = version_rows[index + 1].id if index + 1 < len(version_rows) else None
             edges = tuple(
@@ -132,8 +141,17 @@ def compile_version(rows: list[VersionStepRow]) -> dict[uuid.UUID, CompiledStep]
                 ),
                 window=_window(row.send_window, f"step {step.key!r} window"),
                 sequence_window=sequence_window,
+                vars={**(row.sequence_vars or {}), **(row.vars or {})},
+                short_links=_link_rules(row.sequence_short_links, row.short_links),
+                reads_clicks=any(path[0] == "clicks" for path in names),
             )
     return compiled
+
+
+def _link_rules(*tables: dict[str, Any] | None) -> ShortLinkRules | None:
+    """Stored `short_links` tables (checked when applied) merged, a later one winning."""
+    given = [msgspec.convert(t, ShortLinkRules) for t in tables if t is not None]
+    return merge_link_rules(*given) if given else None
 
 
 def _window(raw: Any, where: str) -> Window | None:

@@ -36,8 +36,9 @@ from dripd.engine import descriptors
 from dripd.engine.adapters import AdapterSet, adapter_aad
 from dripd.engine.held import Signal
 from dripd.engine.hookset import HookSet
+from dripd.engine.links import LinkMaker
 from dripd.engine.pipeline import Pipeline, Policy
-from dripd.engine.rulebook import build_rules
+from dripd.engine.rulebook import build_rules, short_base_url, short_linking
 from dripd.engine.thresholds import watch_thresholds
 from dripd.engine.worker import Settings, Worker
 from dripd.errors import ConfigError, DatabaseError, DripdError, NotFound
@@ -149,6 +150,9 @@ class Daemon:
             receiver_context=ReceiverContext(replay_window=cfg.webhooks._duration("replay_window")),
         )
         hooks = HookSet(pool=pool, vault=vault, policy=net_policy)
+        links = LinkMaker(
+            pool=pool, settings=cfg.short_links, base_url=short_base_url(cfg), metrics=self.metrics
+        )
         try:
             async with store.acquire(pool) as conn:
                 with store.translated():
@@ -161,6 +165,7 @@ class Daemon:
                 self.clock = clock
             await adapters.load(await store.load_adapters(pool))
             hooks.preload(await store.active_hooks(pool))
+            hooks.preload_templates(await store.active_templates(pool))
             breaker = Breaker(
                 load=partial(circuits.load, pool),
                 trip=partial(circuits.trip, pool),
@@ -173,7 +178,12 @@ class Daemon:
             )
             self.breaker = breaker
             await breaker.poll(self.clock.now())
-            rules = replace(build_rules(cfg, pool=pool, vault=vault), breaker=breaker)
+            rules = replace(
+                build_rules(cfg, pool=pool, vault=vault),
+                breaker=breaker,
+                python_template=hooks.template,
+                short_links=short_linking(cfg, links),
+            )
             pipeline = Pipeline(
                 clock=self.clock,
                 metrics=self.metrics,
@@ -300,6 +310,7 @@ class Daemon:
             with anyio.CancelScope(shield=True):
                 await adapters.aclose()
                 await hooks.aclose()
+                await links.aclose()
                 await pool.close()
 
     def _check_double_opt_in(self, vault: Vault | None) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
+from typing import cast
 
 import httpx
 import structlog
@@ -13,8 +14,10 @@ from dripd.conditions.hooks import HookError, Hooks, PythonHook, build_client, l
 from dripd.conditions.hookspecs import HookSpec, PythonHookSpec, parse_hooks
 from dripd.db import store
 from dripd.engine.advance import CompiledStep
+from dripd.engine.pipeline import TemplateFunction
 from dripd.errors import DripdError
 from dripd.netguard import NetPolicy
+from dripd.pyload import LoadError, load_async_function
 
 log = structlog.get_logger("dripd.hooks")
 
@@ -42,6 +45,7 @@ class HookSet:
         self._own_client = client is None
         self._runners: dict[tuple[uuid.UUID, str | None], Hooks] = {}
         self._python: dict[str, PythonHook | HookError] = {}
+        self._templates: dict[str, TemplateFunction | LoadError] = {}
 
     def for_step(self, step: CompiledStep, tenant: str | None) -> Hooks:
         """The runner for `step`'s version, reading `tenant`'s secrets (else global ones)."""
@@ -89,6 +93,28 @@ class HookSet:
                         self.python(spec.path)
                     except HookError as exc:
                         log.error("python hook cannot be loaded", hook=name, error=exc.message)
+
+    def template(self, path: str) -> TemplateFunction:
+        """Import a step's Python template once; a failed import stays failed (LoadError
+        saying why, without the imported code's own message, which may hold anything)."""
+        found = self._templates.get(path)
+        if found is None:
+            try:
+                found = cast(TemplateFunction, load_async_function(path))
+            except LoadError as exc:
+                found = exc
+            self._templates[path] = found
+        if isinstance(found, LoadError):
+            raise found
+        return found
+
+    def preload_templates(self, paths: list[str]) -> None:
+        """Import the Python templates of the active versions at start, and say which fail."""
+        for path in paths:
+            try:
+                self.template(path)
+            except LoadError as exc:
+                log.error("python template cannot be loaded", template=path, error=exc.message)
 
     def secrets_of(self, tenant: str | None) -> Callable[[str], Awaitable[str]]:
         async def secret(name: str) -> str:

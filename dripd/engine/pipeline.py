@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import random
@@ -10,7 +11,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, Protocol
+from typing import Any, Final, Literal, Protocol
 from zoneinfo import ZoneInfo
 
 import anyio
@@ -31,6 +32,9 @@ from dripd.clock import Clock
 from dripd.conditions.expr import evaluate_safely
 from dripd.conditions.hooks import HookEnrollment, HookError, Hooks, HookStep
 from dripd.conditions.hookspecs import PythonHookSpec
+from dripd.config import ShortLinkRules, merge_link_rules
+from dripd.content import links as linking
+from dripd.content.compose import compose, python_fields
 from dripd.content.liquid import (
     HEADER_PREFIX,
     RENDER_THREADS,
@@ -38,8 +42,8 @@ from dripd.content.liquid import (
     WA_NAME,
     WA_PARAM,
     TemplateError,
-    render_fields,
 )
+from dripd.content.spintax import seed_for
 from dripd.engine.advance import CompiledStep, recipient_zone
 from dripd.errors import DripdError
 from dripd.metrics import Metrics
@@ -55,6 +59,7 @@ from dripd.model import (
     Reason,
     Verdict,
 )
+from dripd.pyload import LoadError
 from dripd.rules.checks import missing_fields, sms_too_long, unverified
 from dripd.rules.leadconfirm import ConfirmLinks
 from dripd.rules.limiter import Bucket, Limiter, RateTable
@@ -71,6 +76,10 @@ _RULES_RETRY = timedelta(seconds=5)
 
 Resolve = Callable[[str | None, str, str | None], "tuple[Adapter, Channel] | str"]
 HooksFor = Callable[[CompiledStep, str | None], Hooks]
+TemplateFunction = Callable[[HookEnrollment, HookStep, Mapping[str, Any]], Awaitable[object]]
+
+#: How long a Python template may take, in seconds (then the attempt fails, transient).
+PYTHON_TEMPLATE_TIMEOUT: Final = 10.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -101,6 +110,48 @@ class Rules:
     breaker: CircuitBreaker | None = None
     # Pauses an adapter the provider refused as a whole (AdapterError), with the reason.
     pause_adapter: Callable[[Adapter, str, datetime], Awaitable[None]] | None = None
+    short_links: ShortLinking | None = None
+    # Imports a step's Python template ("module:function"); LoadError when it cannot.
+    python_template: Callable[[str], TemplateFunction] | None = None
+
+
+class ShortenError(Exception):
+    """The links of a message could not be shortened: the shortener or the database failed.
+    The message names what went wrong and is safe to store (never the shortener's token)."""
+
+
+class LinkMaker(Protocol):
+    """Makes (or finds again) the short links of one execution (dripd.engine.links)."""
+
+    async def shorten(
+        self,
+        *,
+        execution_id: uuid.UUID,
+        tenant: str | None,
+        provider: Literal["dripd", "webhook"],
+        links: Sequence[tuple[str, bool]],
+    ) -> dict[str, str]: ...
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ShortLinking:
+    """Short links from the configuration: the maker, a tenant's settings (`[short_links]`
+    under `[tenants.<key>.short_links]`), and the hosts whose links are short already."""
+
+    maker: LinkMaker
+    defaults: Callable[[str | None], ShortLinkRules]
+    short_hosts: frozenset[str]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _LinkPlan:
+    """What a step's messages get for a tenant: the provider ("none": UTM only), the UTM
+    parameters, which links are eligible, and what a shortener failure does."""
+
+    provider: str
+    utm: Mapping[str, str]
+    rules: linking.LinkRules
+    send_originals: bool
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -173,9 +224,11 @@ class Prepared:
 
 
 def template_context(item: ClaimedExecution, step: CompiledStep) -> dict[str, Any]:
-    """Flat variables: the subscriber's data, then dripd's own names (which win)."""
+    """Flat variables, a later source winning: the subscriber's data, the sequence's `vars`,
+    the step's `vars`, then dripd's own names (model.TEMPLATE_NAMES)."""
     return {
         **item.data,
+        **step.vars,
         "subscriber_id": item.subscriber_id,
         "subscriber_type": item.subscriber_type,
         "enrollment_id": str(item.enrollment_id),
@@ -196,6 +249,7 @@ def condition_context(item: ClaimedExecution, now: datetime) -> dict[str, Any]:
         "tenant_key": item.tenant_key,
         "event": item.event,
         "events": item.facts.events,
+        "clicks": item.facts.clicks,
         "hooks": item.facts.hooks,
         "now": now,
     }
@@ -223,6 +277,7 @@ class Pipeline:
         self._exhausted: dict[frozenset[str], datetime] = {}
         # Renders too slow for the event loop run in worker threads, this many at once.
         self._render_limiter = anyio.CapacityLimiter(RENDER_THREADS)
+        self._link_plans: dict[tuple[str | None, uuid.UUID], _LinkPlan | None] = {}
 
     def lane_target(self, lane: str) -> LaneTarget:
         """Resolve a lane (tenant, channel, adapter name) to what its sends go through."""
@@ -376,9 +431,25 @@ class Pipeline:
                     reason=Reason.OUTSIDE_WINDOW,
                     retry_at=retry_at,
                 )
+        made: dict[str, str] | None = None
+        if step.step.python_template is not None:
+            result = await self._python_template(item, step)
+            if isinstance(result, Outcome):
+                return result
+            made = result
         context = template_context(item, step) | self._confirm_names(item, step)
         try:
-            rendered = await render_fields(step.templates, context, limiter=self._render_limiter)
+            rendered = await compose(
+                step.templates,
+                context,
+                limiter=self._render_limiter,
+                made=made,
+                spintax=functools.partial(seed_for, item.id, item.replay)
+                if step.step.spintax
+                else None,
+                on_unbalanced=functools.partial(self._unbalanced, item, step),
+                text_part=channel == "email",
+            )
         except TemplateError as exc:
             return self._outcome(
                 item,
@@ -393,7 +464,9 @@ class Pipeline:
             return self._outcome(item, Verdict.SKIPPED, channel=channel, reason=Reason.NO_RECIPIENT)
         if step.step.require_verified and unverified(True, item.data):
             return self._outcome(item, Verdict.SKIPPED, channel=channel, reason=Reason.UNVERIFIED)
-        problem = _content_problem(channel, rendered, step)
+        problem = _content_problem(
+            channel, rendered, step, length=self._link_plan(step, item.tenant_key) is None
+        )
         if problem is not None:
             return self._outcome(item, Verdict.FAILED, channel=channel, error=problem)
         resolved = self._resolve(item.tenant_key, channel, step.step.adapter)
@@ -450,6 +523,161 @@ class Pipeline:
             message=message,
             address=read.key,
         )
+
+    def off_claim_path(self, step: CompiledStep, tenant: str | None) -> bool:
+        """Whether preparing an execution of `step` may wait on I/O or take long (hooks, a
+        Python template, MJML, a text part made from HTML, short links): such executions
+        are prepared by the sender tasks, never in the claim's loop over its batch."""
+        templates = step.templates
+        return bool(
+            step.hooks
+            or step.step.python_template
+            or "mjml" in templates
+            or ("html" in templates and "text" not in templates)
+            or self._link_plan(step, tenant) is not None
+        )
+
+    async def _python_template(
+        self, item: ClaimedExecution, step: CompiledStep
+    ) -> dict[str, str] | Outcome:
+        """The fields a step's Python template makes: called with the enrollment, the step
+        and the hook results, within PYTHON_TEMPLATE_TIMEOUT. One that cannot be imported,
+        raises or runs out of time fails the attempt (transient, like a hook); an answer
+        that is not message fields fails the step (TemplateError, permanent)."""
+        path = step.step.python_template
+        assert path is not None
+        channel = step.step.channel
+        loader = self._rules.python_template
+        try:
+            if loader is None:
+                raise LoadError("Python templates are not loaded here")
+            function = loader(path)
+            with anyio.fail_after(PYTHON_TEMPLATE_TIMEOUT):
+                result = await function(
+                    _hook_enrollment(item, step),
+                    HookStep(key=step.step.key, channel=channel),
+                    dict(item.facts.hooks),
+                )
+        except LoadError as exc:
+            error = TransientError(f"Python template {path!r}: {exc.message}")
+            return self._failure(item, step, channel, None, None, error)
+        except TimeoutError:
+            error = TransientError(
+                f"Python template {path!r} took longer than {PYTHON_TEMPLATE_TIMEOUT:g}s"
+            )
+            return self._failure(item, step, channel, None, None, error)
+        except Exception as exc:  # trusted code, but a bug in it fails only this attempt
+            log.warning(
+                "Python template raised", execution_id=str(item.id), path=path, exc_info=True
+            )
+            error = TransientError(f"Python template {path!r} raised {type(exc).__name__}")
+            return self._failure(item, step, channel, None, None, error)
+        try:
+            return python_fields(result, path=path)
+        except TemplateError as exc:
+            return self._outcome(item, Verdict.FAILED, channel=channel, error=str(exc))
+
+    def _unbalanced(self, item: ClaimedExecution, step: CompiledStep, field: str) -> None:
+        """Spintax braces from data did not balance: the field went out as rendered."""
+        self._metrics.spintax_unbalanced.labels(field=field).inc()
+        log.warning(
+            "unbalanced spintax left as rendered",
+            execution_id=str(item.id),
+            step=step.step.key,
+            field=field,
+        )
+
+    def _link_plan(self, step: CompiledStep, tenant: str | None) -> _LinkPlan | None:
+        """The short-link plan of `step`'s messages for `tenant` (cached), or None when its
+        links are left alone (provider "none" without UTM, or short links not set up)."""
+        key = (tenant, step.step.id)
+        try:
+            return self._link_plans[key]
+        except KeyError:
+            pass
+        settings = self._rules.short_links
+        plan = None
+        if settings is not None and step.step.channel is not None:
+            merged = merge_link_rules(settings.defaults(tenant), step.short_links)
+            utm = _utm(merged.utm, step)
+            if merged.provider not in (None, "none") or utm:
+                plan = _LinkPlan(
+                    provider=merged.provider or "none",
+                    utm=utm,
+                    rules=linking.rules(merged.exclude or (), settings.short_hosts),
+                    send_originals=merged.on_error == "send_originals",
+                )
+        self._link_plans[key] = plan
+        return plan
+
+    async def _shorten(self, p: Prepared) -> Prepared | Outcome:
+        """The message with its links rewritten (README, Short links): every eligible link
+        in `html` (href/src) and in `text`/`body` gets the UTM parameters and, unless the
+        provider is "none", a short link the execution keeps across retries. A shortener
+        failure fails the attempt (transient), or sends the links as written with
+        `on_error = "send_originals"`."""
+        plan = self._link_plan(p.step, p.execution.tenant_key)
+        settings = self._rules.short_links
+        if plan is None or settings is None:
+            return p
+        message = p.message
+        # destination → whether its redirect counts clicks: not when the destination is
+        # also an image somewhere in the message (each open of the mail would count).
+        found: dict[str, bool] = {}
+        originals: dict[str, str] = {}
+        if message.html:
+            for link in linking.html_links(message.html):
+                if plan.rules.eligible(link.url):
+                    destination = linking.with_utm(link.url, plan.utm)
+                    originals[link.url] = destination
+                    found[destination] = found.get(destination, True) and link.track
+        for text in (message.text, message.body):
+            for url in linking.text_links(text or ""):
+                if plan.rules.eligible(url):
+                    destination = originals[url] = linking.with_utm(url, plan.utm)
+                    found.setdefault(destination, True)
+        if not found:
+            return p
+        short: Mapping[str, str] = {d: d for d in found}
+        if plan.provider != "none":
+            try:
+                short = await settings.maker.shorten(
+                    execution_id=p.execution.id,
+                    tenant=p.execution.tenant_key,
+                    provider=plan.provider,  # type: ignore[arg-type]  # "dripd" | "webhook"
+                    links=list(found.items()),
+                )
+            except ShortenError as exc:
+                if not plan.send_originals:
+                    error = TransientError(f"short links: {exc}")
+                    return self._failure(
+                        p.execution, p.step, message.channel, p.adapter, p.address, error
+                    )
+                self._metrics.short_links_fallback.inc()
+                log.warning(
+                    "short links failed; sending the links as written",
+                    execution_id=str(p.execution.id),
+                    error=str(exc),
+                )
+                return p
+
+        def replace(url: str) -> str | None:
+            destination = originals.get(url)
+            return None if destination is None else short.get(destination)
+
+        rewritten = dataclasses.replace(
+            message,
+            html=linking.rewrite_html(message.html, replace) if message.html else message.html,
+            text=linking.rewrite_text(message.text, replace) if message.text else message.text,
+            body=linking.rewrite_text(message.body, replace) if message.body else message.body,
+        )
+        if message.channel in SMS_CHANNELS:
+            problem = _content_problem(message.channel, {"body": rewritten.body or ""}, p.step)
+            if problem is not None:
+                return self._outcome(
+                    p.execution, Verdict.FAILED, channel=message.channel, error=problem
+                )
+        return dataclasses.replace(p, message=rewritten)
 
     def _confirm_names(self, item: ClaimedExecution, step: CompiledStep) -> dict[str, str]:
         """`confirm_url` for a lead's confirmation message (double opt-in), else nothing."""
@@ -539,7 +767,8 @@ class Pipeline:
                     Reason.QUOTA_EXHAUSTED,
                     opening + drain_offset(_first_due(item, p.step), opening),
                 )
-        outcome = await self.send(p)
+        shortened = await self._shorten(p)
+        outcome = shortened if isinstance(shortened, Outcome) else await self.send(shortened)
         if reserved and ledger is not None and outcome.verdict is not Verdict.SENT:
             try:
                 await ledger.release(reserved)
@@ -586,14 +815,7 @@ class Pipeline:
                     name,
                     context=template_context(item, step),
                     webhook_id=f"{item.id}.{name}",
-                    enrollment=HookEnrollment(
-                        id=str(item.enrollment_id),
-                        tenant_key=item.tenant_key,
-                        sequence_key=step.step.sequence_key,
-                        subscriber_type=item.subscriber_type,
-                        subscriber_id=item.subscriber_id,
-                        data=item.data,
-                    ),
+                    enrollment=_hook_enrollment(item, step),
                     step=HookStep(key=step.step.key, channel=step.step.channel),
                 )
             except HookError as exc:
@@ -760,14 +982,17 @@ def _first_due(item: ClaimedExecution, step: CompiledStep) -> datetime:
     return item.created_at + step.step.delay
 
 
-def _content_problem(channel: str, rendered: Mapping[str, str], step: CompiledStep) -> str | None:
-    """A rendered message that cannot be sent as it is (a permanent failure), or None."""
+def _content_problem(
+    channel: str, rendered: Mapping[str, str], step: CompiledStep, *, length: bool = True
+) -> str | None:
+    """A rendered message that cannot be sent as it is (a permanent failure), or None.
+    `length`: check an SMS body's length too (not before its links are shortened)."""
     missing = missing_fields(channel, rendered)
     if WA_NAME in rendered:  # an approved template is sent instead of the body
         missing = [name for name in missing if name != "body"]
     if missing:
         return f"step {step.step.key!r}: rendered {', '.join(missing)} empty"
-    if channel in SMS_CHANNELS:
+    if length and channel in SMS_CHANNELS:
         limit = step.step.max_length or SMS_MAX_LENGTH
         body = rendered.get("body", "")
         if sms_too_long(body, limit):
@@ -814,6 +1039,34 @@ def default_recipient(
     if isinstance(value, int) and not isinstance(value, bool) and channel == "chat":
         return str(value)  # a Telegram chat id given as a number
     return subscriber_id if channel in SUBSCRIBER_RECIPIENT else None
+
+
+def _utm(utm: bool | Mapping[str, str] | None, step: CompiledStep) -> dict[str, str]:
+    """The UTM parameters of a `utm` setting (config.ShortLinkRules) for `step`'s messages:
+    none for false, else source "dripd", medium the channel, campaign the sequence key and
+    content the step key, overridden by a table's values ("" leaves one out)."""
+    if not utm:
+        return {}
+    values = {
+        "source": "dripd",
+        "medium": step.step.channel or "",
+        "campaign": step.step.sequence_key,
+        "content": step.step.key,
+    }
+    if isinstance(utm, Mapping):
+        values |= utm
+    return {key: value for key, value in values.items() if value}
+
+
+def _hook_enrollment(item: ClaimedExecution, step: CompiledStep) -> HookEnrollment:
+    return HookEnrollment(
+        id=str(item.enrollment_id),
+        tenant_key=item.tenant_key,
+        sequence_key=step.step.sequence_key,
+        subscriber_type=item.subscriber_type,
+        subscriber_id=item.subscriber_id,
+        data=item.data,
+    )
 
 
 def _whatsapp_template(rendered: Mapping[str, str]) -> dict[str, str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import urllib.parse
 from collections.abc import Callable
 from datetime import datetime
 from functools import lru_cache, partial
@@ -10,10 +11,10 @@ from zoneinfo import ZoneInfo
 import structlog
 
 from dripd.channels.credentials import Vault
-from dripd.config import Config
+from dripd.config import Config, ShortLinkRules, merge_link_rules
 from dripd.db import limits, store
 from dripd.engine.ledger import DbLedger
-from dripd.engine.pipeline import Rules, Unsubscribe
+from dripd.engine.pipeline import LinkMaker, Rules, ShortLinking, Unsubscribe
 from dripd.model import Adapter
 from dripd.rules.leadconfirm import ConfirmLinks
 from dripd.rules.limiter import Limiter, RateTable
@@ -59,6 +60,31 @@ async def pause_adapter(pool: store.Executor, adapter: Adapter, reason: str, now
         "`dripd ctl resume-adapter` lifts it",
         adapter=f"{adapter.tenant_key}/{adapter.name}" if adapter.tenant_key else adapter.name,
         reason=text,
+    )
+
+
+def short_base_url(cfg: Config) -> str:
+    """Where dripd's short links point: `short_links.base_url`, else the HTTP listener."""
+    if cfg.short_links.base_url:
+        return cfg.short_links.base_url.rstrip("/")
+    host, port = cfg.http_host_port
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}"
+
+
+def short_linking(cfg: Config, maker: LinkMaker) -> ShortLinking:
+    """Short links from `[short_links]` and `[tenants.<key>.short_links]`."""
+    base = cfg.short_links.rules()
+
+    @lru_cache(maxsize=4096)
+    def defaults(tenant: str | None) -> ShortLinkRules:
+        own = cfg.tenants.get(tenant) if tenant is not None else None
+        return merge_link_rules(base, own.short_links if own else None)
+
+    host = urllib.parse.urlsplit(short_base_url(cfg)).hostname or ""
+    return ShortLinking(
+        maker=maker,
+        defaults=defaults,
+        short_hosts=frozenset({host.lower(), *(h.lower() for h in cfg.short_links.short_domains)}),
     )
 
 

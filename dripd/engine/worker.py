@@ -56,14 +56,16 @@ class Settings:
 
 
 @dataclass(frozen=True, slots=True)
-class Hooked:
-    """A claimed execution whose step reads hooks: prepared by a sender, after the calls."""
+class Unprepared:
+    """A claimed execution prepared by a sender, not in the claim's loop: its step calls
+    hooks or a Python template, compiles MJML or makes short links
+    (Pipeline.off_claim_path)."""
 
     item: ClaimedExecution
     step: CompiledStep
 
 
-Job = Prepared | Hooked
+Job = Prepared | Unprepared
 
 
 def fair_share(caps: Mapping[K, int], total: int, start: int = 0) -> dict[K, int]:
@@ -425,11 +427,11 @@ class Worker:
             step = self._steps[item.step_id]
             self._metrics.claimed(step.step.channel or "none")
             if (
-                step.hooks
+                self._pipeline.off_claim_path(step, item.tenant_key)
                 and item.enrollment_status is EnrollmentStatus.ACTIVE
                 and item.attempt < self._pipeline.max_attempts(step)
             ):
-                jobs.append(Hooked(item, step))  # network I/O: a sender runs it
+                jobs.append(Unprepared(item, step))  # I/O or a long render: a sender runs it
                 continue
             try:
                 result = await self._pipeline.prepare(item, step)
@@ -460,7 +462,13 @@ class Worker:
             self._jobs.put_nowait(job)
 
     async def _gather_events(self, items: list[ClaimedExecution]) -> None:
-        """Load `events.<key>` statistics for the items whose conditions read them."""
+        """Load `events.<key>` statistics and `clicks` for the items whose conditions read
+        them."""
+        clicking = [i for i in items if self._steps[i.step_id].reads_clicks]
+        if clicking:
+            clicks = await store.click_stats(self._pool, [i.enrollment_id for i in clicking])
+            for item in clicking:
+                item.facts.clicks.update(clicks.get(item.enrollment_id, {}))
         wanted = [i for i in items if self._steps[i.step_id].event_keys]
         if not wanted:
             return
@@ -476,7 +484,7 @@ class Worker:
 
     async def _sender(self) -> None:
         while (job := await self._jobs.get()) is not None:
-            item = job.item if isinstance(job, Hooked) else job.execution
+            item = job.item if isinstance(job, Unprepared) else job.execution
             row = self._held.rows.get(item.id)
             if row is None or row.lost or self._stopping:
                 continue  # lost or released: never sent; at stop: released untouched
@@ -497,8 +505,8 @@ class Worker:
     async def _run_job(self, job: Job, item: ClaimedExecution) -> Outcome | None:
         self._sending += 1
         try:
-            if isinstance(job, Hooked):
-                return await self._hooked(job)
+            if isinstance(job, Unprepared):
+                return await self._unprepared(job)
             return await self._pipeline.deliver(job)
         except Exception as exc:  # the per-step guard: a sender task never dies
             log.exception("sending failed unexpectedly", execution_id=str(item.id))
@@ -511,8 +519,9 @@ class Worker:
         finally:
             self._sending -= 1
 
-    async def _hooked(self, job: Hooked) -> Outcome | None:
-        """The path of a step that reads hooks: call them, then prepare, check, send."""
+    async def _unprepared(self, job: Unprepared) -> Outcome | None:
+        """The path of a step prepared off the claim loop: its hooks (if any), then prepare,
+        check suppressions, send."""
         item, step = job.item, job.step
         result: Prepared | Outcome | None = await self._pipeline.run_hooks(item, step)
         if result is None:
