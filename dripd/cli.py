@@ -190,9 +190,18 @@ def _load_files(args: argparse.Namespace) -> list[tuple[str, store.VersionRow | 
     printed to stderr (`dripd: <file>: <message>`); a file that is invalid pairs with None.
     All files are read, not only up to the first bad one."""
     loaded: list[tuple[str, store.VersionRow | None]] = []
+    seen: dict[tuple[str | None, str], str] = {}  # (tenant, key) → the file that has it
     for name in args.files:
         try:
             spec = load_file(Path(name))
+            first = seen.setdefault((spec.tenant_key, spec.key), name)
+            if first != name:
+                # Applied in one go, the second would archive the first at once.
+                raise ConfigError(
+                    f"{name}: sequence {spec.key!r}"
+                    + (f" of tenant {spec.tenant_key!r}" if spec.tenant_key else "")
+                    + f" is in {first} too; give each sequence one file"
+                )
         except ConfigError as exc:
             if args.verbose:
                 traceback.print_exc()
@@ -1307,7 +1316,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
         verbose = getattr(args, "verbose", False)
         _check_arguments(parser, args)
-        cfg = config_mod.load(args.config_path)
+        env = dict(os.environ)
+        if getattr(args, "check", False):  # `apply --check` needs no database: any DSN ignored
+            env.pop("DRIPD_DSN", None)
+        cfg = config_mod.load(args.config_path, env=env)
         logs.configure(cfg.log.level, cfg.log.format)
         result = asyncio.run(args.handler(args, cfg))
     except DripdError as exc:
@@ -1344,7 +1356,7 @@ def _check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) 
                     "its arguments as UTF-8)"
                 )
     dsn = getattr(args, "dsn", None)
-    if dsn is not None:
+    if dsn is not None and not getattr(args, "check", False):
         config_mod.check_dsn(dsn, where="--dsn")
 
 

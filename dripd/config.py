@@ -7,6 +7,7 @@ import os
 import re
 import tomllib
 import urllib.parse
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import timedelta
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_network
@@ -15,6 +16,7 @@ from typing import Any, ClassVar, Final, Literal
 
 import msgspec
 import phonenumbers
+import re2
 
 from dripd.addresses import normalize, normalize_domain
 from dripd.errors import ConfigError
@@ -268,6 +270,27 @@ def merge_link_rules(*layers: ShortLinkRules | None) -> ShortLinkRules:
     return ShortLinkRules(**merged)
 
 
+def exclude_patterns(patterns: Iterable[str]) -> Any:
+    """`patterns` as one case-insensitive RE2 expression (any of them matches), compiled by
+    google-re2: linear in the URL's length whatever the pattern, so that `(a+)+$` cannot
+    stall the daemon on a long link (Python's `re` backtracks exponentially there). RE2's
+    syntax is Perl's without lookaround and backreferences. Raises ValueError naming the
+    first pattern it refuses."""
+    options = re2.Options()
+    options.log_errors = False  # the error is raised, not written to stderr
+    options.case_sensitive = False
+    for pattern in patterns:
+        try:
+            re2.compile(pattern, options)
+        except re2.error as exc:
+            reason = exc.args[0].decode() if isinstance(exc.args[0], bytes) else str(exc)
+            raise ValueError(
+                f"{_shown(pattern)} is not a regular expression RE2 reads: {reason}"
+            ) from None
+    either = "|".join(f"(?:{p})" for p in patterns) or "$^."  # nothing
+    return re2.compile(either, options)
+
+
 def check_link_rules(rules: ShortLinkRules, where: str) -> None:
     """ConfigError naming `where.<key>` for a `utm` key that is not a UTM parameter, a
     value too long or not printable, or an `exclude` pattern that is not a regular
@@ -284,11 +307,9 @@ def check_link_rules(rules: ShortLinkRules, where: str) -> None:
         if len(pattern) > 1000:
             raise ConfigError(f"{where}.exclude[{n}]: at most 1000 characters")
         try:
-            re.compile(pattern, re.I)
-        except re.error as exc:
-            raise ConfigError(
-                f"{where}.exclude[{n}]: {_shown(pattern)} is not a regular expression: {exc}"
-            ) from None
+            exclude_patterns([pattern])
+        except ValueError as exc:
+            raise ConfigError(f"{where}.exclude[{n}]: {exc}") from None
     if len(rules.exclude or ()) > 100:
         raise ConfigError(f"{where}.exclude: at most 100 patterns")
 
@@ -560,7 +581,7 @@ def _validate(cfg: Config) -> None:
             )
     _base_url(cfg.unsubscribe.base_url, "unsubscribe.base_url")
     _base_url(cfg.webhooks.public_url, "webhooks.public_url", allow_http=True)
-    _short_links(cfg.short_links)
+    _short_links(cfg)
     if cfg.unsubscribe.mailto:
         _mailto(cfg.unsubscribe.mailto, "unsubscribe.mailto")
     if cfg.leads.sequence and not _SEQUENCE_KEY.fullmatch(cfg.leads.sequence):
@@ -693,9 +714,12 @@ def _socket_path(path: str, where: str) -> None:
         )
 
 
-def _base_url(url: str, where: str, *, allow_http: bool = False) -> None:
+def _base_url(
+    url: str, where: str, *, allow_http: bool = False, why: str = "RFC 8058 requires https; "
+) -> None:
     """Empty, or an https URL without query or fragment that can go in a header (RFC 8058);
-    `allow_http`: http too (where providers call us, which RFC 8058 does not govern)."""
+    `allow_http`: http too (where providers call us, which RFC 8058 does not govern).
+    `why`: the reason the error gives first."""
     if not url:
         return
     if "@" in url.partition("//")[2].partition("/")[0]:  # its password is not echoed
@@ -714,8 +738,8 @@ def _base_url(url: str, where: str, *, allow_http: bool = False) -> None:
         # RFC 8058: one-click unsubscribe URIs must be https.
         raise ConfigError(
             f"{where}: {_shown(url)} is not an {'http(s)' if allow_http else 'https'} URL like "
-            f'"https://mail.example.com" (RFC 8058 requires https; at most {MAX_URL} '
-            "characters, no query or fragment)"
+            f'"https://mail.example.com" ({why}at most {MAX_URL} characters, no query or '
+            "fragment)"
         )
 
 
@@ -790,14 +814,33 @@ def _leads(leads: Leads) -> None:
         )
 
 
-def _short_links(links: ShortLinks) -> None:
+def _short_links(cfg: Config) -> None:
+    links = cfg.short_links
     check_link_rules(links.rules(), "short_links")
-    _base_url(links.base_url, "short_links.base_url", allow_http=True)
+    _base_url(links.base_url, "short_links.base_url", allow_http=True, why="")
+    tenants = {key: t.short_links for key, t in cfg.tenants.items() if t.short_links is not None}
+    providers = {links.provider} | {t.provider for t in tenants.values() if t.provider}
+    if "dripd" in providers and not links.base_url:
+        host, port = parse_listen(cfg.http.listen, where="http.listen")
+        if not cfg.http.enabled or port == 0 or host in ("", "0.0.0.0", "::"):  # noqa: S104
+            raise ConfigError(
+                'short_links.base_url: required with short_links provider "dripd" when '
+                "http.listen is not an address a reader can reach (http.enabled false, a "
+                'wildcard host or port 0), e.g. "https://go.example.com"'
+            )
+    for key, rules in tenants.items():
+        if rules.provider == "webhook" and not links.webhook_url:
+            raise ConfigError(
+                f"short_links.webhook_url: required when {_path('tenants', key)}.short_links."
+                'provider is "webhook" (the shortener dripd POSTs each destination to)'
+            )
     for n, host in enumerate(links.short_domains):
         if not _host_name(host):
             raise ConfigError(f"short_links.short_domains[{n}]: {_shown(host)} is not a host name")
     if links.webhook_url:
-        _base_url(links.webhook_url.split("?")[0], "short_links.webhook_url", allow_http=True)
+        _base_url(
+            links.webhook_url.split("?")[0], "short_links.webhook_url", allow_http=True, why=""
+        )
     elif links.provider == "webhook":
         raise ConfigError(
             'short_links.webhook_url: required when short_links.provider is "webhook" (the '

@@ -735,7 +735,11 @@ def _short_links(raw: str | ShortLinkRules | None, where: str) -> dict[str, Any]
                 'like { provider = "dripd", utm = true }'
             )
         raw = ShortLinkRules(provider=raw)  # type: ignore[arg-type]  # checked just above
-    check_link_rules(raw, where)
+    try:
+        check_link_rules(raw, where)
+    except ConfigError as exc:  # "short_links.utm: …" → "key 'short_links.utm': …"
+        key, _, reason = exc.message.partition(": ")
+        raise ConfigError(f"key {key!r}: {reason}") from None
     return msgspec.to_builtins(raw)  # type: ignore[no-any-return]
 
 
@@ -840,8 +844,8 @@ def _content(step: StepSpec, fail: Any, hooks: set[str]) -> dict[str, str]:
         problem = check_mjml_template(value) if name == "mjml" else None
         if problem is None and step.spintax and is_spun(name):
             problem = static_problem(value)
-        if problem is not None:
-            raise fail(f"key {key!r}: {problem}")
+        if problem is not None:  # its lines are the value's, not the file's
+            raise fail(f"key {key!r}: {problem} (a line of the key's value)")
         if name in ("from", "reply_to") and "{" not in value:
             # A fixed address is checked now; a rendered one when the step sends.
             try:

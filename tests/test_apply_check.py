@@ -147,6 +147,17 @@ def test_check_needs_no_database(capsys: pytest.CaptureFixture[str], tmp_path: P
     assert (code, out, err) == (0, f"ok  {one}  (sequence 'welcome', 2 steps)\n", "")
 
 
+def test_check_ignores_a_malformed_dsn(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    one = write(tmp_path, "one.toml", GOOD.format(key="welcome"))
+    assert run(capsys, "apply", "--check", "--dsn", "garbage", one)[0] == 0
+    monkeypatch.setenv("DRIPD_DSN", "garbage")
+    code, out, _ = run(capsys, "apply", "--check", one)
+    assert (code, out) == (0, f"ok  {one}  (sequence 'welcome', 2 steps)\n")
+    assert run(capsys, "apply", one)[0] == 2  # without --check, it is an error
+
+
 def test_apply_reports_every_bad_file_and_writes_nothing(
     capsys: pytest.CaptureFixture[str], dsn: str, tmp_path: Path
 ) -> None:
@@ -165,3 +176,14 @@ async def _sequences(dsn: str) -> int:
         return int(await conn.fetchval("SELECT count(*) FROM dripd.sequences"))
     finally:
         await conn.close()
+
+
+def test_one_sequence_in_two_files_is_refused(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    one = write(tmp_path, "one.toml", GOOD.format(key="welcome"))
+    two = write(tmp_path, "two.toml", GOOD.format(key="welcome"))
+    code, out, err = run(capsys, "apply", "--check", one, two)
+    assert code == 2
+    assert out == f"ok  {one}  (sequence 'welcome', 2 steps)\n"
+    assert err == f"dripd: {two}: sequence 'welcome' is in {one} too; give each sequence one file\n"

@@ -222,6 +222,7 @@ channel = "email"
 subject = "An offer"
 html = '''<p>See <a href="https://shop.example/deal?id={{{{ id }}}}">the deal</a>,
 <img src="https://cdn.example/logo.png" alt="logo">
+<img src="https://shop.example/deal?id={{{{ id }}}}" alt="the deal">
 <a href="https://shop.example/account/password-reset">reset</a>
 <a href="mailto:help@example.com">help</a></p>'''
 text = "The deal: https://shop.example/deal?id={{{{ id }}}}."
@@ -283,8 +284,10 @@ async def test_a_click_on_dripds_redirect_is_an_event_a_condition_branches_on(
         # Eligible links are short; the excluded reset link and mailto: are untouched.
         assert "https://shop.example/account/password-reset" in html
         assert 'href="mailto:help@example.com"' in html
-        assert "shop.example/deal" not in html
         assert "cdn.example" not in html
+        # The deal's image keeps its URL: its link's short one counts the clicks.
+        assert html.count("shop.example/deal") == 1
+        assert '<img src="https://shop.example/deal?id=7" alt="the deal">' in html
         codes = SHORT.findall(html)
         assert len(codes) == 2
         # The text's link is the same destination: the same short link, the full stop

@@ -60,8 +60,12 @@ def test_an_unknown_mjml_element_is_refused_with_its_line() -> None:
         ("vars = { subscriber_id = 'x' }\n", TEXT, "key 'vars.subscriber_id': 'subscriber_id' is"),
         ("vars = { 'a b' = 1 }\n", TEXT, "key 'vars': 'a b' is not a variable name"),
         ("short_links = 'bitly'\n", TEXT, "key 'short_links': 'bitly' is not \"dripd\""),
-        ("short_links = { utm = { term = 'x' } }\n", TEXT, "short_links.utm: 'term' is not one"),
-        ("short_links = { exclude = ['('] }\n", TEXT, "exclude[0]: '(' is not a regular"),
+        (
+            "short_links = { utm = { term = 'x' } }\n",
+            TEXT,
+            "key 'short_links.utm': 'term' is not one",
+        ),
+        ("short_links = { exclude = ['('] }\n", TEXT, "key 'short_links.exclude[0]': '(' is not a"),
         ("short_links = { provider = 'tinyurl' }\n", TEXT, "short_links.provider"),
     ],
 )

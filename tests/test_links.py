@@ -4,6 +4,7 @@ excluded one."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections import Counter
 from collections.abc import Callable
@@ -58,7 +59,7 @@ def marker(calls: list[str]) -> Callable[[str], str]:
         ),
         (
             '<a href="https://q.com"src="https://r.com">',
-            '<a href="HTTPS://Q.COM"src="HTTPS://R.COM">',
+            '<a href="HTTPS://Q.COM"src="https://r.com">',
         ),
         # HTML keeps the first of two attributes with one name; the second is no link.
         (
@@ -164,6 +165,14 @@ def test_text_links_cases(text: str, links: list[str] | None) -> None:
 def test_punctuation_stays_outside() -> None:
     text = "Read https://a.com/x. Then (https://en.wikipedia.org/wiki/A_(b))! Or https://c.com?"
     assert rewrite_text(text, lambda url: "L") == "Read L. Then (L)! Or L?"
+    for sentence, url in [
+        ("«https://a.example.com/x»", "https://a.example.com/x"),
+        ("（https://a.example.com/x）", "https://a.example.com/x"),
+        ("見て https://a.example.com/ü。", "https://a.example.com/ü"),
+        ("**https://a.example.com/b**", "https://a.example.com/b"),
+        ("“https://a.example.com/q”…", "https://a.example.com/q"),
+    ]:
+        assert text_links(sentence) == [url]
 
 
 @pytest.mark.timeout(30)
@@ -286,7 +295,7 @@ QUERY_ARGS = ("a=1", "copy=2", "lt=3", "token=x", "q=%20", "ampx", "utm_source=z
 # How an "&" in a URL may be written in an attribute. A bare "&" stays literal before each of
 # QUERY_ARGS, as "=" or a letter follows the entity name it starts ("&copy=2" is not "©=2").
 # What RULES must refuse among generated URLs, known from how they are generated.
-REFUSED = re.compile(r"unsubscribe|/private/|token=|//sho\.rt|/u/")
+REFUSED = re.compile(r"unsubscribe|/private/|token=|//sho\.rt\.?(?=[/?#:]|$)|/u/")
 
 
 def shortenable(url: str) -> bool:
@@ -316,6 +325,7 @@ class Attr:
     raw: str  # the value as written, character references and all
     trail: str
     url: str  # what a browser reads in it, surrounding whitespace removed
+    linkable: bool = True  # False: a `src` of other than <img>, never rewritten
 
     def written(self, value: str | None = None) -> str:
         if value is None:
@@ -325,7 +335,7 @@ class Attr:
 
     @property
     def web(self) -> bool:
-        return self.url.lower().startswith(("http://", "https://"))
+        return self.linkable and self.url.lower().startswith(("http://", "https://"))
 
 
 @st.composite
@@ -349,11 +359,14 @@ OTHER_ATTRS = (' class="x"', " alt='a > b'", " data-u=https://data.example", " h
 
 @st.composite
 def link_tags(draw: st.DrawFn) -> list[str | Attr]:
-    tag = draw(st.sampled_from(("a", "A", "img", "link", "span", "div")))
+    tag = draw(st.sampled_from(("a", "A", "img", "area", "span", "div")))
     parts: list[str | Attr] = [f"<{tag}"]
     for name in draw(st.permutations(("href", "src")))[: draw(st.integers(1, 2))]:
         parts.append(draw(st.sampled_from(OTHER_ATTRS)))
-        parts.append(draw(attrs(name)))
+        attr = draw(attrs(name))
+        if name == "src" and tag != "img":
+            attr = dataclasses.replace(attr, linkable=False)
+        parts.append(attr)
     # (no "/>": after an unquoted value the "/" would belong to it)
     parts.append(draw(st.sampled_from((">", " >", " />"))) + (f"x</{tag}>" if tag in "aA" else ""))
     return parts
@@ -379,6 +392,9 @@ HIDDEN = st.sampled_from(
         '<![CDATA[<a href="https://cdata.example/"]]>',
         '<!DOCTYPE html PUBLIC "-//W3C//DTD XHTML 1.0 Transitional//EN">',
         '<?xml version="1.0"?>',
+        '<link rel="stylesheet" href="https://fonts.example/css?family=Ubuntu">',
+        '<LINK HREF="https://icons.example/favicon.ico" rel=icon>',
+        '<base href="https://base.example/">',
         '</p class="https://endtag.example/">',
         "<br/>",
         "<p>",
@@ -423,6 +439,9 @@ def oracle(html: str) -> Counter[tuple[str, bool]]:
     found: Counter[tuple[str, bool]] = Counter()
     for element in root.iter():
         for name in ("href", "src"):
+            # Not links a reader follows: stylesheets, icons, a script's or a frame's source.
+            if element.tag in ("link", "base") if name == "href" else element.tag != "img":
+                continue
             value = element.get(name) if isinstance(element.tag, str) else None
             url = (value or "").strip("\t\n\f\r ")
             if re.match(r"(?i)https?://", url) and "{{" not in url:
@@ -462,7 +481,7 @@ def test_excluded_html_links_are_never_rewritten(parts: list[str | Attr]) -> Non
     calls: list[str] = []
     replace = marker(calls)
     rewritten = rewrite_html(html, lambda url: replace(url) if RULES.eligible(url) else None)
-    assert rewritten == join(parts, lambda a: shortenable(a.url))
+    assert rewritten == join(parts, lambda a: a.web and shortenable(a.url))
     for attr in parts:
         if isinstance(attr, Attr) and not shortenable(attr.url):
             assert attr.written() in rewritten

@@ -87,8 +87,10 @@ async def link(
 ) -> uuid.UUID:
     """A stored dripd link `code` of a sent message; its execution id."""
     execution_id, _ = await sent_execution(db)
-    await link_store.insert_dripd_links(
-        db, execution_id, "acme", [(destination, code, f"https://go.example/l/{code}", track)]
+    await link_store.insert_links(
+        db,
+        "dripd",
+        [(execution_id, "acme", destination, code, f"https://go.example/l/{code}", track)],
     )
     return execution_id
 

@@ -197,9 +197,12 @@ async def test_a_link_committed_while_the_insert_waits_is_the_one_returned(
     async with pool.acquire() as other:
         transaction = other.transaction()
         await transaction.start()
-        theirs = await link_store.insert_dripd_links(
-            other, execution_id, None, [(destination, "TheirCode1", f"{BASE}/l/TheirCode1", True)]
+        stored_by_them = await link_store.insert_links(
+            other,
+            "dripd",
+            [(execution_id, None, destination, "TheirCode1", f"{BASE}/l/TheirCode1", True)],
         )
+        theirs = {d: url for (_, d), url in stored_by_them.items()}
         ours = asyncio.create_task(own(maker, execution_id, pages(1)))
         await wait_for(
             lambda: pool.fetchval(
@@ -216,8 +219,10 @@ async def test_a_taken_code_is_replaced_by_a_fresh_one(
     pool: asyncpg.Pool, maker: LinkMaker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     first = await execution(pool)
-    await link_store.insert_dripd_links(
-        pool, first, None, [("https://a.example/", "Collide123", f"{BASE}/l/Collide123", True)]
+    await link_store.insert_links(
+        pool,
+        "dripd",
+        [(first, None, "https://a.example/", "Collide123", f"{BASE}/l/Collide123", True)],
     )
     codes = iter(["Collide123", "Fresh45678"])
     monkeypatch.setattr(links, "new_code", lambda: next(codes))
@@ -230,8 +235,10 @@ async def test_codes_that_keep_colliding_are_a_shorten_error(
     pool: asyncpg.Pool, maker: LinkMaker, metrics: Metrics, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     first = await execution(pool)
-    await link_store.insert_dripd_links(
-        pool, first, None, [("https://a.example/", "Collide123", f"{BASE}/l/Collide123", True)]
+    await link_store.insert_links(
+        pool,
+        "dripd",
+        [(first, None, "https://a.example/", "Collide123", f"{BASE}/l/Collide123", True)],
     )
     monkeypatch.setattr(links, "new_code", lambda: "Collide123")
     with pytest.raises(ShortenError, match="codes were taken 3 times in a row"):

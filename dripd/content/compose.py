@@ -103,7 +103,13 @@ async def compose(
     fields = await render_fields(templates, context, limiter=limiter)
     if made:
         fields.update(made)
-    return finish(fields, spintax=spintax, on_unbalanced=on_unbalanced, text_part=text_part)
+    return finish(
+        fields,
+        spintax=spintax,
+        on_unbalanced=on_unbalanced,
+        text_part=text_part,
+        checked=not (made and "mjml" in made),
+    )
 
 
 def finish(
@@ -112,8 +118,11 @@ def finish(
     spintax: Callable[[str], bytes] | None = None,
     on_unbalanced: Callable[[str], None] = lambda field: None,
     text_part: bool = False,
+    checked: bool = True,
 ) -> dict[str, str]:
-    """Spintax, MJML and the text part on rendered `fields` (see `compose`), in place."""
+    """Spintax, MJML and the text part on rendered `fields` (see `compose`), in place.
+    `checked`: an `mjml` field is the render of a template checked at apply (see
+    `compile_mjml`), not a Python template's."""
     if spintax is not None:
         for name, value in fields.items():
             if is_spun(name):
@@ -122,7 +131,7 @@ def finish(
                 except SpintaxError:
                     on_unbalanced(name)
     if "mjml" in fields:
-        fields["html"] = compile_mjml(fields.pop("mjml"))
+        fields["html"] = compile_mjml(fields.pop("mjml"), checked=checked)
     if text_part and "html" in fields and not fields.get("text", "").strip():
         fields["text"] = html_to_text(fields["html"])
     return fields

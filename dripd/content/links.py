@@ -13,15 +13,17 @@ UTM parameters never overwrite ones the URL already has.
 
 from __future__ import annotations
 
+import functools
 import html as _html
 import re
+import unicodedata
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from html.entities import html5 as _ENTITIES
-from typing import Final
+from typing import Any, Final
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
-from dripd.config import UTM_KEYS
+from dripd.config import UTM_KEYS, exclude_patterns
 
 #: Links never shortened, whatever the configuration adds: regular expressions searched,
 #: case-insensitively, in the whole URL (and in its percent-decoded form).
@@ -55,8 +57,13 @@ def _is_web(url: str) -> bool:
 class LinkRules:
     """Which links may be shortened; build with `rules()`."""
 
-    exclude: tuple[re.Pattern[str], ...]
+    exclude: tuple[str, ...]  # the patterns (RE2 syntax, case-insensitive)
     short_hosts: frozenset[str]  # lower-case host names, no trailing dot
+    # The exclude patterns as one RE2 expression (config.exclude_patterns: linear time).
+    _any_excluded: Any = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_any_excluded", exclude_patterns(self.exclude))
 
     def eligible(self, url: str) -> bool:
         """True for an absolute http/https URL with a host, at most MAX_URL_LENGTH characters,
@@ -68,10 +75,18 @@ class LinkRules:
             parts = urlsplit(url)
         except ValueError:  # e.g. an unclosed IPv6 bracket
             return False
+        try:
+            parts.port  # noqa: B018 - raises ValueError for a port out of range
+        except ValueError:
+            return False
         host = (parts.hostname or "").rstrip(".")
         if parts.scheme.lower() not in ("http", "https") or not host or host in self.short_hosts:
             return False
-        return not any(p.search(u) for u in (url, unquote(url)) for p in self.exclude)
+        if "@" in parts.netloc:  # user:password@: never stored, never in a Location header
+            return False
+        if self._any_excluded.search(url):
+            return False
+        return "%" not in url or not self._any_excluded.search(unquote(url))
 
 
 def rules(exclude: Iterable[str] = (), short_hosts: Iterable[str] = ()) -> LinkRules:
@@ -81,26 +96,24 @@ def rules(exclude: Iterable[str] = (), short_hosts: Iterable[str] = ()) -> LinkR
 
     Raises ValueError naming a pattern that is not a valid regular expression or a short host
     that is not a bare host name."""
-    compiled: list[re.Pattern[str]] = []
-    for source in (*DEFAULT_EXCLUDE, *exclude):
-        try:
-            compiled.append(re.compile(source, re.IGNORECASE))
-        except re.error as exc:
-            raise ValueError(f"exclude pattern {source!r} is not a valid regex: {exc}") from None
+    patterns = (*DEFAULT_EXCLUDE, *exclude)
+    exclude_patterns(patterns)  # ValueError naming a pattern RE2 refuses
     hosts: set[str] = set()
     for host in short_hosts:
         if not _SHORT_HOST.fullmatch(host):
             raise ValueError(f"short host {host!r} must be a bare host name such as 'sho.rt'")
         hosts.add(host.lower().rstrip("."))
-    return LinkRules(exclude=tuple(compiled), short_hosts=frozenset(hosts))
+    return LinkRules(exclude=patterns, short_hosts=frozenset(hosts))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Link:
-    """A link found in HTML; `track` is False for a `src` (an image load is not a click)."""
+    """A link found in HTML; `track` is False for a `src` (an image load is not a click).
+    `at` is where its value is in the HTML it was found in (for `rewrite_html`)."""
 
     url: str
     track: bool
+    at: _Value | None = field(default=None, compare=False, repr=False)
 
 
 # --- HTML ----------------------------------------------------------------------------------
@@ -119,6 +132,11 @@ _RAW_END: Final = {
     name: re.compile(rf"(?i)</{name}[\t\n\f\r />]")
     for name in ("script", "style", "textarea", "title", "xmp", "iframe", "noembed", "noframes")
 } | {"plaintext": re.compile(r"(?!)")}
+# Elements whose `href` is not a link a reader follows: a stylesheet, an icon, the base of
+# relative URLs (MJML's output loads its web fonts with <link href>). Redirecting them would
+# break them, and count a click at every open. A `src` is rewritten only on <img>: a
+# script's, a frame's or a video's source is no link anyone follows.
+_NOT_LINKS: Final = frozenset({"link", "base"})
 _CHARREF: Final = re.compile(r"&(#[0-9]+;?|#[xX][0-9a-fA-F]+;?|[^\t\n\f <&#;]{1,32};?)")
 
 
@@ -155,10 +173,51 @@ def _skip(pattern: re.Pattern[str], html: str, pos: int) -> int:
     return match.end()
 
 
+# A tag's attributes and its ">" when they hold nothing unusual: names without quotes, values
+# quoted or plain. Atomic groups and possessive quantifiers: no backtracking, one pass in C.
+# A tag it does not match (or one that may hold a wanted attribute) is read by _tag_values.
+_PLAIN_TAG_REST: Final = re.compile(
+    r"(?>[\t\n\f\r /]*+[^\t\n\f\r />\"'=][^\t\n\f\r /=>\"']*+[\t\n\f\r ]*+"
+    r"(?>=[\t\n\f\r ]*+(?>\"[^\"]*+\"|'[^']*+'|[^\t\n\f\r >\"'][^\t\n\f\r >]*+))?)*+"
+    r"[\t\n\f\r /]*+>"
+)
+
+
+_LINK_ATTRIBUTES: Final = frozenset({"href", "src"})
+_S: Final = r"\t\n\f\r "
+# A tag's rest up to its ">", quoted values read as _tag_values reads them (a quote counts
+# only right after "=" and spaces), with no `h` or `s` that starts "href" or "src" outside
+# quotes (any case: such a tag may hold a wanted attribute, and _tag_values reads it).
+_TAG_REST: Final = rf"(?:[^>\"'=hs]++|h(?!ref)|s(?!rc)|=[{_S}]*+\"[^\"]*+\"|=[{_S}]*+'[^']*+'|=)*+>"
+_RAW_ELEMENTS: Final = "script|style|textarea|title|xmp|iframe|noembed|noframes|plaintext"
+# What `_values` passes over when it looks for href/src (an accelerator: each piece is read
+# exactly as the loop in `_values` reads it; what it does not match, the loop reads): text,
+# comments, CDATA, bogus comments, end tags, and start tags of other than raw-text elements
+# without "href" or "src" in them. A typical mail's few links are then all the Python-level
+# work left.
+_SKIP: Final = re.compile(
+    rf"""(?:
+      [^<]++
+    | <!--(?:-?>|.*?--!?>)
+    | <!\[CDATA\[.*?\]\]>
+    | <(?:!(?!--|\[CDATA\[)|\?|/(?![a-z]))[^>]*+>
+    | </[a-z]{_TAG_REST}
+    | <(?!(?:{_RAW_ELEMENTS})(?=[{_S}/>]))[a-z]{_TAG_REST}
+    | <(?![a-z!?/])
+    )*+""",
+    re.S | re.I | re.X,
+)
+
+
 def _tag_values(html: str, pos: int, names: frozenset[str]) -> tuple[int, list[_Value]] | None:
     """The attributes named `names` of the tag whose attributes start at `pos` (first of
     each name only, as HTML keeps), and the index after its ">"; None when the document
     ends inside the tag (HTML drops such a tag)."""
+    plain = _PLAIN_TAG_REST.match(html, pos)
+    if plain is not None:
+        rest = plain.group().lower()
+        if not any(name in rest for name in names):
+            return plain.end(), []  # most tags: nothing wanted, read at C speed
     found: list[_Value] = []
     seen: set[str] = set()
     size = len(html)
@@ -201,7 +260,16 @@ def _values(html: str, names: frozenset[str]) -> Iterator[_Value]:
     script data escape states are not modelled)."""
     size = len(html)
     pos = 0
-    while (lt := html.find("<", pos)) >= 0:
+    skip = _SKIP.match if names == _LINK_ATTRIBUTES else None
+    while pos < size:
+        if skip is not None:
+            # Text and the tags, comments … that cannot hold a wanted value, in one match.
+            pos = skip(html, pos).end()  # type: ignore[union-attr]  # it matches ""
+            if pos >= size:
+                return
+        lt = html.find("<", pos)
+        if lt < 0:
+            return
         if html.startswith("<!--", lt):
             if html.startswith(">", lt + 4) or html.startswith("->", lt + 4):  # <!--> <!--->
                 pos = html.index(">", lt + 4) + 1
@@ -219,16 +287,15 @@ def _values(html: str, names: frozenset[str]) -> Iterator[_Value]:
                 return
             pos, found = tag
             if not end_tag:
-                yield from found
-                raw_end = _RAW_END.get(html[lt + 1 : name_end].lower())
+                element = html[lt + 1 : name_end].lower()
+                for value in found:
+                    if (element == "img") if value.name == "src" else element not in _NOT_LINKS:
+                        yield value
+                raw_end = _RAW_END.get(element)
                 if raw_end is not None:
                     close = raw_end.search(html, pos)
                     pos = close.start() if close else size
-        elif html[lt + 1 : lt + 2] in (
-            "!",
-            "?",
-            "/",
-        ):  # bogus comment up to the next ">" (also "</>")
+        elif html[lt + 1 : lt + 2] in ("!", "?", "/"):  # a bogus comment up to ">" ("</>" too)
             close_at = html.find(">", lt + 2)
             pos = close_at + 1 if close_at >= 0 else size
         else:
@@ -254,7 +321,7 @@ def html_links(html: str, *, attributes: Iterable[str] = ("href", "src")) -> lis
     for value in _values(html, names):
         url = _split(html[value.start : value.end])[1]
         if _is_web(url):
-            links.append(Link(url=url, track=value.name == "href"))
+            links.append(Link(url=url, track=value.name == "href", at=value))
     return links
 
 
@@ -263,16 +330,24 @@ def rewrite_html(
     replace: Callable[[str], str | None],
     *,
     attributes: Iterable[str] = ("href", "src"),
+    links: Iterable[Link] | None = None,
 ) -> str:
     """`html` with each link `html_links` finds replaced by `replace(url)`; None keeps it.
+    `links`: what `html_links(html, attributes=…)` returned for this very `html`, so that
+    it is not read twice.
 
     Only the replaced attribute values change: the new URL keeps the value's quoting and
     surrounding whitespace and is escaped for it (`&` → `&amp;`, the quote → `&quot;` or
     `&#39;`); an unquoted value becomes double-quoted. Every other character is kept."""
     names = frozenset(a.lower() for a in attributes)
+    values: Iterable[_Value]
+    if links is None:
+        values = _values(html, names)
+    else:
+        values = [link.at for link in links if link.at is not None]
     out: list[str] = []
     done = 0
-    for value in _values(html, names):
+    for value in values:
         lead, url, trail = _split(html[value.start : value.end])
         new = replace(url) if _is_web(url) else None
         if new is None:
@@ -294,7 +369,7 @@ def rewrite_html(
 
 # A URL runs to whitespace, "<", ">", '"' or a control character; not inside a word.
 _TEXT_URL: Final = re.compile(r"(?i)(?<![\w+.-])https?://[^\s<>\"\x00-\x1f\x7f-\x9f]+")
-_TRAILING: Final = frozenset(".,;:!?'\"")
+_TRAILING: Final = frozenset(".,;:!?'\"*")
 _CLOSING: Final = {")": "(", "]": "[", "}": "{"}
 
 
@@ -308,7 +383,10 @@ def _text_spans(text: str) -> Iterator[tuple[int, int]]:
             counts = {c: url.count(c) - url.count(o) for c, o in _CLOSING.items()}
             while end > start:
                 last = text[end - 1]
-                if last in _TRAILING:
+                if last in _TRAILING or (
+                    # non-ASCII punctuation: 。 » ” ） … and the like end a sentence, not a URL
+                    not last.isascii() and unicodedata.category(last).startswith("P")
+                ):
                     end -= 1
                 elif counts.get(last, 0) > 0:  # a closing bracket without its opener
                     counts[last] -= 1
@@ -343,22 +421,33 @@ def rewrite_text(text: str, replace: Callable[[str], str | None]) -> str:
 # --- UTM -----------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=1024)
+def _utm_pairs(utm: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
+    """(parameter name, "name=encoded value") of each non-empty value, in UTM_KEYS order:
+    a step's UTM values are the same for all its messages."""
+    given = dict(utm)
+    for key in given:
+        if key not in UTM_KEYS:
+            raise ValueError(f"utm key {key!r} is not one of {', '.join(UTM_KEYS)}")
+    return tuple(
+        (f"utm_{key}", f"utm_{key}={quote(given[key], safe='')}")
+        for key in UTM_KEYS
+        if given.get(key)
+    )
+
+
 def with_utm(url: str, utm: Mapping[str, str]) -> str:
     """`url` with `utm_<key>=<value>` appended to its query for each non-empty value of
     `utm` (keys among "source", "medium", "campaign", "content"; values percent-encoded)
     that the query does not already set. The rest of the URL, fragment included, is kept
     byte for byte. Raises ValueError naming an unknown key."""
-    for key in utm:
-        if key not in UTM_KEYS:
-            raise ValueError(f"utm key {key!r} is not one of {', '.join(UTM_KEYS)}")
+    pairs = _utm_pairs(tuple(utm.items()))
+    if not pairs:
+        return url
     base, hash_mark, fragment = url.partition("#")
     path, _, query = base.partition("?")
-    present = {name for name, _ in parse_qsl(query, keep_blank_values=True)}
-    added = [
-        f"utm_{key}={quote(utm[key], safe='')}"
-        for key in UTM_KEYS
-        if utm.get(key) and f"utm_{key}" not in present
-    ]
+    present = {name for name, _ in parse_qsl(query, keep_blank_values=True)} if query else ()
+    added = [pair for name, pair in pairs if name not in present]
     if not added:
         return url
     joiner = "&" if query and not query.endswith("&") else ""

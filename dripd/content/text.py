@@ -20,7 +20,6 @@ _LINES: Final = frozenset(
      "aside", "main", "address", "center", "caption", "figcaption", "form", "fieldset",
      "legend", "tbody", "thead", "tfoot", "body", "details", "summary"}
 )  # fmt: skip
-_DISPLAY_NONE: Final = re.compile(r"display\s*:\s*none", re.I)
 _LINKED: Final = re.compile(r"(?i:https?://|mailto:)\S")
 # Control characters (line breaks and tabs excepted): no text, and libxml2 refuses them.
 _CONTROL: Final = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
@@ -42,79 +41,87 @@ def html_to_text(html: str) -> str:
     Never raises: HTML that lxml cannot read gives what it could read, or ""."""
     if not html.strip():
         return ""
-    parser = etree.HTMLParser(encoding="utf-8", remove_comments=True, remove_pis=True)
-    root = etree.fromstring(_CONTROL.sub("", html).encode("utf-8", "replace"), parser)
+    root = etree.fromstring(_CONTROL.sub("", html).encode("utf-8", "replace"), _PARSER)
     if root is None:  # nothing lxml can read
         return ""
-    text = _Text()
-    text.walk(root)
-    lines = (" ".join(line.split()) for line in "".join(text.out).split("\n"))
+    for element in _STYLED_NONE(root):  # a few: `border:none` and the like mostly
+        if _DISPLAY_NONE.search(element.get("style", "")):
+            element.set(_HIDDEN_MARK, "")
+    try:
+        marked = str(_TO_TEXT(root))
+    except etree.XSLTError:  # libxslt's own limits (nesting past lxml's): nothing readable
+        return ""
+    text = _LINK.sub(_link, marked.replace("\r", " ").replace("\n", " "))
+    text = _BREAKS.sub(_breaks, text)
+    lines = (" ".join(line.split()) for line in text.split("\n"))
     return _BLANK_LINES.sub("\n\n", "\n".join(lines)).strip("\n")
 
 
-class _Text:
-    """The text of a tree, written in order: `breaks` newlines wait for the next text."""
+# One parser for every call (a parser costs as much to make as a small mail to parse);
+# parsing holds no state between documents, and the event loop calls one at a time.
+_PARSER: Final = etree.HTMLParser(encoding="utf-8", remove_comments=True, remove_pis=True)
 
-    def __init__(self) -> None:
-        self.out: list[str] = []
-        self.breaks = 0
+# The tree is read by libxslt (C; a walk in Python took three times as long), which writes
+# its text with private-use marks where lines break, for the regular expressions below:
+# U+E001 a line break around a block, U+E002 a blank line around a paragraph, U+E003 a
+# <br>, and a link as U+E004 URL U+E005 its text U+E006.
+_LINE, _PARAGRAPH, _BR = "\ue001", "\ue002", "\ue003"
+# Elements styled `display:none` (a preheader) are marked before libxslt reads the tree:
+# one XPath finds the few whose style says "none" at all, a regular expression decides.
+_DISPLAY_NONE: Final = re.compile(r"display\s*:\s*none", re.I)
+_STYLED_NONE: Final = etree.XPath(
+    "//@style[contains(., 'none') or contains(., 'NONE') or contains(., 'None')]/.."
+)
+_HIDDEN_MARK: Final = "data-dripd-hidden"
+_MARKS: Final = f"[{_LINE}{_PARAGRAPH}{_BR}]"
+_TO_TEXT: Final = etree.XSLT(
+    etree.XML(
+        f"""<xsl:stylesheet version="1.0" xmlns:xsl="http://www.w3.org/1999/XSL/Transform">
+<xsl:output method="text" encoding="utf-8"/>
+<xsl:template match="{"|".join(sorted(_HIDDEN))}"/>
+<xsl:template match="*[@{_HIDDEN_MARK}]" priority="2"/>
+<xsl:template match="{"|".join(sorted(_PARAGRAPHS))}">
+  &#xE002;<xsl:apply-templates/>&#xE002;</xsl:template>
+<xsl:template match="{"|".join(sorted(_LINES - {"li"}))}">
+  &#xE001;<xsl:apply-templates/>&#xE001;</xsl:template>
+<xsl:template match="li">&#xE001;- <xsl:apply-templates/>&#xE001;</xsl:template>
+<xsl:template match="br">&#xE003;</xsl:template>
+<xsl:template match="img"><xsl:value-of select="@alt"/></xsl:template>
+<xsl:template match="a">&#xE004;<xsl:value-of
+  select="translate(@href, '&#xE001;&#xE002;&#xE003;&#xE004;&#xE005;&#xE006;', '')"/>
+  &#xE005;<xsl:apply-templates/>&#xE006;</xsl:template>
+</xsl:stylesheet>"""
+    )
+)
+# A link: its URL, and what it wrote (no link inside a link: the HTML parser closes one
+# before it opens the next).
+_LINK: Final = re.compile("\ue004([^\ue005]*)\ue005([^\ue004\ue006]*)\ue006")
+# A run of line breaks, with the spaces around them.
+_BREAKS: Final = re.compile(f"\\s*{_MARKS}[\\s{_MARKS[1:-1]}]*")
 
-    def write(self, text: str | None) -> None:
-        if not text:
-            return
-        if self.breaks:
-            text = text.lstrip()
-            if not text:
-                return
-            if self.out:
-                self.out.append("\n" * min(self.breaks, 2))
-            self.breaks = 0
-        self.out.append(text.replace("\n", " "))
 
-    def block(self, lines: int) -> None:
-        self.breaks = max(self.breaks, lines)
+def _link(match: re.Match[str]) -> str:
+    """A link's text, then " (URL)" when the URL is http(s) or mailto and not the text."""
+    url, text = match[1].strip(), match[2]
+    if not _LINKED.match(url):
+        return text
+    label = " ".join(re.sub(_MARKS, " ", text).split())
+    if not label:
+        return f"{text} {url.removeprefix('mailto:')}"
+    if label in (url, url.removeprefix("mailto:"), url.rstrip("/")):
+        return text
+    return f"{text} ({url})"
 
-    def walk(self, root: etree._Element) -> None:
-        """Write `root`'s text, depth first, without recursion (no depth limit)."""
-        # (element, where its text started in `out`) when leaving it, else (element, -1).
-        todo: list[tuple[etree._Element, int]] = [(root, -1)]
-        while todo:
-            element, start = todo.pop()
-            tag = element.tag if isinstance(element.tag, str) else ""
-            if start >= 0:
-                self.leave(element, tag, start)
-                self.write(element.tail)
-                continue
-            if not tag or tag in _HIDDEN or _DISPLAY_NONE.search(element.get("style") or ""):
-                self.write(element.tail)
-                continue
-            self.enter(element, tag)
-            todo.append((element, len(self.out)))
-            todo.extend((child, -1) for child in reversed(element))
-            self.write(element.text)
 
-    def enter(self, element: etree._Element, tag: str) -> None:
-        if tag in _PARAGRAPHS:
-            self.block(2)
-        elif tag in _LINES:
-            self.block(1)
-        if tag == "li":
-            self.write("- ")
-        elif tag == "img":
-            self.write(element.get("alt"))
-
-    def leave(self, element: etree._Element, tag: str, start: int) -> None:
-        if tag == "br":
-            self.breaks += 1
-        elif tag in _PARAGRAPHS:
-            self.block(2)
-        elif tag in _LINES:
-            self.block(1)
-        elif tag == "a":
-            url = (element.get("href") or "").strip()
-            if _LINKED.match(url):
-                label = " ".join("".join(self.out[start:]).split())
-                if not label:
-                    self.write(url.removeprefix("mailto:"))
-                elif label not in (url, url.removeprefix("mailto:"), url.rstrip("/")):
-                    self.write(f" ({url})")
+def _breaks(match: re.Match[str]) -> str:
+    """A run of marks as the line breaks it makes: a block asks for at least one (a
+    paragraph two), each <br> adds one; at most one blank line."""
+    count = 0
+    for mark in match[0]:
+        if mark == _BR:
+            count += 1
+        elif mark == _LINE:
+            count = max(count, 1)
+        elif mark == _PARAGRAPH:
+            count = 2
+    return "\n" if count == 1 else "\n\n"

@@ -43,6 +43,13 @@ class _Stored:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class _StoredOf:
+    execution_id: uuid.UUID
+    destination: str
+    short_url: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Click:
     """A click on a known code: where it redirects, and whether a `clicked` event was written."""
 
@@ -65,79 +72,41 @@ async def links_for(
     return _urls(rows)
 
 
-async def insert_dripd_links(
-    db: store.Executor,
-    execution_id: uuid.UUID,
-    tenant: str | None,
-    rows: Sequence[tuple[str, str, str, bool]],
-) -> dict[str, str]:
-    """Store dripd's links `(destination, code, short_url, track)` of an execution, in one
-    statement; destinations must be distinct. Returns the stored short URL of every
-    destination given: the new one, or the one a previous or concurrent attempt stored
-    (its row is kept, one per (execution, provider, destination)).
+#: A link to store: (execution id, tenant, destination, code or None, short URL, track).
+LinkRow = tuple[uuid.UUID, str | None, str, str | None, str, bool]
+
+
+async def insert_links(
+    db: store.Executor, provider: Literal["dripd", "webhook"], rows: Sequence[LinkRow]
+) -> dict[tuple[uuid.UUID, str], str]:
+    """Store `provider` links of one or more executions in one statement (destinations
+    distinct per execution; `webhook` links have no code). Returns the stored short URL of
+    every (execution id, destination) given: the new one, or the one a previous or
+    concurrent attempt stored (its row is kept, one per (execution, provider, destination)).
 
     Raises CodeTaken when a code is another link's (insert again with new codes), other
     DripdErrors when the database fails."""
-    return await _insert(
-        db,
-        execution_id,
-        tenant,
-        "dripd",
-        [d for d, _, _, _ in rows],
-        [c for _, c, _, _ in rows],
-        [u for _, _, u, _ in rows],
-        [t for _, _, _, t in rows],
-    )
-
-
-async def insert_webhook_links(
-    db: store.Executor,
-    execution_id: uuid.UUID,
-    tenant: str | None,
-    rows: Sequence[tuple[str, str, bool]],
-) -> dict[str, str]:
-    """`insert_dripd_links` for the `webhook` shortener's links `(destination, short_url,
-    track)`, which have no code. Raises DripdError when the database fails."""
-    return await _insert(
-        db,
-        execution_id,
-        tenant,
-        "webhook",
-        [d for d, _, _ in rows],
-        [None] * len(rows),
-        [u for _, u, _ in rows],
-        [t for _, _, t in rows],
-    )
-
-
-async def _insert(
-    db: store.Executor,
-    execution_id: uuid.UUID,
-    tenant: str | None,
-    provider: str,
-    destinations: list[str],
-    codes: list[str | None],
-    urls: list[str],
-    tracks: list[bool],
-) -> dict[str, str]:
     with store.translated():
         async with store.acquire(db) as conn:
             try:
                 stored = await conn.fetch(
                     Q.insert_links,
-                    execution_id,
-                    tenant,
+                    [r[0] for r in rows],
+                    [r[1] for r in rows],
                     provider,
-                    destinations,
-                    codes,
-                    urls,
-                    tracks,
+                    [r[2] for r in rows],
+                    [r[3] for r in rows],
+                    [r[4] for r in rows],
+                    [r[5] for r in rows],
                 )
             except asyncpg.UniqueViolationError as exc:
                 if exc.constraint_name == CODE_KEY:
                     raise CodeTaken() from exc
                 raise
-    return _urls(stored)
+    return {
+        (r.execution_id, r.destination): r.short_url
+        for r in (store.from_record(_StoredOf, row) for row in stored)
+    }
 
 
 async def click(db: store.Executor, code: str, *, now: datetime, record: bool) -> Click | None:

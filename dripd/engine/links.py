@@ -26,6 +26,7 @@ from dripd.channels.http import (
 from dripd.config import ShortLinks
 from dripd.db import links as link_store
 from dripd.db import store
+from dripd.engine.gather import Gathered
 from dripd.engine.pipeline import ShortenError
 from dripd.errors import DripdError
 from dripd.metrics import Metrics
@@ -50,14 +51,24 @@ _CODE_ATTEMPTS: Final = 3
 
 
 def new_code() -> str:
-    """A fresh code for dripd's redirect: CODE_LENGTH characters of CODE_ALPHABET."""
-    return "".join(secrets.choice(CODE_ALPHABET) for _ in range(CODE_LENGTH))
+    """A fresh code for dripd's redirect: CODE_LENGTH characters of CODE_ALPHABET, one
+    uniform draw from the operating system's random source (`secrets.randbelow`)."""
+    number = secrets.randbelow(len(CODE_ALPHABET) ** CODE_LENGTH)
+    digits = []
+    for _ in range(CODE_LENGTH):
+        number, digit = divmod(number, len(CODE_ALPHABET))
+        digits.append(CODE_ALPHABET[digit])
+    return "".join(digits)
 
 
 def idempotency_key(execution_id: uuid.UUID, destination: str) -> str:
     """The key the `webhook` shortener gets with a destination: the SHA-256 (hex) of the
     execution id's text (36 characters) followed by the destination."""
     return hashlib.sha256(f"{execution_id}{destination}".encode()).hexdigest()
+
+
+# One message's dripd links to make: (execution id, tenant, destination → track).
+_DripdAsk = tuple[uuid.UUID, str | None, dict[str, bool]]
 
 
 class LinkMaker:
@@ -85,6 +96,8 @@ class LinkMaker:
         self._metrics = metrics
         self._redact = Redactor([self._hook.webhook_token] if self._hook.webhook_token else [])
         self._slots = asyncio.Semaphore(WEBHOOK_CONCURRENCY)
+        # Concurrent sends' dripd links, stored together (one statement for many messages).
+        self._dripd_links: Gathered[_DripdAsk, dict[str, str]] = Gathered(self._store_dripd)
         self._own_client = client is None
         self._client = client or httpx.AsyncClient(
             timeout=httpx.Timeout(self._timeout),
@@ -146,19 +159,38 @@ class LinkMaker:
     async def _dripd(
         self, execution_id: uuid.UUID, tenant: str | None, wanted: dict[str, bool]
     ) -> dict[str, str]:
+        return await self._dripd_links.ask((execution_id, tenant, wanted))
+
+    async def _store_dripd(self, asks: list[_DripdAsk]) -> list[dict[str, str]]:
+        """The dripd links of the executions asking together, in one statement (new codes
+        for all, again, when one was taken)."""
         for _ in range(_CODE_ATTEMPTS):
-            rows = [
-                (destination, code, f"{self._base}/l/{code}", track)
-                for destination, track in wanted.items()
-                for code in (new_code(),)
-            ]
+            # Two attempts of one execution asking together get one link per destination.
+            rows: list[link_store.LinkRow] = list(
+                {
+                    (execution_id, destination): (
+                        execution_id,
+                        tenant,
+                        destination,
+                        code,
+                        f"{self._base}/l/{code}",
+                        track,
+                    )
+                    for execution_id, tenant, wanted in reversed(asks)
+                    for destination, track in wanted.items()
+                    for code in (new_code(),)
+                }.values()
+            )
             try:
-                stored = await link_store.insert_dripd_links(self._pool, execution_id, tenant, rows)
+                stored = await link_store.insert_links(self._pool, "dripd", rows)
             except link_store.CodeTaken:
                 continue
-            made = sum(stored.get(destination) == url for destination, _, url, _ in rows)
+            made = sum(stored.get((row[0], row[2])) == row[4] for row in rows)
             self._metrics.short_links_created.labels(provider="dripd").inc(made)
-            return stored
+            return [
+                {destination: stored[execution_id, destination] for destination in wanted}
+                for execution_id, _, wanted in asks
+            ]
         raise ShortenError(f"new codes were taken {_CODE_ATTEMPTS} times in a row")
 
     async def _webhook(
@@ -173,16 +205,16 @@ class LinkMaker:
                 'short_links.webhook_url: not set, and a step uses short_links provider "webhook"'
             )
         answers = await asyncio.gather(*(self._ask(execution_id, d) for d in missing))
-        rows = [
-            (d, url, wanted[d])
+        rows: list[link_store.LinkRow] = [
+            (execution_id, tenant, d, None, url, wanted[d])
             for d, url in zip(missing, answers, strict=True)
             if isinstance(url, str)
         ]
         if rows:
-            new = await link_store.insert_webhook_links(self._pool, execution_id, tenant, rows)
-            made = sum(new.get(destination) == url for destination, url, _ in rows)
+            new = await link_store.insert_links(self._pool, "webhook", rows)
+            made = sum(new.get((row[0], row[2])) == row[4] for row in rows)
             self._metrics.short_links_created.labels(provider="webhook").inc(made)
-            stored |= new
+            stored |= {destination: url for (_, destination), url in new.items()}
         failed = next((a for a in answers if isinstance(a, ShortenError)), None)
         if failed is not None:
             raise failed

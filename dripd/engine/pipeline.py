@@ -573,9 +573,21 @@ class Pipeline:
             error = TransientError(f"Python template {path!r} raised {type(exc).__name__}")
             return self._failure(item, step, channel, None, None, error)
         try:
-            return python_fields(result, path=path)
+            fields = python_fields(result, path=path)
+            used = _USED_BY.get(channel or "", _USED_BY["*"])
+            unused = sorted(
+                name
+                for name in fields
+                if name not in used and not (channel == "email" and name.startswith(HEADER_PREFIX))
+            )
+            if unused:
+                raise TemplateError(
+                    f"Python template {path!r} returned {', '.join(map(repr, unused))}, "
+                    f"which channel {channel!r} does not use"
+                )
         except TemplateError as exc:
             return self._outcome(item, Verdict.FAILED, channel=channel, error=str(exc))
+        return fields
 
     def _unbalanced(self, item: ClaimedExecution, step: CompiledStep, field: str) -> None:
         """Spintax braces from data did not balance: the field went out as rendered."""
@@ -621,21 +633,28 @@ class Pipeline:
         if plan is None or settings is None:
             return p
         message = p.message
-        # destination → whether its redirect counts clicks: not when the destination is
-        # also an image somewhere in the message (each open of the mail would count).
-        found: dict[str, bool] = {}
-        originals: dict[str, str] = {}
-        if message.html:
-            for link in linking.html_links(message.html):
-                if plan.rules.eligible(link.url):
-                    destination = linking.with_utm(link.url, plan.utm)
-                    originals[link.url] = destination
-                    found[destination] = found.get(destination, True) and link.track
+        originals: dict[str, str | None] = {}  # URL → destination (None: not eligible)
+
+        def destination_of(url: str) -> str | None:
+            if url not in originals:
+                eligible = plan.rules.eligible(url)
+                originals[url] = linking.with_utm(url, plan.utm) if eligible else None
+            return originals[url]
+
+        in_html = linking.html_links(message.html) if message.html else []
+        clicked: set[str] = set()  # destinations a reader follows: their redirects count
+        shown: set[str] = set()  # destinations of images (<img src>): an open is no click
+        for link in in_html:
+            if (destination := destination_of(link.url)) is not None:
+                (clicked if link.track else shown).add(destination)
         for text in (message.text, message.body):
             for url in linking.text_links(text or ""):
-                if plan.rules.eligible(url):
-                    destination = originals[url] = linking.with_utm(url, plan.utm)
-                    found.setdefault(destination, True)
+                if (destination := destination_of(url)) is not None:
+                    clicked.add(destination)
+        # An image whose URL is also a link keeps its own URL: the link's short one counts
+        # clicks, and each open of the mail would count as one.
+        in_html = [link for link in in_html if link.track or originals[link.url] not in clicked]
+        found = dict.fromkeys(clicked, True) | dict.fromkeys(shown - clicked, False)
         if not found:
             return p
         short: Mapping[str, str] = {d: d for d in found}
@@ -667,7 +686,9 @@ class Pipeline:
 
         rewritten = dataclasses.replace(
             message,
-            html=linking.rewrite_html(message.html, replace) if message.html else message.html,
+            html=linking.rewrite_html(message.html, replace, links=in_html)
+            if message.html
+            else message.html,
             text=linking.rewrite_text(message.text, replace) if message.text else message.text,
             body=linking.rewrite_text(message.body, replace) if message.body else message.body,
         )
@@ -1039,6 +1060,13 @@ def default_recipient(
     if isinstance(value, int) and not isinstance(value, bool) and channel == "chat":
         return str(value)  # a Telegram chat id given as a number
     return subscriber_id if channel in SUBSCRIBER_RECIPIENT else None
+
+
+# The fields a Python template may make for a step of each channel (headers: "header:…").
+_USED_BY: Final = {
+    "email": frozenset({"subject", "text", "html", "mjml", "to", "from", "reply_to"}),
+    "*": frozenset({"body", "to"}),
+}
 
 
 def _utm(utm: bool | Mapping[str, str] | None, step: CompiledStep) -> dict[str, str]:

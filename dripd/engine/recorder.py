@@ -173,6 +173,9 @@ class Recorder:
         self._buffer: list[tuple[Outcome, store.RecordRow]] = []
         self._pending = Signal()  # there is something to write
         self._kick = Signal()  # write now
+        # Held while a batch is written. The worker's lease renewal takes it too: both
+        # statements update many of the held rows, in no particular order, and run
+        # together they can deadlock (Postgres then aborts one: seen under load).
         self._lock = anyio.Lock()
 
     def __len__(self) -> int:
@@ -243,6 +246,11 @@ class Recorder:
                     )
                 return
             await anyio.sleep(_RETRY_DELAY)
+
+    @property
+    def writing(self) -> anyio.Lock:
+        """Held while a batch of outcomes is written (see `__init__`)."""
+        return self._lock
 
     async def _flush_once(self) -> bool:
         """Write one batch; False when the database failed (the batch is kept)."""

@@ -74,6 +74,12 @@ def short_base_url(cfg: Config) -> str:
 def short_linking(cfg: Config, maker: LinkMaker) -> ShortLinking:
     """Short links from `[short_links]` and `[tenants.<key>.short_links]`."""
     base = cfg.short_links.rules()
+    if not cfg.short_links.base_url:
+        log.warning(
+            "short_links.base_url is not set: dripd's own short links point at the HTTP "
+            "listener's address, %s, right only for local trials",
+            short_base_url(cfg),
+        )
 
     @lru_cache(maxsize=4096)
     def defaults(tenant: str | None) -> ShortLinkRules:

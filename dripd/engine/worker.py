@@ -20,6 +20,7 @@ import structlog
 from dripd.clock import Clock
 from dripd.db import store
 from dripd.engine.advance import CompiledStep, compile_version
+from dripd.engine.gather import Gathered
 from dripd.engine.held import Held, HeldRow, Signal
 from dripd.engine.pipeline import LaneTarget, Pipeline, Prepared
 from dripd.engine.recorder import Planner, Recorder
@@ -128,6 +129,8 @@ class Worker:
         # stream's checkpoint and event per receive cost 80 µs of CPU per execution (one
         # daemon: 3,111/s against 4,336/s with the queue, bench/README.md). None ends a sender.
         self._jobs: asyncio.Queue[Job | None] = asyncio.Queue()
+        # The slow path's suppression checks, one statement for those asked together.
+        self._suppressed = Gathered(self._check_suppressed)
         self._recorder = Recorder(
             pool=pool,
             clock=clock,
@@ -385,7 +388,8 @@ class Worker:
             return
         lease_until = now + self._s.lease
         try:
-            kept = await store.renew(self._pool, leases, lease_until)
+            async with self._recorder.writing:  # never beside a record statement
+                kept = await store.renew(self._pool, leases, lease_until)
         except DripdError:
             self._renew_at = now + _RENEW_RETRY
             raise
@@ -530,7 +534,7 @@ class Worker:
             return result
         key = (item.tenant_key, result.message.channel, result.address)
         try:
-            blocked = await store.suppressed(self._pool, [key])
+            blocked = await self._suppressed.ask(key)
         except DripdError as exc:
             # Nothing has gone out yet: give the row back untouched.
             log.warning("suppression check failed", execution_id=str(item.id), error=exc.message)
@@ -539,6 +543,10 @@ class Worker:
         if blocked:
             return self._pipeline.suppressed(result)
         return await self._pipeline.deliver(result)
+
+    async def _check_suppressed(self, keys: list[tuple[str | None, str, str]]) -> list[bool]:
+        blocked = await store.suppressed(self._pool, keys)
+        return [n in blocked for n in range(len(keys))]
 
     async def _release(self, by_token: dict[uuid.UUID, list[uuid.UUID]]) -> None:
         for token, ids in by_token.items():
