@@ -31,7 +31,7 @@ from dripd.engine.adapters import adapter_aad
 from dripd.engine.hookset import secret_aad
 from dripd.errors import ConfigError, CredentialsError, DripdError, NotFound
 from dripd.model import CHANNELS
-from dripd.redaction import REDACTED, dsn_secrets
+from dripd.redaction import REDACTED, Redactor, dsn_secrets
 from dripd.sequences import load_file
 
 Handler = Callable[[argparse.Namespace, Config], Awaitable[Any]]
@@ -1376,7 +1376,12 @@ def _argument_names(parser: argparse.ArgumentParser) -> dict[str, str]:
 
 
 def _chain(exc: BaseException) -> str:
-    """The error and its causes, in one or two readable lines."""
+    """The error and its causes, in one or two readable lines, without a DSN password the
+    arguments hold (a file named like a DSN is echoed in its error)."""
+    return Redactor(_Parser.argv_secrets)(_causes(exc))
+
+
+def _causes(exc: BaseException) -> str:
     parts = [str(exc) or type(exc).__name__]
     cause = exc.__cause__
     while cause is not None and len(parts) < 3:
