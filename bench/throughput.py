@@ -128,6 +128,27 @@ mjml = """
 """
 '''
 MJML_LINKS = 5
+# Phase `links`: step 1 as plain text with the same five links, shortened the same way (the
+# figure the MJML one is compared with, like for like).
+TEXT_LINKS_STEP = '''
+[[steps]]
+key = "hello"
+channel = "email"
+after = "0s"
+short_links = { provider = "dripd", utm = true }
+subject = "Welcome aboard, {{ first_name | capitalize }}"
+text = """
+Hi {{ first_name | capitalize }},
+
+Thanks for signing up{% if plan == "pro" %} for the Pro plan: your priority support
+line is open from today{% endif %}.
+
+Get started: https://app.example.com/start?plan={{ plan }}
+Import your contacts (https://app.example.com/contacts), then read the guide
+(https://docs.example.com/first-sequence) and the tips: https://blog.example.com/tips.
+Our logo: https://cdn.example.com/logo.png
+"""
+'''
 
 # The daemon's own defaults, so the bench measures what operators run; the flags below
 # override them. The raw loop always claims 500.
@@ -214,10 +235,10 @@ def limited_sections(n: int) -> dict[str, Any]:
     return {"rate_limits": {"adapter": {"null-email": f"{max(n // 10, 10)}/1s"}}}
 
 
-def _mjml_sequence() -> str:
-    """SEQUENCE with step 1 replaced by MJML_STEP."""
+def _first_step(step: str) -> str:
+    """SEQUENCE with step 1 replaced by `step`."""
     head, rest = SEQUENCE.split("[[steps]]", 1)
-    return head + MJML_STEP + "\n[[steps]]" + rest.split("[[steps]]", 1)[1]
+    return head + step + "\n[[steps]]" + rest.split("[[steps]]", 1)[1]
 
 
 async def seed(
@@ -225,7 +246,7 @@ async def seed(
     n: int,
     *,
     rules: bool = False,
-    mjml: bool = False,
+    first: str | None = None,
     adapter: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Migrate, apply the sequence, add the default email adapter (the null one unless
@@ -236,9 +257,9 @@ async def seed(
         now = datetime.now(UTC)
         async with store.transaction(conn) as tx:
             text = SEQUENCE.replace('name = "Bench drip"\n', 'name = "Bench drip"\n' + RULES_WINDOW)
-            if mjml:
-                text = _mjml_sequence()
-            spec = load_text(text if rules or mjml else SEQUENCE, source="bench")
+            if first is not None:
+                text = _first_step(first)
+            spec = load_text(text if rules or first else SEQUENCE, source="bench")
             await store.apply_version(tx, spec, now=now)
             await store.insert_adapter(
                 tx,
@@ -769,18 +790,18 @@ async def phase(
     *,
     quiet: bool,
     rules: bool = False,
-    mjml: bool = False,
+    first: str | None = None,
     adapter: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     dsn = await dbs.create(name)
     try:
-        seeded = await seed(dsn, n, rules=rules, mjml=mjml, adapter=adapter)
+        seeded = await seed(dsn, n, rules=rules, first=first, adapter=adapter)
         if not quiet:
             print(f"[{name}] seeded {n} due executions in {seeded['seconds']:.1f}s", flush=True)
         server = ServerCpu(dbs.admin_dsn, urlsplit(dsn).path.lstrip("/"))
         async with server.measure():
             result: dict[str, Any] = await body(dsn, seeded)
-        await check(dsn, n, links=MJML_LINKS if mjml else 0)
+        await check(dsn, n, links=MJML_LINKS if first else 0)
         result["deferrals"] = await deferrals(dsn)
         if server.seconds is not None and _local(dsn):
             result["server_cpu_us"] = server.seconds / n * 1e6
@@ -841,7 +862,7 @@ async def main(args: argparse.Namespace) -> int:
         worker["record_linger"] = args.record_linger
     pool_max = args.pool_max or DEFAULT_POOL_MAX
     phases = [p.strip() for p in args.phases.split(",") if p.strip()]
-    unknown = set(phases) - {"raw", "one", "http", "two", "rules", "limited", "mjml"}
+    unknown = set(phases) - {"raw", "one", "http", "two", "rules", "limited", "mjml", "links"}
     if unknown:
         raise SystemExit(f"bench: unknown phase(s) {', '.join(sorted(unknown))}")
     quiet = args.json
@@ -915,7 +936,7 @@ async def main(args: argparse.Namespace) -> int:
                     full,
                     quiet=quiet,
                     rules=key == "rules",
-                    mjml=key == "mjml",
+                    first={"mjml": MJML_STEP, "links": TEXT_LINKS_STEP}.get(key),
                     adapter=adapter,
                 )
             finally:
@@ -928,6 +949,8 @@ async def main(args: argparse.Namespace) -> int:
                 label = "full path, 1 daemon, every sending rule on"
             if key == "mjml":
                 label = "full path, 1 daemon, MJML email with five short links (dripd)"
+            if key == "links":
+                label = "full path, 1 daemon, plain-text email with the same five short links"
             if key == "limited":
                 label = f"1 daemon under the provider limit {sections['rate_limits']['adapter']}"
             say(f"{label}: {_describe(r)}")
@@ -970,6 +993,12 @@ async def main(args: argparse.Namespace) -> int:
             say(f"two daemons / raw: {summary['ratio_two']:.2f}")
         if "one" in summary:
             summary["ratio"] = summary["ratio_one"]
+    if "mjml" in summary and "links" in summary:
+        summary["ratio_mjml_links"] = summary["mjml"]["rate"] / summary["links"]["rate"]
+        say(
+            "MJML + five short links / plain text + the same five (one daemon each): "
+            f"{summary['ratio_mjml_links']:.2f}"
+        )
     if "mjml" in summary and "one" in summary:
         summary["ratio_mjml_one"] = summary["mjml"]["rate"] / summary["one"]["rate"]
         say(
@@ -996,7 +1025,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--phases",
         default="raw,one,http,two,raw",
-        help="comma-separated phases, in order: raw, one, http, two, rules, limited, mjml "
+        help="comma-separated phases, in order: raw, one, http, two, rules, limited, mjml, links "
         "(default raw,one,http,two,raw)",
     )
     p.add_argument("--batch-size", type=int, help=f"default {DEFAULT_WORKER['batch_size']}")

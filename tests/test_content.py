@@ -426,3 +426,56 @@ async def test_a_shortener_failure_retries_or_sends_the_originals(
         assert row["status"] == "scheduled"
         assert row["last_error"].startswith("short links: ")
         assert "tok-SECRET-1" not in row["last_error"]
+
+
+MJML_LINKS_SEQUENCE = """
+[sequence]
+key = "mjlinks"
+short_links = "dripd"
+
+[[steps]]
+key = "a"
+channel = "email"
+subject = "Spring"
+mjml = '''
+<mjml>
+  <mj-body>
+    <mj-section>
+      <mj-column>
+        <mj-image src="https://cdn.example/hero.png" alt="Spring" />
+        <mj-text>Read <a href="https://shop.example/guide">the guide</a>.</mj-text>
+        <mj-button href="https://shop.example/spring?fan={{ fan }}">Shop</mj-button>
+      </mj-column>
+    </mj-section>
+  </mj-body>
+</mjml>
+'''
+"""
+
+
+async def test_an_mjml_steps_links_are_short_in_its_html_and_its_text_part(
+    dsn: str, pool: asyncpg.Pool, clock: ManualClock, outbox: Path, tmp_path: Path
+) -> None:
+    await apply_text(pool, MJML_LINKS_SEQUENCE)
+    port = free_port()
+    async with running_daemon(dsn, tmp_path, clock=clock, sections=http_sections(port)):
+        enrollment = await enroll_at(pool, clock, "mjlinks", "m", fan="ann")
+        await wait_for(lambda: finished(pool, enrollment.id))
+    [message] = sent(outbox)
+    html, text = message["html"], message["text"]
+    rows = await pool.fetch("SELECT code, destination, track FROM dripd.short_links")
+    by_destination = {r["destination"]: r for r in rows}
+    assert set(by_destination) == {
+        "https://cdn.example/hero.png",
+        "https://shop.example/guide",
+        "https://shop.example/spring?fan=ann",
+    }
+    assert not by_destination["https://cdn.example/hero.png"]["track"]
+    for row in rows:  # compiled from the rewritten MJML: every link short in the HTML
+        assert f"/l/{row['code']}" in html
+    assert "shop.example" not in html
+    assert "cdn.example" not in html
+    assert "fonts.googleapis.com" in html  # mrml's own stylesheet link is no link to shorten
+    # The text part, made from that HTML, has the same short links.
+    guide = by_destination["https://shop.example/guide"]["code"]
+    assert re.search(rf"the guide \(http://127\.0\.0\.1:{port}/l/{guide}\)", text)

@@ -87,6 +87,7 @@ async def compose(
     spintax: Callable[[str], bytes] | None = None,
     on_unbalanced: Callable[[str], None] = lambda field: None,
     text_part: bool = False,
+    keep_mjml: bool = False,
 ) -> dict[str, str]:
     """The message fields of a step: `templates` rendered with `context` (see
     `render_fields`), then `made` (a Python template's fields, which win), then
@@ -98,17 +99,27 @@ async def compose(
     - with `text_part`, a `text` made from the `html` when there is none (RFC 2046
       multipart/alternative wants both).
 
+    With `keep_mjml`, `mjml` is left to compile (`finish_mjml`) once its links are short:
+    mrml's HTML is seven times the MJML's size, and reading its links took longer than
+    compiling it.
+
     Raises TemplateError (a permanent failure of the step) for a render or a compile that
     fails."""
     fields = await render_fields(templates, context, limiter=limiter)
     if made:
         fields.update(made)
+    checked = not (made and "mjml" in made)
+    if keep_mjml and "mjml" in fields:
+        finish(fields, spintax=spintax, on_unbalanced=on_unbalanced, checked=checked, mjml=False)
+        if not checked:
+            compile_mjml(fields["mjml"])  # refused now, before anything else happens
+        return fields
     return finish(
         fields,
         spintax=spintax,
         on_unbalanced=on_unbalanced,
         text_part=text_part,
-        checked=not (made and "mjml" in made),
+        checked=checked,
     )
 
 
@@ -119,10 +130,11 @@ def finish(
     on_unbalanced: Callable[[str], None] = lambda field: None,
     text_part: bool = False,
     checked: bool = True,
+    mjml: bool = True,
 ) -> dict[str, str]:
     """Spintax, MJML and the text part on rendered `fields` (see `compose`), in place.
     `checked`: an `mjml` field is the render of a template checked at apply (see
-    `compile_mjml`), not a Python template's."""
+    `compile_mjml`), not a Python template's. `mjml` False: spintax only."""
     if spintax is not None:
         for name, value in fields.items():
             if is_spun(name):
@@ -130,6 +142,8 @@ def finish(
                     fields[name] = spin(value, spintax(name))
                 except SpintaxError:
                     on_unbalanced(name)
+    if not mjml:
+        return fields
     if "mjml" in fields:
         fields["html"] = compile_mjml(fields.pop("mjml"), checked=checked)
     if text_part and "html" in fields and not fields.get("text", "").strip():

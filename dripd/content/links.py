@@ -137,6 +137,8 @@ _RAW_END: Final = {
 # break them, and count a click at every open. A `src` is rewritten only on <img>: a
 # script's, a frame's or a video's source is no link anyone follows.
 _NOT_LINKS: Final = frozenset({"link", "base"})
+# (An MJML document's links are read before it is compiled: its images are elements too.)
+_IMAGES: Final = frozenset({"img", "mj-image", "mj-carousel-image"})
 _CHARREF: Final = re.compile(r"&(#[0-9]+;?|#[xX][0-9a-fA-F]+;?|[^\t\n\f <&#;]{1,32};?)")
 
 
@@ -289,7 +291,7 @@ def _values(html: str, names: frozenset[str]) -> Iterator[_Value]:
             if not end_tag:
                 element = html[lt + 1 : name_end].lower()
                 for value in found:
-                    if (element == "img") if value.name == "src" else element not in _NOT_LINKS:
+                    if element in _IMAGES if value.name == "src" else element not in _NOT_LINKS:
                         yield value
                 raw_end = _RAW_END.get(element)
                 if raw_end is not None:

@@ -43,7 +43,9 @@ from dripd.content.liquid import (
     WA_PARAM,
     TemplateError,
 )
+from dripd.content.mjml import compile_mjml
 from dripd.content.spintax import seed_for
+from dripd.content.text import html_to_text
 from dripd.engine.advance import CompiledStep, recipient_zone
 from dripd.errors import DripdError
 from dripd.metrics import Metrics
@@ -221,6 +223,9 @@ class Prepared:
     channel: Channel
     message: Message
     address: str
+    # MJML whose links are shortened before it is compiled into the message's html (see
+    # Pipeline._shorten): the markup is a seventh of the HTML's size to read.
+    mjml: str | None = None
 
 
 def template_context(item: ClaimedExecution, step: CompiledStep) -> dict[str, Any]:
@@ -449,6 +454,7 @@ class Pipeline:
                 else None,
                 on_unbalanced=functools.partial(self._unbalanced, item, step),
                 text_part=channel == "email",
+                keep_mjml=self._link_plan(step, item.tenant_key) is not None,
             )
         except TemplateError as exc:
             return self._outcome(
@@ -464,8 +470,12 @@ class Pipeline:
             return self._outcome(item, Verdict.SKIPPED, channel=channel, reason=Reason.NO_RECIPIENT)
         if step.step.require_verified and unverified(True, item.data):
             return self._outcome(item, Verdict.SKIPPED, channel=channel, reason=Reason.UNVERIFIED)
+        mjml = rendered.pop("mjml", None)  # compiled once its links are short
         problem = _content_problem(
-            channel, rendered, step, length=self._link_plan(step, item.tenant_key) is None
+            channel,
+            rendered if mjml is None else rendered | {"html": mjml},
+            step,
+            length=self._link_plan(step, item.tenant_key) is None,
         )
         if problem is not None:
             return self._outcome(item, Verdict.FAILED, channel=channel, error=problem)
@@ -522,6 +532,7 @@ class Pipeline:
             channel=impl,
             message=message,
             address=read.key,
+            mjml=mjml,
         )
 
     def off_claim_path(self, step: CompiledStep, tenant: str | None) -> bool:
@@ -627,12 +638,15 @@ class Pipeline:
         in `html` (href/src) and in `text`/`body` gets the UTM parameters and, unless the
         provider is "none", a short link the execution keeps across retries. A shortener
         failure fails the attempt (transient), or sends the links as written with
-        `on_error = "send_originals"`."""
+        `on_error = "send_originals"`. MJML left to compile (`Prepared.mjml`) has its links
+        rewritten in it, then is compiled, with the text part made from its HTML when the
+        step has none."""
         plan = self._link_plan(p.step, p.execution.tenant_key)
         settings = self._rules.short_links
         if plan is None or settings is None:
             return p
         message = p.message
+        markup = p.mjml if p.mjml is not None else message.html
         originals: dict[str, str | None] = {}  # URL → destination (None: not eligible)
 
         def destination_of(url: str) -> str | None:
@@ -641,7 +655,7 @@ class Pipeline:
                 originals[url] = linking.with_utm(url, plan.utm) if eligible else None
             return originals[url]
 
-        in_html = linking.html_links(message.html) if message.html else []
+        in_html = linking.html_links(markup) if markup else []
         clicked: set[str] = set()  # destinations a reader follows: their redirects count
         shown: set[str] = set()  # destinations of images (<img src>): an open is no click
         for link in in_html:
@@ -655,10 +669,8 @@ class Pipeline:
         # clicks, and each open of the mail would count as one.
         in_html = [link for link in in_html if link.track or originals[link.url] not in clicked]
         found = dict.fromkeys(clicked, True) | dict.fromkeys(shown - clicked, False)
-        if not found:
-            return p
         short: Mapping[str, str] = {d: d for d in found}
-        if plan.provider != "none":
+        if found and plan.provider != "none":
             try:
                 short = await settings.maker.shorten(
                     execution_id=p.execution.id,
@@ -678,18 +690,30 @@ class Pipeline:
                     execution_id=str(p.execution.id),
                     error=str(exc),
                 )
-                return p
+                short = {}
 
         def replace(url: str) -> str | None:
             destination = originals.get(url)
             return None if destination is None else short.get(destination)
 
+        html = linking.rewrite_html(markup, replace, links=in_html) if markup else markup
+        text = linking.rewrite_text(message.text, replace) if message.text else message.text
+        if p.mjml is not None and html is not None:
+            try:  # checked when the step was applied, or when its Python template made it
+                html = compile_mjml(html, checked=True)
+            except TemplateError as exc:
+                return self._outcome(
+                    p.execution,
+                    Verdict.FAILED,
+                    channel=message.channel,
+                    error=f"template error in step {p.step.step.key!r}: mjml: {exc}",
+                )
+            if not (text or "").strip():
+                text = html_to_text(html)
         rewritten = dataclasses.replace(
             message,
-            html=linking.rewrite_html(message.html, replace, links=in_html)
-            if message.html
-            else message.html,
-            text=linking.rewrite_text(message.text, replace) if message.text else message.text,
+            html=html,
+            text=text,
             body=linking.rewrite_text(message.body, replace) if message.body else message.body,
         )
         if message.channel in SMS_CHANNELS:
@@ -698,7 +722,7 @@ class Pipeline:
                 return self._outcome(
                     p.execution, Verdict.FAILED, channel=message.channel, error=problem
                 )
-        return dataclasses.replace(p, message=rewritten)
+        return dataclasses.replace(p, message=rewritten, mjml=None)
 
     def _confirm_names(self, item: ClaimedExecution, step: CompiledStep) -> dict[str, str]:
         """`confirm_url` for a lead's confirmation message (double opt-in), else nothing."""
