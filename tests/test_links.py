@@ -449,7 +449,7 @@ def oracle(html: str) -> Counter[tuple[str, bool]]:
     return found
 
 
-@settings(max_examples=150)
+@settings(max_examples=75)
 @given(documents())
 def test_html_rewriting_changes_only_link_values(parts: list[str | Attr]) -> None:
     html = join(parts)
@@ -464,7 +464,7 @@ def test_html_rewriting_changes_only_link_values(parts: list[str | Attr]) -> Non
     assert rewrite_html(html, lambda url: None) == html
 
 
-@settings(max_examples=150)
+@settings(max_examples=75)
 @given(documents())
 def test_html_links_are_the_ones_lxml_finds(parts: list[str | Attr]) -> None:
     html = join(parts)
@@ -474,7 +474,7 @@ def test_html_links_are_the_ones_lxml_finds(parts: list[str | Attr]) -> None:
     assert len(calls) == oracle(html).total()
 
 
-@settings(max_examples=150)
+@settings(max_examples=75)
 @given(documents())
 def test_excluded_html_links_are_never_rewritten(parts: list[str | Attr]) -> None:
     html = join(parts)
@@ -546,7 +546,7 @@ def join_text(
     return "".join(out)
 
 
-@settings(max_examples=150)
+@settings(max_examples=75)
 @given(
     texts(), st.lists(st.sampled_from((" ", "\n", "\t", "  ", "\r\n")), min_size=12, max_size=12)
 )
